@@ -1,0 +1,67 @@
+"""Quick start: an NA-DARTS search on scikit-learn's embedded digits (no download).
+
+Launch:
+  python -m nanas_jax.main --config=configs/quickstart.py --workdir=/tmp/nanas_quickstart
+
+Cost: about 3 minutes on a 2-core CPU (compile about 40 s, then about 1 s a step).
+A DARTS baseline of the same size: add --config.search.algorithm=darts.
+
+Sizes are reduced from the paper's (8 cells, C=16, 32x32 CIFAR, 50 epochs) so that the
+whole search runs on a laptop: 8x8x1 digits, 5 cells, C=8. The architecture learning rate
+is raised from DARTS's 3e-4 to 3e-3 so that alpha moves visibly in 10 short epochs.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.log_every_steps = 5
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"
+  config.data.train_portion = 0.5
+  config.data.batch_size = 64
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.max_examples = ml_collections.FieldReference(None, field_type=int)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.space = "darts"
+  config.model.channels = 8
+  config.model.layers = 5
+  config.model.steps = 4
+  config.model.multiplier = 4
+  config.model.stem_multiplier = 3
+  config.model.depthwise_impl = "auto"
+
+  config.search = ml_collections.ConfigDict()
+  config.search.algorithm = "na_darts"
+  config.search.order = "first"
+  config.search.epochs = 10
+
+  config.search.weights = ml_collections.ConfigDict()
+  config.search.weights.lr = 0.025
+  config.search.weights.lr_min = 0.001
+  config.search.weights.momentum = 0.9
+  config.search.weights.weight_decay = 3e-4
+  config.search.weights.grad_clip = 5.0
+
+  config.search.arch = ml_collections.ConfigDict()
+  config.search.arch.lr = 3e-3
+  config.search.arch.b1 = 0.5
+  config.search.arch.b2 = 0.999
+  config.search.arch.weight_decay = 1e-3
+  config.search.arch.init_scale = 1e-3
+
+  config.search.neighbors = ml_collections.ConfigDict()
+  config.search.neighbors.num = 4
+  config.search.neighbors.kind = "swap"
+  config.search.neighbors.radius = 1
+  config.search.neighbors.include_center = False
+  config.search.neighbors.aggregation = "mean"
+  config.search.neighbors.tau = 1.0
+  config.search.neighbors.eps = 0.5
+  config.search.neighbors.sigma = 0.3
+  config.search.neighbors.batch = "full"
+  return config

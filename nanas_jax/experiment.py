@@ -1,0 +1,200 @@
+"""The loop around the search step, and every side effect of a search run.
+
+Everything below this module is pure; this is where data is read, the step is driven, and
+files are written into the workdir:
+
+- ``config.json``: the resolved config of the run;
+- ``metrics.jsonl``: one JSON object per logged step and per epoch;
+- ``genotypes.jsonl``: the derived genotype after every epoch;
+- ``genotype.txt`` (the DARTS / NAS-Bench-201 text) and ``genotype.json`` at the end.
+
+Files are written atomically (a temporary file, then a rename). A workdir that already
+holds a finished search is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nanas_jax import data as data_lib
+from nanas_jax import spaces
+from nanas_jax.nn.supernet import SearchNetwork
+from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step, validate_search_config
+
+FINAL_FILES = ("genotype.txt", "genotype.json")
+
+
+def build_supernet(config: ml_collections.ConfigDict, num_classes: int) -> SearchNetwork:
+  """The search supernet of ``config.model`` for ``num_classes`` classes."""
+  if config.space != "darts":
+    raise ValueError(
+        f"config.model.space = {config.space!r}: the bilevel search has a supernet for the "
+        "'darts' space only so far; NAS-Bench-201 is searched with random search.")
+  return SearchNetwork(num_classes=num_classes, channels=config.channels,
+                       layers=config.layers, steps=config.steps,
+                       multiplier=config.multiplier, stem_multiplier=config.stem_multiplier,
+                       dw_impl=config.depthwise_impl)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked before any data is read or anything compiled."""
+  spaces.get_space(config.model.space)
+  validate_search_config(config.search)
+  for field in ("channels", "layers", "steps", "multiplier", "stem_multiplier"):
+    value = config.model[field]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.model.{field} = {value!r} is invalid: expected an integer >= 1.")
+  if config.model.layers < 3:
+    raise ValueError(f"config.model.layers = {config.model.layers} is invalid: a DARTS "
+                     "network needs >= 3 cells (two of them reduction cells).")
+  if config.model.multiplier > config.model.steps:
+    raise ValueError("config.model.multiplier must be <= config.model.steps "
+                     f"(got {config.model.multiplier} > {config.model.steps}).")
+  if config.model.steps != 4:
+    raise ValueError(f"config.model.steps = {config.model.steps}: the DARTS space has 4 "
+                     "intermediate nodes per cell; use 4.")
+  batch = config.data.batch_size
+  if not isinstance(batch, int) or batch < 1:
+    raise ValueError(f"config.data.batch_size = {batch!r} is invalid: expected an integer >= 1.")
+  k = neighbors_per_step(config.search)
+  if config.search.algorithm == "na_darts" and config.search.neighbors.batch == "split" \
+      and batch % k:
+    raise ValueError(
+        f"config.data.batch_size = {batch} must be divisible by the {k} neighbors per step "
+        "when config.search.neighbors.batch = 'split'.")
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename."""
+  directory = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray,
+             batch_size: int) -> tuple[float, float]:
+  """Mean loss and accuracy over a whole split, in fixed-size chunks (one compile): the
+  last chunk is padded by wrapping around and its padding masked out."""
+  n = len(images)
+  loss_sum, correct = 0.0, 0.0
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n
+    keep = np.arange(start, start + batch_size) < n
+    losses, hits = eval_fn(state, images[idx], labels[idx])
+    losses, hits = np.asarray(losses), np.asarray(hits)
+    loss_sum += float(losses[keep].sum())
+    correct += float(hits[keep].sum())
+  return loss_sum / n, correct / n
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the search of ``config`` and writes its results into ``workdir``."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(workdir, f))]
+  if existing:
+    raise FileExistsError(
+        f"{workdir} already holds a finished search ({', '.join(existing)}); choose a new "
+        "--workdir (results are never overwritten).")
+  space = spaces.get_space(config.model.space)
+  dataset = data_lib.load_search_data(
+      config.data.name, train_portion=config.data.train_portion, seed=config.seed,
+      data_dir=config.data.data_dir, max_examples=config.data.max_examples)
+  batch = config.data.batch_size
+  n_train, n_val = len(dataset.train_images), len(dataset.val_images)
+  if batch > min(n_train, n_val):
+    raise ValueError(f"config.data.batch_size = {batch} exceeds the search split sizes "
+                     f"(train {n_train}, val {n_val}); lower it.")
+  steps_per_epoch = data_lib.steps_per_epoch(min(n_train, n_val), batch)
+
+  model = build_supernet(config.model, dataset.num_classes)
+  search = BilevelSearch(model, space, config.search, steps_per_epoch)
+  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+  rng = jax.random.key(config.seed)
+  t0 = time.time()
+  state = search.init(rng, jnp.asarray(dataset.train_images[:1]))
+  init_seconds = time.time() - t0
+  step_fn = search.jit_step()
+  eval_fn = search.eval_fn()
+  data_rng = np.random.default_rng(config.seed)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  logging.info("Search: %s, %d epochs x %d steps, batch %d, %s.", config.search.algorithm,
+               config.search.epochs, steps_per_epoch, batch, dataset.name)
+
+  compile_seconds = None
+  best = None
+  for epoch in range(config.search.epochs):
+    epoch_start = time.time()
+    train_iter = data_lib.batches(dataset.train_images, dataset.train_labels, batch, data_rng)
+    val_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch, data_rng)
+    totals: dict[str, float] = {}
+    for i, (train_batch, val_batch) in enumerate(zip(train_iter, val_iter)):
+      if i == steps_per_epoch:
+        break
+      t = time.time()
+      state, metrics = step_fn(state, train_batch, val_batch)
+      metrics = jax.device_get(metrics)
+      if compile_seconds is None:
+        compile_seconds = time.time() - t
+        logging.info("First step (compile + run): %.1f s", compile_seconds)
+      for key, value in metrics.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+      step = int(state.step)
+      if step % config.log_every_steps == 0:
+        append_jsonl(metrics_path, {"step": step, **{k: float(v) for k, v in metrics.items()}})
+      if not np.isfinite(float(metrics["train_loss"])) or not np.isfinite(
+          float(metrics["arch_loss"])):
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (train {metrics['train_loss']}, arch "
+            f"{metrics['arch_loss']}); lower config.search.weights.lr or arch.lr.")
+    means = {k: v / steps_per_epoch for k, v in totals.items()}
+    val_loss, val_acc = evaluate(eval_fn, state, dataset.val_images, dataset.val_labels,
+                                 batch)
+    weights = np.asarray(jax.nn.softmax(state.alpha, -1))
+    genotype = space.derive(weights)
+    record = {"epoch": epoch + 1, "step": int(state.step), "val_loss": val_loss,
+              "val_accuracy": val_acc, "epoch_seconds": time.time() - epoch_start,
+              **{f"mean_{k}": v for k, v in means.items()}}
+    append_jsonl(metrics_path, record)
+    append_jsonl(os.path.join(workdir, "genotypes.jsonl"),
+                 {"epoch": epoch + 1, "genotype": space.format(genotype),
+                  "val_accuracy": val_acc})
+    if best is None or val_acc > best["val_accuracy"]:
+      best = {"epoch": epoch + 1, "val_accuracy": val_acc, "genotype": genotype}
+    logging.info("epoch %d/%d  train loss %.4f acc %.3f  arch loss %.4f  val loss %.4f "
+                 "acc %.3f  (%.1f s)\n  genotype: %s", epoch + 1, config.search.epochs,
+                 means["train_loss"], means["train_accuracy"], means["arch_loss"], val_loss,
+                 val_acc, record["epoch_seconds"], space.format(genotype))
+
+  final = space.derive(np.asarray(jax.nn.softmax(state.alpha, -1)))
+  write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
+  summary = {
+      "space": space.name, "genotype": space.format(final),
+      "genotype_json": space.to_json(final), "final_val_accuracy": val_acc,
+      "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+      "best_genotype": space.format(best["genotype"]),
+      "alpha": np.asarray(state.alpha).tolist(), "init_seconds": init_seconds,
+      "first_step_seconds": compile_seconds, "total_seconds": time.time() - t0,
+  }
+  write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
+  logging.info("Final genotype (written to %s):\n%s", os.path.join(workdir, "genotype.txt"),
+               space.format(final))
+  return summary

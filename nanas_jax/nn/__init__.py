@@ -1,0 +1,1 @@
+"""Flax (linen) modules: primitive ops, the search supernet, discrete networks."""

@@ -1,0 +1,217 @@
+"""Pure array functions behind the search supernet (NHWC, any number of leading axes).
+
+The search supernet evaluates many edges at once (a leading edge axis on every array), so
+its building blocks are written as plain functions of arrays rather than linen modules:
+`jax.vmap` and leading batch axes then compose without lifted transforms, and XLA sees one
+small body per group of edges instead of one sub-graph per edge.
+
+Depthwise convolutions have two implementations with identical results:
+- ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count`` (fast on GPU/TPU);
+- ``'scan'``: a loop over the kernel taps, each a strided window of the input times the
+  tap's per-channel weights. XLA's CPU backend runs grouped convolutions through a slow
+  generic path (a DARTS supernet step measured 6x slower), and the loop keeps the graph
+  to one tap per convolution, which is what compile time on a CPU depends on.
+``'auto'`` picks ``'scan'`` on CPU and ``'conv'`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DEPTHWISE_IMPLS = ("auto", "scan", "conv")
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+  """Returns the concrete depthwise implementation for ``impl`` on the default backend."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(
+        f"Unknown depthwise implementation {impl!r}; use one of {DEPTHWISE_IMPLS}.")
+  if impl == "auto":
+    return "scan" if jax.default_backend() == "cpu" else "conv"
+  return impl
+
+
+def output_size(size: int, stride: int) -> int:
+  """Spatial size after a 'same'-padded window op with ``stride`` (PyTorch's ceil rule)."""
+  return (size - 1) // stride + 1
+
+
+def pad_spatial(x: jax.Array, pad: int) -> jax.Array:
+  """Zero-pads the two spatial axes (-3, -2) of an NHWC array by ``pad`` on each side."""
+  widths = [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)]
+  return jnp.pad(x, widths)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
+                   dilation: int = 1, impl: str = "auto") -> jax.Array:
+  """Depthwise 'same' convolution of ``x[*lead, B, H, W, C]`` with ``kernel[*lead, k, k, C]``.
+
+  Leading axes of ``kernel`` line up with the leading axes of ``x`` (``x[E, B, H, W, C]``
+  with ``kernel[E, k, k, C]``: a group of edges, each with its own kernel, is one call).
+  Padding is ``dilation * (k - 1) // 2``, the DARTS ops' padding.
+  """
+  lead = kernel.ndim - 3
+  x = jnp.expand_dims(x, lead)
+  return depthwise_convs(x, [kernel], [dilation], stride=stride, impl=impl).squeeze(lead)
+
+
+def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
+                    impl: str = "auto") -> jax.Array:
+  """Several depthwise 'same' convolutions at once: ``[*lead, n, B, H', W', C]``.
+
+  ``x[*lead, G, B, H, W, C]`` holds one input per kernel (``G = n``) or one shared by all
+  (``G = 1``); ``kernels[g]`` is ``[*lead, k_g, k_g, C]`` with dilation ``dilations[g]``.
+  With ``'scan'`` every tap of every kernel is one iteration of a single loop, so the
+  compiled graph holds one tap however many kernels and taps there are.
+  """
+  lead = kernels[0].ndim - 3
+  n = len(kernels)
+  if x.shape[lead] not in (1, n):
+    raise ValueError(f"depthwise_convs: {n} kernels need 1 or {n} inputs on axis {lead}, "
+                     f"got {x.shape[lead]}")
+  needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
+  pad = max(needs)
+  xp = pad_spatial(x, pad)
+  h_out = output_size(x.shape[-3], stride)
+  w_out = output_size(x.shape[-2], stride)
+  if resolve_depthwise_impl(impl) == "conv":
+    outs = [_depthwise_conv_grouped(xp.take(g if x.shape[lead] == n else 0, axis=lead),
+                                    kernel, pad - need, stride, d, h_out, w_out, lead)
+            for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs))]
+    return jnp.stack(outs, axis=lead)
+  return _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_out,
+                               lead)
+
+
+def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_out, lead):
+  """``'scan'`` implementation: one loop over all (kernel, tap) pairs, each a strided
+  window of the padded input times the tap's per-channel weights, added to its kernel's
+  accumulator. Unrolled, the 102 taps of a DARTS MixedOp made compile time grow with the
+  kernel sizes (2-3x slower here) and ran no faster."""
+  rows, cols, groups, taps = [], [], [], []
+  for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
+    k = kernel.shape[-2]
+    rows.append(np.repeat(np.arange(k), k) * d + pad - need)
+    cols.append(np.tile(np.arange(k), k) * d + pad - need)
+    groups.append(np.full(k * k, g))
+    taps.append(kernel.reshape(kernel.shape[:lead] + (k * k,) + kernel.shape[-1:]))
+  taps = jnp.moveaxis(jnp.concatenate(taps, axis=lead), lead, 0)
+  shared = xp.shape[lead] == 1
+  window = list(xp.shape)
+  window[lead] = 1
+  window[-3] = (h_out - 1) * stride + 1
+  window[-2] = (w_out - 1) * stride + 1
+  # Tap weights [*lead, C] broadcast over the batch and spatial axes.
+  bcast = (1,) * 3
+
+  def add_tap(acc, tap):
+    row, col, group, weights = tap
+    start = [0] * xp.ndim
+    start[lead] = 0 if shared else group
+    start[-3], start[-2] = row, col
+    patch = lax.dynamic_slice(xp, start, window).squeeze(lead)
+    if stride > 1:
+      patch = patch[..., ::stride, ::stride, :]
+    w = weights.reshape(weights.shape[:-1] + bcast + weights.shape[-1:])
+    current = lax.dynamic_index_in_dim(acc, group, 0, keepdims=False)
+    return lax.dynamic_update_index_in_dim(acc, current + patch * w, group, 0), None
+
+  out_shape = (len(kernels),) + xp.shape[:lead] + xp.shape[lead + 1:-3] + (
+      h_out, w_out, xp.shape[-1])
+  acc, _ = lax.scan(add_tap, jnp.zeros(out_shape, xp.dtype),
+                    tuple(jnp.asarray(np.concatenate(a)) for a in (rows, cols, groups))
+                    + (taps,))
+  return jnp.moveaxis(acc, 0, lead)
+
+
+def _depthwise_conv_grouped(xp, kernel, offset, stride, dilation, h_out, w_out, lead):
+  """``'conv'`` implementation: leading kernel axes are folded into feature groups."""
+  k = kernel.shape[-2]
+  span = dilation * (k - 1) + 1
+  xp = lax.slice_in_dim(xp, offset, offset + (h_out - 1) * stride + span, axis=xp.ndim - 3)
+  xp = lax.slice_in_dim(xp, offset, offset + (w_out - 1) * stride + span, axis=xp.ndim - 2)
+  lead_shape = kernel.shape[:lead]
+  n = 1
+  for d in lead_shape:
+    n *= d
+  c = kernel.shape[-1]
+  # [*lead, B, H, W, C] -> [B, H, W, lead*C]: every (edge, channel) pair is one group.
+  perm = tuple(range(lead, lead + 3)) + tuple(range(lead)) + (lead + 3,)
+  batch_shape = xp.shape[lead:lead + 1]
+  xg = jnp.transpose(xp, perm).reshape(batch_shape + xp.shape[lead + 1:lead + 3] + (n * c,))
+  kg = jnp.moveaxis(kernel.reshape((n,) + kernel.shape[-3:]), 0, 2).reshape(k, k, 1, n * c)
+  y = lax.conv_general_dilated(
+      xg, kg, window_strides=(stride, stride), padding="VALID",
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=n * c)
+  y = y.reshape(batch_shape + (h_out, w_out) + lead_shape + (c,))
+  inv = tuple(range(3, 3 + lead)) + (0, 1, 2, 3 + lead)
+  return jnp.transpose(y, inv)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """1x1 convolution ``x[*lead, B, H, W, Cin] @ kernel[*lead, Cin, Cout]`` per leading index."""
+  lead = kernel.ndim - 2
+  letters = "acdefgj"[:lead]
+  return jnp.einsum(f"{letters}bhwi,{letters}io->{letters}bhwo", x, kernel)
+
+
+def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+  """3x3 max pooling, padding 1 (padded cells never win, as in PyTorch)."""
+  window = (1,) * (x.ndim - 3) + (3, 3, 1)
+  strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+  pads = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+  return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
+
+
+def avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+  """3x3 average pooling, padding 1, ``count_include_pad=False`` (the DARTS op)."""
+  window = (1,) * (x.ndim - 3) + (3, 3, 1)
+  strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+  pads = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+  total = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
+  ones = jnp.ones((1,) * (x.ndim - 3) + x.shape[-3:-1] + (1,), x.dtype)
+  count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
+  return total / count
+
+
+def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
+                            kernel_b: jax.Array) -> jax.Array:
+  """DARTS FactorizedReduce without its BatchNorm: relu, two offset stride-2 1x1 convs.
+
+  The second conv reads the odd rows and columns (PyTorch: a stride-2 conv of
+  ``x[:, :, 1:, 1:]``). For an odd size the two paths differ in size and PyTorch fails at
+  the concat; this raises a clear error instead.
+  """
+  x = jax.nn.relu(x)
+  a = pointwise_conv(x[..., ::2, ::2, :], kernel_a)
+  b = pointwise_conv(x[..., 1::2, 1::2, :], kernel_b)
+  if a.shape != b.shape:
+    raise ValueError(
+        f"FactorizedReduce needs an even spatial size, got {x.shape[-3:-1]}; "
+        "choose an input size divisible by 4 (two reductions).")
+  return jnp.concatenate([a, b], axis=-1)
+
+
+def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance of ``x[*lead, B, H, W, C]`` over (B, H, W) per lead and C."""
+  axes = tuple(range(feature_lead, feature_lead + 3))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
+  return mean, var
+
+
+def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = 1e-5,
+                     scale=None, bias=None):
+  """Normalises ``x[*lead, B, H, W, C]`` with per-(lead, C) ``mean``/``var``."""
+  axes = tuple(range(feature_lead, feature_lead + 3))
+  inv = lax.rsqrt(var + eps)
+  if scale is not None:
+    inv = inv * scale
+  y = (x - jnp.expand_dims(mean, axes)) * jnp.expand_dims(inv, axes)
+  if bias is not None:
+    y = y + jnp.expand_dims(bias, axes)
+  return y

@@ -1,0 +1,237 @@
+"""Primitive operations of the DARTS search space as Flax linen modules (NHWC).
+
+A faithful port of quark0/darts ``cnn/operations.py`` for the discrete networks: every op
+is a module called as ``op(x, train)``, ``OPS[name](C, stride, affine)`` builds one, and
+the parameter shapes equal the PyTorch ones (up to layout), so published parameter counts
+and PyTorch weights carry over.
+
+Conventions shared by all modules here:
+- Convolutions have no bias and explicit PyTorch-style padding, so strided ops give
+  PyTorch's output size ``(H + 2p - d(k-1) - 1) // s + 1`` (for the 3x3/5x5/7x7 ops at
+  stride 2 that is ``ceil(H / 2)``).
+- BatchNorm follows PyTorch's defaults (running-average momentum 0.1, i.e. Flax
+  ``momentum=0.9``, epsilon 1e-5): batch statistics when ``train`` is true, running
+  statistics otherwise. One difference remains: Flax updates the running variance with the
+  biased batch variance where PyTorch uses the unbiased one.
+- Parameter layout for copying PyTorch weights: a conv kernel is ``HWIO``
+  (``torch_w.permute(2, 3, 1, 0)``; a depthwise kernel is ``(k, k, 1, C)``), a Dense kernel
+  is ``torch_w.T``, BatchNorm ``weight``/``bias`` are ``scale``/``bias`` and the running
+  statistics live in the ``batch_stats`` collection as ``mean``/``var``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# PyTorch's BatchNorm2d defaults expressed in Flax terms.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(affine: bool, train: bool, name: str) -> nn.BatchNorm:
+  """A BatchNorm with PyTorch's defaults; ``affine=False`` drops scale and bias."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPSILON, use_bias=affine, use_scale=affine, name=name)
+
+
+def conv(features: int, kernel: int | tuple[int, int], name: str, stride=1,
+         padding: int | tuple[int, int] = 0, dilation: int = 1,
+         groups: int = 1) -> nn.Conv:
+  """A bias-free convolution with PyTorch's (symmetric, explicit) padding."""
+  kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+  stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
+  pad_h, pad_w = (padding, padding) if isinstance(padding, int) else padding
+  return nn.Conv(features, kernel, strides=stride,
+                 padding=((pad_h, pad_h), (pad_w, pad_w)),
+                 kernel_dilation=(dilation, dilation), feature_group_count=groups,
+                 use_bias=False, name=name)
+
+
+def check_channels(x: jax.Array, expected: int, what: str) -> None:
+  """Raises ValueError when the channel axis of NHWC ``x`` is not ``expected``.
+
+  Flax infers input channels at initialisation, so without this check a wrong input
+  would silently create differently shaped parameters instead of failing.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"{what} expects an NHWC array, got shape {x.shape}")
+  if x.shape[-1] != expected:
+    raise ValueError(
+        f"{what} expects {expected} input channels, got {x.shape[-1]} (shape {x.shape})")
+
+
+def drop_path(x: jax.Array, rate, rng: jax.Array) -> jax.Array:
+  """Drops whole samples of ``x`` with probability ``rate``, scaling the kept ones.
+
+  As the reference ``utils.drop_path``: one Bernoulli(1 - rate) draw per sample (leading
+  axis), kept samples are divided by the keep probability so the expectation is unchanged.
+  ``rate`` may be a traced scalar (a schedule inside a jitted step).
+  """
+  keep_prob = 1.0 - jnp.asarray(rate, x.dtype)
+  mask = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x / keep_prob * mask.astype(x.dtype)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU, convolution, BatchNorm. Params: ``conv``, ``bn``."""
+  C_in: int
+  C_out: int
+  kernel_size: int
+  stride: int
+  padding: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    check_channels(x, self.C_in, type(self).__name__)
+    x = conv(self.C_out, self.kernel_size, "conv", self.stride, self.padding)(nn.relu(x))
+    return batch_norm(self.affine, train, "bn")(x)
+
+
+class DilConv(nn.Module):
+  """ReLU, dilated depthwise conv, 1x1 conv, BatchNorm. Params: ``depthwise``,
+  ``pointwise``, ``bn``."""
+  C_in: int
+  C_out: int
+  kernel_size: int
+  stride: int
+  padding: int
+  dilation: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    check_channels(x, self.C_in, type(self).__name__)
+    x = conv(self.C_in, self.kernel_size, "depthwise", self.stride, self.padding,
+             self.dilation, groups=self.C_in)(nn.relu(x))
+    x = conv(self.C_out, 1, "pointwise")(x)
+    return batch_norm(self.affine, train, "bn")(x)
+
+
+class SepConv(nn.Module):
+  """Two stacked (ReLU, depthwise conv, 1x1 conv, BatchNorm) blocks; only the first is
+  strided. Params: ``depthwise1``, ``pointwise1``, ``bn1``, ``depthwise2``,
+  ``pointwise2``, ``bn2``."""
+  C_in: int
+  C_out: int
+  kernel_size: int
+  stride: int
+  padding: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    check_channels(x, self.C_in, type(self).__name__)
+    k, p = self.kernel_size, self.padding
+    x = conv(self.C_in, k, "depthwise1", self.stride, p, groups=self.C_in)(nn.relu(x))
+    x = conv(self.C_in, 1, "pointwise1")(x)
+    x = batch_norm(self.affine, train, "bn1")(x)
+    x = conv(self.C_in, k, "depthwise2", 1, p, groups=self.C_in)(nn.relu(x))
+    x = conv(self.C_out, 1, "pointwise2")(x)
+    return batch_norm(self.affine, train, "bn2")(x)
+
+
+class Identity(nn.Module):
+  """Returns its input (``skip_connect`` at stride 1)."""
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    return x
+
+
+class Zero(nn.Module):
+  """The ``none`` op: zeros shaped like the (strided) input."""
+  stride: int = 1
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    # Multiplying (rather than building zeros) keeps the reference's NaN propagation.
+    return x[:, ::self.stride, ::self.stride, :] * 0.0
+
+
+class FactorizedReduce(nn.Module):
+  """Halves the spatial size with two offset stride-2 1x1 convs, concatenated on
+  channels. Params: ``conv_1``, ``conv_2`` (``C_out // 2`` outputs each), ``bn``.
+
+  ``conv_2`` reads ``x[:, 1:, 1:]`` as in the reference, so for odd sizes the two paths
+  differ in size; PyTorch fails at the concatenation and this raises ValueError.
+  """
+  C_in: int
+  C_out: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    check_channels(x, self.C_in, type(self).__name__)
+    if self.C_out % 2:
+      raise ValueError(f"FactorizedReduce needs an even C_out, got {self.C_out}")
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      raise ValueError(
+          f"FactorizedReduce needs even spatial sizes, got {x.shape[1]}x{x.shape[2]}")
+    x = nn.relu(x)
+    a = conv(self.C_out // 2, 1, "conv_1", stride=2)(x)
+    b = conv(self.C_out // 2, 1, "conv_2", stride=2)(x[:, 1:, 1:, :])
+    return batch_norm(self.affine, train, "bn")(jnp.concatenate([a, b], axis=-1))
+
+
+class MaxPool3x3(nn.Module):
+  """3x3 max pooling with padding 1 (the padding never wins, as in PyTorch)."""
+  stride: int = 1
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    return nn.max_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)))
+
+
+class AvgPool3x3(nn.Module):
+  """3x3 average pooling with padding 1 that averages over real pixels only
+  (PyTorch ``count_include_pad=False``)."""
+  stride: int = 1
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    return nn.avg_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)),
+                       count_include_pad=False)
+
+
+class Conv7x1_1x7(nn.Module):
+  """ReLU, 1x7 conv, 7x1 conv, BatchNorm; the stride is split between the two convs.
+  Params: ``conv_1x7``, ``conv_7x1``, ``bn``."""
+  C: int
+  stride: int
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    check_channels(x, self.C, type(self).__name__)
+    x = conv(self.C, (1, 7), "conv_1x7", (1, self.stride), (0, 3))(nn.relu(x))
+    x = conv(self.C, (7, 1), "conv_7x1", (self.stride, 1), (3, 0))(x)
+    return batch_norm(self.affine, train, "bn")(x)
+
+
+OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine: AvgPool3x3(stride),
+    "max_pool_3x3": lambda C, stride, affine: MaxPool3x3(stride),
+    "skip_connect": lambda C, stride, affine: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine)),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    "conv_7x1_1x7": lambda C, stride, affine: Conv7x1_1x7(C, stride, affine),
+}
+
+
+def make_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
+  """``OPS[name](C, stride, affine)`` with a ValueError naming an unknown op or stride."""
+  if name not in OPS:
+    raise ValueError(f"Unknown operation {name!r}; known: {sorted(OPS)}")
+  if stride not in (1, 2):
+    raise ValueError(f"Operation stride must be 1 or 2, got {stride}")
+  return OPS[name](C, stride, affine)

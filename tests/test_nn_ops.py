@@ -1,0 +1,242 @@
+"""Tests of nanas_jax.nn.ops against PyTorch's size formulas and float64 numpy oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanas_jax.nn import ops
+
+C = 4
+EPS = 1e-5
+
+# (kernel, padding, dilation) per axis of each op's strided layer in the reference
+# cnn/operations.py; the output size is PyTorch's (H + 2p - d(k - 1) - 1) // s + 1.
+REFERENCE_WINDOWS = {
+    "avg_pool_3x3": (3, 1, 1),
+    "max_pool_3x3": (3, 1, 1),
+    "sep_conv_3x3": (3, 1, 1),
+    "sep_conv_5x5": (5, 2, 1),
+    "sep_conv_7x7": (7, 3, 1),
+    "dil_conv_3x3": (3, 2, 2),
+    "dil_conv_5x5": (5, 4, 2),
+    "conv_7x1_1x7": (7, 3, 1),
+    "skip_connect": (1, 0, 1),  # Identity at stride 1, two 1x1 stride-2 convs at stride 2.
+}
+
+
+def torch_out_size(size, kernel, padding, dilation, stride):
+  return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def init_random(module, x, seed=0):
+  """Variables with the shapes of ``module.init`` on ``x``, filled from numpy without
+  compiling the initialisers: params N(0, 0.5^2) (so BatchNorm scales and biases are not
+  the trivial 1 and 0), running means 0, running variances 1."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, True))
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(rng.normal(0.0, 0.5, a.shape), jnp.float32), shapes["params"])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.full(a.shape, 0.0 if path[-1].key == "mean" else 1.0),
+      shapes["batch_stats"])
+  return {"params": params, "batch_stats": stats}
+
+
+def np_conv(x, w, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=1, groups=1):
+  """Direct float64 convolution of NHWC ``x`` with an HWIO kernel: a sum over taps."""
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+  w = np.asarray(w, np.float64)
+  kh, kw, cin_group, cout = w.shape
+  ho = (x.shape[1] - dilation * (kh - 1) - 1) // stride[0] + 1
+  wo = (x.shape[2] - dilation * (kw - 1) - 1) // stride[1] + 1
+  cout_group = cout // groups
+  out = np.zeros((x.shape[0], ho, wo, cout))
+  for g in range(groups):
+    xg = x[..., g * cin_group:(g + 1) * cin_group]
+    outs = slice(g * cout_group, (g + 1) * cout_group)
+    for i in range(kh):
+      for j in range(kw):
+        r, c = i * dilation, j * dilation
+        patch = xg[:, r:r + stride[0] * (ho - 1) + 1:stride[0],
+                   c:c + stride[1] * (wo - 1) + 1:stride[1], :]
+        out[..., outs] += patch @ w[i, j, :, outs]
+  return out
+
+
+def np_bn_train(x, p):
+  """BatchNorm with batch statistics (biased variance), then scale and bias."""
+  mean = x.mean(axis=(0, 1, 2))
+  var = x.var(axis=(0, 1, 2))
+  return (x - mean) / np.sqrt(var + EPS) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+
+def relu(x):
+  return np.maximum(x, 0.0)
+
+
+def np_window_pool(x, stride, reduce):
+  """3x3 pooling with padding 1 over the real pixels of each window only."""
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  out = np.zeros((n, ho, wo, c))
+  for i in range(ho):
+    for j in range(wo):
+      r0, c0 = i * stride - 1, j * stride - 1
+      window = x[:, max(r0, 0):r0 + 3, max(c0, 0):c0 + 3, :]
+      out[:, i, j, :] = reduce(window, axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", sorted(ops.OPS))
+def test_output_shape_matches_pytorch_formula(name, stride, size):
+  x = jax.ShapeDtypeStruct((2, size, size + 2, C), jnp.float32)
+  module = ops.make_op(name, C, stride)
+  if name == "skip_connect" and stride == 2 and size % 2:
+    # The reference concatenates paths of sizes 4 and 3 here and fails; so do we.
+    with pytest.raises(ValueError, match="even spatial"):
+      jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape), True))
+    return
+  y, _ = jax.eval_shape(lambda: module.init_with_output(
+      jax.random.key(0), jnp.zeros(x.shape), True))
+  if name == "none":
+    expected = ((size - 1) // stride + 1, (size + 1) // stride + 1)  # x[::s, ::s]
+  else:
+    k, p, d = REFERENCE_WINDOWS[name]
+    expected = tuple(torch_out_size(s, k, p, d, stride) for s in (size, size + 2))
+  assert y.shape == (2,) + expected + (C,)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pools_against_numpy(stride):
+  x = np.random.default_rng(1).normal(size=(2, 7, 6, 3))
+  avg = ops.AvgPool3x3(stride).apply({}, jnp.asarray(x, jnp.float32), True)
+  mx = ops.MaxPool3x3(stride).apply({}, jnp.asarray(x, jnp.float32), True)
+  np.testing.assert_allclose(avg, np_window_pool(x, stride, np.mean), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mx, np_window_pool(x, stride, np.max), rtol=1e-6, atol=1e-6)
+  # Corner windows hold 4 real pixels: with count_include_pad=True it would be sum / 9.
+  np.testing.assert_allclose(avg[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_zero_op():
+  x = jnp.ones((2, 7, 8, C))
+  np.testing.assert_array_equal(ops.Zero(1).apply({}, x, True), np.zeros((2, 7, 8, C)))
+  np.testing.assert_array_equal(ops.Zero(2).apply({}, x, True), np.zeros((2, 4, 4, C)))
+
+
+def test_identity_op():
+  x = jnp.arange(2 * 3 * 3 * C, dtype=jnp.float32).reshape(2, 3, 3, C)
+  np.testing.assert_array_equal(ops.make_op("skip_connect", C, 1).apply({}, x, False), x)
+
+
+def test_factorized_reduce_against_numpy():
+  x = np.random.default_rng(2).normal(size=(2, 8, 6, 3))
+  module = ops.FactorizedReduce(3, 6)
+  variables = init_random(module, jnp.asarray(x, jnp.float32))
+  y, updated = module.apply(variables, jnp.asarray(x, jnp.float32), True,
+                            mutable=["batch_stats"])
+  p = variables["params"]
+  # PyTorch: cat(conv_1(relu x), conv_2(relu x[:, :, 1:, 1:])), 1x1 stride-2 convs, i.e.
+  # the even pixels through conv_1 and the odd ones through conv_2.
+  a = relu(x)[:, 0::2, 0::2, :] @ np.asarray(p["conv_1"]["kernel"][0, 0], np.float64)
+  b = relu(x)[:, 1::2, 1::2, :] @ np.asarray(p["conv_2"]["kernel"][0, 0], np.float64)
+  cat = np.concatenate([a, b], axis=-1)
+  np.testing.assert_allclose(y, np_bn_train(cat, p["bn"]), rtol=1e-4, atol=1e-4)
+  # Running statistics move 10% of the way to the batch statistics (PyTorch momentum 0.1;
+  # Flax uses the biased batch variance).
+  stats = updated["batch_stats"]["bn"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * cat.mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * cat.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def np_sep_conv(x, p, stride, pad):
+  c = x.shape[-1]
+  pads = ((pad, pad), (pad, pad))
+  y = np_conv(relu(x), p["depthwise1"]["kernel"], (stride, stride), pads, groups=c)
+  y = np_bn_train(np_conv(y, p["pointwise1"]["kernel"]), p["bn1"])
+  y = np_conv(relu(y), p["depthwise2"]["kernel"], (1, 1), pads, groups=c)
+  return np_bn_train(np_conv(y, p["pointwise2"]["kernel"]), p["bn2"])
+
+
+def np_dil_conv(x, p, stride, pad, dilation):
+  pads = ((pad, pad), (pad, pad))
+  y = np_conv(relu(x), p["depthwise"]["kernel"], (stride, stride), pads, dilation,
+              groups=x.shape[-1])
+  return np_bn_train(np_conv(y, p["pointwise"]["kernel"]), p["bn"])
+
+
+def np_conv_7x1_1x7(x, p, stride):
+  y = np_conv(relu(x), p["conv_1x7"]["kernel"], (1, stride), ((0, 0), (3, 3)))
+  y = np_conv(y, p["conv_7x1"]["kernel"], (stride, 1), ((3, 3), (0, 0)))
+  return np_bn_train(y, p["bn"])
+
+
+ORACLES = {
+    "sep_conv_3x3": lambda x, p, s: np_sep_conv(x, p, s, 1),
+    "sep_conv_5x5": lambda x, p, s: np_sep_conv(x, p, s, 2),
+    "dil_conv_3x3": lambda x, p, s: np_dil_conv(x, p, s, 2, 2),
+    "dil_conv_5x5": lambda x, p, s: np_dil_conv(x, p, s, 4, 2),
+    "conv_7x1_1x7": np_conv_7x1_1x7,
+}
+
+
+@pytest.mark.parametrize("name, stride, size", [
+    ("sep_conv_3x3", 1, 8), ("sep_conv_5x5", 2, 7), ("dil_conv_3x3", 2, 8),
+    ("dil_conv_5x5", 1, 7), ("conv_7x1_1x7", 2, 7)])
+def test_conv_ops_against_float64_numpy(name, stride, size):
+  x = np.random.default_rng(3).normal(size=(2, size, size, C))
+  module = ops.make_op(name, C, stride)
+  variables = init_random(module, jnp.asarray(x, jnp.float32))
+  y, _ = module.apply(variables, jnp.asarray(x, jnp.float32), True, mutable=["batch_stats"])
+  expected = ORACLES[name](x, variables["params"], stride)
+  np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_relu_conv_bn_eval_uses_running_statistics():
+  x = np.random.default_rng(4).normal(size=(2, 5, 5, 3))
+  module = ops.ReLUConvBN(3, C, 3, 2, 1)
+  variables = init_random(module, jnp.asarray(x, jnp.float32))
+  stats = {"bn": {"mean": jnp.full((C,), 0.5), "var": jnp.full((C,), 4.0)}}
+  y = module.apply({**variables, "batch_stats": stats}, jnp.asarray(x, jnp.float32), False)
+  p = variables["params"]
+  conv = np_conv(relu(x), p["conv"]["kernel"], (2, 2), ((1, 1), (1, 1)))
+  expected = (conv - 0.5) / np.sqrt(4.0 + EPS) * np.asarray(p["bn"]["scale"]) + np.asarray(
+      p["bn"]["bias"])
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_affine_false_has_no_bn_params():
+  variables = jax.eval_shape(lambda: ops.make_op("sep_conv_3x3", C, 1, affine=False).init(
+      jax.random.key(0), jnp.zeros((1, 4, 4, C)), True))
+  assert "bn1" not in variables["params"] and "bn2" not in variables["params"]
+  assert set(variables["batch_stats"]) == {"bn1", "bn2"}
+
+
+def test_drop_path_keeps_or_zeroes_whole_samples_unbiased():
+  rate, n = 0.3, 20000
+  x = jnp.full((n, 2, 2, 1), 3.0)
+  y = np.asarray(jax.jit(ops.drop_path)(x, rate, jax.random.key(5)))
+  per_sample = y.reshape(n, -1)
+  assert np.all(per_sample == per_sample[:, :1])  # One draw per sample.
+  kept = per_sample[:, 0] != 0
+  np.testing.assert_allclose(per_sample[kept, 0], 3.0 / 0.7, rtol=1e-6)
+  keep_std = np.sqrt(0.7 * 0.3 / n)
+  assert abs(kept.mean() - 0.7) < 5 * keep_std
+  # Unbiased: the mean equals the input up to five standard errors.
+  assert abs(y.mean() - 3.0) < 5 * (3.0 / 0.7) * keep_std
+
+
+def test_bad_input_raises_value_error():
+  with pytest.raises(ValueError, match="Unknown operation 'conv_9x9'"):
+    ops.make_op("conv_9x9", C, 1)
+  with pytest.raises(ValueError, match="stride"):
+    ops.make_op("sep_conv_3x3", C, 3)
+  with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
+    jax.eval_shape(lambda: ops.make_op("sep_conv_3x3", C, 1).init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 3)), True))
+  with pytest.raises(ValueError, match="even C_out"):
+    jax.eval_shape(lambda: ops.FactorizedReduce(C, 5).init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, C)), True))
