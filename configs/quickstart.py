@@ -39,6 +39,9 @@ def get_config():
   config.search.algorithm = "na_darts"
   config.search.order = "first"
   config.search.epochs = 10
+  # 'shared': every phase of the step calls one compiled supernet gradient (compiles once;
+  # the CPU default). 'fused': the whole step is one jit (accelerators). 'auto' picks.
+  config.search.compile = "auto"
 
   config.search.weights = ml_collections.ConfigDict()
   config.search.weights.lr = 0.025
@@ -64,4 +67,7 @@ def get_config():
   config.search.neighbors.eps = 0.5
   config.search.neighbors.sigma = 0.3
   config.search.neighbors.batch = "full"
+  # 'vmap' evaluates the K neighbors in one batched call; 'loop' calls the shared compiled
+  # gradient K times (no extra compile). 'auto': vmap on accelerators, loop on CPU.
+  config.search.neighbors.evaluate = "auto"
   return config

@@ -6,18 +6,23 @@ weights give NA-DARTS, one-hot weights give random search with weight sharing, a
 ``jax.vmap`` over the weights evaluates many architectures with the same parameters.
 
 Compile-time design (DESIGN.md measured 2-5 minutes for a supernet with one sub-graph per
-edge). The 14 edges of a cell are evaluated in *groups*, each group one vectorised body:
-- the 8 edges that read the cell inputs (s0, s1 for every node) are independent of each
-  other, so they run as one body with a leading edge axis (stride 2 in reduction cells);
-- the edges between intermediate nodes run as one body per node (1, 2 and 3 edges).
-Within a body, the operations that share work are fused: the four first-stage pointwise
-convs of sep/dil convs are one batched matmul, as are the two second-stage ones of the sep
-convs; the two pools share one BatchNorm call. A cell is then 4 bodies instead of 14
-MixedOps of 7 sub-graphs each, at no extra arithmetic.
+edge; on a CPU, XLA's compile time grows with the number of distinct kernels in the graph).
+The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedOp body:
+- ``inputs``: the 8 edges that read the cell inputs (s0, s1 for every node) are independent
+  of each other, so they run as one body with a leading edge axis (stride 2 in reduction
+  cells);
+- ``inner``: the 6 edges between intermediate nodes run as one ``lax.scan`` over the nodes,
+  each iteration evaluating a node's edges from a fixed-size buffer of earlier nodes
+  (unused slots weighted 0: 9 edge slots computed for 6 edges).
+Within a body, operations that share work are fused: the first-stage depthwise convs of the
+sep/dil convs are one loop over their taps (`functional.depthwise_convs`), their four
+pointwise convs one batched matmul, the second stage of the two sep convs likewise, and the
+two pools share one BatchNorm call.
 
 Parameter layout (what a discrete cell's weights map to, used by the tests): every array
 has a leading edge axis in group order. Group ``inputs``: edge ``2 * node + source`` for
-sources 0 and 1; group ``node{i}``: edge ``j`` is the edge from intermediate node ``j``.
+sources 0 and 1; group ``inner``: edge ``i * (i - 1) // 2 + j`` is the edge from
+intermediate node ``j`` to node ``i`` (``(1,0), (2,0), (2,1), (3,0), (3,1), (3,2)``).
 ``dw1_{k}`` are the first depthwise kernels of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3,
 dil_conv_5x5 (k = 0..3), ``pw1[E, 4, C, C]`` their pointwise kernels in the same order;
 ``dw2_{k}`` / ``pw2[E, 2, C, C]`` the second stage of sep_conv_3x3 and sep_conv_5x5;
@@ -34,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from nanas_jax.nn import functional as F
 
@@ -74,87 +80,79 @@ def cell_edges(steps: int) -> list[tuple[int, int]]:
   return [(i, j) for i in range(steps) for j in range(2 + i)]
 
 
-class _Layer(nn.Module):
-  """Shared helpers: an affine-free BatchNorm with running statistics."""
+def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
+               train: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """BatchNorm (affine=False) of ``x[*lead, B, H, W, C]``, statistics per (lead, C).
 
-  def batch_norm(self, name: str, x: jax.Array, lead: int, train: bool) -> jax.Array:
-    """BatchNorm (affine=False) of ``x[*lead, B, H, W, C]``, statistics per (lead, C).
-
-    Running averages follow PyTorch (unbiased variance, momentum 0.1); training uses the
-    batch statistics, evaluation the running ones.
-    """
-    mean_var, var_var = self.running_stats(name, x.shape[:lead] + x.shape[-1:])
-    if train:
-      mean, var = F.batch_norm_stats(x, lead)
-      if self.is_mutable_collection("batch_stats"):
-        n = x.shape[lead] * x.shape[lead + 1] * x.shape[lead + 2]
-        unbiased = var * (n / max(n - 1, 1))
-        mean_var.value = BN_MOMENTUM * mean_var.value + (1 - BN_MOMENTUM) * mean
-        var_var.value = BN_MOMENTUM * var_var.value + (1 - BN_MOMENTUM) * unbiased
-    else:
-      mean, var = mean_var.value, var_var.value
-    return F.batch_norm_apply(x, mean, var, lead, BN_EPS)
-
-  def running_stats(self, name: str, shape: tuple[int, ...]):
-    """The running mean and variance variables of BatchNorm ``name``."""
-    return (self.variable("batch_stats", f"{name}_mean", jnp.zeros, shape),
-            self.variable("batch_stats", f"{name}_var", jnp.ones, shape))
-
-
-class MixedEdges(_Layer):
-  """A group of ``E`` DARTS MixedOps, one per edge, each with its own parameters.
-
-  ``__call__(xs[E, B, H, W, C], weights[E, 8])`` returns the weighted sum of the 8
-  operations of every edge, ``[E, B, H', W', C]``. ``none`` contributes exactly zero and is
-  not computed.
+  Training normalises with the batch statistics and returns the updated running averages
+  (PyTorch's: unbiased variance, momentum 0.1); evaluation uses the running ones.
   """
+  if not train:
+    mean, var = stats
+    return F.batch_norm_apply(x, mean, var, lead, BN_EPS), stats
+  mean, var = F.batch_norm_stats(x, lead)
+  y = F.batch_norm_apply(x, mean, var, lead, BN_EPS)
+  n = x.shape[lead] * x.shape[lead + 1] * x.shape[lead + 2]
+  running_mean, running_var = stats
+  unbiased = var * (n / max(n - 1, 1))
+  return y, (BN_MOMENTUM * running_mean + (1 - BN_MOMENTUM) * mean,
+             BN_MOMENTUM * running_var + (1 - BN_MOMENTUM) * unbiased)
+
+
+def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
+                weights: jax.Array, stride: int, train: bool, dw_impl: str):
+  """A group of ``E`` DARTS MixedOps, one per edge, each with its own parameters ``p``.
+
+  ``xs[E, B, H, W, C]``, ``weights[E, 8]`` -> the weighted sum of the 8 operations of every
+  edge, ``[E, B, H', W', C]``, and the updated BatchNorm statistics ``{name: (mean,
+  var)}``. ``none`` contributes exactly zero and is not computed.
+  """
+  new_stats = {}
+
+  def bn(name, x, lead):
+    y, new_stats[name] = batch_norm(x, lead, stats[name], train)
+    return y
+
+  w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
+  pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
+  pools = bn("pool_bn", pools, 2)
+  out = w[:, 1] * pools[:, 0] + w[:, 2] * pools[:, 1]
+  if stride == 1:
+    out = out + w[:, 3] * xs
+  else:
+    fr = F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"])
+    out = out + w[:, 3] * bn("fr_bn", fr, 1)
+
+  stage1 = F.depthwise_convs(
+      jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
+      [d for _, d in _STAGE1], stride=stride, impl=dw_impl)
+  stage1 = bn("bn1", F.pointwise_conv(stage1, p["pw1"]), 2)
+  out = out + w[:, 6] * stage1[:, 2] + w[:, 7] * stage1[:, 3]
+
+  stage2 = F.depthwise_convs(
+      jax.nn.relu(stage1[:, :2]), [p[f"dw2_{i}"] for i in range(len(_STAGE2))],
+      [d for _, d in _STAGE2], impl=dw_impl)
+  stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
+  out = out + w[:, 4] * stage2[:, 0] + w[:, 5] * stage2[:, 1]
+  return out, new_stats
+
+
+class _EdgeGroup(nn.Module):
+  """Parameters and BatchNorm statistics of ``num_edges`` MixedOps, stacked on axis 0."""
   num_edges: int
   channels: int
-  stride: int
+  stride: int = 1
   dw_impl: str = "auto"
 
-  @nn.compact
-  def __call__(self, xs: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
-    e, c, s = self.num_edges, self.channels, self.stride
-    if xs.shape[0] != e or xs.shape[-1] != c:
-      raise ValueError(f"MixedEdges expects inputs [{e}, B, H, W, {c}], got {xs.shape}")
-    p = self.declare_params()
-    if self.is_initializing():
-      # Every shape is known from the attributes: initialisation creates the variables
-      # without running (or compiling) the forward pass.
-      self.running_stats("pool_bn", (e, 2, c))
-      self.running_stats("bn1", (e, len(_STAGE1), c))
-      self.running_stats("bn2", (e, len(_STAGE2), c))
-      if s > 1:
-        self.running_stats("fr_bn", (e, c))
-      size = (F.output_size(xs.shape[2], s), F.output_size(xs.shape[3], s))
-      return jnp.zeros(xs.shape[:2] + size + (c,), xs.dtype)
-    w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
-
-    pools = jnp.stack([F.max_pool_3x3(xs, s), F.avg_pool_3x3(xs, s)], axis=1)
-    pools = self.batch_norm("pool_bn", pools, 2, train)
-    out = w[:, 1] * pools[:, 0] + w[:, 2] * pools[:, 1]
-
-    if s == 1:
-      out = out + w[:, 3] * xs
-    else:
-      fr = F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"])
-      out = out + w[:, 3] * self.batch_norm("fr_bn", fr, 1, train)
-
-    stage1 = F.depthwise_convs(
-        jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
-        [d for _, d in _STAGE1], stride=s, impl=self.dw_impl)
-    stage1 = self.batch_norm("bn1", F.pointwise_conv(stage1, p["pw1"]), 2, train)
-    out = out + w[:, 6] * stage1[:, 2] + w[:, 7] * stage1[:, 3]
-
-    stage2 = F.depthwise_convs(
-        jax.nn.relu(stage1[:, :2]), [p[f"dw2_{i}"] for i in range(len(_STAGE2))],
-        [d for _, d in _STAGE2], impl=self.dw_impl)
-    stage2 = self.batch_norm("bn2", F.pointwise_conv(stage2, p["pw2"]), 2, train)
-    return out + w[:, 4] * stage2[:, 0] + w[:, 5] * stage2[:, 1]
+  def bn_shapes(self) -> dict[str, tuple[int, ...]]:
+    e, c = self.num_edges, self.channels
+    shapes = {"pool_bn": (e, 2, c), "bn1": (e, len(_STAGE1), c),
+              "bn2": (e, len(_STAGE2), c)}
+    if self.stride > 1:
+      shapes["fr_bn"] = (e, c)
+    return shapes
 
   def declare_params(self) -> dict[str, jax.Array]:
-    """Creates (or fetches) every parameter of the group."""
     e, c = self.num_edges, self.channels
     p = {}
     for i, (k, _) in enumerate(_STAGE1):
@@ -168,8 +166,109 @@ class MixedEdges(_Layer):
       p["fr_b"] = self.param("fr_b", torch_uniform(c), (e, c, c - c // 2))
     return p
 
+  def declare_stats(self) -> dict[str, tuple]:
+    """The running statistics variables, ``{name: (mean, var)}``."""
+    return {name: (self.variable("batch_stats", f"{name}_mean", jnp.zeros, shape),
+                   self.variable("batch_stats", f"{name}_var", jnp.ones, shape))
+            for name, shape in self.bn_shapes().items()}
 
-class Preprocess(_Layer):
+  def stats_values(self, variables):
+    return {name: (m.value, v.value) for name, (m, v) in variables.items()}
+
+  def store_stats(self, variables, new_stats, train: bool) -> None:
+    if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+      for name, (m, v) in variables.items():
+        m.value, v.value = new_stats[name]
+
+
+class MixedEdges(_EdgeGroup):
+  """``E`` independent MixedOps (the edges that read the cell inputs).
+
+  ``__call__(xs[E, B, H, W, C], weights[E, 8], train)`` -> ``[E, B, H', W', C]``.
+  """
+
+  @nn.compact
+  def __call__(self, xs: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+    e, c, s = self.num_edges, self.channels, self.stride
+    if xs.shape[0] != e or xs.shape[-1] != c:
+      raise ValueError(f"MixedEdges expects inputs [{e}, B, H, W, {c}], got {xs.shape}")
+    p = self.declare_params()
+    variables = self.declare_stats()
+    if self.is_initializing():
+      # Every shape is known from the attributes: initialisation creates the variables
+      # without running (or compiling) the forward pass.
+      size = (F.output_size(xs.shape[2], s), F.output_size(xs.shape[3], s))
+      return jnp.zeros(xs.shape[:2] + size + (c,), xs.dtype)
+    out, new_stats = mixed_edges(p, self.stats_values(variables), xs, weights, s, train,
+                                 self.dw_impl)
+    self.store_stats(variables, new_stats, train)
+    return out
+
+
+class InnerEdges(_EdgeGroup):
+  """The edges between intermediate nodes, evaluated as one loop over the nodes.
+
+  Edge ``k`` is the k-th pair ``(node i, source node j < i)`` in node-major order (for 4
+  nodes: (1,0), (2,0), (2,1), (3,0), (3,1), (3,2)). Node ``i`` is ``base[i]`` (its input
+  edges' sum) plus its inner edges. A ``lax.scan`` over nodes 1..steps-1 evaluates the
+  MixedOps of one node from a fixed-size buffer of the earlier nodes, with the parameters of
+  that node's edges gathered into the slots and the unused slots weighted 0: the graph
+  holds one MixedOp body instead of one per node (compile time), at the cost of computing
+  ``(steps - 1)^2`` edge slots for ``steps * (steps - 1) / 2`` edges.
+
+  ``__call__(base[steps, B, H, W, C], weights[E, 8], train)`` -> nodes ``[steps, ...]``.
+  """
+  steps: int = 4
+
+  def slot_table(self) -> tuple[np.ndarray, np.ndarray]:
+    """``edge[i - 1, j]`` (edge of slot j of node i, 0 if unused) and ``used[i - 1, j]``."""
+    pairs = [(i, j) for i in range(1, self.steps) for j in range(i)]
+    edge = np.zeros((self.steps - 1, self.steps - 1), np.int32)
+    used = np.zeros((self.steps - 1, self.steps - 1), bool)
+    for k, (i, j) in enumerate(pairs):
+      edge[i - 1, j], used[i - 1, j] = k, True
+    return edge, used
+
+  @nn.compact
+  def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+    n = self.steps
+    if self.num_edges != n * (n - 1) // 2 or base.shape[0] != n:
+      raise ValueError(f"InnerEdges: {n} nodes need {n * (n - 1) // 2} edges and base "
+                       f"[{n}, B, H, W, C]; got {self.num_edges} and {base.shape}")
+    p = self.declare_params()
+    variables = self.declare_stats()
+    if self.is_initializing():
+      return base
+    edge_table, used_table = self.slot_table()
+    stats = self.stats_values(variables)
+    buffer = jnp.zeros((n - 1,) + base.shape[1:], base.dtype).at[0].set(base[0])
+
+    def node_step(carry, inputs):
+      buffer, stats = carry
+      i, edges, used = inputs
+      slot_p = jax.tree.map(lambda a: a[edges], p)
+      slot_w = weights[edges] * used[:, None].astype(weights.dtype)
+      slot_stats = jax.tree.map(lambda a: a[edges], stats)
+      out, new_slot_stats = mixed_edges(slot_p, slot_stats, buffer, slot_w, 1, train,
+                                        self.dw_impl)
+      node = base[i] + out.sum(axis=0)
+      if train:
+        # Only the used slots update their edge's statistics (scatter-add of the change).
+        def scatter(old, old_slots, new_slots):
+          mask = used.reshape(used.shape + (1,) * (new_slots.ndim - 1))
+          return old.at[edges].add(jnp.where(mask, new_slots - old_slots, 0))
+        stats = jax.tree.map(scatter, stats, slot_stats, new_slot_stats)
+      buffer = lax.dynamic_update_index_in_dim(buffer, node, jnp.minimum(i, n - 2), 0)
+      return (buffer, stats), node
+
+    (_, new_stats), nodes = lax.scan(
+        node_step, (buffer, stats),
+        (jnp.arange(1, n), jnp.asarray(edge_table), jnp.asarray(used_table)))
+    self.store_stats(variables, new_stats, train)
+    return jnp.concatenate([base[:1], nodes], axis=0)
+
+
+class Preprocess(nn.Module):
   """ReLUConvBN 1x1 (or FactorizedReduce when the input is at twice the resolution)."""
   channels: int
   reduce: bool
@@ -177,13 +276,14 @@ class Preprocess(_Layer):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c_in, c = x.shape[-1], self.channels
+    mean = self.variable("batch_stats", "bn_mean", jnp.zeros, (c,))
+    var = self.variable("batch_stats", "bn_var", jnp.ones, (c,))
     if self.reduce:
       kernels = (self.param("fr_a", torch_uniform(c_in), (c_in, c // 2)),
                  self.param("fr_b", torch_uniform(c_in), (c_in, c - c // 2)))
     else:
       kernel = self.param("conv", torch_uniform(c_in), (c_in, c))
     if self.is_initializing():
-      self.running_stats("bn", (c,))
       stride = 2 if self.reduce else 1
       size = (F.output_size(x.shape[1], stride), F.output_size(x.shape[2], stride))
       return jnp.zeros(x.shape[:1] + size + (c,), x.dtype)
@@ -191,7 +291,26 @@ class Preprocess(_Layer):
       y = F.factorized_reduce_convs(x, *kernels)
     else:
       y = F.pointwise_conv(jax.nn.relu(x), kernel)
-    return self.batch_norm("bn", y, 0, train)
+    y, new = batch_norm(y, 0, (mean.value, var.value), train)
+    if train and self.is_mutable_collection("batch_stats"):
+      mean.value, var.value = new
+    return y
+
+
+class StemBatchNorm(nn.Module):
+  """The stem's affine BatchNorm, with the same running-statistics rule as the cells'."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+    var = self.variable("batch_stats", "var", jnp.ones, (c,))
+    y, new = batch_norm(x, 0, (mean.value, var.value), train)
+    if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+      mean.value, var.value = new
+    return y * scale + bias
 
 
 class SearchCell(nn.Module):
@@ -214,21 +333,16 @@ class SearchCell(nn.Module):
     s0 = Preprocess(self.channels, self.reduction_prev, name="preprocess0")(s0, train)
     s1 = Preprocess(self.channels, False, name="preprocess1")(s1, train)
 
-    input_edges = [index[(i, j)] for i in range(self.steps) for j in (0, 1)]
-    xs = jnp.broadcast_to(jnp.stack([s0, s1]), (self.steps,) + (2,) + s0.shape)
+    input_edges = np.array([index[(i, j)] for i in range(self.steps) for j in (0, 1)])
+    xs = jnp.broadcast_to(jnp.stack([s0, s1]), (self.steps, 2) + s0.shape)
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
                     self.dw_impl, name="inputs")(
-                        xs.reshape((2 * self.steps,) + s0.shape), weights[np.array(input_edges)],
-                        train)
-    nodes = []
-    for i in range(self.steps):
-      node = ys[2 * i] + ys[2 * i + 1]
-      if i:
-        inner = [index[(i, 2 + j)] for j in range(i)]
-        node = node + MixedEdges(i, self.channels, 1, self.dw_impl, name=f"node{i}")(
-            jnp.stack(nodes), weights[np.array(inner)], train).sum(axis=0)
-      nodes.append(node)
-    return jnp.concatenate(nodes[-self.multiplier:], axis=-1)
+                        xs.reshape((2 * self.steps,) + s0.shape), weights[input_edges], train)
+    base = ys.reshape((self.steps, 2) + ys.shape[1:]).sum(axis=1)
+    inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
+    nodes = InnerEdges(len(inner_edges), self.channels, 1, self.dw_impl, steps=self.steps,
+                       name="inner")(base, weights[inner_edges], train)
+    return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
 
 class SearchNetwork(nn.Module):
@@ -257,8 +371,7 @@ class SearchNetwork(nn.Module):
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                     name="stem_bn")(x)
+    x = StemBatchNorm(name="stem_bn")(x, train)
     s0 = s1 = x
     c_curr = self.channels
     reduction_prev = False

@@ -1,4 +1,4 @@
-"""One jitted bilevel step of DARTS / NA-DARTS on a `SearchState`.
+"""The bilevel step of DARTS / NA-DARTS on a `SearchState`.
 
 Order of a step, as in the reference ``train_search.py``: first the architecture step on a
 validation batch (moving alpha), then the weight step on a training batch with the new
@@ -7,9 +7,11 @@ architecture weights.
 Architecture objective:
 - DARTS: ``L_val(w, softmax(alpha))``.
 - NA-DARTS: ``AGG_k L_val(w, T_k(softmax(alpha)))`` over K perturbations sampled afresh
-  every step (`neighborhood.sample_perturbed_weights`), evaluated with ``jax.vmap`` over
-  the K weight tensors: same parameters, and either the same validation batch for every
-  neighbor (``batch='full'``) or a 1/K slice of it each (``batch='split'``).
+  every step (`neighborhood.sample_perturbed_weights`), with the same parameters, and either
+  the same validation batch for every neighbor (``batch='full'``) or a 1/K slice of it each
+  (``batch='split'``). The K evaluations run under ``jax.vmap`` over the K weight tensors
+  (``evaluate='vmap'``) or as K calls of the one compiled supernet gradient
+  (``evaluate='loop'``); both give the same numbers (a test checks it).
 
 Orders of the architecture gradient:
 - ``first``: the gradient of the objective at the current weights.
@@ -20,13 +22,21 @@ Orders of the architecture gradient:
 - ``second_exact``: ``jax.grad`` of ``L(w'(alpha), alpha)`` through the virtual step: the
   quantity the finite difference approximates (a test checks they agree).
 
+Compilation. On a CPU, XLA's compile time grows with the graph, and a step that inlines the
+supernet's forward and backward pass once per use (architecture step, weight step, each
+finite-difference point, each neighbor) compiles for minutes. Every use above is the same
+function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
+``compile='shared'`` the step calls that one jitted function (compiled once) and small
+jitted pieces around it. ``compile='fused'`` traces the whole step into one ``jax.jit``
+(XLA may fuse across phases; the better choice on accelerators, where compiling is fast).
+``'auto'``: shared on CPU, fused elsewhere. Both compute the same step.
+
 BatchNorm statistics are updated by the weight step only; the architecture step and the
 virtual step run in training mode (batch statistics) and discard their updates.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -42,6 +52,8 @@ from nanas_jax.spaces import SearchSpace
 ORDERS = ("first", "second_fd", "second_exact")
 ALGORITHMS = ("darts", "na_darts")
 NEIGHBOR_BATCHES = ("full", "split")
+NEIGHBOR_EVALUATIONS = ("auto", "vmap", "loop")
+COMPILE_MODES = ("auto", "shared", "fused")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -53,8 +65,17 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def _tree_axpy(a, x, y):
+  """``a * x + y`` over pytrees."""
+  return jax.tree.map(lambda u, v: a * u + v, x, y)
+
+
 class BilevelSearch:
-  """Builds the state and the jitted step of a DARTS / NA-DARTS search.
+  """Builds the state and the step of a DARTS / NA-DARTS search.
 
   ``model`` is a supernet whose ``__call__(images, weights, train)`` takes architecture
   weights of shape ``space.alpha_shape``. ``config`` is the ``search`` block of an
@@ -71,6 +92,20 @@ class BilevelSearch:
     self.weight_tx = weight_optimizer(config.weights, config.epochs, steps_per_epoch)
     self.arch_tx = arch_optimizer(config.arch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
+    mode = config.get("compile", "auto")
+    self.fused = mode == "fused" or (mode == "auto" and not _on_cpu())
+    evaluate = config.neighbors.get("evaluate", "auto")
+    self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
+    self._jit_cache: dict[Any, Callable] = {}
+
+  def _jitted(self, fn: Callable) -> Callable:
+    """``fn`` itself when the step is fused (the outer jit traces it), else its cached
+    ``jax.jit``: the pieces around the shared gradient are compiled once each."""
+    if self.fused:
+      return fn
+    if fn not in self._jit_cache:
+      self._jit_cache[fn] = jax.jit(fn)
+    return self._jit_cache[fn]
 
   # ----------------------------------------------------------------------------- state
   def init(self, rng: jax.Array, sample_images: jax.Array) -> SearchState:
@@ -86,109 +121,194 @@ class BilevelSearch:
         weight_opt_state=self.weight_tx.init(params),
         arch_opt_state=self.arch_tx.init(alpha), rng=state_rng)
 
-  # ---------------------------------------------------------------------------- losses
-  def _logits(self, params, batch_stats, images, weights):
-    logits, _ = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 weights, train=True, mutable=["batch_stats"])
-    return logits
-
+  # ------------------------------------------------------------------ the one gradient
   def train_loss(self, params, batch_stats, weights, images, labels):
-    """Training loss at architecture weights ``weights`` (and the BN statistics update)."""
+    """Training-mode loss at architecture weights ``weights``, with the logits and the
+    BatchNorm statistics update."""
     logits, updates = self.model.apply(
         {"params": params, "batch_stats": batch_stats}, images, weights, train=True,
         mutable=["batch_stats"])
-    return cross_entropy(logits, labels), (logits, updates["batch_stats"])
+    # Models without BatchNorm have no statistics to update.
+    return cross_entropy(logits, labels), (logits, updates.get("batch_stats", batch_stats))
 
-  def arch_objective(self, params, batch_stats, alpha, images, labels, key):
-    """The architecture objective and per-neighbor losses (DARTS: one 'neighbor')."""
-    nb = self.config.neighbors
-    if self.config.algorithm == "darts":
-      logits = self._logits(params, batch_stats, images, jax.nn.softmax(alpha, -1))
-      loss = cross_entropy(logits, labels)
-      return loss, (loss[None], accuracy(logits, labels)[None])
-    weights = neighborhood.sample_perturbed_weights(
-        self.space, key, alpha, nb.num, nb.kind, nb.radius, nb.include_center, nb.eps,
-        nb.sigma)
-    k = weights.shape[0]
-    if nb.batch == "split":
+  def value_and_grads(self, params, batch_stats, weights, images, labels):
+    """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``."""
+    (loss, (logits, new_stats)), (grad_params, grad_weights) = jax.value_and_grad(
+        self.train_loss, argnums=(0, 2), has_aux=True)(params, batch_stats, weights,
+                                                        images, labels)
+    return loss, logits, new_stats, grad_params, grad_weights
+
+  def grads(self, *args):
+    """`value_and_grads`: the one supernet gradient every phase of the step calls."""
+    return self._jitted(self.value_and_grads)(*args)
+
+  # ------------------------------------------------------------ architecture objective
+  def _neighbor_batches(self, k, images, labels):
+    """Per-neighbor validation batches: all the same, or 1/k slices (``'split'``)."""
+    if self.config.neighbors.batch == "split":
       per = images.shape[0] // k
-      images = images[:per * k].reshape((k, per) + images.shape[1:])
-      labels = labels[:per * k].reshape(k, per)
-      in_axes = (0, 0, 0)
-    else:
-      in_axes = (0, None, None)
+      return [(images[i * per:(i + 1) * per], labels[i * per:(i + 1) * per])
+              for i in range(k)]
+    return [(images, labels)] * k
+
+  def _vmapped_neighbor_grads(self, params, batch_stats, weights, images, labels):
+    """Losses, accuracies and gradients of K neighbors under one ``jax.vmap``."""
+    batches = self._neighbor_batches(weights.shape[0], images, labels)
+    xs = jnp.stack([b[0] for b in batches])
+    ys = jnp.stack([b[1] for b in batches])
 
     def one(w, x, y):
-      logits = self._logits(params, batch_stats, x, w)
-      return cross_entropy(logits, y), accuracy(logits, y)
+      loss, logits, _, grad_params, grad_weights = self.value_and_grads(
+          params, batch_stats, w, x, y)
+      return loss, accuracy(logits, y), grad_params, grad_weights
 
-    losses, accs = jax.vmap(one, in_axes=in_axes)(weights, images, labels)
-    return neighborhood.aggregate(losses, nb.aggregation, nb.tau), (losses, accs)
+    return jax.vmap(one)(weights, xs, ys)
+
+  def _arch_weights(self, alpha, key):
+    """The architecture weights the objective evaluates: ``[K, T, E, O]``."""
+    nb = self.config.neighbors
+    if self.config.algorithm == "darts":
+      return jax.nn.softmax(alpha, -1)[None]
+    return neighborhood.sample_perturbed_weights(
+        self.space, key, alpha, nb.num, nb.kind, nb.radius, nb.include_center, nb.eps,
+        nb.sigma)
+
+  def _combine_neighbors(self, alpha, key, losses, grad_params, grad_weights):
+    """Aggregates per-neighbor losses and chains their gradients back to alpha:
+    ``(loss, d/d params, d/d alpha)``; ``grad_params`` is a list of K trees."""
+    nb = self.config.neighbors
+    if self.config.algorithm == "darts":
+      loss, dloss = losses[0], jnp.ones((1,), losses.dtype)
+    else:
+      loss, dloss = jax.value_and_grad(neighborhood.aggregate)(losses, nb.aggregation, nb.tau)
+    grad_params = jax.tree.map(lambda *g: sum(d * x for d, x in zip(dloss, g)), *grad_params)
+    _, weights_vjp = jax.vjp(lambda a: self._arch_weights(a, key), alpha)
+    (grad_alpha,) = weights_vjp(dloss[:, None, None, None] * grad_weights)
+    return loss, grad_params, grad_alpha
+
+  def arch_value_and_grads(self, params, batch_stats, alpha, images, labels, key):
+    """The architecture objective at ``params``: ``(loss, (neighbor losses, neighbor
+    accuracies), d/d params, d/d alpha)``. DARTS is the one-neighbor case."""
+    weights = self._jitted(self._arch_weights)(alpha, key)
+    k = weights.shape[0]
+    batches = self._neighbor_batches(k, images, labels)
+    if self.vmap_neighbors and k > 1:
+      losses, accs, grad_params, grad_weights = self._jitted(self._vmapped_neighbor_grads)(
+          params, batch_stats, weights, images, labels)
+      grad_params = [jax.tree.map(lambda g, i=i: g[i], grad_params) for i in range(k)]
+    else:
+      outs = [self.grads(params, batch_stats, weights[i], x, y)
+              for i, (x, y) in enumerate(batches)]
+      losses, accs, grad_params, grad_weights = self._jitted(_stack_outputs)(
+          outs, [y for _, y in batches])
+    loss, grad_params, grad_alpha = self._jitted(self._combine_neighbors)(
+        alpha, key, losses, grad_params, grad_weights)
+    return loss, (losses, accs), grad_params, grad_alpha
 
   # ------------------------------------------------------------------- arch gradients
+  def _virtual_step(self, state: SearchState, alpha, train_x, train_y, grads_fn):
+    """DARTS's unrolled weights ``w - xi (mu m + g + wd w)`` at architecture ``alpha``."""
+    wcfg = self.config.weights
+    xi = self.lr_schedule(state.step)
+    g = grads_fn(state.params, state.batch_stats, jax.nn.softmax(alpha, -1), train_x,
+                 train_y)[3]
+    momentum = momentum_buffer(state.weight_opt_state)
+    return jax.tree.map(lambda w, gw, m: w - xi * (wcfg.momentum * m + gw
+                                                   + wcfg.weight_decay * w),
+                        state.params, g, momentum)
+
+  def _second_order_exact(self, state: SearchState, train_batch, val_batch, key):
+    """``jax.grad`` of the objective at the unrolled weights, through the virtual step."""
+
+    def full(alpha):
+      unrolled = self._virtual_step(state, alpha, *train_batch, self.value_and_grads)
+      return self._objective_value(unrolled, state.batch_stats, alpha, *val_batch, key)
+
+    (loss, aux), grad = jax.value_and_grad(full, has_aux=True)(state.alpha)
+    return grad, loss, aux
+
+  def _objective_value(self, params, batch_stats, alpha, images, labels, key):
+    """The architecture objective as a differentiable function of everything."""
+    nb = self.config.neighbors
+    if self.config.algorithm == "darts":
+      weights = jax.nn.softmax(alpha, -1)[None]
+    else:
+      weights = neighborhood.sample_perturbed_weights(
+          self.space, key, alpha, nb.num, nb.kind, nb.radius, nb.include_center, nb.eps,
+          nb.sigma)
+    batches = self._neighbor_batches(weights.shape[0], images, labels)
+    results = [self.train_loss(params, batch_stats, w, x, y)
+               for w, (x, y) in zip(weights, batches)]
+    losses = jnp.stack([r[0] for r in results])
+    accs = jnp.stack([accuracy(r[1][0], y) for r, (_, y) in zip(results, batches)])
+    if self.config.algorithm == "darts":
+      return losses[0], (losses, accs)
+    return neighborhood.aggregate(losses, nb.aggregation, nb.tau), (losses, accs)
+
   def arch_gradient(self, state: SearchState, train_batch, val_batch, key):
-    """The architecture gradient of the configured order, and metrics."""
-    val_x, val_y = val_batch
-    objective = functools.partial(self.arch_objective, images=val_x, labels=val_y, key=key)
+    """The architecture gradient of the configured order: ``(grad, loss, (neighbor
+    losses, neighbor accuracies))``."""
     order = self.config.order
     if order == "first":
-      (loss, aux), grad = jax.value_and_grad(
-          lambda a: objective(state.params, state.batch_stats, a), has_aux=True)(
-              state.alpha)
+      loss, aux, _, grad = self.arch_value_and_grads(state.params, state.batch_stats,
+                                                     state.alpha, *val_batch, key)
       return grad, loss, aux
-
-    train_x, train_y = train_batch
-    xi = self.lr_schedule(state.step)
-    wcfg = self.config.weights
-    momentum = jax.tree.map(lambda m: wcfg.momentum * m,
-                            momentum_buffer(state.weight_opt_state))
-
-    def virtual_step(alpha):
-      grads = jax.grad(lambda p: self.train_loss(
-          p, state.batch_stats, jax.nn.softmax(alpha, -1), train_x, train_y)[0])(
-              state.params)
-      return jax.tree.map(lambda w, g, m: w - xi * (m + g + wcfg.weight_decay * w),
-                          state.params, grads, momentum)
-
     if order == "second_exact":
-      (loss, aux), grad = jax.value_and_grad(
-          lambda a: objective(virtual_step(a), state.batch_stats, a), has_aux=True)(
-              state.alpha)
-      return grad, loss, aux
+      return self._jitted(self._second_order_exact)(state, train_batch, val_batch, key)
 
-    unrolled = virtual_step(state.alpha)
-    (loss, aux), (grad_w, grad_alpha) = jax.value_and_grad(
-        lambda p, a: objective(p, state.batch_stats, a), argnums=(0, 1), has_aux=True)(
-            unrolled, state.alpha)
-    r = 0.01 / optax.global_norm(grad_w)
+    unrolled = self._jitted(self._virtual_step_shared)(state, *train_batch)
+    loss, aux, grad_w, grad_alpha = self.arch_value_and_grads(
+        unrolled, state.batch_stats, state.alpha, *val_batch, key)
+    plus, minus, r = self._jitted(_finite_difference_points)(state.params, grad_w)
+    weights = self._jitted(_softmax)(state.alpha)
+    plus = self.grads(plus, state.batch_stats, weights, *train_batch)[4]
+    minus = self.grads(minus, state.batch_stats, weights, *train_batch)[4]
+    grad = self._jitted(self._finite_difference_hypergradient)(state, grad_alpha, plus,
+                                                               minus, r)
+    return grad, loss, aux
 
-    def train_alpha_grad(params):
-      return jax.grad(lambda a: self.train_loss(
-          params, state.batch_stats, jax.nn.softmax(a, -1), train_x, train_y)[0])(
-              state.alpha)
+  def _virtual_step_shared(self, state: SearchState, train_x, train_y):
+    return self._virtual_step(state, state.alpha, train_x, train_y, self.grads)
 
-    plus = train_alpha_grad(jax.tree.map(lambda w, v: w + r * v, state.params, grad_w))
-    minus = train_alpha_grad(jax.tree.map(lambda w, v: w - r * v, state.params, grad_w))
-    return grad_alpha - xi * (plus - minus) / (2 * r), loss, aux
+  def _finite_difference_hypergradient(self, state, grad_alpha, plus, minus, r):
+    """``grad_alpha - xi * (grad_alpha L_train(w+) - grad_alpha L_train(w-)) / 2r``."""
+    weights_vjp = jax.vjp(lambda a: jax.nn.softmax(a, -1), state.alpha)[1]
+    (hessian_term,) = weights_vjp((plus - minus) / (2 * r))
+    return grad_alpha - self.lr_schedule(state.step) * hessian_term
 
   # -------------------------------------------------------------------------- the step
+  def _apply_arch_update(self, grad_alpha, arch_opt_state, alpha):
+    """The Adam step on alpha; also returns the new architecture weights."""
+    updates, arch_opt_state = self.arch_tx.update(grad_alpha, arch_opt_state, alpha)
+    alpha = optax.apply_updates(alpha, updates)
+    return alpha, arch_opt_state, jax.nn.softmax(alpha, -1)
+
+  def _apply_weight_update(self, grads, weight_opt_state, params):
+    updates, weight_opt_state = self.weight_tx.update(grads, weight_opt_state, params)
+    return optax.apply_updates(params, updates), weight_opt_state
+
   def step(self, state: SearchState, train_batch, val_batch):
-    """One architecture step then one weight step. Pure; jit it (see ``jit_step``)."""
-    rng, key = jax.random.split(state.rng)
+    """One architecture step then one weight step: ``(new state, metrics)``. Pure."""
+    rng, key = self._jitted(jax.random.split)(state.rng)
     grad_alpha, arch_loss, (neighbor_losses, neighbor_accs) = self.arch_gradient(
         state, train_batch, val_batch, key)
-    updates, arch_opt_state = self.arch_tx.update(grad_alpha, state.arch_opt_state,
-                                                  state.alpha)
-    alpha = optax.apply_updates(state.alpha, updates)
+    alpha, arch_opt_state, weights = self._jitted(self._apply_arch_update)(
+        grad_alpha, state.arch_opt_state, state.alpha)
+    train_loss, logits, batch_stats, grads, _ = self.grads(
+        state.params, state.batch_stats, weights, *train_batch)
+    params, weight_opt_state = self._jitted(self._apply_weight_update)(
+        grads, state.weight_opt_state, state.params)
+    metrics = self._jitted(self._metrics)(
+        state.step, train_loss, logits, train_batch[1], arch_loss, neighbor_losses,
+        neighbor_accs, grad_alpha, grads)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              alpha=alpha, weight_opt_state=weight_opt_state,
+                              arch_opt_state=arch_opt_state, rng=rng)
+    return new_state, metrics
 
-    train_x, train_y = train_batch
-    (train_loss, (logits, batch_stats)), grads = jax.value_and_grad(
-        self.train_loss, has_aux=True)(state.params, state.batch_stats,
-                                       jax.nn.softmax(alpha, -1), train_x, train_y)
-    updates, weight_opt_state = self.weight_tx.update(grads, state.weight_opt_state,
-                                                      state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
+  def _metrics(self, step, train_loss, logits, train_y, arch_loss, neighbor_losses,
+               neighbor_accs, grad_alpha, grads):
+    return {
         "train_loss": train_loss,
         "train_accuracy": accuracy(logits, train_y),
         "arch_loss": arch_loss,
@@ -196,30 +316,47 @@ class BilevelSearch:
         "neighbor_loss_std": neighbor_losses.std(),
         "neighbor_loss_max": neighbor_losses.max(),
         "neighbor_accuracy": neighbor_accs.mean(),
-        "learning_rate": self.lr_schedule(state.step),
-        "alpha_grad_norm": optax.global_norm(grad_alpha),
-        "weight_grad_norm": optax.global_norm(grads),
+        "learning_rate": self.lr_schedule(step),
+        "alpha_grad_norm": optax.tree.norm(grad_alpha),
+        "weight_grad_norm": optax.tree.norm(grads),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              alpha=alpha, weight_opt_state=weight_opt_state,
-                              arch_opt_state=arch_opt_state, rng=rng)
-    return new_state, metrics
 
   def jit_step(self) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
-    """The step under ``jax.jit`` with the state donated."""
-    return jax.jit(self.step, donate_argnums=0)
+    """The step to call in a loop: one ``jax.jit`` with the state donated when fused,
+    else the step itself (its pieces are jitted and share one compiled gradient)."""
+    if self.fused:
+      return jax.jit(self.step, donate_argnums=0)
+    return self.step
 
   def eval_fn(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Jitted ``(state, images, labels) -> (loss sum, correct count)`` of the supernet at
+    """Jitted ``(state, images, labels) -> (losses, hits)`` per example, of the supernet at
     ``softmax(alpha)`` in evaluation mode (running BatchNorm statistics)."""
 
     def evaluate(state: SearchState, images, labels):
       logits = self.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                                 images, jax.nn.softmax(state.alpha, -1), train=False)
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return losses.sum(), jnp.sum(jnp.argmax(logits, -1) == labels)
+      return losses, jnp.argmax(logits, -1) == labels
 
     return jax.jit(evaluate)
+
+
+def _softmax(alpha):
+  return jax.nn.softmax(alpha, -1)
+
+
+def _stack_outputs(outs, labels):
+  """Per-neighbor outputs of `BilevelSearch.value_and_grads` as stacked arrays (and the
+  list of parameter gradients)."""
+  losses = jnp.stack([o[0] for o in outs])
+  accs = jnp.stack([accuracy(o[1], y) for o, y in zip(outs, labels)])
+  return losses, accs, [o[3] for o in outs], jnp.stack([o[4] for o in outs])
+
+
+def _finite_difference_points(params, direction):
+  """``w +- r v`` with DARTS's ``r = 0.01 / ||v||``."""
+  r = 0.01 / optax.tree.norm(direction)
+  return _tree_axpy(r, direction, params), _tree_axpy(-r, direction, params), r
 
 
 def validate_search_config(config: ml_collections.ConfigDict) -> None:
@@ -231,6 +368,10 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
 
   check(config.algorithm in ALGORITHMS, "algorithm", config.algorithm, f"one of {ALGORITHMS}")
   check(config.order in ORDERS, "order", config.order, f"one of {ORDERS}")
+  check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
+        f"one of {COMPILE_MODES}")
+  check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
+        "an integer >= 1")
   nb = config.neighbors
   if config.algorithm == "na_darts":
     check(isinstance(nb.num, int) and nb.num >= 1, "neighbors.num", nb.num, "an integer >= 1")
@@ -243,14 +384,14 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
     check(nb.tau > 0, "neighbors.tau", nb.tau, "> 0")
     check(nb.batch in NEIGHBOR_BATCHES, "neighbors.batch", nb.batch,
           f"one of {NEIGHBOR_BATCHES}")
+    check(nb.get("evaluate", "auto") in NEIGHBOR_EVALUATIONS, "neighbors.evaluate",
+          nb.get("evaluate"), f"one of {NEIGHBOR_EVALUATIONS}")
   w, a = config.weights, config.arch
   check(w.lr > 0, "weights.lr", w.lr, "> 0")
   check(0 <= w.lr_min <= w.lr, "weights.lr_min", w.lr_min, "in [0, weights.lr]")
   check(0 <= w.momentum < 1, "weights.momentum", w.momentum, "in [0, 1)")
   check(w.weight_decay >= 0, "weights.weight_decay", w.weight_decay, ">= 0")
   check(w.grad_clip > 0, "weights.grad_clip", w.grad_clip, "> 0")
-  check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
-        "an integer >= 1")
   check(a.lr > 0, "arch.lr", a.lr, "> 0")
   check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", (a.b1, a.b2), "in [0, 1)")
   check(a.weight_decay >= 0, "arch.weight_decay", a.weight_decay, ">= 0")

@@ -1,0 +1,291 @@
+"""Tests of nanas_jax.nn.functional against float64 numpy loops written from the
+definitions (PyTorch's 'same'-padded depthwise conv, pools, FactorizedReduce, BatchNorm).
+
+Everything runs eagerly at tiny sizes: XLA compiles slowly on the test machines."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanas_jax.nn import functional as F
+
+# float32 results against float64 oracles.
+ATOL = 1e-5
+RTOL = 1e-5
+# (kernel size, dilation) of the DARTS depthwise convs: sep3, sep5, dil3, dil5.
+DW_CONFIGS = ((3, 1), (5, 1), (3, 2), (5, 2))
+
+
+def _rand(rng, *shape):
+  return rng.normal(size=shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# numpy oracles: direct loops over output positions and taps.
+
+def np_out_size(size, k, stride, dilation, pad):
+  """PyTorch's conv/pool output size."""
+  return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+
+
+def np_depthwise(x, kernel, stride, dilation):
+  """Depthwise conv of ``x[*lead, B, H, W, C]`` with ``kernel[*lead, k, k, C]``, padding
+  ``dilation * (k - 1) // 2`` (the DARTS ops), as a loop over outputs and taps."""
+  x = np.asarray(x, np.float64)
+  kernel = np.asarray(kernel, np.float64)
+  k = kernel.shape[-2]
+  pad = dilation * (k - 1) // 2
+  h, w, c = x.shape[-3:]
+  ho = np_out_size(h, k, stride, dilation, pad)
+  wo = np_out_size(w, k, stride, dilation, pad)
+  xp = np.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)])
+  out = np.zeros(x.shape[:-3] + (ho, wo, c))
+  for i, j, a, b in itertools.product(range(ho), range(wo), range(k), range(k)):
+    tap = np.expand_dims(kernel[..., a, b, :], -2)  # [*lead, 1, C]: broadcast over B
+    out[..., i, j, :] += xp[..., i * stride + a * dilation, j * stride + b * dilation, :] * tap
+  return out
+
+
+def np_depthwise_grads(x, kernel, cotangent, stride, dilation):
+  """Gradients of ``sum(np_depthwise(x, kernel) * cotangent)`` w.r.t. ``x`` and ``kernel``
+  (the output is linear in each, so these are the same loops, scattered)."""
+  x = np.asarray(x, np.float64)
+  kernel = np.asarray(kernel, np.float64)
+  cotangent = np.asarray(cotangent, np.float64)
+  k = kernel.shape[-2]
+  pad = dilation * (k - 1) // 2
+  ho, wo = cotangent.shape[-3:-1]
+  xp = np.pad(x, [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)])
+  gxp = np.zeros_like(xp)
+  gk = np.zeros_like(kernel)
+  batch_axis = x.ndim - 4
+  for i, j, a, b in itertools.product(range(ho), range(wo), range(k), range(k)):
+    r, s = i * stride + a * dilation, j * stride + b * dilation
+    g = cotangent[..., i, j, :]  # [*lead, B, C]
+    gxp[..., r, s, :] += g * np.expand_dims(kernel[..., a, b, :], -2)
+    gk[..., a, b, :] += (xp[..., r, s, :] * g).sum(axis=batch_axis)
+  h, w = x.shape[-3:-1]
+  return gxp[..., pad:pad + h, pad:pad + w, :], gk
+
+
+def np_pool(x, stride, kind):
+  """3x3 pool with padding 1: max ignores the padding; avg divides by the real pixels."""
+  x = np.asarray(x, np.float64)
+  h, w = x.shape[-3:-1]
+  ho, wo = np_out_size(h, 3, stride, 1, 1), np_out_size(w, 3, stride, 1, 1)
+  out = np.zeros(x.shape[:-3] + (ho, wo, x.shape[-1]))
+  for i, j in itertools.product(range(ho), range(wo)):
+    r0, r1 = max(i * stride - 1, 0), min(i * stride + 2, h)
+    c0, c1 = max(j * stride - 1, 0), min(j * stride + 2, w)
+    window = x[..., r0:r1, c0:c1, :]
+    if kind == "max":
+      out[..., i, j, :] = window.max(axis=(-3, -2))
+    else:
+      out[..., i, j, :] = window.sum(axis=(-3, -2)) / ((r1 - r0) * (c1 - c0))
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# Depthwise convolutions.
+
+def test_resolve_depthwise_impl():
+  assert F.resolve_depthwise_impl("scan") == "scan"
+  assert F.resolve_depthwise_impl("conv") == "conv"
+  assert F.resolve_depthwise_impl("auto") == (
+      "scan" if jax.default_backend() == "cpu" else "conv")
+  for bad in ("Scan", "grouped", ""):
+    with pytest.raises(ValueError, match="Unknown depthwise implementation"):
+      F.resolve_depthwise_impl(bad)
+  with pytest.raises(ValueError, match="Unknown depthwise implementation"):
+    F.depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2)), impl="fast")
+
+
+def test_output_size_matches_pytorch_rule():
+  for size, stride in itertools.product(range(1, 12), (1, 2)):
+    for k, d in DW_CONFIGS:
+      assert F.output_size(size, stride) == np_out_size(size, k, stride, d,
+                                                        d * (k - 1) // 2)
+
+
+@pytest.mark.parametrize("impl", ["scan", "conv"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])
+def test_depthwise_conv_matches_numpy(impl, stride, size):
+  rng = np.random.default_rng([stride, *size, impl == "conv"])
+  h, w = size
+  e, b, c = 2, 3, 4
+  for k, d in DW_CONFIGS:
+    # A leading edge axis with one kernel per edge.
+    x = _rand(rng, e, b, h, w, c)
+    kernel = _rand(rng, e, k, k, c)
+    got = F.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), stride=stride,
+                           dilation=d, impl=impl)
+    np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, d), atol=ATOL,
+                               rtol=RTOL, err_msg=f"k={k} d={d}")
+  # No leading axis.
+  x, kernel = _rand(rng, b, h, w, c), _rand(rng, 5, 5, c)
+  got = F.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), stride=stride, dilation=2,
+                         impl=impl)
+  np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, 2), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("impl", ["scan", "conv"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])
+def test_depthwise_convs_matches_numpy(impl, stride, size):
+  rng = np.random.default_rng([stride, *size, impl == "conv", 1])
+  h, w = size
+  e, b, c = 2, 3, 4
+  n = len(DW_CONFIGS)
+  kernels = [_rand(rng, e, k, k, c) for k, _ in DW_CONFIGS]
+  dilations = [d for _, d in DW_CONFIGS]
+  # Shared input (G = 1) and one input per kernel (G = n).
+  for g in (1, n):
+    x = _rand(rng, e, g, b, h, w, c)
+    got = F.depthwise_convs(jnp.asarray(x), [jnp.asarray(k) for k in kernels], dilations,
+                            stride=stride, impl=impl)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    assert got.shape == (e, n, b, ho, wo, c)
+    for i, (kernel, d) in enumerate(zip(kernels, dilations)):
+      want = np_depthwise(x[:, i if g == n else 0], kernel, stride, d)
+      np.testing.assert_allclose(got[:, i], want, atol=ATOL, rtol=RTOL,
+                                 err_msg=f"G={g} kernel {i}")
+
+
+def test_depthwise_convs_rejects_wrong_input_count():
+  kernels = [jnp.zeros((2, 3, 3, 4))] * 3
+  with pytest.raises(ValueError, match="3 kernels need 1 or 3 inputs"):
+    F.depthwise_convs(jnp.zeros((2, 2, 1, 4, 4, 4)), kernels, [1, 1, 1])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_convs_gradients(stride):
+  """Gradients of a random linear functional: 'scan' == 'conv' == the numpy adjoint."""
+  rng = np.random.default_rng(7 + stride)
+  e, b, h, w, c = 2, 2, 7, 6, 3
+  n = len(DW_CONFIGS)
+  kernels = [jnp.asarray(_rand(rng, e, k, k, c)) for k, _ in DW_CONFIGS]
+  dilations = [d for _, d in DW_CONFIGS]
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  cot = _rand(rng, e, n, b, ho, wo, c)
+  for g in (1, n):
+    x = jnp.asarray(_rand(rng, e, g, b, h, w, c))
+
+    def loss(x, kernels, impl):
+      y = F.depthwise_convs(x, kernels, dilations, stride=stride, impl=impl)
+      return jnp.sum(y * cot)
+
+    grads = {impl: jax.grad(loss, argnums=(0, 1))(x, kernels, impl)
+             for impl in ("scan", "conv")}
+    (gx_scan, gk_scan), (gx_conv, gk_conv) = grads["scan"], grads["conv"]
+    np.testing.assert_allclose(gx_scan, gx_conv, atol=1e-4, rtol=1e-5)
+    for i in range(n):
+      np.testing.assert_allclose(gk_scan[i], gk_conv[i], atol=1e-4, rtol=1e-5)
+    # The numpy adjoint: the input gradient sums over kernels when the input is shared.
+    gx_want = np.zeros((e, g, b, h, w, c))
+    for i, (kernel, d) in enumerate(zip(kernels, dilations)):
+      gx_i, gk_i = np_depthwise_grads(np.asarray(x)[:, i if g == n else 0], kernel,
+                                      cot[:, i], stride, d)
+      gx_want[:, i if g == n else 0] += gx_i
+      np.testing.assert_allclose(gk_scan[i], gk_i, atol=1e-4, rtol=1e-4,
+                                 err_msg=f"G={g} kernel {i}")
+    np.testing.assert_allclose(gx_scan, gx_want, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Pools, FactorizedReduce, pointwise conv, BatchNorm.
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (7, 5)])
+def test_pools_match_numpy(stride, size):
+  rng = np.random.default_rng(stride * 100 + size[1])
+  x = _rand(rng, 2, 3, *size, 4)  # a leading edge axis
+  np.testing.assert_allclose(F.max_pool_3x3(jnp.asarray(x), stride),
+                             np_pool(x, stride, "max"), atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(F.avg_pool_3x3(jnp.asarray(x), stride),
+                             np_pool(x, stride, "avg"), atol=ATOL, rtol=RTOL)
+  # Padding never wins the max, even when every real pixel is negative.
+  neg = -np.abs(x) - 1.0
+  np.testing.assert_allclose(F.max_pool_3x3(jnp.asarray(neg[0]), stride),
+                             np_pool(neg[0], stride, "max"), atol=ATOL, rtol=RTOL)
+
+
+def np_factorized_reduce(x, ka, kb):
+  """relu, stride-2 1x1 conv of x and of x[1:, 1:], concatenated (PyTorch reference)."""
+  x = np.maximum(np.asarray(x, np.float64), 0.0)
+  ka, kb = np.asarray(ka, np.float64), np.asarray(kb, np.float64)
+  h, w = x.shape[-3:-1]
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  out = np.zeros(x.shape[:-3] + (ho, wo, ka.shape[-1] + kb.shape[-1]))
+  for i, j in itertools.product(range(ho), range(wo)):
+    for o in range(ka.shape[-1]):
+      out[..., i, j, o] = (x[..., 2 * i, 2 * j, :] * np.expand_dims(ka[..., o], -2)).sum(-1)
+    for o in range(kb.shape[-1]):
+      out[..., i, j, ka.shape[-1] + o] = (
+          x[..., 2 * i + 1, 2 * j + 1, :] * np.expand_dims(kb[..., o], -2)).sum(-1)
+  return out
+
+
+def test_factorized_reduce_convs_matches_numpy():
+  rng = np.random.default_rng(3)
+  e, b, h, w, ci, co = 2, 3, 8, 6, 5, 6
+  x = _rand(rng, e, b, h, w, ci)
+  ka, kb = _rand(rng, e, ci, co // 2), _rand(rng, e, ci, co - co // 2)
+  got = F.factorized_reduce_convs(jnp.asarray(x), jnp.asarray(ka), jnp.asarray(kb))
+  assert got.shape == (e, b, h // 2, w // 2, co)
+  np.testing.assert_allclose(got, np_factorized_reduce(x, ka, kb), atol=ATOL, rtol=RTOL)
+  # No leading axis.
+  got = F.factorized_reduce_convs(jnp.asarray(x[0]), jnp.asarray(ka[0]), jnp.asarray(kb[0]))
+  np.testing.assert_allclose(got, np_factorized_reduce(x[0], ka[0], kb[0]), atol=ATOL,
+                             rtol=RTOL)
+
+
+@pytest.mark.parametrize("size", [(7, 8), (8, 7), (5, 5)])
+def test_factorized_reduce_convs_rejects_odd_sizes(size):
+  x = jnp.ones((2, *size, 4))
+  with pytest.raises(ValueError, match="even spatial size"):
+    F.factorized_reduce_convs(x, jnp.ones((4, 2)), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("lead", [0, 1, 2])
+def test_pointwise_conv_matches_einsum(lead):
+  rng = np.random.default_rng(lead)
+  lead_shape = (2, 3)[:lead]
+  x = _rand(rng, *lead_shape, 2, 4, 3, 5)
+  kernel = _rand(rng, *lead_shape, 5, 6)
+  got = F.pointwise_conv(jnp.asarray(x), jnp.asarray(kernel))
+  want = np.einsum("...bhwi,...io->...bhwo", x.astype(np.float64),
+                   kernel.astype(np.float64))
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("lead", [0, 1, 2])
+def test_batch_norm_matches_numpy(lead):
+  rng = np.random.default_rng(10 + lead)
+  lead_shape = (2, 3)[:lead]
+  x = _rand(rng, *lead_shape, 4, 3, 5, 6) * 3.0 + 1.5
+  mean, var = F.batch_norm_stats(jnp.asarray(x), lead)
+  x64 = x.astype(np.float64)
+  axes = tuple(range(lead, lead + 3))
+  want_mean = x64.mean(axis=axes)
+  want_var = x64.var(axis=axes)  # biased, as PyTorch normalises with
+  assert mean.shape == lead_shape + (6,) and var.shape == lead_shape + (6,)
+  np.testing.assert_allclose(mean, want_mean, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(var, want_var, atol=1e-5, rtol=1e-5)
+
+  expand = lambda a: np.expand_dims(a, axes)
+  eps = 1e-3
+  y = F.batch_norm_apply(jnp.asarray(x), mean, var, lead, eps)
+  want = (x64 - expand(want_mean)) / np.sqrt(expand(want_var) + eps)
+  np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+  scale = _rand(rng, *lead_shape, 6)
+  bias = _rand(rng, *lead_shape, 6)
+  y = F.batch_norm_apply(jnp.asarray(x), mean, var, lead, scale=jnp.asarray(scale),
+                         bias=jnp.asarray(bias))
+  want = ((x64 - expand(want_mean)) / np.sqrt(expand(want_var) + 1e-5) * expand(scale)
+          + expand(bias))
+  np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)

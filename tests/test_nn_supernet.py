@@ -1,0 +1,442 @@
+"""Tests of nanas_jax.nn.supernet, the DARTS search supernet.
+
+The key oracle: with one-hot architecture weights, a search cell computes the same
+function as the discrete ``networks.Cell`` of the genotype it encodes, once the supernet's
+parameters are copied into the discrete cell (layout: the supernet module docstring), and
+their BatchNorm running statistics agree. The one difference from the discrete cell is the
+reference's: the search MixedOp follows each pool by an affine-free BatchNorm, which the
+oracle inserts into the discrete cell's pools (``_pool_batch_norm``).
+Besides that: the parameter count against a closed form of the reference
+``model_search.Network``, ``vmap`` over architecture weights, shape errors, and the
+BatchNorm running statistics / evaluation mode.
+
+XLA compiles slowly on the test machines: sizes are tiny, calls eager, and the full
+network is compiled once per mode (module fixture)."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanas_jax.nn import networks, ops, supernet
+from nanas_jax.spaces import Genotype, get_genotype, get_space
+
+EPS = 1e-5
+NUM_OPS = len(supernet.DARTS_OPS)
+
+
+# ---------------------------------------------------------------------------------------
+# Closed-form parameter count of the reference quark0/darts cnn/model_search.py Network
+# (PyTorch: convs without bias; every BatchNorm in the search cells has affine=False, the
+# stem BatchNorm is affine).
+
+def mixed_op_params(c, stride):
+  params = (2 * (9 * c + c * c)      # sep_conv_3x3: two (depthwise 3x3, pointwise) blocks
+            + 2 * (25 * c + c * c)   # sep_conv_5x5
+            + 9 * c + c * c          # dil_conv_3x3
+            + 25 * c + c * c)        # dil_conv_5x5
+  if stride == 2:
+    params += c * c                  # skip_connect: FactorizedReduce, two C x C/2 convs
+  return params                      # none, pools (+ affine-free BN): nothing
+
+
+def search_network_params(c, layers, in_channels, num_classes, steps=4, multiplier=4,
+                          stem_multiplier=3):
+  c_curr = stem_multiplier * c
+  total = 9 * in_channels * c_curr + 2 * c_curr  # stem conv + affine BN
+  c_pp, c_p, c_curr = c_curr, c_curr, c
+  for i in range(layers):
+    reduction = i in (layers // 3, 2 * layers // 3)
+    if reduction:
+      c_curr *= 2
+    # preprocess0: FactorizedReduce (two C_pp x C/2 convs) after a reduction, else a 1x1
+    # ReLUConvBN; both C_pp * C. preprocess1: a 1x1 ReLUConvBN.
+    total += c_pp * c_curr + c_p * c_curr
+    for node in range(steps):
+      for source in range(2 + node):
+        total += mixed_op_params(c_curr, 2 if reduction and source < 2 else 1)
+    c_pp, c_p = c_p, multiplier * c_curr
+  return total + c_p * num_classes + num_classes
+
+
+def count(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def abstract_params(model, image_shape):
+  """Parameter shapes of ``model`` (``init`` traced, nothing computed)."""
+  return jax.eval_shape(
+      lambda x, w: model.init(jax.random.key(0), x, w, train=True),
+      jax.ShapeDtypeStruct(image_shape, jnp.float32),
+      jax.ShapeDtypeStruct((2, 14, NUM_OPS), jnp.float32))["params"]
+
+
+def test_parameter_count_matches_reference():
+  # quark0/darts model_search.Network(C=8, num_classes=10, layers=5) on 1-channel inputs.
+  assert search_network_params(8, 5, 1, 10) == 393_778
+  model = supernet.SearchNetwork(num_classes=10, channels=8, layers=5)
+  assert count(abstract_params(model, (2, 8, 8, 1))) == 393_778
+
+
+@pytest.mark.parametrize("c, layers, in_channels, num_classes",
+                         [(16, 8, 3, 10), (4, 3, 1, 10), (6, 4, 3, 7)])
+def test_parameter_count_closed_form(c, layers, in_channels, num_classes):
+  model = supernet.SearchNetwork(num_classes=num_classes, channels=c, layers=layers)
+  params = abstract_params(model, (2, 8, 8, in_channels))
+  assert count(params) == search_network_params(c, layers, in_channels, num_classes)
+
+
+# ---------------------------------------------------------------------------------------
+# The key oracle: one-hot supernet cell == discrete cell.
+
+C, C_PP, C_P, BATCH = 4, 6, 5, 4
+
+# Every op at stride 1 (normal) and at stride 2 (reduce, input edges), pairs in both
+# source orders.
+ALL_OPS = Genotype(
+    normal=[("skip_connect", 0), ("sep_conv_3x3", 1), ("dil_conv_3x3", 2),
+            ("sep_conv_5x5", 0), ("dil_conv_5x5", 1), ("max_pool_3x3", 3),
+            ("avg_pool_3x3", 2), ("sep_conv_3x3", 4)],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0),
+            ("dil_conv_3x3", 1), ("dil_conv_5x5", 0), ("max_pool_3x3", 1),
+            ("skip_connect", 4), ("avg_pool_3x3", 1)],
+    reduce_concat=[2, 3, 4, 5])
+
+
+def _genotype(name):
+  if name == "ALL_OPS":
+    return ALL_OPS
+  if name.startswith("random"):
+    return get_space("darts").random(np.random.default_rng(int(name[len("random"):])))
+  return get_genotype(name)
+
+
+def _bn(c):
+  """Affine BN parameters of the discrete cell that make it the supernet's affine-free BN."""
+  return {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
+
+
+def _conv1x1(kernel):
+  return {"kernel": kernel[None, None]}  # [Cin, Cout] -> HWIO
+
+
+def _depthwise(kernel):
+  return {"kernel": kernel[:, :, None, :]}  # [k, k, C] -> (k, k, 1, C)
+
+
+def _preprocess(p):
+  if "conv" in p:  # ReLUConvBN 1x1
+    return {"conv": _conv1x1(p["conv"]), "bn": _bn(p["conv"].shape[1])}
+  c = p["fr_a"].shape[1] + p["fr_b"].shape[1]
+  return {"conv_1": _conv1x1(p["fr_a"]), "conv_2": _conv1x1(p["fr_b"]), "bn": _bn(c)}
+
+
+def edge_location(search_params, node, source):
+  """(group, index) of the supernet edge from state ``source`` into node ``node``.
+
+  Group ``inputs``: index ``2 * node + source`` for the cell inputs. Edges between
+  intermediate nodes: group ``node{i}`` index ``source - 2`` (one group per node) or, with
+  all of them in one group ``inner``, the node-major index of the pair (node, source - 2):
+  (1,0), (2,0), (2,1), (3,0), (3,1), (3,2)."""
+  if source < 2:
+    return "inputs", 2 * node + source
+  if "inner" in search_params:
+    return "inner", node * (node - 1) // 2 + source - 2
+  return f"node{node}", source - 2
+
+
+def discrete_cell_params(search_params, pairs, reduction):
+  """The discrete cell's parameters holding the supernet cell's weights of the kept edges."""
+  out = {"preprocess0": _preprocess(search_params["preprocess0"]),
+         "preprocess1": _preprocess(search_params["preprocess1"])}
+  for position, (op, source) in enumerate(pairs):
+    group, edge = edge_location(search_params, position // 2, source)
+    p = jax.tree.map(lambda a: a[edge], search_params[group])
+    if op in ("sep_conv_3x3", "sep_conv_5x5"):
+      k = 0 if op == "sep_conv_3x3" else 1
+      out[f"ops_{position}"] = {
+          "depthwise1": _depthwise(p[f"dw1_{k}"]), "pointwise1": _conv1x1(p["pw1"][k]),
+          "bn1": _bn(C),
+          "depthwise2": _depthwise(p[f"dw2_{k}"]), "pointwise2": _conv1x1(p["pw2"][k]),
+          "bn2": _bn(C)}
+    elif op in ("dil_conv_3x3", "dil_conv_5x5"):
+      k = 2 if op == "dil_conv_3x3" else 3
+      out[f"ops_{position}"] = {"depthwise": _depthwise(p[f"dw1_{k}"]),
+                                "pointwise": _conv1x1(p["pw1"][k]), "bn": _bn(C)}
+    elif op == "skip_connect" and reduction and source < 2:
+      out[f"ops_{position}"] = {"conv_1": _conv1x1(p["fr_a"]),
+                                "conv_2": _conv1x1(p["fr_b"]), "bn": _bn(C)}
+  return out
+
+
+def _pool_batch_norm(next_fun, args, kwargs, context):
+  """The reference search MixedOp appends BatchNorm2d(C, affine=False) to each pool
+  (model_search.py: ``if 'pool' in primitive``), which the discrete cell has not: add it
+  (batch statistics, train mode) to the discrete cell's pools."""
+  y = next_fun(*args, **kwargs)
+  if (isinstance(context.module, (ops.MaxPool3x3, ops.AvgPool3x3))
+      and context.method_name == "__call__"):
+    mean = y.mean(axis=(0, 1, 2))
+    var = jnp.square(y - mean).mean(axis=(0, 1, 2))
+    y = (y - mean) / jnp.sqrt(var + EPS)
+  return y
+
+
+def _cell_inputs(reduction_prev, seed):
+  rng = np.random.default_rng(seed)
+  size0 = 16 if reduction_prev else 8  # s0 is at twice the resolution after a reduction
+  s0 = jnp.asarray(rng.normal(size=(BATCH, size0, size0, C_PP)), jnp.float32)
+  s1 = jnp.asarray(rng.normal(size=(BATCH, 8, 8, C_P)), jnp.float32)
+  return s0, s1
+
+
+def check_running_statistics(search_stats, discrete_stats, pairs, search_params,
+                             reduction):
+  """The supernet's running statistics of the kept ops equal the discrete cell's.
+
+  Both start at (0, 1) with momentum 0.1, so the means agree; the supernet follows
+  PyTorch (unbiased variance), flax's BatchNorm the biased variance, hence the factor."""
+  def check(search_mean, search_var, discrete_bn, what, size=4 if reduction else 8):
+    n = BATCH * size * size  # values per channel: the ops see the cell's output size
+    np.testing.assert_allclose(search_mean, discrete_bn["mean"], atol=1e-5, rtol=1e-4,
+                               err_msg=what)
+    np.testing.assert_allclose(search_var - 0.9, (discrete_bn["var"] - 0.9) * n / (n - 1),
+                               atol=1e-5, rtol=1e-4, err_msg=what)
+
+  for name in ("preprocess0", "preprocess1"):
+    check(search_stats[name]["bn_mean"], search_stats[name]["bn_var"],
+          discrete_stats[name]["bn"], name, size=8)  # preprocess: 8x8
+  for position, (op, source) in enumerate(pairs):
+    group, edge = edge_location(search_params, position // 2, source)
+    st = jax.tree.map(lambda a: a[edge], search_stats[group])
+    ours = discrete_stats.get(f"ops_{position}")
+    what = f"ops_{position} ({op}, {source})"
+    if op in ("sep_conv_3x3", "sep_conv_5x5"):
+      k = 0 if op == "sep_conv_3x3" else 1
+      check(st["bn1_mean"][k], st["bn1_var"][k], ours["bn1"], what)
+      check(st["bn2_mean"][k], st["bn2_var"][k], ours["bn2"], what)
+    elif op in ("dil_conv_3x3", "dil_conv_5x5"):
+      k = 2 if op == "dil_conv_3x3" else 3
+      check(st["bn1_mean"][k], st["bn1_var"][k], ours["bn"], what)
+    elif op == "skip_connect" and reduction and source < 2:
+      check(st["fr_bn_mean"], st["fr_bn_var"], ours["bn"], what)
+
+
+ORACLE_CASES = [
+    # (genotype, reduction, reduction_prev, depthwise impl)
+    ("DARTS_V2", False, False, "scan"),
+    ("DARTS_V2", True, True, "scan"),
+    ("DARTS_V2", False, True, "conv"),
+    ("DARTS_V2", True, False, "conv"),
+    ("ALL_OPS", False, False, "scan"),
+    ("ALL_OPS", True, False, "scan"),
+    ("ALL_OPS", True, True, "conv"),
+    ("ALL_OPS", False, True, "conv"),
+    ("random0", False, False, "scan"),
+    ("random1", True, False, "scan"),
+    ("random2", False, True, "scan"),
+    ("random3", True, True, "scan"),
+]
+
+
+@pytest.mark.parametrize("name, reduction, reduction_prev, impl", ORACLE_CASES)
+def test_one_hot_search_cell_equals_discrete_cell(name, reduction, reduction_prev, impl):
+  genotype = _genotype(name)
+  space = get_space("darts")
+  weights = jax.nn.one_hot(space.encode(genotype), NUM_OPS)[1 if reduction else 0]
+  s0, s1 = _cell_inputs(reduction_prev, seed=len(name) + 2 * reduction + reduction_prev)
+
+  cell = supernet.SearchCell(C, reduction, reduction_prev, dw_impl=impl)
+  variables = cell.init(jax.random.key(3), s0, s1, weights, train=True)
+  got, updates = cell.apply(variables, s0, s1, weights, train=True,
+                            mutable=["batch_stats"])
+
+  pairs = genotype.reduce if reduction else genotype.normal
+  params = discrete_cell_params(variables["params"], pairs, reduction)
+  discrete = networks.Cell(genotype, C_PP, C_P, C, reduction, reduction_prev)
+  expected = jax.eval_shape(
+      lambda a, b: discrete.init(jax.random.key(0), a, b, True), s0, s1)["params"]
+  # The copied tree is exactly the discrete cell's parameter tree (names and shapes).
+  assert (jax.tree.map(lambda a: a.shape, params)
+          == jax.tree.map(lambda a: a.shape, expected))
+  with nn.intercept_methods(_pool_batch_norm):
+    want, discrete_updates = discrete.apply({"params": params}, s0, s1, True,
+                                            mutable=["batch_stats"])
+
+  assert got.shape == want.shape == (BATCH, 4 if reduction else 8, 4 if reduction else 8,
+                                     4 * C)
+  assert float(jnp.std(want)) > 0.1  # a non-degenerate output
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  check_running_statistics(updates["batch_stats"], discrete_updates["batch_stats"], pairs,
+                           variables["params"], reduction)
+
+  if name == "ALL_OPS" and reduction and not reduction_prev:
+    # The comparison discriminates: swapping sep3 <-> sep5 and dil3 <-> dil5 on every
+    # edge gives another function.
+    swapped = weights[:, np.array([0, 1, 2, 3, 5, 4, 7, 6])]
+    other = cell.apply(variables, s0, s1, swapped, train=True)
+    assert float(jnp.max(jnp.abs(other - want))) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# The full network: vmap over architectures, shape errors, running statistics.
+
+NET_C, NET_LAYERS, NET_CLASSES = 4, 3, 10
+
+
+@pytest.fixture(scope="module")
+def net():
+  model = supernet.SearchNetwork(num_classes=NET_CLASSES, channels=NET_C,
+                                 layers=NET_LAYERS)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+  arch = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 2, 14, NUM_OPS)), jnp.float32), -1)
+  variables = model.init(jax.random.key(0), images, arch[0], train=True)
+  # Train mode updates the stem's flax BatchNorm, so batch_stats must be mutable.
+  train = jax.jit(lambda v, x, w: model.apply(v, x, w, train=True,
+                                              mutable=["batch_stats"]))
+  evaluate = jax.jit(lambda v, x, w: model.apply(v, x, w, train=False))
+  return dict(model=model, images=images, arch=arch, variables=variables, train=train,
+              evaluate=evaluate, rng=rng)
+
+
+def test_initialisation(net):
+  params, stats = net["variables"]["params"], net["variables"]["batch_stats"]
+  assert count(params) == search_network_params(NET_C, NET_LAYERS, 1, NET_CLASSES)
+  # PyTorch's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  kernel = np.asarray(params["stem_conv"]["kernel"])
+  assert 0 < np.abs(kernel).max() <= 1 / 3
+  pw1 = np.asarray(params["cell0"]["inputs"]["pw1"])
+  assert 0 < np.abs(pw1).max() <= 1 / np.sqrt(NET_C)
+  assert np.abs(pw1).max() > 0.8 / np.sqrt(NET_C)
+  # Different edges and layers draw different numbers.
+  assert not np.allclose(pw1[0], pw1[1])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(stats):
+    key = jax.tree_util.keystr(path)
+    assert np.all(np.asarray(leaf) == (1.0 if key.endswith("var']") else 0.0)), key
+
+
+def test_vmap_over_architectures_equals_loop(net):
+  v, x, arch = net["variables"], net["images"], net["arch"]
+  singles = [net["train"](v, x, w) for w in arch]
+  batched = jax.jit(jax.vmap(net["train"], in_axes=(None, None, 0)))(v, x, arch)
+  for k, single in enumerate(singles):
+    jax.tree.map(lambda b, s: np.testing.assert_allclose(b[k], s, atol=1e-5, rtol=1e-5),
+                 batched, single)
+  logits = np.stack([s[0] for s in singles])
+  assert logits.shape == (len(arch), 4, NET_CLASSES)
+  assert np.abs(logits[0] - logits[1]).max() > 1e-4  # the weights matter
+
+
+def test_invalid_weight_shapes(net):
+  model, x, v = net["model"], net["images"], net["variables"]
+  for bad in (jnp.zeros((14, NUM_OPS)), jnp.zeros((2, 14, 7)), jnp.zeros((1, 14, NUM_OPS)),
+              jnp.zeros((2, 15, NUM_OPS))):
+    with pytest.raises(ValueError, match=r"\(2, 14, 8\)"):
+      model.init(jax.random.key(0), x, bad, train=True)
+    with pytest.raises(ValueError, match=r"\(2, 14, 8\)"):
+      model.apply(v, x, bad, train=False)
+  cell = supernet.SearchCell(C, False, False)
+  s0, s1 = _cell_inputs(False, 0)
+  with pytest.raises(ValueError, match=r"\(14, 8\)"):
+    cell.init(jax.random.key(0), s0, s1, jnp.zeros((2, 14, NUM_OPS)), train=True)
+  edges = supernet.MixedEdges(2, C, 1)
+  with pytest.raises(ValueError, match="MixedEdges expects inputs"):
+    edges.init(jax.random.key(0), jnp.zeros((3, 2, 4, 4, C)), jnp.zeros((3, NUM_OPS)),
+               train=True)
+
+
+def _np_stem(images, kernel):
+  """3x3 conv, padding 1, HWIO kernel, float64."""
+  x = np.pad(np.asarray(images, np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)])
+  kernel = np.asarray(kernel, np.float64)
+  h, w = images.shape[1:3]
+  out = 0.0
+  for a, b in itertools.product(range(3), range(3)):
+    out = out + np.einsum("bhwi,io->bhwo", x[:, a:a + h, b:b + w], kernel[a, b])
+  return out
+
+
+def test_running_statistics_and_eval_mode(net):
+  v, x, w = net["variables"], net["images"], net["arch"][0]
+  params = v["params"]
+  logits, updated = net["train"](v, x, w)
+  stats = updated["batch_stats"]
+
+  # Stem BatchNorm (flax): running mean = 0.9 * 0 + 0.1 * batch mean.
+  stem = _np_stem(x, params["stem_conv"]["kernel"])
+  mean = stem.mean(axis=(0, 1, 2))
+  np.testing.assert_allclose(stats["stem_bn"]["mean"], 0.1 * mean, atol=1e-5, rtol=1e-4)
+
+  # cell0.preprocess1 (affine-free, PyTorch statistics): ReLU, 1x1 conv of the stem's
+  # train-mode output; running var 0.9 * 1 + 0.1 * unbiased batch variance.
+  z = ((stem - mean) / np.sqrt(stem.var(axis=(0, 1, 2)) + EPS)
+       * np.asarray(params["stem_bn"]["scale"]) + np.asarray(params["stem_bn"]["bias"]))
+  for name in ("preprocess0", "preprocess1"):
+    y = np.maximum(z, 0) @ np.asarray(params["cell0"][name]["conv"], np.float64)
+    got = stats["cell0"][name]
+    np.testing.assert_allclose(got["bn_mean"], 0.1 * y.mean(axis=(0, 1, 2)), atol=1e-5,
+                               rtol=1e-4)
+    np.testing.assert_allclose(got["bn_var"], 0.9 + 0.1 * y.reshape(-1, NET_C).var(
+        axis=0, ddof=1), atol=1e-5, rtol=1e-4)
+
+  # Evaluation uses the running statistics: a sample's logits do not depend on the rest of
+  # the batch (they do in train mode), and they change with the statistics.
+  trained = {"params": params, "batch_stats": stats}
+  other = x.at[1:].set(jnp.asarray(net["rng"].normal(size=(3, 8, 8, 1)), jnp.float32))
+  eval_a = net["evaluate"](trained, x, w)
+  eval_b = net["evaluate"](trained, other, w)
+  np.testing.assert_allclose(eval_a[0], eval_b[0], atol=1e-5, rtol=1e-5)
+  assert np.abs(eval_a[1:] - eval_b[1:]).max() > 1e-4
+  train_b, _ = net["train"](v, other, w)
+  assert np.abs(logits[0] - train_b[0]).max() > 1e-4
+  eval_init = net["evaluate"](v, x, w)
+  assert np.abs(eval_init - eval_a).max() > 1e-4
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_preprocess_eval_uses_running_statistics(reduce):
+  rng = np.random.default_rng(5 + reduce)
+  x = rng.normal(size=(2, 4, 6, C_PP)).astype(np.float32)
+  mean = rng.normal(size=(C,)).astype(np.float32)
+  var = rng.uniform(0.5, 2.0, size=(C,)).astype(np.float32)
+  module = supernet.Preprocess(C, reduce)
+  params = module.init(jax.random.key(0), jnp.asarray(x), train=True)["params"]
+  out = module.apply({"params": params,
+                      "batch_stats": {"bn_mean": jnp.asarray(mean),
+                                      "bn_var": jnp.asarray(var)}},
+                     jnp.asarray(x), train=False)
+  r = np.maximum(x.astype(np.float64), 0)
+  if reduce:
+    y = np.concatenate([r[:, ::2, ::2] @ np.asarray(params["fr_a"], np.float64),
+                        r[:, 1::2, 1::2] @ np.asarray(params["fr_b"], np.float64)], -1)
+  else:
+    y = r @ np.asarray(params["conv"], np.float64)
+  np.testing.assert_allclose(out, (y - mean) / np.sqrt(var + EPS), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_edges_eval_uses_per_edge_pool_statistics():
+  """Eval mode indexes the running statistics per (edge, op, channel)."""
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, 2, 6, 6, C)), jnp.float32)
+  # Edge 0: max pool; edge 1: half avg pool, half skip (the identity at stride 1).
+  weights = jnp.zeros((2, NUM_OPS)).at[0, 1].set(1.0).at[1, 2].set(0.5).at[1, 3].set(0.5)
+  module = supernet.MixedEdges(2, C, 1, "scan")
+  variables = module.init(jax.random.key(0), x, weights, train=True)
+  stats = dict(variables["batch_stats"])
+  pool_mean = rng.normal(size=(2, 2, C)).astype(np.float32)
+  pool_var = rng.uniform(0.5, 2.0, size=(2, 2, C)).astype(np.float32)
+  stats["pool_bn_mean"], stats["pool_bn_var"] = jnp.asarray(pool_mean), jnp.asarray(pool_var)
+  out = module.apply({"params": variables["params"], "batch_stats": stats}, x, weights,
+                     train=False)
+  maxp = jax.lax.reduce_window(x[0], -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
+                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  avgp = nn.avg_pool(x[1], (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
+  want0 = (maxp - pool_mean[0, 0]) / np.sqrt(pool_var[0, 0] + EPS)
+  want1 = 0.5 * (avgp - pool_mean[1, 1]) / np.sqrt(pool_var[1, 1] + EPS) + 0.5 * x[1]
+  np.testing.assert_allclose(out[0], want0, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[1], want1, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,247 @@
+"""Tests of the bilevel DARTS / NA-DARTS step against independent computations.
+
+A small model that takes architecture weights as input (the supernet's contract) keeps
+compile times short; the supernet itself is exercised end to end in test_experiment.py.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import quickstart
+from nanas_jax import neighborhood, spaces
+from nanas_jax.search import bilevel
+from nanas_jax.search.bilevel import BilevelSearch
+
+SPACE = spaces.get_space("darts")
+
+
+class ToyArchModel(nn.Module):
+  """logits = tanh(sum_teo w[t,e,o] * x @ P[t,e,o]) @ V: smooth in params and weights, with
+  a cross term between them, so second-order terms are non-zero."""
+  hidden: int = 5
+  classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, weights, train):
+    x = x.reshape(x.shape[0], -1)
+    proj = self.param("proj", nn.initializers.normal(0.5), weights.shape + (x.shape[-1], self.hidden))
+    h = jnp.tanh(jnp.einsum("teo,bd,teodh->bh", weights, x, proj))
+    return nn.Dense(self.classes)(h)
+
+
+def make_config(algorithm="darts", order="first", **neighbors):
+  config = quickstart.get_config().search
+  config.algorithm = algorithm
+  config.order = order
+  config.neighbors.update(neighbors)
+  return config
+
+
+def make_batches(seed=0, n=8, d=4, classes=3, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  train = (rng.normal(size=(n, d)).astype(dtype), rng.integers(0, classes, n))
+  val = (rng.normal(size=(n, d)).astype(dtype), rng.integers(0, classes, n))
+  return train, val
+
+
+def init_state(search, x, seed=0, alpha_scale=1.0):
+  state = search.init(jax.random.key(seed), jnp.asarray(x))
+  # Larger alpha than the 1e-3 default, so that perturbations change the weights visibly.
+  alpha = alpha_scale * jax.random.normal(jax.random.key(seed + 1), SPACE.alpha_shape,
+                                          state.alpha.dtype)
+  return state.replace(alpha=alpha, arch_opt_state=search.arch_tx.init(alpha))
+
+
+def direct_objective(search, state, alpha, x, y, key, num, kind="swap"):
+  """The NA objective written out: a Python loop over the sampled neighbors."""
+  weights = neighborhood.sample_perturbed_weights(SPACE, key, alpha, num, kind, 1)
+  losses = [bilevel.cross_entropy(search.model.apply({"params": state.params}, x, w,
+                                                     train=True), y) for w in weights]
+  return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("evaluate", ["vmap", "loop"])
+def test_na_objective_and_gradients_equal_a_python_loop(evaluate):
+  config = make_config("na_darts", num=4, kind="swap", radius=1, evaluate=evaluate)
+  search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
+  (tx, _), (vx, vy) = make_batches()
+  state = init_state(search, tx)
+  key = jax.random.key(7)
+  loss, (losses, _), grad_params, grad_alpha = search.arch_value_and_grads(
+      state.params, state.batch_stats, state.alpha, vx, vy, key)
+  assert losses.shape == (4,)
+  np.testing.assert_allclose(
+      loss, direct_objective(search, state, state.alpha, vx, vy, key, 4), rtol=1e-6)
+  expected_alpha = jax.grad(lambda a: direct_objective(search, state, a, vx, vy, key, 4))(
+      state.alpha)
+  np.testing.assert_allclose(grad_alpha, expected_alpha, rtol=1e-5, atol=1e-7)
+  expected_params = jax.grad(lambda p: direct_objective(
+      search, state.replace(params=p), state.alpha, vx, vy, key, 4))(state.params)
+  for a, b in zip(jax.tree.leaves(grad_params), jax.tree.leaves(expected_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_na_split_batch_gives_each_neighbor_its_slice():
+  config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="max")
+  search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
+  (tx, _), (vx, vy) = make_batches()
+  state = init_state(search, tx)
+  key = jax.random.key(3)
+  loss, (losses, _), _, _ = search.arch_value_and_grads(state.params, state.batch_stats,
+                                                       state.alpha, vx, vy, key)
+  weights = neighborhood.sample_perturbed_weights(SPACE, key, state.alpha, 2, "swap", 1)
+  expected = [bilevel.cross_entropy(
+      search.model.apply({"params": state.params}, vx[4 * k:4 * k + 4], weights[k],
+                         train=True), vy[4 * k:4 * k + 4]) for k in range(2)]
+  np.testing.assert_allclose(losses, expected, rtol=1e-6)
+  np.testing.assert_allclose(loss, max(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm,order", [("darts", "first"), ("na_darts", "first"),
+                                             ("na_darts", "second_fd"),
+                                             ("darts", "second_exact")])
+def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
+  (tx, ty), (vx, vy) = make_batches()
+  kwargs = dict(num=2, kind="swap") if algorithm == "na_darts" else {}
+  states = []
+  for mode in ("shared", "fused"):
+    config = make_config(algorithm, order, **kwargs)
+    config.compile = mode
+    search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
+    state = init_state(search, tx)
+    step = search.jit_step()
+    for _ in range(2):
+      state, _ = step(state, (tx, ty), (vx, vy))
+    states.append(state)
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("order", ["first", "second_fd"])
+def test_na_darts_with_one_identity_neighbor_is_the_darts_step(order):
+  (tx, ty), (vx, vy) = make_batches()
+  darts = BilevelSearch(ToyArchModel(), SPACE, make_config("darts", order), 10)
+  na = BilevelSearch(ToyArchModel(), SPACE,
+                     make_config("na_darts", order, num=1, kind="identity"), 10)
+  state = init_state(darts, tx)
+  a, ma = darts.step(state, (tx, ty), (vx, vy))
+  b, mb = na.step(state, (tx, ty), (vx, vy))
+  # Equal up to float32 rounding: vmap over one neighbor reorders some reductions.
+  for x, y in zip(jax.tree.leaves((a.params, a.alpha)), jax.tree.leaves((b.params, b.alpha))):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(ma["arch_loss"], mb["arch_loss"], rtol=1e-7)
+
+
+def test_first_order_step_matches_a_hand_written_step():
+  (tx, ty), (vx, vy) = make_batches()
+  config = make_config("darts", "first")
+  search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
+  state = init_state(search, tx)
+  new, _ = search.step(state, (tx, ty), (vx, vy))
+
+  def loss(params, alpha, x, y):
+    logits = search.model.apply({"params": params}, x, jax.nn.softmax(alpha, -1), train=True)
+    return bilevel.cross_entropy(logits, y)
+
+  a = config.arch
+  g = jax.grad(loss, argnums=1)(state.params, state.alpha, vx, vy) + a.weight_decay * state.alpha
+  # Adam's first step moves every coordinate by lr * g / (|g| + eps) (bias-corrected).
+  m, v = (1 - a.b1) * g / (1 - a.b1), (1 - a.b2) * g**2 / (1 - a.b2)
+  alpha = state.alpha - a.lr * m / (jnp.sqrt(v) + 1e-8)
+  np.testing.assert_allclose(new.alpha, alpha, rtol=1e-5, atol=1e-8)
+
+  w = config.weights
+  grads = jax.grad(loss)(state.params, alpha, tx, ty)
+  norm = optax.tree.norm(grads)
+  scale = jnp.minimum(1.0, w.grad_clip / norm)
+  expected = jax.tree.map(lambda p, g: p - w.lr * (scale * g + w.weight_decay * p),
+                          state.params, grads)
+  for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("algorithm", ["darts", "na_darts"])
+def test_second_order_exact_and_finite_difference_agree_in_float64(algorithm):
+  with jax.enable_x64(True):
+    (tx, ty), (vx, vy) = make_batches(dtype=np.float64)
+    kwargs = dict(num=3, kind="swap") if algorithm == "na_darts" else {}
+    exact = BilevelSearch(ToyArchModel(), SPACE, make_config(algorithm, "second_exact", **kwargs), 10)
+    fd = BilevelSearch(ToyArchModel(), SPACE, make_config(algorithm, "second_fd", **kwargs), 10)
+    first = BilevelSearch(ToyArchModel(), SPACE, make_config(algorithm, "first", **kwargs), 10)
+    state = init_state(exact, tx)
+    state = state.replace(params=jax.tree.map(lambda p: p.astype(jnp.float64), state.params),
+                          alpha=state.alpha.astype(jnp.float64))
+    # A first real step fills the momentum buffer that the virtual step uses.
+    state, _ = first.step(state, (tx, ty), (vx, vy))
+    key = jax.random.key(5)
+    g_exact = exact.arch_gradient(state, (tx, ty), (vx, vy), key)[0]
+    g_fd = fd.arch_gradient(state, (tx, ty), (vx, vy), key)[0]
+    g_first = first.arch_gradient(state, (tx, ty), (vx, vy), key)[0]
+    assert g_exact.dtype == jnp.float64
+    second_order_term = g_exact - g_first
+    assert float(jnp.linalg.norm(second_order_term)) > 1e-3 * float(jnp.linalg.norm(g_exact))
+    np.testing.assert_allclose(g_fd, g_exact, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(g_exact).max()))
+
+
+def test_second_order_exact_equals_numerical_derivative_of_unrolled_loss():
+  with jax.enable_x64(True):
+    (tx, ty), (vx, vy) = make_batches(dtype=np.float64)
+    search = BilevelSearch(ToyArchModel(), SPACE, make_config("darts", "second_exact"), 10)
+    state = init_state(search, tx)
+    state = state.replace(params=jax.tree.map(lambda p: p.astype(jnp.float64), state.params),
+                          alpha=state.alpha.astype(jnp.float64))
+    grad = search.arch_gradient(state, (tx, ty), (vx, vy), jax.random.key(0))[0]
+    xi = search.lr_schedule(state.step)
+    wd = search.config.weights.weight_decay
+
+    def unrolled_val_loss(alpha):
+      def train(p):
+        return search.train_loss(p, {}, jax.nn.softmax(alpha, -1), tx, ty)[0]
+      g = jax.grad(train)(state.params)  # momentum buffer is zero at step 0
+      params = jax.tree.map(lambda w, gw: w - xi * (gw + wd * w), state.params, g)
+      return search.train_loss(params, {}, jax.nn.softmax(alpha, -1), vx, vy)[0]
+
+    h = 1e-6
+    for idx in [(0, 0, 1), (1, 5, 4), (0, 13, 7)]:
+      e = jnp.zeros_like(state.alpha).at[idx].set(h)
+      numeric = (unrolled_val_loss(state.alpha + e) - unrolled_val_loss(state.alpha - e)) / (2 * h)
+      np.testing.assert_allclose(grad[idx], numeric, rtol=1e-5, atol=1e-10)
+
+
+def test_learning_rate_schedule_is_cosine_per_epoch():
+  config = make_config()
+  config.epochs = 4
+  search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=3)
+  w = config.weights
+  for step in range(12):
+    epoch = step // 3
+    expected = w.lr_min + (w.lr - w.lr_min) * (1 + np.cos(np.pi * epoch / 4)) / 2
+    np.testing.assert_allclose(search.lr_schedule(step), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("algorithm", "enas", "config.search.algorithm"),
+    ("order", "third", "config.search.order"),
+    ("neighbors.num", -1, "config.search.neighbors.num"),
+    ("neighbors.kind", "flip", "config.search.neighbors.kind"),
+    ("neighbors.aggregation", "median", "config.search.neighbors.aggregation"),
+    ("neighbors.batch", "half", "config.search.neighbors.batch"),
+    ("weights.lr", 0.0, "config.search.weights.lr"),
+    ("epochs", 0, "config.search.epochs"),
+])
+def test_bad_config_values_name_the_field(field, value, message):
+  config = make_config("na_darts")
+  node = config
+  *path, leaf = field.split(".")
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    bilevel.validate_search_config(config)
