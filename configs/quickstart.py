@@ -38,9 +38,9 @@ def get_config():
   config.search = ml_collections.ConfigDict()
   config.search.algorithm = "na_darts"
   config.search.order = "first"
-  config.search.epochs = 10
-  # 'shared': every phase of the step calls one compiled supernet gradient (compiles once;
-  # the CPU default). 'fused': the whole step is one jit (accelerators). 'auto' picks.
+  config.search.epochs = 6
+  # 'shared': every phase of the step calls one compiled supernet gradient (compiles once).
+  # 'fused': the whole step is one jit. 'auto' is 'shared' (see nanas_jax/search/bilevel.py).
   config.search.compile = "auto"
 
   config.search.weights = ml_collections.ConfigDict()

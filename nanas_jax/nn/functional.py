@@ -121,7 +121,10 @@ def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_o
 
   out_shape = (len(kernels),) + xp.shape[:lead] + xp.shape[lead + 1:-3] + (
       h_out, w_out, xp.shape[-1])
-  acc, _ = lax.scan(add_tap, jnp.zeros(out_shape, xp.dtype),
+  # Rematerialised: saving each tap's window for the backward pass would hold k*k copies
+  # of the input (43 GB at the DARTS search size); a window is cheap to slice again.
+  acc, _ = lax.scan(jax.checkpoint(add_tap, prevent_cse=False),
+                    jnp.zeros(out_shape, xp.dtype),
                     tuple(jnp.asarray(np.concatenate(a)) for a in (rows, cols, groups))
                     + (taps,))
   return jnp.moveaxis(acc, 0, lead)

@@ -28,8 +28,9 @@ finite-difference point, each neighbor) compiles for minutes. Every use above is
 function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
 ``compile='shared'`` the step calls that one jitted function (compiled once) and small
 jitted pieces around it. ``compile='fused'`` traces the whole step into one ``jax.jit``
-(XLA may fuse across phases; the better choice on accelerators, where compiling is fast).
-``'auto'``: shared on CPU, fused elsewhere. Both compute the same step.
+(XLA may fuse across phases). ``'auto'`` is ``'shared'`` on every backend: on an H200 with
+JAX 0.11.2, XLA's GPU compiler aborts on the fused step (``triton_tiling_propagation.cc``
+check failure) while the shared step runs. Both modes compute the same step (tested).
 
 BatchNorm statistics are updated by the weight step only; the architecture step and the
 virtual step run in training mode (batch statistics) and discard their updates.
@@ -93,7 +94,7 @@ class BilevelSearch:
     self.arch_tx = arch_optimizer(config.arch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
     mode = config.get("compile", "auto")
-    self.fused = mode == "fused" or (mode == "auto" and not _on_cpu())
+    self.fused = mode == "fused"
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
     self._jit_cache: dict[Any, Callable] = {}

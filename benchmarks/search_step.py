@@ -1,0 +1,137 @@
+"""Compile time, step time and peak memory of the search step (a benchmark, not a test).
+
+Each configuration runs in its own subprocess so that its peak resident memory is its own.
+
+  python benchmarks/search_step.py --preset=quickstart
+  python benchmarks/search_step.py --preset=reference --steps=2
+  python benchmarks/search_step.py --algorithm=na_darts --order=first --channels=16 \
+      --layers=8 --size=32 --in_channels=3 --batch=64
+
+Reported per configuration: ``init_s`` (building the state), ``first_step_s`` (compile +
+one step), ``step_s`` (median of the next steps), ``peak_rss_gb`` (the process's maximum
+resident set size, which on a CPU includes XLA's compiler memory), ``peak_device_gb``
+(accelerator memory, where reported), the number of supernet gradient evaluations per
+step, and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    # configs/quickstart.py: digits-sized inputs, 5 cells, C=8.
+    "quickstart": dict(channels=8, layers=5, size=8, in_channels=1, batch=64),
+    # The DARTS search setting: 8 cells, C=16, CIFAR-sized inputs, batch 64.
+    "reference": dict(channels=16, layers=8, size=32, in_channels=3, batch=64),
+}
+
+
+def _peak_device_gb(device):
+  """Peak accelerator memory in use, where the backend reports it (not on CPU)."""
+  stats = device.memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**30, 2)
+
+
+def measure(args) -> dict:
+  """Runs one configuration in this process and returns its numbers."""
+  import jax
+  import numpy as np
+
+  from configs import quickstart
+  from nanas_jax import spaces
+  from nanas_jax.nn.supernet import SearchNetwork
+  from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
+
+  config = quickstart.get_config().search
+  config.algorithm = args.algorithm
+  config.order = args.order
+  config.neighbors.num = args.neighbors
+  config.compile = args.compile
+  config.neighbors.evaluate = args.evaluate
+  model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
+                        dw_impl=args.depthwise_impl)
+  search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
+  rng = np.random.default_rng(0)
+  shape = (args.batch, args.size, args.size, args.in_channels)
+  batch = lambda: (rng.normal(size=shape).astype(np.float32),
+                   rng.integers(0, 10, args.batch).astype(np.int32))
+  t = time.perf_counter()
+  state = search.init(jax.random.key(0), batch()[0])
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
+  step = search.jit_step()
+  times = []
+  for _ in range(args.steps + 1):
+    train, val = batch(), batch()
+    t = time.perf_counter()
+    state, metrics = step(state, train, val)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  k = neighbors_per_step(config)
+  grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
+  return {
+      "algorithm": args.algorithm, "order": args.order, "neighbors": k,
+      "channels": args.channels, "layers": args.layers, "size": args.size,
+      "batch": args.batch, "compile": search.fused and "fused" or "shared",
+      "vmap_neighbors": search.vmap_neighbors, "init_s": round(init_s, 2),
+      "first_step_s": round(times[0], 2),
+      "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,
+      "supernet_gradients_per_step": grads_per_step,
+      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+      "peak_device_gb": _peak_device_gb(jax.devices()[0]),
+      "device": str(jax.devices()[0].device_kind),
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", choices=sorted(PRESETS))
+  parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
+  parser.add_argument("--order", default="first",
+                      choices=["first", "second_fd", "second_exact"])
+  parser.add_argument("--neighbors", type=int, default=4)
+  parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
+  parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
+  parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "scan", "conv"])
+  parser.add_argument("--channels", type=int, default=8)
+  parser.add_argument("--layers", type=int, default=5)
+  parser.add_argument("--size", type=int, default=8)
+  parser.add_argument("--in_channels", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--output", help="append the JSON results to this file")
+  args = parser.parse_args(argv)
+  if args.preset:
+    for key, value in PRESETS[args.preset].items():
+      setattr(args, key, value)
+  if args.child:
+    print(json.dumps(measure(args)))
+    return
+  algorithms = ["darts", "na_darts"] if args.algorithm == "both" else [args.algorithm]
+  for algorithm in algorithms:
+    child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
+        f"--{k}={getattr(args, k)}" for k in (
+            "order", "neighbors", "compile", "evaluate", "depthwise_impl", "channels",
+            "layers", "size", "in_channels", "batch", "steps")]
+    out = subprocess.run(child, capture_output=True, text=True, check=False)
+    if out.returncode:
+      sys.exit(f"{algorithm} failed:\n{out.stderr[-3000:]}")
+    line = out.stdout.strip().splitlines()[-1]
+    print(line, flush=True)
+    if args.output:
+      with open(args.output, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
+      __import__("os").path.abspath(__file__))))
+  main()

@@ -1,0 +1,46 @@
+"""End-to-end test of the command line: the quick-start search at its smallest size."""
+
+import json
+import os
+import subprocess
+import sys
+
+from nanas_jax import spaces
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path):
+  workdir = tmp_path / "run"
+  # The quick-start command at the smallest size: 3 cells, 2 epochs on 400 digits.
+  cmd = [sys.executable, "-m", "nanas_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", "--config.model.layers=3", "--config.model.channels=4",
+         "--config.search.epochs=2", "--config.data.max_examples=400",
+         "--config.data.batch_size=32", "--config.search.neighbors.num=2"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = (workdir / "genotype.txt").read_text().strip()
+  genotype = spaces.get_space("darts").parse(text)
+  assert str(genotype) == text
+  assert text in out.stdout
+  summary = json.loads((workdir / "genotype.json").read_text())
+  assert summary["genotype"] == text
+  assert spaces.get_space("darts").from_json(summary["genotype_json"]) == genotype
+  epochs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if '"epoch"' in line]
+  assert [e["epoch"] for e in epochs] == [1, 2]
+  assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in epochs)
+  assert len((workdir / "genotypes.jsonl").read_text().splitlines()) == 2
+  # Rerunning into the same workdir must not overwrite the finished search.
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0
+  assert "already holds a finished search" in again.stderr
+  assert (workdir / "genotype.txt").read_text().strip() == text
+
+
+def test_missing_workdir_is_a_usage_error():
+  out = subprocess.run([sys.executable, "-m", "nanas_jax.main",
+                        "--config=configs/quickstart.py"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  assert "workdir" in out.stderr
