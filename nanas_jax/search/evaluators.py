@@ -1,0 +1,389 @@
+"""Evaluators: what random search (RS) and NA-RS ask for an architecture's score.
+
+An evaluator is any callable ``evaluate(codes [N, T, E]) -> losses [N]`` taking the integer
+encodings of N architectures of one search space (``codes[n, cell_type, edge] = op id``)
+and returning one LOSS per architecture: lower is better. Accuracies become losses as
+errors: ``TabularEvaluator`` returns ``accuracy_scale - accuracy`` (the error in percent for
+tables in percent), ``SupernetEvaluator`` the mean cross-entropy.
+
+- ``CountingEvaluator`` wraps any evaluator and counts the architectures it was asked for:
+  the budget a search reports. Caching is off unless asked for, and even then a request
+  served from the cache still counts (``count``); ``unique_count`` counts distinct ones.
+- ``TabularEvaluator`` looks architectures up in a table of accuracies: NAS-Bench-201 /
+  NATS-Bench (topology) through the ``nats_bench`` package, or a JSON / CSV file.
+- ``SupernetEvaluator`` scores one-hot architectures with a weight-sharing supernet (RS-WS):
+  N architectures in one ``jax.vmap``-ed call per validation batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nanas_jax.spaces import SearchSpace, get_space
+
+NATS_TSS_SIMPLE = 'NATS-tss-v1_0-3ffb9-simple'
+_OBTAIN_BENCHMARK = (
+    'To use NAS-Bench-201 / NATS-Bench, download the topology benchmark directory '
+    f'{NATS_TSS_SIMPLE} as the NATS-Bench README (https://github.com/D-X-Y/NATS-Bench) '
+    'describes, `pip install nats_bench`, and load it with '
+    'TabularEvaluator.from_nats_bench(path). Or write a small table yourself: a JSON object '
+    '{"|nor_conv_3x3~0|+|...|": 93.1, ...} or a CSV file with the header arch,accuracy '
+    '(accuracy in percent), and load it with TabularEvaluator.from_file(path).')
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+  """``(codes int [N, T, E]) -> float losses [N]``; lower is better."""
+
+  def __call__(self, codes: np.ndarray) -> np.ndarray:
+    ...
+
+
+def check_codes_batch(space: SearchSpace, codes: Any) -> np.ndarray:
+  """``codes`` as int32 ``[N, T, E]`` after checking the shape and the op ids."""
+  codes = np.asarray(codes)
+  if codes.ndim != 3 or codes.shape[1:] != space.codes_shape:
+    raise ValueError(
+        f'{space.name} evaluator expects codes of shape [N, {space.codes_shape[0]}, '
+        f'{space.codes_shape[1]}] (architectures x cell types x edges), got {codes.shape}.')
+  if not np.issubdtype(codes.dtype, np.integer):
+    raise ValueError(f'codes have dtype {codes.dtype}; expected integer op ids.')
+  if codes.size and (codes.min() < 0 or codes.max() >= space.num_ops):
+    raise ValueError(
+        f'codes contain op ids outside 0..{space.num_ops - 1} ({space.name} ops: '
+        f'{space.ops}).')
+  return codes.astype(np.int32)
+
+
+def _check_losses(losses: Any, n: int) -> np.ndarray:
+  losses = np.asarray(losses, np.float64)
+  if losses.shape != (n,):
+    raise ValueError(
+        f'an evaluator must return one loss per architecture, shape ({n},); got '
+        f'{losses.shape}.')
+  return losses
+
+
+class CountingEvaluator:
+  """Wraps an evaluator and counts what it was asked to evaluate.
+
+  ``count``: architectures requested, each once per request (the search budget);
+  ``calls``: batched calls; ``unique_count``: distinct architectures requested;
+  ``forwarded``: architectures passed on to the wrapped evaluator (``count`` unless
+  ``cache``). With ``cache=True``, repeated architectures are answered from a cache instead
+  of re-evaluated, which changes nothing for a deterministic evaluator and still counts
+  every request in ``count``.
+  """
+
+  def __init__(self, evaluate: Callable[[np.ndarray], Any], cache: bool = False):
+    if not callable(evaluate):
+      raise TypeError(f'CountingEvaluator wraps a callable, got {type(evaluate).__name__}.')
+    self.evaluate = evaluate
+    self.cache = cache
+    self.count = 0
+    self.calls = 0
+    self.forwarded = 0
+    self._seen: set[bytes] = set()
+    self._cached: dict[bytes, float] = {}
+
+  @property
+  def unique_count(self) -> int:
+    return len(self._seen)
+
+  def __call__(self, codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 3:
+      raise ValueError(
+          f'evaluators take codes [N, cell types, edges]; got shape {codes.shape}.')
+    codes = codes.astype(np.int32)
+    keys = [row.tobytes() for row in codes]
+    self.calls += 1
+    self.count += len(keys)
+    self._seen.update(keys)
+    if not self.cache:
+      self.forwarded += len(keys)
+      return _check_losses(self.evaluate(codes), len(keys))
+    missing = {}
+    for i, key in enumerate(keys):
+      if key not in self._cached and key not in missing:
+        missing[key] = i
+    if missing:
+      fresh = _check_losses(self.evaluate(codes[list(missing.values())]), len(missing))
+      self.forwarded += len(missing)
+      self._cached.update(zip(missing, fresh.tolist()))
+    return np.array([self._cached[key] for key in keys], np.float64)
+
+  def __repr__(self) -> str:
+    return (f'CountingEvaluator(count={self.count}, calls={self.calls}, '
+            f'unique={self.unique_count}, cache={self.cache})')
+
+
+# --------------------------------------------------------------------------- tables
+class _NatsBenchTable(Mapping):
+  """NATS-Bench (topology) accuracies, read per architecture on first use."""
+
+  def __init__(self, api, dataset: str, hp: str, metric: str):
+    self.api = api
+    self.dataset = dataset
+    self.hp = hp
+    self.metric = metric
+    self._values: dict[str, float] = {}
+
+  def __getitem__(self, arch: str) -> float:
+    if arch not in self._values:
+      index = self.api.query_index_by_arch(arch)
+      if index is None or index < 0:
+        raise KeyError(arch)
+      info = self.api.get_more_info(index, self.dataset, hp=self.hp, is_random=False)
+      if self.metric not in info:
+        raise ValueError(
+            f'NATS-Bench has no {self.metric!r} for dataset {self.dataset!r} (hp='
+            f'{self.hp!r}); available: {sorted(info)}. Use dataset="cifar10-valid" for '
+            'the CIFAR-10 validation accuracy, or metric="test-accuracy".')
+      self._values[arch] = float(info[self.metric])
+    return self._values[arch]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.api.meta_archs)
+
+  def __len__(self) -> int:
+    return len(self.api)
+
+
+class TabularEvaluator:
+  """Losses looked up in a table of accuracies keyed by the architecture's text form.
+
+  The key of an architecture is ``space.format(space.decode(codes))``: for NAS-Bench-201
+  the benchmark string ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|``. The loss is the error
+  ``accuracy_scale - accuracy``: the error in percent for accuracies in percent
+  (``accuracy_scale=100``, the default), ``1 - accuracy`` for fractions
+  (``accuracy_scale=1``). An architecture missing from the table raises KeyError.
+  """
+
+  def __init__(self, table: Mapping[str, float], space: SearchSpace | str = 'nb201',
+               accuracy_scale: float = 100.0, source: str = 'table'):
+    self.space = get_space(space) if isinstance(space, str) else space
+    self.table = table
+    self.accuracy_scale = float(accuracy_scale)
+    self.source = source
+
+  def key(self, codes: np.ndarray) -> str:
+    """The table key of one architecture ``codes [T, E]``."""
+    return self.space.format(self.space.decode(codes))
+
+  def accuracy(self, arch: str) -> float:
+    """The table's accuracy of an architecture given in text form."""
+    try:
+      return float(self.table[arch])
+    except KeyError:
+      raise KeyError(
+          f'architecture {arch} is not in {self.source} ({len(self.table)} '
+          'architectures).') from None
+
+  def __call__(self, codes: np.ndarray) -> np.ndarray:
+    codes = check_codes_batch(self.space, codes)
+    return np.array([self.accuracy_scale - self.accuracy(self.key(c)) for c in codes],
+                    np.float64)
+
+  def __len__(self) -> int:
+    return len(self.table)
+
+  def __repr__(self) -> str:
+    return (f'TabularEvaluator({self.space.name}, {len(self.table)} architectures from '
+            f'{self.source})')
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike, space: SearchSpace | str = 'nb201',
+                accuracy_scale: float = 100.0) -> TabularEvaluator:
+    """Reads a table of accuracies from a ``.json`` or ``.csv`` file.
+
+    JSON: one object ``{"arch string": accuracy, ...}``. CSV: two columns ``arch,accuracy``
+    with an optional header row. Keys are parsed and written back in the space's canonical
+    form; every key must be an architecture of ``space`` and every value a number in
+    ``[0, accuracy_scale]``.
+    """
+    space = get_space(space) if isinstance(space, str) else space
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'no accuracy table at {path!r}. {_OBTAIN_BENCHMARK}')
+    extension = os.path.splitext(path)[1].lower()
+    if extension == '.json':
+      rows = _read_json_table(path)
+    elif extension == '.csv':
+      rows = _read_csv_table(path)
+    else:
+      raise ValueError(
+          f'{path!r}: unknown table format {extension!r}; write a .json object '
+          '{"arch": accuracy} or a .csv file with columns arch,accuracy.')
+    table: dict[str, float] = {}
+    for where, arch, value in rows:
+      try:
+        key = space.format(space.parse(arch))
+      except ValueError as e:
+        raise ValueError(f'{path}, {where}: {arch!r} is not a {space.name} architecture: '
+                         f'{e}') from e
+      accuracy = _as_number(value)
+      if not 0 <= accuracy <= accuracy_scale:
+        raise ValueError(
+            f'{path}, {where}: accuracy {value!r} of {key} is not a number in '
+            f'[0, {accuracy_scale:g}] (accuracy_scale={accuracy_scale:g}).')
+      if key in table:
+        raise ValueError(f'{path}, {where}: architecture {key} appears twice.')
+      table[key] = accuracy
+    if not table:
+      raise ValueError(f'{path}: the table is empty.')
+    if accuracy_scale == 100 and max(table.values()) <= 1:
+      warnings.warn(
+          f'{path}: every accuracy is <= 1 but accuracy_scale=100 (percent); pass '
+          'accuracy_scale=1.0 if the table holds fractions.', stacklevel=2)
+    return cls(table, space, accuracy_scale, source=path)
+
+  @classmethod
+  def from_nats_bench(cls, path: str | os.PathLike, dataset: str = 'cifar10-valid',
+                      hp: str = '200', metric: str = 'valid-accuracy') -> TabularEvaluator:
+    """NAS-Bench-201 accuracies from the NATS-Bench topology benchmark at ``path``.
+
+    ``path`` is the ``NATS-tss-v1_0-3ffb9-simple`` directory (fast mode); each
+    architecture's record is read on first use. The default is the search signal of the
+    NAS-Bench-201 protocol: validation accuracy (percent) on CIFAR-10's validation split
+    after 200 epochs, averaged over the trial seeds. NATS-Bench's ``'cifar10'`` entry
+    (trained on train + valid) has no validation accuracy; report its ``'test-accuracy'``
+    with a second evaluator.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'no NATS-Bench benchmark at {path!r}. {_OBTAIN_BENCHMARK}')
+    try:
+      import nats_bench  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          'TabularEvaluator.from_nats_bench needs the NATS-Bench API: '
+          '`pip install nats_bench`.') from e
+    api = nats_bench.create(path, 'tss', fast_mode=True, verbose=False)
+    table = _NatsBenchTable(api, dataset, str(hp), metric)
+    return cls(table, 'nb201', 100.0,
+               source=f'NATS-Bench {path} ({dataset}, hp={hp}, {metric})')
+
+
+def _as_number(value: Any) -> float:
+  """``value`` as a float; NaN for anything that is not a number (booleans included)."""
+  if isinstance(value, bool):
+    return math.nan
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def _read_json_table(path: str) -> list[tuple[str, Any, Any]]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      # Pairs, not a dict: a key written twice must be an error, not silently the last.
+      data = json.load(f, object_pairs_hook=lambda pairs: pairs)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); expected {{"arch": accuracy}}.') from e
+  # The hook turns every object into a list of tuples; arrays stay lists of lists.
+  if not isinstance(data, list) or (data and not isinstance(data[0], tuple)):
+    raise ValueError(f'{path}: expected a JSON object {{"arch": accuracy, ...}}.')
+  return [(f'key {arch!r}', arch, value) for arch, value in data]
+
+
+def _read_csv_table(path: str) -> list[tuple[str, Any, Any]]:
+  rows = []
+  with open(path, newline='', encoding='utf-8') as f:
+    for line, row in enumerate(csv.reader(f), start=1):
+      if not row or all(not cell.strip() for cell in row):
+        continue
+      if len(row) != 2:
+        raise ValueError(
+            f'{path}, line {line}: expected two columns arch,accuracy, got {len(row)}: '
+            f'{row!r}.')
+      arch, value = row[0].strip(), row[1].strip()
+      if not rows and line == 1 and arch.lower() == 'arch':
+        continue  # The header.
+      rows.append((f'line {line}', arch, value))
+  return rows
+
+
+# ------------------------------------------------------------------ weight sharing
+def _cross_entropy_sums(model, train: bool, variables, weights, images, labels):
+  """Per architecture, the summed cross-entropy over one batch: ``[K]``."""
+
+  def one(w):
+    if train:
+      # Batch statistics, as the search's architecture step uses; updates discarded.
+      logits, _ = model.apply(variables, images, w, train=True, mutable=['batch_stats'])
+    else:
+      logits = model.apply(variables, images, w, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels).sum()
+
+  return jax.vmap(one)(weights)
+
+
+class SupernetEvaluator:
+  """Validation cross-entropy of one-hot architectures in a weight-sharing supernet.
+
+  ``model.__call__(images, weights, train)`` takes architecture weights of shape
+  ``space.alpha_shape``; an architecture ``codes`` is evaluated at
+  ``one_hot(codes, space.num_ops)``. The loss is the mean cross-entropy over every example
+  of ``batches`` (a sequence of ``(images, labels)``). ``train=True`` (the default) runs
+  BatchNorm on batch statistics, as random search with weight sharing does, and discards
+  the statistics updates; ``train=False`` uses the running statistics.
+
+  Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``; a request of
+  N architectures is padded to a multiple of ``chunk_size`` (with copies of its first
+  architecture, whose results are dropped), so the function compiles once per batch shape
+  whatever N is.
+  """
+
+  def __init__(self, model, variables, space: SearchSpace | str,
+               batches: Sequence[tuple[Any, Any]], chunk_size: int = 32,
+               train: bool = True):
+    self.space = get_space(space) if isinstance(space, str) else space
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+      raise ValueError(f'chunk_size must be an integer >= 1, got {chunk_size!r}.')
+    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
+    if not batches:
+      raise ValueError('SupernetEvaluator needs at least one (images, labels) batch.')
+    for i, (x, y) in enumerate(batches):
+      if y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f'batch {i}: images {x.shape} and labels {y.shape} do not match; labels must '
+            'be integer class ids [B] for images [B, ...].')
+    self.model = model
+    self.variables = variables
+    self.batches = batches
+    self.chunk_size = chunk_size
+    self.train = train
+    self.num_examples = sum(int(y.shape[0]) for _, y in batches)
+    self._sums = jax.jit(functools.partial(_cross_entropy_sums, model, train))
+
+  def _chunk_losses(self, codes: np.ndarray) -> jax.Array:
+    weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
+    total = sum(self._sums(self.variables, weights, x, y)
+                for x, y in self.batches)
+    return total / self.num_examples
+
+  def __call__(self, codes: np.ndarray) -> np.ndarray:
+    codes = check_codes_batch(self.space, codes)
+    n = codes.shape[0]
+    if n == 0:
+      return np.zeros((0,), np.float64)
+    padded = -(-n // self.chunk_size) * self.chunk_size
+    codes = np.concatenate([codes, np.repeat(codes[:1], padded - n, axis=0)])
+    losses = [self._chunk_losses(codes[i:i + self.chunk_size])
+              for i in range(0, padded, self.chunk_size)]
+    return np.asarray(jnp.concatenate(losses), np.float64)[:n]
