@@ -1,12 +1,14 @@
 """The loop around the search step, and every side effect of a search run.
 
 Everything below this module is pure; this is where data is read, the step is driven, and
-files are written into the workdir:
+files are written into the workdir. Bilevel searches (DARTS, NA-DARTS) and random searches
+with weight sharing (RS, NA-RS) share the data, validation and output conventions:
 
 - ``config.json``: the resolved config of the run;
 - ``metrics.jsonl``: one JSON object per logged step and per epoch;
-- ``genotypes.jsonl``: the derived genotype after every epoch;
-- ``genotype.txt`` (the DARTS / NAS-Bench-201 text) and ``genotype.json`` at the end.
+- ``genotypes.jsonl``: the derived genotype after every epoch (bilevel searches);
+- ``genotype.txt`` (the DARTS / NAS-Bench-201 text) and ``genotype.json`` at the end
+  (for NA-RS with the search's budget and plain RS at the same number of evaluations).
 
 Files are written atomically (a temporary file, then a rename). A workdir that already
 holds a finished search is refused rather than overwritten.
@@ -28,18 +30,25 @@ from absl import logging
 
 from nanas_jax import data as data_lib
 from nanas_jax import spaces
+from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
 from nanas_jax.nn.supernet import SearchNetwork
+from nanas_jax.search.random_search import (na_random_search, random_search,
+                                            random_search_same_budget)
 from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step, validate_search_config
+from nanas_jax.search.evaluators import SupernetEvaluator
+from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
+                                             validate_rs_config)
 
 FINAL_FILES = ("genotype.txt", "genotype.json")
 
 
-def build_supernet(config: ml_collections.ConfigDict, num_classes: int) -> SearchNetwork:
-  """The search supernet of ``config.model`` for ``num_classes`` classes."""
-  if config.space != "darts":
-    raise ValueError(
-        f"config.model.space = {config.space!r}: the bilevel search has a supernet for the "
-        "'darts' space only so far; NAS-Bench-201 is searched with random search.")
+def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
+  """The search supernet of ``config.model`` for ``num_classes`` classes: the DARTS
+  network of ``layers`` cells, or the NAS-Bench-201 network with ``layers`` cells per
+  stage."""
+  if config.space == "nb201":
+    return SearchNetworkNB201(num_classes=num_classes, channels=config.channels,
+                              cells_per_stage=config.layers)
   return SearchNetwork(num_classes=num_classes, channels=config.channels,
                        layers=config.layers, steps=config.steps,
                        multiplier=config.multiplier, stem_multiplier=config.stem_multiplier,
@@ -49,11 +58,16 @@ def build_supernet(config: ml_collections.ConfigDict, num_classes: int) -> Searc
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any data is read or anything compiled."""
   spaces.get_space(config.model.space)
-  validate_search_config(config.search)
+  if config.search.algorithm in RS_ALGORITHMS:
+    validate_rs_config(config.search)
+  else:
+    validate_search_config(config.search)
   for field in ("channels", "layers", "steps", "multiplier", "stem_multiplier"):
     value = config.model[field]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.model.{field} = {value!r} is invalid: expected an integer >= 1.")
+  if config.model.space == "nb201":
+    return _validate_batch(config)
   if config.model.layers < 3:
     raise ValueError(f"config.model.layers = {config.model.layers} is invalid: a DARTS "
                      "network needs >= 3 cells (two of them reduction cells).")
@@ -63,10 +77,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.steps != 4:
     raise ValueError(f"config.model.steps = {config.model.steps}: the DARTS space has 4 "
                      "intermediate nodes per cell; use 4.")
+  _validate_batch(config)
+
+
+def _validate_batch(config: ml_collections.ConfigDict) -> None:
   batch = config.data.batch_size
   if not isinstance(batch, int) or batch < 1:
     raise ValueError(f"config.data.batch_size = {batch!r} is invalid: expected an integer >= 1.")
-  k = neighbors_per_step(config.search)
+  k = 1 if config.search.algorithm in RS_ALGORITHMS else neighbors_per_step(config.search)
   if config.search.algorithm == "na_darts" and config.search.neighbors.batch == "split" \
       and batch % k:
     raise ValueError(
@@ -104,8 +122,15 @@ def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray,
   return loss_sum / n, correct / n
 
 
-def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the search of ``config`` and writes its results into ``workdir``."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the experiment of ``config`` (bilevel or random search) into ``workdir``."""
+  if config.search.algorithm in RS_ALGORITHMS:
+    return run_random_search(config, workdir)
+  return run_search(config, workdir)
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str):
+  """Validates, guards the workdir and loads the data: ``(space, dataset, steps/epoch)``."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(workdir, f))]
@@ -122,11 +147,16 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   if batch > min(n_train, n_val):
     raise ValueError(f"config.data.batch_size = {batch} exceeds the search split sizes "
                      f"(train {n_train}, val {n_val}); lower it.")
-  steps_per_epoch = data_lib.steps_per_epoch(min(n_train, n_val), batch)
+  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  return space, dataset, data_lib.steps_per_epoch(min(n_train, n_val), batch)
 
+
+def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``."""
+  space, dataset, steps_per_epoch = _prepare(config, workdir)
+  batch = config.data.batch_size
   model = build_supernet(config.model, dataset.num_classes)
   search = BilevelSearch(model, space, config.search, steps_per_epoch)
-  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   rng = jax.random.key(config.seed)
   t0 = time.time()
@@ -195,6 +225,83 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       "first_step_seconds": compile_seconds, "total_seconds": time.time() - t0,
   }
   write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
+  summary["message"] = (f"Search finished: validation accuracy {val_acc:.3f} (best "
+                        f"{best['val_accuracy']:.3f} at epoch {best['epoch']}).")
   logging.info("Final genotype (written to %s):\n%s", os.path.join(workdir, "genotype.txt"),
                space.format(final))
+  return summary
+
+
+def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Random search with weight sharing, or NA-RS: train the supernet on sampled
+  architectures, then score candidates with it (NA-RS: by their neighborhood's aggregate)
+  and, for NA-RS, compare with plain RS given the same number of evaluations."""
+  space, dataset, steps_per_epoch = _prepare(config, workdir)
+  batch = config.data.batch_size
+  rs = config.search.rs
+  model = build_supernet(config.model, dataset.num_classes)
+  trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
+  t0 = time.time()
+  state = trainer.init(jax.random.key(config.seed), jnp.asarray(dataset.train_images[:1]))
+  data_rng = np.random.default_rng(config.seed)
+  arch_rng = np.random.default_rng(config.seed + 1)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  for epoch in range(config.search.epochs):
+    epoch_start, totals = time.time(), {}
+    train_iter = data_lib.batches(dataset.train_images, dataset.train_labels, batch, data_rng)
+    for i, train_batch in enumerate(train_iter):
+      if i == steps_per_epoch:
+        break
+      state, metrics = trainer.step(state, train_batch, arch_rng)
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(float(metrics["train_loss"])):
+        raise FloatingPointError(f"non-finite training loss at step {int(state.step)}; "
+                                 "lower config.search.weights.lr.")
+      for key, value in metrics.items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+    means = {k: v / steps_per_epoch for k, v in totals.items()}
+    append_jsonl(metrics_path, {"epoch": epoch + 1, "step": int(state.step),
+                                "epoch_seconds": time.time() - epoch_start,
+                                **{f"mean_{k}": v for k, v in means.items()}})
+    logging.info("epoch %d/%d  train loss %.4f acc %.3f (one sampled architecture per "
+                 "step, %.1f s)", epoch + 1, config.search.epochs, means["train_loss"],
+                 means["train_accuracy"], time.time() - epoch_start)
+  train_seconds = time.time() - t0
+
+  eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
+                               np.random.default_rng(config.seed + 2))
+  eval_batches = [b for _, b in zip(range(rs.eval_batches), eval_iter)]
+  evaluator = SupernetEvaluator(
+      model, {"params": state.params, "batch_stats": state.batch_stats}, space,
+      eval_batches, chunk_size=rs.chunk_size)
+  search_rng = np.random.default_rng(config.seed + 3)
+  if config.search.algorithm == "na_rs":
+    result = na_random_search(
+        space, evaluator, rs.num_candidates, search_rng, radius=rs.radius,
+        num_neighbors=rs.num_neighbors, include_center=rs.include_center,
+        aggregation=rs.aggregation, tau=rs.tau)
+    baseline = random_search_same_budget(space, evaluator, result,
+                                                np.random.default_rng(config.seed + 4))
+  else:
+    result = random_search(space, evaluator, rs.num_candidates, search_rng)
+    baseline = None
+  best = space.decode(result.best_codes)
+  write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
+  summary = {
+      "space": space.name, "algorithm": config.search.algorithm,
+      "genotype": space.format(best), "genotype_json": space.to_json(best),
+      "result": result.to_json(),
+      "same_budget_random_search": None if baseline is None else baseline.to_json(),
+      "train_seconds": train_seconds, "total_seconds": time.time() - t0,
+  }
+  write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
+  message = (f"{config.search.algorithm}: best validation loss {result.best_loss:.4f} "
+             f"(score {result.best_score:.4f}); {result.budget['total_evaluations']} "
+             "evaluations")
+  if baseline is not None:
+    message += (f"; random search with the same budget: loss {baseline.best_loss:.4f} "
+                f"over {baseline.budget['total_evaluations']} evaluations")
+  summary["message"] = message
+  logging.info("%s\nGenotype (written to %s):\n%s", message,
+               os.path.join(workdir, "genotype.txt"), space.format(best))
   return summary

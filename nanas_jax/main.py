@@ -23,9 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  summary = experiment.run_search(FLAGS.config, FLAGS.workdir)
-  print(f"Search finished: validation accuracy {summary['final_val_accuracy']:.3f} "
-        f"(best {summary['best_val_accuracy']:.3f} at epoch {summary['best_epoch']}).")
+  summary = experiment.run(FLAGS.config, FLAGS.workdir)
+  print(summary["message"])
   print(f"Genotype ({FLAGS.workdir}/genotype.txt):\n{summary['genotype']}")
 
 

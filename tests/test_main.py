@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nanas_jax import spaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +38,29 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
   assert again.returncode != 0
   assert "already holds a finished search" in again.stderr
   assert (workdir / "genotype.txt").read_text().strip() == text
+
+
+@pytest.mark.parametrize("config_file", ["quickstart", "na_rs_quickstart"])
+def test_nas_bench_201_searches_run_end_to_end(tmp_path, config_file):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "nanas_jax.main", f"--config=configs/{config_file}.py",
+         f"--workdir={workdir}", "--config.model.space=nb201", "--config.model.layers=1",
+         "--config.model.channels=4", "--config.search.epochs=1",
+         "--config.data.max_examples=400", "--config.data.batch_size=32"]
+  if config_file == "na_rs_quickstart":
+    cmd += ["--config.search.rs.num_candidates=2", "--config.search.rs.eval_batches=1",
+            "--config.search.rs.chunk_size=8", "--config.search.rs.num_neighbors=3"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  space = spaces.get_space("nb201")
+  text = (workdir / "genotype.txt").read_text().strip()
+  assert space.format(space.parse(text)) == text
+  summary = json.loads((workdir / "genotype.json").read_text())
+  if config_file == "na_rs_quickstart":
+    # 2 candidates x (3 neighbors + the candidate), and plain RS given the same budget.
+    assert summary["result"]["budget"]["total_evaluations"] == 8
+    assert summary["same_budget_random_search"]["budget"]["total_evaluations"] == 8
+    assert summary["result"]["best_arch"] == text
 
 
 def test_missing_workdir_is_a_usage_error():

@@ -1,0 +1,80 @@
+"""Tests of supernet training on sampled architectures (random search with weight sharing)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import na_rs_quickstart
+from nanas_jax import spaces
+from nanas_jax.search import weight_sharing
+
+
+class ToyArchModel(nn.Module):
+  """logits = tanh(sum_teo w[t,e,o] * x @ P[t,e,o]) @ V."""
+
+  @nn.compact
+  def __call__(self, x, weights, train):
+    x = x.reshape(x.shape[0], -1)
+    proj = self.param("proj", nn.initializers.normal(0.5), weights.shape + (x.shape[-1], 5))
+    return nn.Dense(3)(jnp.tanh(jnp.einsum("teo,bd,teodh->bh", weights, x, proj)))
+
+
+@pytest.mark.parametrize("space_name", ["darts", "nb201"])
+def test_sampled_weights_are_one_hot_architectures_of_the_space(space_name):
+  space = spaces.get_space(space_name)
+  trainer = weight_sharing.WeightSharingTrainer(
+      ToyArchModel(), space, na_rs_quickstart.get_config().search, steps_per_epoch=5)
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(50):
+    weights = trainer.sample_weights(rng)
+    assert weights.shape == space.alpha_shape
+    np.testing.assert_array_equal(weights.sum(-1), 1.0)
+    arch = space.decode(weights.argmax(-1))  # raises on an invalid architecture
+    seen.add(space.format(arch))
+  assert len(seen) > 40  # uniform sampling rarely repeats in spaces this large
+
+
+def test_train_step_is_sgd_on_the_sampled_architecture():
+  space = spaces.get_space("darts")
+  config = na_rs_quickstart.get_config().search
+  trainer = weight_sharing.WeightSharingTrainer(ToyArchModel(), space, config, 5)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  y = rng.integers(0, 3, 6)
+  state = trainer.init(jax.random.key(0), jnp.asarray(x))
+  params = jax.tree.map(jnp.copy, state.params)  # the step donates the state
+  new, metrics = trainer.step(state, (x, y), np.random.default_rng(7))
+  weights = trainer.sample_weights(np.random.default_rng(7))
+
+  def loss(p):
+    logits = trainer.model.apply({"params": p}, x, weights, train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), y])
+
+  grads = jax.grad(loss)(params)
+  w = config.weights
+  norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+  scale = jnp.minimum(1.0, w.grad_clip / norm)
+  expected = jax.tree.map(lambda p, g: p - w.lr * (scale * g + w.weight_decay * p), params,
+                          grads)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics["train_loss"], loss(params), rtol=1e-6)
+  assert int(new.step) == 1
+
+
+@pytest.mark.parametrize("field,value", [("algorithm", "darts"), ("rs.num_candidates", 0),
+                                         ("rs.radius", 0), ("rs.num_neighbors", 0),
+                                         ("rs.aggregation", "median"), ("rs.chunk_size", 0),
+                                         ("epochs", 0)])
+def test_bad_values_name_the_field(field, value):
+  config = na_rs_quickstart.get_config().search
+  *path, leaf = field.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=f"config.search.{field}".replace(".", r"\.")):
+    weight_sharing.validate_rs_config(config)
