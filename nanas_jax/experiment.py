@@ -8,7 +8,8 @@ with weight sharing (RS, NA-RS) share the data, validation and output convention
 - ``metrics.jsonl``: one JSON object per logged step and per epoch;
 - ``genotypes.jsonl``: the derived genotype after every epoch (bilevel searches);
 - ``genotype.txt`` (the DARTS / NAS-Bench-201 text) and ``genotype.json`` at the end
-  (for NA-RS with the search's budget and plain RS at the same number of evaluations).
+  (for NA-RS with the search's budget and plain RS at the same number of evaluations);
+- ``supernet.msgpack``: the trained supernet variables (for flatness reports).
 
 Files are written atomically (a temporary file, then a rename). A workdir that already
 holds a finished search is refused rather than overwritten.
@@ -22,6 +23,7 @@ import tempfile
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +42,7 @@ from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer
                                              validate_rs_config)
 
 FINAL_FILES = ("genotype.txt", "genotype.json")
+SUPERNET_FILE = "supernet.msgpack"
 
 
 def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
@@ -99,6 +102,27 @@ def write_atomic(path: str, text: str) -> None:
   with os.fdopen(fd, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def save_supernet(workdir: str, state) -> None:
+  """The trained supernet variables (params, batch_stats), for flatness reports; written
+  atomically. Full checkpoints with optimizer states and resume arrive with orbax."""
+  payload = flax.serialization.to_bytes(
+      {"params": state.params, "batch_stats": state.batch_stats})
+  path = os.path.join(workdir, SUPERNET_FILE)
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-")
+  with os.fdopen(fd, "wb") as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def load_supernet(workdir: str, template) -> dict[str, Any]:
+  """Reads `save_supernet`'s file into the structure of ``template`` (a variables dict)."""
+  path = os.path.join(workdir, SUPERNET_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run a search with --workdir={workdir} first.")
+  with open(path, "rb") as f:
+    return flax.serialization.from_bytes(template, f.read())
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
@@ -215,6 +239,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                  val_acc, record["epoch_seconds"], space.format(genotype))
 
   final = space.derive(np.asarray(jax.nn.softmax(state.alpha, -1)))
+  save_supernet(workdir, state)
   write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
   summary = {
       "space": space.name, "genotype": space.format(final),
@@ -286,6 +311,7 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     result = random_search(space, evaluator, rs.num_candidates, search_rng)
     baseline = None
   best = space.decode(result.best_codes)
+  save_supernet(workdir, state)
   write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
   summary = {
       "space": space.name, "algorithm": config.search.algorithm,

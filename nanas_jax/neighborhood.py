@@ -83,17 +83,25 @@ def _elementary_table(counts: list[int], radius: int) -> list[list[int]]:
   return table
 
 
-def neighborhood_size(space: SearchSpace, codes: np.ndarray, radius: int) -> int:
-  """Number of neighbors at distance 1..radius (the centre not counted)."""
+def _distances(radius: int, exact: bool) -> list[int]:
+  """The distances a neighborhood covers: 1..radius, or exactly radius."""
+  return [radius] if exact else list(range(1, radius + 1))
+
+
+def neighborhood_size(space: SearchSpace, codes: np.ndarray, radius: int,
+                      exact: bool = False) -> int:
+  """Number of neighbors at distance 1..radius (exactly ``radius`` with ``exact``; the
+  centre not counted)."""
   radius = _check_radius(radius)
   _, _, alternatives = _moves(space, codes)
   table = _elementary_table([len(a) for a in alternatives], radius)
-  return sum(table[-1][1:])
+  return sum(table[-1][d] for d in _distances(radius, exact))
 
 
 def enumerate_neighbors(space: SearchSpace, codes: np.ndarray, radius: int,
-                        include_center: bool = False) -> np.ndarray:
-  """All neighbors at distance 1..radius, int32 ``[N, T, E]``.
+                        include_center: bool = False, exact: bool = False) -> np.ndarray:
+  """All neighbors at distance 1..radius (exactly ``radius`` with ``exact``), int32
+  ``[N, T, E]``.
 
   Order: the centre first if included, then by distance, then by the changed positions
   (lexicographic over flat (cell type, edge) indices), then by the new op ids.
@@ -102,7 +110,7 @@ def enumerate_neighbors(space: SearchSpace, codes: np.ndarray, radius: int,
   codes, positions, alternatives = _moves(space, codes)
   flat = codes.ravel()
   blocks = [flat[None]] if include_center else []
-  for d in range(1, radius + 1):
+  for d in _distances(radius, exact):
     for combo in itertools.combinations(range(len(positions)), d):
       grids = np.meshgrid(*[alternatives[i] for i in combo], indexing='ij')
       new_ops = np.stack(grids, axis=-1).reshape(-1, d)
@@ -116,12 +124,12 @@ def enumerate_neighbors(space: SearchSpace, codes: np.ndarray, radius: int,
 
 def _sample_one(rng: np.random.Generator, flat: np.ndarray, positions: np.ndarray,
                 alternatives: list[np.ndarray], table: list[list[int]],
-                radius: int) -> np.ndarray:
-  """One neighbor drawn uniformly from all neighbors at distance 1..radius."""
+                distances: list[int]) -> np.ndarray:
+  """One neighbor drawn uniformly from all neighbors at the given distances."""
   n = len(positions)
-  per_distance = table[n][1:radius + 1]
+  per_distance = [table[n][d] for d in distances]
   total = sum(per_distance)
-  d = 1 + rng.choice(radius, p=[count / total for count in per_distance])
+  d = distances[rng.choice(len(distances), p=[count / total for count in per_distance])]
   neighbor = flat.copy()
   # Walk positions from the last: include position i-1 with the share of the d-subsets
   # of the first i positions that contain it, weighted by its number of alternatives,
@@ -137,8 +145,10 @@ def _sample_one(rng: np.random.Generator, flat: np.ndarray, positions: np.ndarra
 
 
 def sample_neighbors(space: SearchSpace, codes: np.ndarray, radius: int, k: int,
-                     rng: np.random.Generator, include_center: bool = False) -> np.ndarray:
-  """``k`` distinct neighbors, uniform without replacement, int32 ``[k (+1), T, E]``.
+                     rng: np.random.Generator, include_center: bool = False,
+                     exact: bool = False) -> np.ndarray:
+  """``k`` distinct neighbors at distance 1..radius (exactly ``radius`` with ``exact``),
+  uniform without replacement, int32 ``[k (+1), T, E]``.
 
   With ``include_center`` the centre comes first, followed by the k neighbors.
   """
@@ -147,18 +157,20 @@ def sample_neighbors(space: SearchSpace, codes: np.ndarray, radius: int, k: int,
     raise ValueError(f'k must be an integer >= 0, got {k!r}.')
   codes, positions, alternatives = _moves(space, codes)
   table = _elementary_table([len(a) for a in alternatives], radius)
-  size = sum(table[-1][1:])
+  distances = _distances(radius, exact)
+  size = sum(table[-1][d] for d in distances)
   if k > size:
+    where = f'exactly {radius}' if exact else f'1..{radius}'
     raise ValueError(
-        f'asked for k={k} neighbors but only {size} exist at distance 1..{radius}; '
+        f'asked for k={k} neighbors but only {size} exist at distance {where}; '
         'lower k or raise radius.')
   if size <= max(_ENUMERATE_LIMIT, 2 * k):
-    every = enumerate_neighbors(space, codes, radius)
+    every = enumerate_neighbors(space, codes, radius, exact=exact)
     chosen = every[rng.choice(size, size=k, replace=False)].reshape(k, codes.size)
   else:
     flat, seen, rows = codes.ravel(), set(), []
     while len(rows) < k:
-      neighbor = _sample_one(rng, flat, positions, alternatives, table, radius)
+      neighbor = _sample_one(rng, flat, positions, alternatives, table, distances)
       if neighbor.tobytes() not in seen:
         seen.add(neighbor.tobytes())
         rows.append(neighbor)

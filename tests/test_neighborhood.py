@@ -329,3 +329,17 @@ def test_aggregate_errors():
   with pytest.raises(ValueError, match='non-empty vector'):
     nbh.aggregate(jnp.ones((2, 2)))
   assert nbh.AGGREGATIONS == ('mean', 'max', 'softmax_tau')
+
+
+@pytest.mark.parametrize('radius', [1, 2, 3])
+def test_exact_distance_neighborhoods_are_the_distance_shells(radius):
+  space = nb201.NB201_SPACE
+  codes = space.encode(space.random(np.random.default_rng(radius)))
+  everything = nbh.enumerate_neighbors(space, codes, radius)
+  shell = np.array([c for c in everything if nbh.distance(c, codes) == radius])
+  exact = nbh.enumerate_neighbors(space, codes, radius, exact=True)
+  np.testing.assert_array_equal(exact, shell)
+  assert nbh.neighborhood_size(space, codes, radius, exact=True) == len(shell) == math.comb(6, radius) * 4**radius
+  sampled = nbh.sample_neighbors(space, codes, radius, 10, np.random.default_rng(0), exact=True)
+  assert len({s.tobytes() for s in sampled}) == 10
+  assert all(nbh.distance(s, codes) == radius for s in sampled)

@@ -1,0 +1,447 @@
+"""Flatness report: how the validation loss and accuracy of a genotype's neighbors spread.
+
+The paper's idea is that good architectures sit in flat regions of the architecture space:
+their neighbors at small distances score nearly as well. For a genotype and the trained
+supernet of a search run, this module evaluates the neighbors at EXACTLY distance
+d = 1..radius (``nanas_jax.neighborhood.distance``: the number of edges whose op differs)
+with the weight-sharing supernet and reports, per radius, the count, mean, std
+(population, ddof=0), worst (max loss), best (min loss) and the raw losses, next to the
+centre's loss; accuracies the same way.
+
+- ``neighborhood_profile(space, codes, evaluate, radius, num_neighbors, rng)``: the pure
+  part. All neighbors at distance d are enumerated when there are at most
+  ``num_neighbors`` of them (or ``num_neighbors`` is None); otherwise ``num_neighbors``
+  of them are drawn uniformly without replacement. One batched ``evaluate`` call per
+  radius (plus one for the centre).
+- ``report(workdir, ...)``: rebuilds data, supernet and genotype from a search workdir
+  (``config.json``, ``supernet.msgpack``, ``genotype.txt``), runs the profile and writes
+  ``flatness.json`` and ``flatness.png``.
+
+Output names: results are never overwritten. The first report of a workdir is
+``flatness.json`` / ``flatness.png``; later ones are ``flatness-1.*``, ``flatness-2.*``,
+... (the next free n). Each file is written to a temporary file and hard-linked into
+place, which fails rather than replaces if the name was taken meanwhile.
+
+CLI: ``python -m nanas_jax.flatness --workdir=DIR [--genotype=NAME_OR_TEXT] [--radius=2]
+[--num_neighbors=32] [--eval_batches=4] [--seed=0]``.
+
+Evaluation protocol: the supernet runs as in random search with weight sharing
+(BatchNorm on batch statistics, ``train=True``, updates discarded) on the first
+``eval_batches`` batches of the search-validation half, drawn in the order the search's
+own candidate evaluation used (``np.random.default_rng(config.seed + 2)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nanas_jax import neighborhood
+from nanas_jax import spaces
+from nanas_jax.search.evaluators import SupernetEvaluator, check_codes_batch
+
+REPORT_STEM = "flatness"
+
+
+# ----------------------------------------------------------------- neighbors at distance d
+def count_at_distance(space, codes, d: int) -> int:
+  """Number of neighbors of ``codes`` at exactly distance ``d``."""
+  return neighborhood.neighborhood_size(space, codes, d, exact=True)
+
+
+def enumerate_at_distance(space, codes, d: int) -> np.ndarray:
+  """All neighbors at exactly distance ``d``, int32 ``[N, T, E]``."""
+  return neighborhood.enumerate_neighbors(space, codes, d, exact=True)
+
+
+def sample_at_distance(space, codes, d: int, k: int, rng: np.random.Generator) -> np.ndarray:
+  """``k`` distinct neighbors at exactly distance ``d``, uniform without replacement."""
+  return neighborhood.sample_neighbors(space, codes, d, k, rng, exact=True)
+
+
+# ------------------------------------------------------------------------------- profile
+def _check_radius(radius) -> int:
+  if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+    raise ValueError(f"radius must be an integer >= 1, got {radius!r}.")
+  return int(radius)
+
+
+def _check_num_neighbors(num_neighbors):
+  if num_neighbors is None:
+    return None
+  if (isinstance(num_neighbors, bool) or not isinstance(num_neighbors, (int, np.integer))
+      or num_neighbors < 1):
+    raise ValueError(f"num_neighbors must be an integer >= 1 or None, got {num_neighbors!r}.")
+  return int(num_neighbors)
+
+
+def _split(result, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """An evaluator's answer: losses, or ``(losses, accuracies)``."""
+  if isinstance(result, tuple):
+    losses, accuracies = result
+    accuracies = np.asarray(accuracies, np.float64)
+  else:
+    losses, accuracies = result, None
+  losses = np.asarray(losses, np.float64)
+  if losses.shape != (n,) or (accuracies is not None and accuracies.shape != (n,)):
+    raise ValueError(f"the evaluator must return {n} losses (and optionally {n} "
+                     f"accuracies) for {n} architectures; got shape {losses.shape}.")
+  return losses, accuracies
+
+
+def _stats(values: np.ndarray, higher_is_worse: bool = True) -> dict[str, Any]:
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return {"mean": None, "std": None, "worst": None, "best": None, "median": None}
+  worst, best = (values.max(), values.min()) if higher_is_worse else (values.min(),
+                                                                      values.max())
+  return {"mean": float(values.mean()), "std": float(values.std()), "worst": float(worst),
+          "best": float(best), "median": float(np.median(values))}
+
+
+def neighborhood_profile(space, codes, evaluate: Callable[[np.ndarray], Any], radius: int,
+                         num_neighbors: int | None = None,
+                         rng: np.random.Generator | None = None) -> dict[str, Any]:
+  """Losses (and accuracies) of the neighbors of ``codes`` at each distance 1..radius.
+
+  Args:
+    space: a ``SearchSpace`` or its name.
+    codes: the centre architecture's encoding ``[T, E]``.
+    evaluate: ``codes [N, T, E] -> losses [N]`` (lower is better) or ``-> (losses,
+      accuracies)``; called once for the centre and once per radius.
+    radius: largest distance, >= 1.
+    num_neighbors: per distance, enumerate all neighbors when there are at most this many
+      (always when None), else sample this many uniformly without replacement.
+    rng: the sampling generator (default ``np.random.default_rng(0)``).
+
+  Returns:
+    ``{"space", "center": {"codes", "loss", "accuracy"}, "radii": [{"radius", "count",
+    "size", "enumerated", "loss": {mean, std, worst, best, median}, "losses", "codes",
+    "accuracy": {...} | None, "accuracies" | None}, ...]}``; ``size`` is the number of
+    neighbors at that distance, ``count`` the number evaluated; std is the population
+    std; for accuracy "worst" is the minimum.
+  """
+  space = spaces.get_space(space) if isinstance(space, str) else space
+  radius = _check_radius(radius)
+  num_neighbors = _check_num_neighbors(num_neighbors)
+  rng = np.random.default_rng(0) if rng is None else rng
+  codes = space.check_codes(codes)
+  space.decode(codes)
+  center_loss, center_acc = _split(evaluate(codes[None]), 1)
+  out = {"space": space.name,
+         "center": {"codes": codes.tolist(), "loss": float(center_loss[0]),
+                    "accuracy": None if center_acc is None else float(center_acc[0])},
+         "num_neighbors": num_neighbors, "radii": []}
+  for d in range(1, radius + 1):
+    size = count_at_distance(space, codes, d)
+    enumerated = num_neighbors is None or size <= num_neighbors
+    if enumerated:
+      batch = enumerate_at_distance(space, codes, d)
+    else:
+      batch = sample_at_distance(space, codes, d, num_neighbors, rng)
+    if len(batch):
+      losses, accuracies = _split(evaluate(batch), len(batch))
+    else:
+      losses, accuracies = np.zeros((0,)), None
+    out["radii"].append({
+        "radius": d, "count": int(len(batch)), "size": int(size), "enumerated": enumerated,
+        "loss": _stats(losses), "losses": losses.tolist(), "codes": batch.tolist(),
+        "accuracy": None if accuracies is None else _stats(accuracies, False),
+        "accuracies": None if accuracies is None else accuracies.tolist()})
+  return out
+
+
+# ------------------------------------------------------------------ supernet evaluation
+def _loss_and_hits(model, train: bool, variables, weights, images, labels):
+  """Per architecture, summed cross-entropy and number of correct predictions: [K], [K]."""
+
+  def one(w):
+    if train:
+      logits, _ = model.apply(variables, images, w, train=True, mutable=["batch_stats"])
+    else:
+      logits = model.apply(variables, images, w, train=False)
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+
+  return jax.vmap(one)(weights)
+
+
+class SupernetAccuracyEvaluator(SupernetEvaluator):
+  """``SupernetEvaluator`` that answers ``(losses, accuracies)``: the same vmapped and
+  chunked pattern, the same mean cross-entropy, plus the fraction of correct predictions
+  over every example of ``batches``."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._metrics = jax.jit(functools.partial(_loss_and_hits, self.model, self.train))
+
+  def _chunk_metrics(self, codes: np.ndarray):
+    weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
+    loss, hits = 0.0, 0
+    for x, y in self.batches:
+      l, h = self._metrics(self.variables, weights, x, y)
+      loss, hits = loss + l, hits + h
+    return loss / self.num_examples, hits / self.num_examples
+
+  def __call__(self, codes: np.ndarray):
+    codes = check_codes_batch(self.space, codes)
+    n = codes.shape[0]
+    if n == 0:
+      return np.zeros((0,), np.float64), np.zeros((0,), np.float64)
+    padded = -(-n // self.chunk_size) * self.chunk_size
+    codes = np.concatenate([codes, np.repeat(codes[:1], padded - n, axis=0)])
+    parts = [self._chunk_metrics(codes[i:i + self.chunk_size])
+             for i in range(0, padded, self.chunk_size)]
+    losses = np.concatenate([np.asarray(p[0], np.float64) for p in parts])[:n]
+    accuracies = np.concatenate([np.asarray(p[1], np.float64) for p in parts])[:n]
+    return losses, accuracies
+
+
+# ------------------------------------------------------------------------------- report
+def parse_genotype(space, text: str):
+  """A genotype of ``space`` from a name (DARTS: ``DARTS_V2`` ...) or its text."""
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError(f"genotype must be a non-empty name or text, got {text!r}.")
+  text = text.strip()
+  try:
+    if space.name == "darts":
+      return spaces.get_genotype(text)
+    return space.parse(text)
+  except ValueError as e:
+    raise ValueError(f"bad {space.name} genotype {text!r}: {e}") from e
+
+
+def _read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} is not a search workdir; run a search first "
+        f"(python -m nanas_jax.main --config=... --workdir={workdir}).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _link_new(tmp: str, path: str) -> None:
+  """Moves ``tmp`` to ``path`` unless ``path`` exists (then FileExistsError)."""
+  try:
+    os.link(tmp, path)
+  finally:
+    os.unlink(tmp)
+
+
+def _tmp_file(workdir: str, data: bytes) -> str:
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-flatness-")
+  with os.fdopen(fd, "wb") as f:
+    f.write(data)
+  return tmp
+
+
+def _stem(n: int) -> str:
+  return REPORT_STEM if n == 0 else f"{REPORT_STEM}-{n}"
+
+
+def _write_outputs(workdir: str, payload: dict, plot_bytes: bytes | None):
+  """Writes JSON (and PNG) under the first free ``flatness[-n]`` name; never overwrites."""
+  n = 0
+  while True:
+    stem = _stem(n)
+    json_path = os.path.join(workdir, stem + ".json")
+    png_path = os.path.join(workdir, stem + ".png")
+    if os.path.exists(json_path) or os.path.exists(png_path):
+      n += 1
+      continue
+    payload["files"] = {"json": json_path, "png": png_path if plot_bytes else None}
+    tmp = _tmp_file(workdir, (json.dumps(payload, indent=2) + "\n").encode())
+    try:
+      _link_new(tmp, json_path)  # Claims the name.
+    except FileExistsError:
+      n += 1
+      continue
+    if plot_bytes:
+      _link_new(_tmp_file(workdir, plot_bytes), png_path)
+    return payload["files"]
+
+
+def _plot(profile: dict, title: str) -> bytes | None:
+  """PNG bytes: per radius, a box plot and the points of the losses (and accuracies),
+  the centre as a dashed line; None without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  import io  # pylint: disable=g-import-not-at-top
+  radii = profile["radii"]
+  has_acc = profile["center"]["accuracy"] is not None
+  panels = [("losses", "loss", "validation loss")]
+  if has_acc:
+    panels.append(("accuracies", "accuracy", "validation accuracy"))
+  fig = Figure(figsize=(4 + 1.2 * len(radii) * len(panels), 4))
+  jitter = np.random.default_rng(0)
+  for i, (key, centre_key, label) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    data = [r[key] for r in radii]
+    positions = [r["radius"] for r in radii]
+    ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
+    for pos, values in zip(positions, data):
+      ax.scatter(pos + jitter.uniform(-0.15, 0.15, len(values)), values, s=8, alpha=0.5)
+    ax.axhline(profile["center"][centre_key], color="red", linestyle="--", label="centre")
+    ax.set_xlabel("distance to the genotype")
+    ax.set_ylabel(label)
+    ax.set_xticks(positions)
+    ax.set_xticklabels([f"{r['radius']}\n(n={r['count']})" for r in radii])
+    ax.legend(loc="best")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  return buf.getvalue()
+
+
+def report(workdir: str, genotype: str | None = None, radius: int = 2,
+           num_neighbors: int | None = 32, eval_batches: int = 4, seed: int = 0,
+           chunk_size: int = 16) -> dict[str, Any]:
+  """The flatness report of a genotype in the trained supernet of a search ``workdir``.
+
+  ``genotype``: a name (DARTS space) or text parsed by the run's space; default the
+  workdir's ``genotype.txt``. Writes ``flatness[-n].json`` and ``.png`` (see the module
+  docstring) and returns the JSON payload (with ``files``).
+  """
+  radius = _check_radius(radius)
+  num_neighbors = _check_num_neighbors(num_neighbors)
+  if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:
+    raise ValueError(f"eval_batches must be an integer >= 1, got {eval_batches!r}.")
+  from nanas_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist: run a search first.")
+  supernet_path = os.path.join(workdir, experiment.SUPERNET_FILE)
+  if not os.path.exists(supernet_path):
+    raise FileNotFoundError(
+        f"{supernet_path} not found: run a search with --workdir={workdir} first (a "
+        "finished search saves its trained supernet there).")
+  config = _read_config(workdir)
+  space = spaces.get_space(config.model.space)
+  if genotype is None:
+    genotype_path = os.path.join(workdir, "genotype.txt")
+    if not os.path.exists(genotype_path):
+      raise FileNotFoundError(f"{genotype_path} not found: pass --genotype.")
+    with open(genotype_path) as f:
+      genotype = f.read()
+  arch = parse_genotype(space, genotype)
+  codes = space.encode(arch)
+
+  dataset = data_lib.load_search_data(
+      config.data.name, train_portion=config.data.train_portion, seed=config.seed,
+      data_dir=config.data.data_dir, max_examples=config.data.max_examples)
+  batch = config.data.batch_size
+  available = len(dataset.val_images) // batch
+  if eval_batches > available:
+    raise ValueError(f"eval_batches = {eval_batches} exceeds the {available} validation "
+                     f"batches of {batch} examples; lower it.")
+  model = experiment.build_supernet(config.model, dataset.num_classes)
+  weights = jnp.full(space.alpha_shape, 1.0 / space.num_ops, jnp.float32)
+  template = jax.eval_shape(
+      functools.partial(model.init, train=True), jax.random.key(0),
+      jnp.asarray(dataset.train_images[:1]), weights)
+  template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
+  variables = experiment.load_supernet(workdir, template)
+  eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
+                               np.random.default_rng(config.seed + 2))
+  batches = [b for _, b in zip(range(eval_batches), eval_iter)]
+  evaluator = SupernetAccuracyEvaluator(model, variables, space, batches,
+                                        chunk_size=chunk_size)
+  profile = neighborhood_profile(space, codes, evaluator, radius, num_neighbors,
+                                 np.random.default_rng(seed))
+  text = space.format(arch)
+  payload = {
+      "workdir": os.path.abspath(workdir), "genotype": text,
+      "genotype_sha1": hashlib.sha1(text.encode()).hexdigest()[:12],
+      "radius": radius, "num_neighbors": num_neighbors, "eval_batches": eval_batches,
+      "eval_examples": evaluator.num_examples, "seed": seed,
+      "protocol": ("supernet with one-hot architecture weights, BatchNorm on batch "
+                   "statistics (train=True), first eval_batches batches of the "
+                   "search-validation half in the order rng(config.seed + 2); std is "
+                   "the population std"),
+      **profile,
+  }
+  png = _plot(profile, f"{space.name} {text if len(text) < 90 else text[:87] + '...'}")
+  _write_outputs(workdir, payload, png)
+  return payload
+
+
+def format_table(payload: dict) -> str:
+  """A readable table: radius, count (of size), mean, std, worst, best (and accuracy)."""
+  has_acc = payload["center"]["accuracy"] is not None
+  centre = f"centre: loss {payload['center']['loss']:.4f}"
+  if has_acc:
+    centre += f", accuracy {payload['center']['accuracy']:.4f}"
+  header = f"{'radius':>6} {'count':>11} {'mean':>8} {'std':>8} {'worst':>8} {'best':>8}"
+  if has_acc:
+    header += f" {'acc mean':>9} {'acc worst':>9}"
+  lines = [f"genotype: {payload['genotype']}", centre, header]
+  for r in payload["radii"]:
+    loss = r["loss"]
+    count = f"{r['count']}/{r['size']}"
+    if r["count"] == 0:
+      lines.append(f"{r['radius']:>6} {count:>11}  (no neighbors)")
+      continue
+    row = (f"{r['radius']:>6} {count:>11} {loss['mean']:>8.4f} {loss['std']:>8.4f} "
+           f"{loss['worst']:>8.4f} {loss['best']:>8.4f}")
+    if has_acc:
+      row += f" {r['accuracy']['mean']:>9.4f} {r['accuracy']['worst']:>9.4f}"
+    lines.append(row)
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Workdir of a finished search.")
+  flags.DEFINE_string("genotype", None,
+                      "Genotype name (DARTS) or text; default: the workdir's genotype.txt.")
+  flags.DEFINE_integer("radius", 2, "Largest neighbor distance.")
+  flags.DEFINE_integer("num_neighbors", 32,
+                       "Neighbors per distance (all of them when there are fewer).")
+  flags.DEFINE_integer("eval_batches", 4, "Validation batches per evaluation.")
+  flags.DEFINE_integer("seed", 0, "Seed of the neighbor sampling.")
+  flags.mark_flag_as_required("workdir")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  try:
+    payload = report(f.workdir, genotype=f.genotype, radius=f.radius,
+                     num_neighbors=f.num_neighbors, eval_batches=f.eval_batches, seed=f.seed)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(format_table(payload))
+  print(f"Report: {payload['files']['json']}")
+  if payload["files"]["png"]:
+    print(f"Plot: {payload['files']['png']}")
+  else:
+    print("Plot: not written (matplotlib is not installed).")
+
+
+if __name__ == "__main__":
+  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  _app.run(main)
