@@ -3,7 +3,7 @@
 Launch:
   python -m nanas_jax.main --config=configs/quickstart.py --workdir=/tmp/nanas_quickstart
 
-Cost: about 7 minutes on a 2-core CPU: compile about 30-50 s, then about 5 s a step
+Cost: about 6 minutes on a 2-core CPU: compile about 30 s, then about 4-5 s a step
 (4 neighbors + the weight step = 5 supernet gradients), 6 epochs of 14 steps.
 A DARTS baseline of the same size: add --config.search.algorithm=darts (about 2 s a step).
 The NAS-Bench-201 space: add --config.model.space=nb201 (model.layers = cells per stage).
