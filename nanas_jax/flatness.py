@@ -45,11 +45,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from nanas_jax import neighborhood
 from nanas_jax import spaces
-from nanas_jax.search.evaluators import SupernetEvaluator, check_codes_batch
+from nanas_jax.search.evaluators import SupernetEvaluator
 
 REPORT_STEM = "flatness"
 
@@ -160,53 +159,6 @@ def neighborhood_profile(space, codes, evaluate: Callable[[np.ndarray], Any], ra
         "accuracy": None if accuracies is None else _stats(accuracies, False),
         "accuracies": None if accuracies is None else accuracies.tolist()})
   return out
-
-
-# ------------------------------------------------------------------ supernet evaluation
-def _loss_and_hits(model, train: bool, variables, weights, images, labels):
-  """Per architecture, summed cross-entropy and number of correct predictions: [K], [K]."""
-
-  def one(w):
-    if train:
-      logits, _ = model.apply(variables, images, w, train=True, mutable=["batch_stats"])
-    else:
-      logits = model.apply(variables, images, w, train=False)
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
-
-  return jax.vmap(one)(weights)
-
-
-class SupernetAccuracyEvaluator(SupernetEvaluator):
-  """``SupernetEvaluator`` that answers ``(losses, accuracies)``: the same vmapped and
-  chunked pattern, the same mean cross-entropy, plus the fraction of correct predictions
-  over every example of ``batches``."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._metrics = jax.jit(functools.partial(_loss_and_hits, self.model, self.train))
-
-  def _chunk_metrics(self, codes: np.ndarray):
-    weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
-    loss, hits = 0.0, 0
-    for x, y in self.batches:
-      l, h = self._metrics(self.variables, weights, x, y)
-      loss, hits = loss + l, hits + h
-    return loss / self.num_examples, hits / self.num_examples
-
-  def __call__(self, codes: np.ndarray):
-    codes = check_codes_batch(self.space, codes)
-    n = codes.shape[0]
-    if n == 0:
-      return np.zeros((0,), np.float64), np.zeros((0,), np.float64)
-    padded = -(-n // self.chunk_size) * self.chunk_size
-    codes = np.concatenate([codes, np.repeat(codes[:1], padded - n, axis=0)])
-    parts = [self._chunk_metrics(codes[i:i + self.chunk_size])
-             for i in range(0, padded, self.chunk_size)]
-    losses = np.concatenate([np.asarray(p[0], np.float64) for p in parts])[:n]
-    accuracies = np.concatenate([np.asarray(p[1], np.float64) for p in parts])[:n]
-    return losses, accuracies
 
 
 # ------------------------------------------------------------------------------- report
@@ -362,8 +314,8 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
                                np.random.default_rng(config.seed + 2))
   batches = [b for _, b in zip(range(eval_batches), eval_iter)]
-  evaluator = SupernetAccuracyEvaluator(model, variables, space, batches,
-                                        chunk_size=chunk_size)
+  evaluator = SupernetEvaluator(model, variables, space, batches, chunk_size=chunk_size,
+                                with_accuracy=True)
   profile = neighborhood_profile(space, codes, evaluator, radius, num_neighbors,
                                  np.random.default_rng(seed))
   text = space.format(arch)

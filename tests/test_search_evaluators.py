@@ -302,3 +302,18 @@ def test_supernet_evaluator_argument_checks():
   with pytest.raises(ValueError, match=r'\[N, 1, 6\]'):
     evaluator(np.zeros((2, 2, 14), np.int32))
 
+
+
+def test_supernet_evaluator_with_accuracy_counts_correct_predictions():
+  model, variables, batches = _toy_setup(NB201, seed=5)
+  codes = ALL_NB201[np.random.default_rng(4).choice(len(ALL_NB201), 5, replace=False)]
+  losses, accuracies = SupernetEvaluator(model, variables, NB201, batches, chunk_size=4,
+                                         with_accuracy=True)(codes)
+  np.testing.assert_allclose(losses, SupernetEvaluator(model, variables, NB201, batches,
+                                                       chunk_size=4)(codes), rtol=1e-6)
+  for c, acc in zip(codes, accuracies):
+    weights = jax.nn.one_hot(c, NB201.num_ops)
+    hits = sum(int(np.sum(np.argmax(model.apply(variables, x, weights, train=True,
+                                                mutable=['batch_stats'])[0], -1) == y))
+               for x, y in batches)
+    assert acc == pytest.approx(hits / sum(len(y) for _, y in batches))

@@ -318,8 +318,9 @@ def _read_csv_table(path: str) -> list[tuple[str, Any, Any]]:
 
 
 # ------------------------------------------------------------------ weight sharing
-def _cross_entropy_sums(model, train: bool, variables, weights, images, labels):
-  """Per architecture, the summed cross-entropy over one batch: ``[K]``."""
+def _loss_and_hits(model, train: bool, variables, weights, images, labels):
+  """Per architecture, the summed cross-entropy over one batch and the number of correct
+  predictions: ``[K]``, ``[K]``."""
 
   def one(w):
     if train:
@@ -327,8 +328,9 @@ def _cross_entropy_sums(model, train: bool, variables, weights, images, labels):
       logits, _ = model.apply(variables, images, w, train=True, mutable=['batch_stats'])
     else:
       logits = model.apply(variables, images, w, train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).sum()
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
 
   return jax.vmap(one)(weights)
 
@@ -346,12 +348,12 @@ class SupernetEvaluator:
   Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``; a request of
   N architectures is padded to a multiple of ``chunk_size`` (with copies of its first
   architecture, whose results are dropped), so the function compiles once per batch shape
-  whatever N is.
+  whatever N is. With ``with_accuracy`` a call answers ``(losses, accuracies)``.
   """
 
   def __init__(self, model, variables, space: SearchSpace | str,
                batches: Sequence[tuple[Any, Any]], chunk_size: int = 32,
-               train: bool = True):
+               train: bool = True, with_accuracy: bool = False):
     self.space = get_space(space) if isinstance(space, str) else space
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f'chunk_size must be an integer >= 1, got {chunk_size!r}.')
@@ -369,21 +371,26 @@ class SupernetEvaluator:
     self.chunk_size = chunk_size
     self.train = train
     self.num_examples = sum(int(y.shape[0]) for _, y in batches)
-    self._sums = jax.jit(functools.partial(_cross_entropy_sums, model, train))
+    self.with_accuracy = with_accuracy
+    self._sums = jax.jit(functools.partial(_loss_and_hits, model, train))
 
-  def _chunk_losses(self, codes: np.ndarray) -> jax.Array:
+  def _chunk_metrics(self, codes: np.ndarray) -> tuple[jax.Array, jax.Array]:
     weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
-    total = sum(self._sums(self.variables, weights, x, y)
-                for x, y in self.batches)
-    return total / self.num_examples
+    loss, hits = 0.0, 0
+    for x, y in self.batches:
+      batch_loss, batch_hits = self._sums(self.variables, weights, x, y)
+      loss, hits = loss + batch_loss, hits + batch_hits
+    return loss / self.num_examples, hits / self.num_examples
 
-  def __call__(self, codes: np.ndarray) -> np.ndarray:
+  def __call__(self, codes: np.ndarray):
     codes = check_codes_batch(self.space, codes)
     n = codes.shape[0]
-    if n == 0:
-      return np.zeros((0,), np.float64)
     padded = -(-n // self.chunk_size) * self.chunk_size
     codes = np.concatenate([codes, np.repeat(codes[:1], padded - n, axis=0)])
-    losses = [self._chunk_losses(codes[i:i + self.chunk_size])
-              for i in range(0, padded, self.chunk_size)]
-    return np.asarray(jnp.concatenate(losses), np.float64)[:n]
+    parts = [self._chunk_metrics(codes[i:i + self.chunk_size])
+             for i in range(0, padded, self.chunk_size)]
+    losses = np.asarray([v for p in parts for v in np.asarray(p[0])], np.float64)[:n]
+    if not self.with_accuracy:
+      return losses
+    accuracies = np.asarray([v for p in parts for v in np.asarray(p[1])], np.float64)[:n]
+    return losses, accuracies
