@@ -18,6 +18,13 @@ from configs import quickstart
 def rs_block(num_candidates: int) -> ml_collections.ConfigDict:
   """The candidate-scoring settings shared by the RS and NA-RS configs."""
   rs = ml_collections.ConfigDict()
+  # 'supernet': weight sharing, trained first; 'table': a NAS-Bench-201 table (no
+  # training): rs.table_path (JSON {arch: accuracy %} or CSV arch,accuracy) or
+  # rs.nats_bench_path (the NATS-Bench topology file, with the nats_bench package).
+  rs.evaluator = "supernet"
+  rs.table_path = ml_collections.FieldReference(None, field_type=str)
+  rs.nats_bench_path = ml_collections.FieldReference(None, field_type=str)
+  rs.nats_bench_dataset = "cifar10-valid"
   rs.num_candidates = num_candidates
   rs.radius = 1
   # Neighbors sampled per candidate (None: the whole neighborhood; on the DARTS space

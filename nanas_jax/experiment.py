@@ -37,7 +37,7 @@ from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search.random_search import (na_random_search, random_search,
                                             random_search_same_budget)
 from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step, validate_search_config
-from nanas_jax.search.evaluators import SupernetEvaluator
+from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
 from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
                                              validate_rs_config)
 
@@ -63,6 +63,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   spaces.get_space(config.model.space)
   if config.search.algorithm in RS_ALGORITHMS:
     validate_rs_config(config.search)
+    if config.search.rs.evaluator == "table" and config.model.space != "nb201":
+      raise ValueError(f"config.search.rs.evaluator = 'table' needs config.model.space = "
+                       f"'nb201' (got {config.model.space!r}): only NAS-Bench-201 is "
+                       "tabulated.")
   else:
     validate_search_config(config.search)
   for field in ("channels", "layers", "steps", "multiplier", "stem_multiplier"):
@@ -153,8 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return run_search(config, workdir)
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: str):
-  """Validates, guards the workdir and loads the data: ``(space, dataset, steps/epoch)``."""
+def _start(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Validates the config, guards the workdir and records the config in it."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(workdir, f))]
@@ -162,6 +166,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
     raise FileExistsError(
         f"{workdir} already holds a finished search ({', '.join(existing)}); choose a new "
         "--workdir (results are never overwritten).")
+  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str):
+  """`_start`, then the data: ``(space, dataset, steps per epoch)``."""
+  _start(config, workdir)
   space = spaces.get_space(config.model.space)
   dataset = data_lib.load_search_data(
       config.data.name, train_portion=config.data.train_portion, seed=config.seed,
@@ -171,7 +181,6 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   if batch > min(n_train, n_val):
     raise ValueError(f"config.data.batch_size = {batch} exceeds the search split sizes "
                      f"(train {n_train}, val {n_val}); lower it.")
-  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   return space, dataset, data_lib.steps_per_epoch(min(n_train, n_val), batch)
 
 
@@ -257,16 +266,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   return summary
 
 
-def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Random search with weight sharing, or NA-RS: train the supernet on sampled
-  architectures, then score candidates with it (NA-RS: by their neighborhood's aggregate)
-  and, for NA-RS, compare with plain RS given the same number of evaluations."""
-  space, dataset, steps_per_epoch = _prepare(config, workdir)
-  batch = config.data.batch_size
-  rs = config.search.rs
+def _train_weight_sharing(config, workdir, space, dataset, steps_per_epoch):
+  """Trains the supernet on one sampled architecture per step; returns the state and a
+  `SupernetEvaluator` on the first ``rs.eval_batches`` validation batches."""
+  batch, rs = config.data.batch_size, config.search.rs
   model = build_supernet(config.model, dataset.num_classes)
   trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
-  t0 = time.time()
   state = trainer.init(jax.random.key(config.seed), jnp.asarray(dataset.train_images[:1]))
   data_rng = np.random.default_rng(config.seed)
   arch_rng = np.random.default_rng(config.seed + 1)
@@ -291,14 +296,36 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     logging.info("epoch %d/%d  train loss %.4f acc %.3f (one sampled architecture per "
                  "step, %.1f s)", epoch + 1, config.search.epochs, means["train_loss"],
                  means["train_accuracy"], time.time() - epoch_start)
-  train_seconds = time.time() - t0
-
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
                                np.random.default_rng(config.seed + 2))
   eval_batches = [b for _, b in zip(range(rs.eval_batches), eval_iter)]
   evaluator = SupernetEvaluator(
       model, {"params": state.params, "batch_stats": state.batch_stats}, space,
       eval_batches, chunk_size=rs.chunk_size)
+  return state, evaluator
+
+
+def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Random search or NA-RS. Candidates are scored by a weight-sharing supernet trained on
+  sampled architectures (``search.rs.evaluator = 'supernet'``) or looked up in a
+  NAS-Bench-201 table (``'table'``); NA-RS scores each by its neighborhood's aggregate and
+  is compared with plain RS given the same number of evaluations."""
+  rs = config.search.rs
+  t0 = time.time()
+  state = None
+  if rs.evaluator == "table":
+    _start(config, workdir)
+    space = spaces.get_space(config.model.space)
+    if rs.nats_bench_path:
+      evaluator = TabularEvaluator.from_nats_bench(rs.nats_bench_path,
+                                                   dataset=rs.nats_bench_dataset)
+    else:
+      evaluator = TabularEvaluator.from_file(rs.table_path)
+  else:
+    space, dataset, steps_per_epoch = _prepare(config, workdir)
+    state, evaluator = _train_weight_sharing(config, workdir, space, dataset,
+                                             steps_per_epoch)
+  train_seconds = time.time() - t0
   search_rng = np.random.default_rng(config.seed + 3)
   if config.search.algorithm == "na_rs":
     result = na_random_search(
@@ -311,7 +338,8 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     result = random_search(space, evaluator, rs.num_candidates, search_rng)
     baseline = None
   best = space.decode(result.best_codes)
-  save_supernet(workdir, state)
+  if state is not None:
+    save_supernet(workdir, state)
   write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
   summary = {
       "space": space.name, "algorithm": config.search.algorithm,

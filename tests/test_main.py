@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nanas_jax import spaces
@@ -69,3 +70,34 @@ def test_missing_workdir_is_a_usage_error():
                        text=True, timeout=120)
   assert out.returncode != 0
   assert "workdir" in out.stderr
+
+
+def test_na_rs_on_a_nas_bench_201_table_file(tmp_path):
+  space = spaces.get_space("nb201")
+  table = {}
+  # Every architecture of the space, with an accuracy that depends on its ops.
+  for codes in np.stack(np.meshgrid(*[range(5)] * 6, indexing="ij"), -1).reshape(-1, 6):
+    table[space.format(space.decode(codes[None]))] = float(50 + 5 * (codes == 3).sum())
+  path = tmp_path / "table.json"
+  path.write_text(json.dumps(table))
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "nanas_jax.main", "--config=configs/na_rs_nb201.py",
+         f"--workdir={workdir}", f"--config.search.rs.table_path={path}",
+         "--config.search.rs.num_candidates=5"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((workdir / "genotype.json").read_text())
+  # 5 candidates x (24 neighbors + the candidate), and RS with the same 125 evaluations.
+  assert summary["result"]["budget"]["total_evaluations"] == 125
+  assert summary["same_budget_random_search"]["budget"]["total_evaluations"] == 125
+  best = space.encode(space.parse((workdir / "genotype.txt").read_text().strip()))
+  assert summary["result"]["best_loss"] == 100 - table[space.format(space.decode(best))]
+
+
+def test_table_search_without_a_table_fails_before_any_work(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "nanas_jax.main",
+                        "--config=configs/na_rs_nb201.py", f"--workdir={tmp_path / 'w'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "config.search.rs.table_path" in out.stderr
+  assert not (tmp_path / "w").exists()

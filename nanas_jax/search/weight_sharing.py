@@ -22,6 +22,7 @@ from nanas_jax.search.state import SearchState, weight_lr_schedule, weight_optim
 from nanas_jax.spaces import SearchSpace
 
 RS_ALGORITHMS = ("rs", "na_rs")
+RS_EVALUATORS = ("supernet", "table")
 
 
 class WeightSharingTrainer:
@@ -89,6 +90,11 @@ def validate_rs_config(config: ml_collections.ConfigDict) -> None:
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   rs = config.rs
+  check(rs.evaluator in RS_EVALUATORS, "rs.evaluator", rs.evaluator,
+        f"one of {RS_EVALUATORS}")
+  if rs.evaluator == "table":
+    check(bool(rs.table_path) != bool(rs.nats_bench_path), "rs.table_path",
+          rs.table_path, "a table file (JSON or CSV), or else rs.nats_bench_path, not both")
   check(isinstance(rs.num_candidates, int) and rs.num_candidates >= 1, "rs.num_candidates",
         rs.num_candidates, "an integer >= 1")
   check(isinstance(rs.radius, int) and rs.radius >= 1, "rs.radius", rs.radius,
