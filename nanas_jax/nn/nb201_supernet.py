@@ -61,7 +61,8 @@ import numpy as np
 from jax import lax
 
 from nanas_jax.nn import functional as F
-from nanas_jax.nn.supernet import StemBatchNorm, batch_norm, torch_uniform
+from nanas_jax.nn.supernet import (StemBatchNorm, batch_norm, scan_inner_nodes,
+                                    torch_uniform)
 from nanas_jax.spaces.nb201 import NB201_OPS, NUM_NODES
 
 NUM_OPS = len(NB201_OPS)
@@ -181,17 +182,6 @@ class InnerEdges(_NB201EdgeGroup):
   num_nodes: int = NUM_NODES
   inner_impl: str = "scan"
 
-  def slot_table(self) -> tuple[np.ndarray, np.ndarray]:
-    """``edge[t, s]`` (edge of slot s -- source node s + 1 -- of target t + 2, 0 if
-    unused) and ``used[t, s]``."""
-    n = self.num_nodes
-    pairs = [(i, j) for i in range(2, n) for j in range(1, i)]
-    edge = np.zeros((n - 2, n - 2), np.int32)
-    used = np.zeros((n - 2, n - 2), bool)
-    for k, (i, j) in enumerate(pairs):
-      edge[i - 2, j - 1], used[i - 2, j - 1] = k, True
-    return edge, used
-
   @nn.compact
   def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
     n = self.num_nodes
@@ -224,34 +214,9 @@ class InnerEdges(_NB201EdgeGroup):
     return jnp.stack(nodes), (new_mean, new_var)
 
   def _scanned(self, p, stats, base, weights, train):
-    n = self.num_nodes
-    edge_table, used_table = self.slot_table()
-    buffer = jnp.zeros((n - 2,) + base.shape[1:], base.dtype).at[0].set(base[0])
-
-    def node_step(carry, inputs):
-      buffer, stats = carry
-      target, edges, used = inputs
-      slot_p = jax.tree.map(lambda a: a[edges], p)
-      slot_w = weights[edges] * used[:, None].astype(weights.dtype)
-      slot_stats = jax.tree.map(lambda a: a[edges], stats)
-      out, new_slot_stats = nb201_mixed_edges(slot_p, slot_stats, buffer, slot_w, train,
-                                              self.conv_impl)
-      node = base[target - 1] + out.sum(axis=0)
-      if train:
-        # Only the used slots update their edge's statistics (scatter-add of the change).
-        def scatter(old, old_slots, new_slots):
-          mask = used.reshape(used.shape + (1,) * (new_slots.ndim - 1))
-          return old.at[edges].add(jnp.where(mask, new_slots - old_slots, 0))
-        stats = jax.tree.map(scatter, stats, slot_stats, new_slot_stats)
-      # Node ``target`` goes to slot ``target - 1`` (the last target's write is unused).
-      buffer = lax.dynamic_update_index_in_dim(buffer, node, jnp.minimum(target - 1, n - 3),
-                                               0)
-      return (buffer, stats), node
-
-    (_, new_stats), nodes = lax.scan(
-        node_step, (buffer, stats),
-        (jnp.arange(2, n), jnp.asarray(edge_table), jnp.asarray(used_table)))
-    return jnp.concatenate([base[:1], nodes], axis=0), new_stats
+    return scan_inner_nodes(
+        base, p, stats, weights, train,
+        lambda q, st, xs, w: nb201_mixed_edges(q, st, xs, w, train, self.conv_impl))
 
 
 class SearchCellNB201(nn.Module):

@@ -205,6 +205,57 @@ class MixedEdges(_EdgeGroup):
     return out
 
 
+def inner_slot_table(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+  """For nodes ``1..num_nodes-1``: ``edge[i - 1, j]``, the inner edge from node ``j`` to
+  node ``i`` (node-major order of the pairs ``j < i``; 0 where unused), and ``used``."""
+  pairs = [(i, j) for i in range(1, num_nodes) for j in range(i)]
+  edge = np.zeros((num_nodes - 1, num_nodes - 1), np.int32)
+  used = np.zeros((num_nodes - 1, num_nodes - 1), bool)
+  for k, (i, j) in enumerate(pairs):
+    edge[i - 1, j], used[i - 1, j] = k, True
+  return edge, used
+
+
+def scan_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, train: bool,
+                     edge_fn):
+  """Nodes of a cell whose node ``i`` is ``base[i]`` plus MixedOps from nodes ``j < i``.
+
+  One ``lax.scan`` over nodes 1..n-1: each iteration evaluates a node's edges from a
+  fixed-size buffer of the earlier nodes, with the parameters, statistics and weights of
+  those edges gathered into the slots and unused slots weighted 0, so the graph holds one
+  MixedOp body (``edge_fn(params, stats, xs, weights) -> (out, new stats)``) instead of
+  one per node. Edges are the pairs ``(i, j < i)`` in node-major order along axis 0 of
+  ``params``, ``stats`` leaves and ``weights``. Returns ``(nodes [n, ...], new stats)``;
+  in training only the used slots update their edge's statistics.
+  """
+  n = base.shape[0]
+  edge_table, used_table = inner_slot_table(n)
+  buffer = jnp.zeros((n - 1,) + base.shape[1:], base.dtype).at[0].set(base[0])
+
+  def node_step(carry, inputs):
+    buffer, stats = carry
+    i, edges, used = inputs
+    slot_params = jax.tree.map(lambda a: a[edges], params)
+    slot_weights = weights[edges] * used[:, None].astype(weights.dtype)
+    slot_stats = jax.tree.map(lambda a: a[edges], stats)
+    out, new_slot_stats = edge_fn(slot_params, slot_stats, buffer, slot_weights)
+    node = base[i] + out.sum(axis=0)
+    if train:
+      # Scatter-add of the change, masked to the used slots.
+      def scatter(old, old_slots, new_slots):
+        mask = used.reshape(used.shape + (1,) * (new_slots.ndim - 1))
+        return old.at[edges].add(jnp.where(mask, new_slots - old_slots, 0))
+      stats = jax.tree.map(scatter, stats, slot_stats, new_slot_stats)
+    # Node i goes to slot i (the last node's write is never read).
+    buffer = lax.dynamic_update_index_in_dim(buffer, node, jnp.minimum(i, n - 2), 0)
+    return (buffer, stats), node
+
+  (_, new_stats), nodes = lax.scan(
+      node_step, (buffer, stats),
+      (jnp.arange(1, n), jnp.asarray(edge_table), jnp.asarray(used_table)))
+  return jnp.concatenate([base[:1], nodes], axis=0), new_stats
+
+
 class InnerEdges(_EdgeGroup):
   """The edges between intermediate nodes, evaluated as one loop over the nodes.
 
@@ -220,15 +271,6 @@ class InnerEdges(_EdgeGroup):
   """
   steps: int = 4
 
-  def slot_table(self) -> tuple[np.ndarray, np.ndarray]:
-    """``edge[i - 1, j]`` (edge of slot j of node i, 0 if unused) and ``used[i - 1, j]``."""
-    pairs = [(i, j) for i in range(1, self.steps) for j in range(i)]
-    edge = np.zeros((self.steps - 1, self.steps - 1), np.int32)
-    used = np.zeros((self.steps - 1, self.steps - 1), bool)
-    for k, (i, j) in enumerate(pairs):
-      edge[i - 1, j], used[i - 1, j] = k, True
-    return edge, used
-
   @nn.compact
   def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
     n = self.steps
@@ -239,33 +281,11 @@ class InnerEdges(_EdgeGroup):
     variables = self.declare_stats()
     if self.is_initializing():
       return base
-    edge_table, used_table = self.slot_table()
-    stats = self.stats_values(variables)
-    buffer = jnp.zeros((n - 1,) + base.shape[1:], base.dtype).at[0].set(base[0])
-
-    def node_step(carry, inputs):
-      buffer, stats = carry
-      i, edges, used = inputs
-      slot_p = jax.tree.map(lambda a: a[edges], p)
-      slot_w = weights[edges] * used[:, None].astype(weights.dtype)
-      slot_stats = jax.tree.map(lambda a: a[edges], stats)
-      out, new_slot_stats = mixed_edges(slot_p, slot_stats, buffer, slot_w, 1, train,
-                                        self.dw_impl)
-      node = base[i] + out.sum(axis=0)
-      if train:
-        # Only the used slots update their edge's statistics (scatter-add of the change).
-        def scatter(old, old_slots, new_slots):
-          mask = used.reshape(used.shape + (1,) * (new_slots.ndim - 1))
-          return old.at[edges].add(jnp.where(mask, new_slots - old_slots, 0))
-        stats = jax.tree.map(scatter, stats, slot_stats, new_slot_stats)
-      buffer = lax.dynamic_update_index_in_dim(buffer, node, jnp.minimum(i, n - 2), 0)
-      return (buffer, stats), node
-
-    (_, new_stats), nodes = lax.scan(
-        node_step, (buffer, stats),
-        (jnp.arange(1, n), jnp.asarray(edge_table), jnp.asarray(used_table)))
+    nodes, new_stats = scan_inner_nodes(
+        base, p, self.stats_values(variables), weights, train,
+        lambda q, stats, xs, w: mixed_edges(q, stats, xs, w, 1, train, self.dw_impl))
     self.store_stats(variables, new_stats, train)
-    return jnp.concatenate([base[:1], nodes], axis=0)
+    return nodes
 
 
 class Preprocess(nn.Module):
