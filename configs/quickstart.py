@@ -21,6 +21,21 @@ def get_config():
   config.seed = 0
   config.log_every_steps = 5
 
+  # Orbax checkpoints in WORKDIR/checkpoints: at every epoch end, and every `every_steps`
+  # steps when > 0; the last `keep` are kept. Rerunning a command resumes from them.
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 0
+  config.checkpoint.keep = 3
+
+  # Data parallel over every local device needs no setting. Several processes (TPU pod
+  # slices, SLURM): `distributed='auto'` initialises jax.distributed when the environment
+  # says so, 'on' always; the three fields below are detected by JAX when left None.
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.distributed = "auto"
+  config.parallel.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  config.parallel.num_processes = ml_collections.FieldReference(None, field_type=int)
+  config.parallel.process_id = ml_collections.FieldReference(None, field_type=int)
+
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"
   config.data.train_portion = 0.5

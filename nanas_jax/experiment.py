@@ -17,6 +17,7 @@ holds a finished search is refused rather than overwritten.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -30,8 +31,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nanas_jax import data as data_lib
-from nanas_jax import spaces
+from nanas_jax import loop, parallel, spaces, viz
+from nanas_jax.data import streams as data_streams
 from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search.random_search import (na_random_search, random_search,
@@ -61,6 +62,8 @@ def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any data is read or anything compiled."""
   spaces.get_space(config.model.space)
+  parallel.validate_parallel_config(config.get("parallel"))
+  loop.validate_checkpoint_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
     validate_rs_config(config.search)
     if config.search.rs.evaluator == "table" and config.model.space != "nb201":
@@ -129,180 +132,221 @@ def load_supernet(workdir: str, template) -> dict[str, Any]:
     return flax.serialization.from_bytes(template, f.read())
 
 
-def append_jsonl(path: str, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+def evaluate_search(sums_fn, state, stream, mesh) -> tuple[float, float]:
+  """Mean loss and accuracy of the supernet over a whole split (`loop.evaluate`)."""
+  sums = loop.evaluate(sums_fn, state, stream, mesh)
+  return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
 
-def evaluate(eval_fn, state, images: np.ndarray, labels: np.ndarray,
-             batch_size: int) -> tuple[float, float]:
-  """Mean loss and accuracy over a whole split, in fixed-size chunks (one compile): the
-  last chunk is padded by wrapping around and its padding masked out."""
-  n = len(images)
-  loss_sum, correct = 0.0, 0.0
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n
-    keep = np.arange(start, start + batch_size) < n
-    losses, hits = eval_fn(state, images[idx], labels[idx])
-    losses, hits = np.asarray(losses), np.asarray(hits)
-    loss_sum += float(losses[keep].sum())
-    correct += float(hits[keep].sum())
-  return loss_sum / n, correct / n
+TASKS = ("search", "train", "pipeline")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the experiment of ``config`` (bilevel or random search) into ``workdir``."""
+  """Runs the experiment of ``config`` into ``workdir``: ``config.task`` is ``'search'``
+  (the default: bilevel or random search), ``'train'`` (a genotype from scratch) or
+  ``'pipeline'`` (search, retrain, report). Training and the pipeline are imported here,
+  not at the top: the pipeline drives this module's searches."""
+  task = config.get("task", "search")
+  if task not in TASKS:
+    raise ValueError(f"config.task = {task!r} is invalid: expected one of {TASKS}.")
+  if task == "train":
+    from nanas_jax.train import run as train_run  # pylint: disable=g-import-not-at-top
+    return train_run.run_train(config, workdir)
+  if task == "pipeline":
+    from nanas_jax import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.run_pipeline(config, workdir)
   if config.search.algorithm in RS_ALGORITHMS:
     return run_random_search(config, workdir)
   return run_search(config, workdir)
 
 
-def _start(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Validates the config, guards the workdir and records the config in it."""
+def _start(config: ml_collections.ConfigDict, workdir: str):
+  """Validates the config, starts the processes and the mesh, guards the workdir and
+  records the config in it. Returns the device mesh."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  parallel.initialize(config.get("parallel"))
+  mesh = parallel.data_mesh()
+  if config.search.algorithm not in RS_ALGORITHMS or config.search.rs.evaluator != "table":
+    parallel.check_batch_size(config.data.batch_size, mesh)
   existing = [f for f in FINAL_FILES if os.path.exists(os.path.join(workdir, f))]
   if existing:
     raise FileExistsError(
         f"{workdir} already holds a finished search ({', '.join(existing)}); choose a new "
         "--workdir (results are never overwritten).")
-  write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  if parallel.is_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    record_config(config, workdir)
+  return mesh
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``config.json``; a resumed run with a changed config keeps the first file and
+  records its own next to it (``config-<n>.json``), so no record is lost."""
+  text = config.to_json_best_effort(indent=2)
+  path = os.path.join(workdir, "config.json")
+  n = 0
+  while os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    n += 1
+    path = os.path.join(workdir, f"config-{n}.json")
+  if n:
+    logging.warning("The config differs from the one this workdir started with; recorded "
+                    "as %s.", path)
+  write_atomic(path, text)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str):
-  """`_start`, then the data: ``(space, dataset, steps per epoch)``."""
-  _start(config, workdir)
+  """`_start`, then the data: ``(mesh, space, search streams, steps per epoch)``."""
+  mesh = _start(config, workdir)
   space = spaces.get_space(config.model.space)
-  dataset = data_lib.load_search_data(
-      config.data.name, train_portion=config.data.train_portion, seed=config.seed,
-      data_dir=config.data.data_dir, max_examples=config.data.max_examples)
-  batch = config.data.batch_size
-  n_train, n_val = len(dataset.train_images), len(dataset.val_images)
-  if batch > min(n_train, n_val):
-    raise ValueError(f"config.data.batch_size = {batch} exceeds the search split sizes "
-                     f"(train {n_train}, val {n_val}); lower it.")
-  return space, dataset, data_lib.steps_per_epoch(min(n_train, n_val), batch)
+  streams = data_streams.load_search_streams(config.data, config.data.batch_size,
+                                             config.seed)
+  steps = min(streams.train.steps_per_epoch, streams.val.steps_per_epoch)
+  return mesh, space, streams, steps
+
+
+def _paired_batches(streams, steps_per_epoch: int):
+  """``(epoch, start) -> (train batch, val batch)`` pairs for the rest of the epoch."""
+
+  def batches(epoch: int, start: int):
+    return itertools.islice(zip(streams.train.batches(epoch, start),
+                                streams.val.batches(epoch, start)), steps_per_epoch - start)
+
+  return batches
+
+
+def alpha_entropy(alpha: np.ndarray) -> float:
+  """Mean entropy (nats) of the per-edge operation distributions softmax(alpha): log(#ops)
+  at the uniform start, 0 when every edge has committed to one operation."""
+  p = np.asarray(jax.nn.softmax(np.asarray(alpha, np.float64), -1))
+  return float(-(p * np.log(np.clip(p, 1e-30, None))).sum(-1).mean())
+
+
+def write_cell_picture(space, genotype, path: str) -> None:
+  """A picture of the genotype's cells (process 0 only; never fatal to the search)."""
+  if parallel.is_main_process():
+    viz.plot_arch(space, genotype, path)
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``."""
-  space, dataset, steps_per_epoch = _prepare(config, workdir)
+  """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``, data
+  parallel over every device, resuming from the workdir's checkpoints."""
+  mesh, space, streams, steps_per_epoch = _prepare(config, workdir)
   batch = config.data.batch_size
-  model = build_supernet(config.model, dataset.num_classes)
+  model = build_supernet(config.model, streams.num_classes)
   search = BilevelSearch(model, space, config.search, steps_per_epoch)
+  main = parallel.is_main_process()
 
-  rng = jax.random.key(config.seed)
   t0 = time.time()
-  state = search.init(rng, jnp.asarray(dataset.train_images[:1]))
+  state = search.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
+  state = parallel.replicate(state, mesh)
   init_seconds = time.time() - t0
-  step_fn = search.jit_step()
-  eval_fn = search.eval_fn()
-  data_rng = np.random.default_rng(config.seed)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  logging.info("Search: %s, %d epochs x %d steps, batch %d, %s.", config.search.algorithm,
-               config.search.epochs, steps_per_epoch, batch, dataset.name)
+  sums_fn = search.eval_fn()
+  logging.info("Search: %s, %d epochs x %d steps, global batch %d over %d devices, %s.",
+               config.search.algorithm, config.search.epochs, steps_per_epoch, batch,
+               mesh.devices.size, streams.name)
 
-  compile_seconds = None
-  best = None
-  for epoch in range(config.search.epochs):
-    epoch_start = time.time()
-    train_iter = data_lib.batches(dataset.train_images, dataset.train_labels, batch, data_rng)
-    val_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch, data_rng)
-    totals: dict[str, float] = {}
-    for i, (train_batch, val_batch) in enumerate(zip(train_iter, val_iter)):
-      if i == steps_per_epoch:
-        break
-      t = time.time()
-      state, metrics = step_fn(state, train_batch, val_batch)
-      metrics = jax.device_get(metrics)
-      if compile_seconds is None:
-        compile_seconds = time.time() - t
-        logging.info("First step (compile + run): %.1f s", compile_seconds)
-      for key, value in metrics.items():
-        totals[key] = totals.get(key, 0.0) + float(value)
-      step = int(state.step)
-      if step % config.log_every_steps == 0:
-        append_jsonl(metrics_path, {"step": step, **{k: float(v) for k, v in metrics.items()}})
-      if not np.isfinite(float(metrics["train_loss"])) or not np.isfinite(
-          float(metrics["arch_loss"])):
-        raise FloatingPointError(
-            f"non-finite loss at step {step} (train {metrics['train_loss']}, arch "
-            f"{metrics['arch_loss']}); lower config.search.weights.lr or arch.lr.")
-    means = {k: v / steps_per_epoch for k, v in totals.items()}
-    val_loss, val_acc = evaluate(eval_fn, state, dataset.val_images, dataset.val_labels,
-                                 batch)
-    weights = np.asarray(jax.nn.softmax(state.alpha, -1))
-    genotype = space.derive(weights)
-    record = {"epoch": epoch + 1, "step": int(state.step), "val_loss": val_loss,
-              "val_accuracy": val_acc, "epoch_seconds": time.time() - epoch_start,
-              **{f"mean_{k}": v for k, v in means.items()}}
-    append_jsonl(metrics_path, record)
-    append_jsonl(os.path.join(workdir, "genotypes.jsonl"),
-                 {"epoch": epoch + 1, "genotype": space.format(genotype),
-                  "val_accuracy": val_acc})
-    if best is None or val_acc > best["val_accuracy"]:
-      best = {"epoch": epoch + 1, "val_accuracy": val_acc, "genotype": genotype}
+  def end_of_epoch(state, epoch, means, extra):
+    val_loss, val_acc = evaluate_search(sums_fn, state, streams.val, mesh)
+    alpha = parallel.to_host(state.alpha)
+    genotype = space.derive(np.asarray(jax.nn.softmax(alpha, -1)))
+    text = space.format(genotype)
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+              "val_loss": val_loss, "val_accuracy": val_acc,
+              "alpha_entropy": alpha_entropy(alpha), **means}
+    if main:
+      loop.append_jsonl(os.path.join(workdir, "genotypes.jsonl"),
+                        {"epoch": epoch + 1, "genotype": text, "val_accuracy": val_acc})
+      os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+      write_cell_picture(space, genotype,
+                         os.path.join(workdir, "cells", f"epoch_{epoch + 1:03d}.png"))
+    if not extra or val_acc > extra["best_val_accuracy"]:
+      extra.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_genotype=text)
+    extra.update(val_accuracy=val_acc)
     logging.info("epoch %d/%d  train loss %.4f acc %.3f  arch loss %.4f  val loss %.4f "
-                 "acc %.3f  (%.1f s)\n  genotype: %s", epoch + 1, config.search.epochs,
-                 means["train_loss"], means["train_accuracy"], means["arch_loss"], val_loss,
-                 val_acc, record["epoch_seconds"], space.format(genotype))
+                 "acc %.3f  alpha entropy %.3f\n  genotype: %s", epoch + 1,
+                 config.search.epochs, means["mean_train_loss"],
+                 means["mean_train_accuracy"], means["mean_arch_loss"], val_loss, val_acc,
+                 record["alpha_entropy"], text)
+    return record
 
-  final = space.derive(np.asarray(jax.nn.softmax(state.alpha, -1)))
-  save_supernet(workdir, state)
-  write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
+  result = loop.run_epochs(
+      workdir=workdir, config=config, mesh=mesh, state=state, step_fn=search.jit_step(),
+      batches_fn=_paired_batches(streams, steps_per_epoch), steps_per_epoch=steps_per_epoch,
+      epochs=config.search.epochs, end_of_epoch=end_of_epoch,
+      finite_keys=("train_loss", "arch_loss"),
+      hint="Lower config.search.weights.lr or config.search.arch.lr and rerun: the run "
+           "resumes from that checkpoint.")
+  state, extra = result.state, result.extra
+  parallel.assert_replicas_agree(state.alpha, "alpha")
+  alpha = parallel.to_host(state.alpha)
+  final = space.derive(np.asarray(jax.nn.softmax(alpha, -1)))
   summary = {
       "space": space.name, "genotype": space.format(final),
-      "genotype_json": space.to_json(final), "final_val_accuracy": val_acc,
-      "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-      "best_genotype": space.format(best["genotype"]),
-      "alpha": np.asarray(state.alpha).tolist(), "init_seconds": init_seconds,
-      "first_step_seconds": compile_seconds, "total_seconds": time.time() - t0,
+      "genotype_json": space.to_json(final), "final_val_accuracy": extra["val_accuracy"],
+      "best_epoch": extra["best_epoch"], "best_val_accuracy": extra["best_val_accuracy"],
+      "best_genotype": extra["best_genotype"], "alpha": alpha.tolist(),
+      "devices": int(mesh.devices.size), "processes": jax.process_count(),
+      "resumed_from_step": result.resumed_from, "init_seconds": init_seconds,
+      "first_step_seconds": result.first_step_seconds, "total_seconds": time.time() - t0,
   }
-  write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
-  summary["message"] = (f"Search finished: validation accuracy {val_acc:.3f} (best "
-                        f"{best['val_accuracy']:.3f} at epoch {best['epoch']}).")
+  if main:
+    save_supernet(workdir, parallel.to_host(state))
+    write_cell_picture(space, final, os.path.join(workdir, "genotype.png"))
+    write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
+    write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
+  summary["message"] = (
+      f"Search finished: validation accuracy {extra['val_accuracy']:.3f} (best "
+      f"{extra['best_val_accuracy']:.3f} at epoch {extra['best_epoch']}).")
   logging.info("Final genotype (written to %s):\n%s", os.path.join(workdir, "genotype.txt"),
                space.format(final))
   return summary
 
 
-def _train_weight_sharing(config, workdir, space, dataset, steps_per_epoch):
+def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch):
   """Trains the supernet on one sampled architecture per step; returns the state and a
   `SupernetEvaluator` on the first ``rs.eval_batches`` validation batches."""
-  batch, rs = config.data.batch_size, config.search.rs
-  model = build_supernet(config.model, dataset.num_classes)
+  rs = config.search.rs
+  model = build_supernet(config.model, streams.num_classes)
   trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
-  state = trainer.init(jax.random.key(config.seed), jnp.asarray(dataset.train_images[:1]))
-  data_rng = np.random.default_rng(config.seed)
-  arch_rng = np.random.default_rng(config.seed + 1)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  for epoch in range(config.search.epochs):
-    epoch_start, totals = time.time(), {}
-    train_iter = data_lib.batches(dataset.train_images, dataset.train_labels, batch, data_rng)
-    for i, train_batch in enumerate(train_iter):
-      if i == steps_per_epoch:
-        break
-      state, metrics = trainer.step(state, train_batch, arch_rng)
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(float(metrics["train_loss"])):
-        raise FloatingPointError(f"non-finite training loss at step {int(state.step)}; "
-                                 "lower config.search.weights.lr.")
-      for key, value in metrics.items():
-        totals[key] = totals.get(key, 0.0) + float(value)
-    means = {k: v / steps_per_epoch for k, v in totals.items()}
-    append_jsonl(metrics_path, {"epoch": epoch + 1, "step": int(state.step),
-                                "epoch_seconds": time.time() - epoch_start,
-                                **{f"mean_{k}": v for k, v in means.items()}})
+  state = trainer.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
+  state = parallel.replicate(state, mesh)
+
+  def step_fn(state, train_batch):
+    # The architecture of step s is drawn from (seed, s): a resumed run draws the same ones.
+    step = int(parallel.to_host(state.step))
+    return trainer.step(state, train_batch, np.random.default_rng([config.seed + 1, step]),
+                        put=lambda w: parallel.replicate(w, mesh))
+
+  def end_of_epoch(state, epoch, means, extra):
     logging.info("epoch %d/%d  train loss %.4f acc %.3f (one sampled architecture per "
-                 "step, %.1f s)", epoch + 1, config.search.epochs, means["train_loss"],
-                 means["train_accuracy"], time.time() - epoch_start)
-  eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
-                               np.random.default_rng(config.seed + 2))
-  eval_batches = [b for _, b in zip(range(rs.eval_batches), eval_iter)]
+                 "step)", epoch + 1, config.search.epochs, means["mean_train_loss"],
+                 means["mean_train_accuracy"])
+    return {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, **means}
+
+  def batches(epoch, start):
+    return ((b,) for b in itertools.islice(streams.train.batches(epoch, start),
+                                           steps_per_epoch - start))
+
+  state = loop.run_epochs(
+      workdir=workdir, config=config, mesh=mesh, state=state, step_fn=step_fn,
+      batches_fn=batches, steps_per_epoch=steps_per_epoch, epochs=config.search.epochs,
+      end_of_epoch=end_of_epoch, finite_keys=("train_loss",),
+      hint="Lower config.search.weights.lr and rerun: the run resumes from that "
+           "checkpoint.").state
+  # Candidates are scored on whole validation batches that every process holds, so every
+  # process ranks them identically.
+  full = data_streams.load_search_streams(config.data, config.data.batch_size, config.seed,
+                                          process_index=0, process_count=1)
+  eval_batches = [(x, y) for (x, y, _), _ in zip(full.val.eval_batches(),
+                                                 range(rs.eval_batches))]
+  host_state = parallel.to_host(state)
   evaluator = SupernetEvaluator(
-      model, {"params": state.params, "batch_stats": state.batch_stats}, space,
+      model, {"params": host_state.params, "batch_stats": host_state.batch_stats}, space,
       eval_batches, chunk_size=rs.chunk_size)
-  return state, evaluator
+  return host_state, evaluator
 
 
 def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -322,8 +366,8 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     else:
       evaluator = TabularEvaluator.from_file(rs.table_path)
   else:
-    space, dataset, steps_per_epoch = _prepare(config, workdir)
-    state, evaluator = _train_weight_sharing(config, workdir, space, dataset,
+    mesh, space, streams, steps_per_epoch = _prepare(config, workdir)
+    state, evaluator = _train_weight_sharing(config, workdir, mesh, space, streams,
                                              steps_per_epoch)
   train_seconds = time.time() - t0
   search_rng = np.random.default_rng(config.seed + 3)
@@ -338,9 +382,12 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     result = random_search(space, evaluator, rs.num_candidates, search_rng)
     baseline = None
   best = space.decode(result.best_codes)
-  if state is not None:
+  main = parallel.is_main_process()
+  if state is not None and main:
     save_supernet(workdir, state)
-  write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
+  if main:
+    write_cell_picture(space, best, os.path.join(workdir, "genotype.png"))
+    write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
   summary = {
       "space": space.name, "algorithm": config.search.algorithm,
       "genotype": space.format(best), "genotype_json": space.to_json(best),
@@ -348,7 +395,9 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
       "same_budget_random_search": None if baseline is None else baseline.to_json(),
       "train_seconds": train_seconds, "total_seconds": time.time() - t0,
   }
-  write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
+  if main:
+    write_atomic(os.path.join(workdir, "genotype.json"),
+                 json.dumps(summary, indent=2) + "\n")
   message = (f"{config.search.algorithm}: best validation loss {result.best_loss:.4f} "
              f"(score {result.best_score:.4f}); {result.budget['total_evaluations']} "
              "evaluations")

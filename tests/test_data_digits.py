@@ -197,3 +197,16 @@ def test_batch_errors_are_raised_on_the_call():
     data.batches(images, labels[:19], 4, rng)
   with pytest.raises(ValueError, match=r'batch_size 64 is larger than the split'):
     data.steps_per_epoch(10, 64)
+
+
+def test_load_split_holds_raw_pixels_and_the_train_statistics(raw):
+  from nanas_jax.data import digits  # pylint: disable=g-import-not-at-top
+  split = digits.load_split(train_portion=0.4, seed=5)
+  search = data.load_search_data('digits', train_portion=0.4, seed=5)
+  assert 0 <= split.train_images.min() and split.train_images.max() <= 1
+  np.testing.assert_array_equal(split.train_labels, search.train_labels)
+  rows = np.rint(split.train_images.reshape(len(split.train_images), -1) * 16)
+  assert set(_row_keys(rows.astype(np.uint8), split.train_labels)) <= set(_row_keys(*raw))
+  assert split.mean == split.train_images.mean(dtype=np.float64)
+  assert split.std == split.train_images.std(dtype=np.float64)
+  np.testing.assert_array_equal(split.standardise(split.val_images), search.val_images)

@@ -10,6 +10,10 @@ quick start on `digits` never imports TensorFlow:
 
 Every source checks its arguments with `check_split_args` before reading anything and
 cuts the split at `split_point`, so all of them split the same way.
+
+`streams` serves the same splits, and the training splits for training from scratch, as
+epoch-indexed, augmented, per-host, resumable streams (digits and CIFAR in memory;
+ImageNet streamed with tf.data by `imagenet`).
 """
 
 from collections.abc import Iterator

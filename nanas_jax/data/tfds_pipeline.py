@@ -1,8 +1,8 @@
 """CIFAR-10 and CIFAR-100 through TensorFlow Datasets, held in memory for the search.
 
-Today this reads the 'train' split into numpy (CIFAR fits), normalises it as the DARTS
-code does, and cuts the DARTS search split from it. Augmentation, per-host sharding and
-streaming belong here when they come.
+This reads a split into numpy (CIFAR fits), normalises it as the DARTS code does, and
+cuts the DARTS search split from the 'train' split. Epoch-indexed batches with
+augmentation and per-host sharding over these arrays live in `nanas_jax.data.streams`.
 
 TensorFlow is imported on first use, not with this module: it takes seconds, and the
 digits quick start never needs it. This loader never downloads: on a pod every host
@@ -58,9 +58,9 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
       f'then pass that data_dir (or set TFDS_DATA_DIR).')
 
 
-def load_train_split(name: str, *, data_dir: str | None = None,
-                     max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-  """The 'train' split in its stored order: uint8 [N, 32, 32, 3] images, int32 labels.
+def load_split(name: str, split: str = 'train', *, data_dir: str | None = None,
+               max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+  """Split `split` ('train' or 'test') in its stored order: uint8 [N, 32, 32, 3], int32 labels.
 
   Returns:
     (images, labels, num_classes); at most `max_examples` examples, the first ones.
@@ -76,7 +76,7 @@ def load_train_split(name: str, *, data_dir: str | None = None,
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     # shuffle_files=False: the same order on every run and host, so the split is fixed.
-    dataset = builder.as_dataset(split='train', shuffle_files=False, as_supervised=True)
+    dataset = builder.as_dataset(split=split, shuffle_files=False, as_supervised=True)
   except (tfds.core.DatasetNotFoundError, AssertionError) as error:
     raise FileNotFoundError(
         _not_prepared_message(name, data_dir or tfds.core.constants.DATA_DIR)) from error
@@ -88,6 +88,12 @@ def load_train_split(name: str, *, data_dir: str | None = None,
     labels.append(label_batch)
   num_classes = builder.info.features['label'].num_classes
   return np.concatenate(images), np.concatenate(labels).astype(np.int32), num_classes
+
+
+def load_train_split(name: str, *, data_dir: str | None = None,
+                     max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+  """`load_split` of the 'train' split."""
+  return load_split(name, 'train', data_dir=data_dir, max_examples=max_examples)
 
 
 def normalise(images: np.ndarray, name: str) -> np.ndarray:

@@ -329,15 +329,20 @@ class BilevelSearch:
       return jax.jit(self.step, donate_argnums=0)
     return self.step
 
-  def eval_fn(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Jitted ``(state, images, labels) -> (losses, hits)`` per example, of the supernet at
-    ``softmax(alpha)`` in evaluation mode (running BatchNorm statistics)."""
+  def eval_fn(self) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted ``(state, images, labels, mask) -> {'loss', 'correct', 'count'}``: sums over
+    the rows where ``mask`` holds, of the supernet at ``softmax(alpha)`` in evaluation mode
+    (running BatchNorm statistics). Sums, not per-example values, so a sharded batch
+    reduces on the devices and every process reads the same three numbers."""
 
-    def evaluate(state: SearchState, images, labels):
+    def evaluate(state: SearchState, images, labels, mask):
       logits = self.model.apply({"params": state.params, "batch_stats": state.batch_stats},
                                 images, jax.nn.softmax(state.alpha, -1), train=False)
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return losses, jnp.argmax(logits, -1) == labels
+      mask = mask.astype(losses.dtype)
+      return {"loss": jnp.sum(losses * mask),
+              "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+              "count": jnp.sum(mask)}
 
     return jax.jit(evaluate)
 

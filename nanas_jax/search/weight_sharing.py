@@ -8,6 +8,7 @@ weights are an input). The trained weights then score candidates through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -73,9 +74,12 @@ class WeightSharingTrainer:
                          params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, weight_opt_state=opt_state), metrics
 
-  def step(self, state: SearchState, train_batch, rng: np.random.Generator):
-    """One weight step on a freshly sampled architecture: ``(new state, metrics)``."""
-    return self._step(state, self.sample_weights(rng), *train_batch)
+  def step(self, state: SearchState, train_batch, rng: np.random.Generator,
+           put: Callable[[np.ndarray], Any] = jnp.asarray):
+    """One weight step on a freshly sampled architecture: ``(new state, metrics)``.
+    ``put`` places the sampled weights (replicated over a device mesh in data-parallel
+    runs)."""
+    return self._step(state, put(self.sample_weights(rng)), *train_batch)
 
 
 def validate_rs_config(config: ml_collections.ConfigDict) -> None:
