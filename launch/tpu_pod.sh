@@ -5,7 +5,7 @@
 # and the search is data parallel over every TPU core of the slice.
 #
 # Every variable below can be set from the environment, e.g.
-#   WORKDIR=gs://my-bucket/nanas/na_darts_c10 launch/tpu_pod.sh
+#   WORKDIR=/mnt/gcs/nanas/na_darts_c10 launch/tpu_pod.sh
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-nanas-pod}"
@@ -18,7 +18,9 @@ CREATE_FLAGS="${CREATE_FLAGS:-}"
 REPO="${REPO:-https://github.com/nanas-jax/nanas_jax}"
 REF="${REF:-main}"
 CONFIG="${CONFIG:-configs/na_darts_cifar10.py:first}"
-# Workers share no disk: the workdir must be a gs:// bucket or a file system mounted on all.
+# Workers share no disk: the workdir must be a file system mounted on every worker (e.g. a
+# gcsfuse mount of a bucket, or Filestore). Results are written with local file
+# operations, so gs:// URLs are refused; a tfds data_dir may be gs://.
 WORKDIR="${WORKDIR:-}"
 # More flags for nanas_jax.main, e.g. "--config.data.data_dir=gs://my-bucket/tfds".
 EXTRA="${EXTRA:-}"
@@ -137,12 +139,14 @@ delete() {
 # Checked before any step, so that a missing WORKDIR does not wait for a slice to be created.
 if [[ " ${STEPS[*]} " == *" run "* ]]; then
   if [[ -z $WORKDIR ]]; then
-    echo "Set WORKDIR (a gs:// bucket, or a path mounted on every worker)." >&2
+    echo "Set WORKDIR (a path mounted on every worker, e.g. a gcsfuse mount)." >&2
     usage >&2
     exit 2
   fi
-  if [[ $WORKDIR != gs://* ]]; then
-    echo "Note: WORKDIR=$WORKDIR is not a gs:// bucket; it must be mounted on every worker." >&2
+  if [[ $WORKDIR == *://* ]]; then
+    echo "WORKDIR=$WORKDIR is a URL: mount the bucket on every worker (gcsfuse) and pass" \
+      "the mount path." >&2
+    exit 2
   fi
 fi
 

@@ -164,6 +164,7 @@ def _start(config: ml_collections.ConfigDict, workdir: str):
   """Validates the config, starts the processes and the mesh, guards the workdir and
   records the config in it. Returns the device mesh."""
   validate_config(config)
+  loop.check_workdir(workdir)
   parallel.initialize(config.get("parallel"))
   mesh = parallel.data_mesh()
   if config.search.algorithm not in RS_ALGORITHMS or config.search.rs.evaluator != "table":

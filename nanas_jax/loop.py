@@ -72,6 +72,14 @@ def validate_checkpoint_config(config: ml_collections.ConfigDict) -> None:
                      "integer >= 1.")
 
 
+def check_workdir(workdir: str) -> None:
+  """Results are written with local file operations (atomic renames): a URL workdir
+  (``gs://...``) would silently become a local directory named ``gs:``."""
+  if "://" in workdir:
+    raise ValueError(f"--workdir={workdir} is a URL; mount the bucket (e.g. gcsfuse) on every "
+                     "host and pass the mounted path.")
+
+
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")

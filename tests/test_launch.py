@@ -154,7 +154,7 @@ def _calls(log):
 
 
 POD_ENV = {"TPU_NAME": "test-pod", "ZONE": "us-central2-b", "ACCELERATOR_TYPE": "v4-32",
-           "CONFIG": "configs/na_darts_cifar10.py:second", "WORKDIR": "gs://bucket/run 1",
+           "CONFIG": "configs/na_darts_cifar10.py:second", "WORKDIR": "/mnt/gcs/run 1",
            "EXTRA": "--config.data.data_dir=gs://bucket/tfds", "REF": "v1"}
 
 
@@ -176,7 +176,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands_and_runs_none(tmp_path):
   remote = shlex.split(run[-1].removeprefix("--command="))
   assert remote[remote.index("-m") + 1:] == [
       "nanas_jax.main", "--config=configs/na_darts_cifar10.py:second",
-      "--workdir=gs://bucket/run 1", "--config.parallel.distributed=on",
+      "--workdir=/mnt/gcs/run 1", "--config.parallel.distributed=on",
       "--config.data.data_dir=gs://bucket/tfds"]
 
 

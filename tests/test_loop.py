@@ -178,3 +178,9 @@ def test_bad_checkpoint_config_names_the_field(field, value):
   c.checkpoint[field] = value
   with pytest.raises(ValueError, match=f"config.checkpoint.{field}"):
     loop.validate_checkpoint_config(c)
+
+
+def test_url_workdirs_are_refused_with_the_fix():
+  with pytest.raises(ValueError, match="mount the bucket"):
+    loop.check_workdir("gs://bucket/run")
+  loop.check_workdir("/mnt/gcs/run")

@@ -7,10 +7,19 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from nanas_jax import spaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tensorboard_scalars(workdir, tag):
+  """``{step: value}`` of a scalar in the workdir's TensorBoard event files."""
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  events.Reload()
+  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
 
 
 def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path):
@@ -34,6 +43,18 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
   assert [e["epoch"] for e in epochs] == [1, 2]
   assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in epochs)
   assert len((workdir / "genotypes.jsonl").read_text().splitlines()) == 2
+  # Alpha starts near uniform over the 8 operations: entropy log(8) per edge.
+  assert abs(epochs[0]["alpha_entropy"] - np.log(8)) < 0.01
+  # Pictures of both cells every epoch and of the final genotype.
+  for name in ("cells/epoch_001.png", "cells/epoch_002.png", "genotype.png"):
+    assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6"]
+  # TensorBoard holds the same per-step numbers as metrics.jsonl.
+  steps = {r["step"]: r for r in map(json.loads,
+                                     (workdir / "metrics.jsonl").read_text().splitlines())
+           if "train_loss" in r}
+  assert tensorboard_scalars(workdir, "train_loss") == pytest.approx(
+      {s: r["train_loss"] for s, r in steps.items()}, rel=1e-6)
   # Rerunning into the same workdir must not overwrite the finished search.
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0

@@ -152,6 +152,15 @@ EIGHT_DEVICES = textwrap.dedent("""
     out["replicas_identical"] = all(np.array_equal(shards[0], s) for s in shards)
     out["alpha_moved"] = float(np.abs(shards[0] - np.asarray(one.alpha)).max())
     parallel.assert_replicas_agree(eight.alpha, "alpha")
+    # A global batch the 8 devices cannot split fails before any data or compile.
+    from nanas_jax import experiment
+    bad = quickstart.get_config()
+    bad.data.batch_size = 12
+    try:
+      experiment.run(bad, os.path.join(sys.argv[5], "bad"))
+    except ValueError as error:
+      out["batch_error"] = str(error)
+    out["bad_workdir_created"] = os.path.exists(os.path.join(sys.argv[5], "bad"))
     print("RESULT " + json.dumps(out))
     """)
 
@@ -168,9 +177,9 @@ def run_on_eight_devices(*args) -> dict:
     ("darts", "first", "full", 12),
     ("na_darts", "second_fd", "full", 2),
 ])
-def test_eight_device_step_equals_one_device_step(algorithm, order, neighbor_batch,
+def test_eight_device_step_equals_one_device_step(tmp_path, algorithm, order, neighbor_batch,
                                                   extra_steps):
-  out = run_on_eight_devices(algorithm, order, neighbor_batch, extra_steps)
+  out = run_on_eight_devices(algorithm, order, neighbor_batch, extra_steps, tmp_path)
   assert out["devices"] == 8 and out["replicas"] == 8
   # Tolerance: the 8-device step sums partial results in another order; float32 rounding
   # of sums over 16 images and ~1e4 weights stays below 1e-5 here (measured ~1e-7).
@@ -182,3 +191,5 @@ def test_eight_device_step_equals_one_device_step(algorithm, order, neighbor_bat
   # After the extra steps alpha has moved, and every replica holds the same bits.
   assert out["alpha_moved"] > 1e-4
   assert out["replicas_identical"]
+  assert "config.data.batch_size = 12 is not divisible by the 8 devices" in out["batch_error"]
+  assert not out["bad_workdir_created"]
