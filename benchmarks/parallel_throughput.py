@@ -21,18 +21,22 @@ the smallest count over this count, 1.0 is linear scaling), ``peak_rss_gb`` (the
 maximum resident memory, on a CPU including XLA's compiler), ``peak_device_gb`` (the
 largest per-device peak of the accelerator memory, where reported), the backend and device
 kind, and ``alpha_diff``: the largest difference of the final alpha from the smallest
-device count's (float32 rounding, ~1e-6; more means the sharded step computes something
+device count's (float32 rounding, 1e-8 to 1e-6; more means the sharded step computes something
 else).
 
 What the numbers mean on a CPU: the N devices are fake
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), N host "devices" that share the
-same physical cores (2 on the machine this was developed on). N of them cannot be faster
-than one, and a speedup below 1 is expected: on a CPU the benchmark measures the overhead
-of the sharded program (partitioned compilation, per-device dispatch, the all-reduces) and
-checks that the plumbing works end to end (replication, sharding, equal results). It says
-nothing about scaling. Real scaling needs real devices: on a GPU or TPU machine the same
+same physical cores (2 on the machine this was developed on). They add no compute, so a
+speedup near or below 1 is expected (a few percent above 1 where one device's program
+left a core idle). On a CPU the benchmark measures the overhead of the sharded program
+(partitioned compilation, per-device dispatch, the all-reduces) and checks that the
+plumbing works end to end (replication, sharding, equal results). It says nothing about
+scaling. Real scaling needs real devices: on a GPU or TPU machine the same
 command uses the first N accelerators (``jax.devices()[:N]``, no XLA flag), and
-``JAX_PLATFORMS=cpu`` forces the fake CPU devices there.
+``JAX_PLATFORMS=cpu`` forces the fake CPU devices there. On a CPU every count also runs
+with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (see
+`SERIAL_SCHEDULER_FLAG`), so its step times are those of XLA's memory-minimising
+schedule, not of the default one `benchmarks/search_step.py` measures.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ PRESETS = {
     "reference": dict(channels=16, layers=8, image="32x32x3"),
 }
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA's CPU scheduler that maximises concurrency lets independent all-reduces of one step
+# start in a different order on different fake devices; with 2 devices on 2 cores the step
+# then deadlocked (an XLA rendezvous timeout, the process aborted) in 4 of 6 runs with JAX
+# 0.10.2. The memory-minimising scheduler serialises them (0 of 3).
+SERIAL_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 # What the child processes receive, besides --devices and --child.
 CHILD_ARGS = ("algorithm", "order", "neighbors", "channels", "layers", "image", "batch",
               "steps", "seed")
@@ -197,12 +206,16 @@ def probe_backend() -> tuple[str, int]:
 
 def child_env(count: int, backend: str) -> dict[str, str]:
   """The environment of the child for ``count`` devices: on a CPU, ``count`` fake host
-  devices (replacing any device-count flag already in ``XLA_FLAGS``); elsewhere
-  unchanged, the child takes the first ``count`` real devices."""
+  devices (replacing any device-count flag already in ``XLA_FLAGS``) and the serial
+  collective schedule unless ``XLA_FLAGS`` chooses one, for every count alike so that
+  all run the same schedule; elsewhere unchanged, the child takes the first ``count``
+  real devices."""
   env = dict(os.environ)
   if backend == "cpu":
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith(DEVICE_COUNT_FLAG)]
+    if not any(f.startswith(SERIAL_SCHEDULER_FLAG) for f in flags):
+      flags.append(f"{SERIAL_SCHEDULER_FLAG}=false")
     env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={count}"])
   return env
 

@@ -3,7 +3,12 @@
 Launch:
   python -m nanas_jax.main --config=configs/pipeline_quickstart.py --workdir=/tmp/nanas_pipeline
 
-Cost: TO BE MEASURED.
+Cost: about 7 minutes on a 2-core CPU shared with other jobs: search 4 minutes (first
+step, i.e. compilation, 46 s; 28 steps of about 6 s), flatness 1 minute, training 2.3
+minutes (the found genotype is lighter than DARTS_V2). Measured: the found genotype
+reached 0.984 test top-1 (chance is 0.1) on the 797 held-out digits. The shortened search
+barely moves alpha (its supernet validation accuracy was 0.21): a quick start of the
+machinery, not a search result.
 
 Writes WORKDIR/search (the search), WORKDIR/train (the training from scratch) and
 WORKDIR/report.md (genotype, cell picture, search accuracy, flatness, parameters,

@@ -33,6 +33,11 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# XLA:CPU's concurrency-optimised scheduler can start the all-reduces of several host
+# devices in different orders and deadlock (seen with 2 fake CPU devices: "Termination
+# timeout for all reduce"); CPU runs with several devices (tests, benchmarks) set this in
+# XLA_FLAGS before JAX starts. GPUs and TPUs are unaffected.
+CPU_COLLECTIVES_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 

@@ -270,7 +270,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   resumed = search.get("resumed_from_step")
   stages["search"]["recorded"] = (
       _seconds(search.get("total_seconds")) +
-      (f" (the last session, resumed at step {resumed})" if resumed is not None else ""))
+      (f" (the last session, resumed at step {resumed})" if resumed is not None else "") +
+      (f", first step {_seconds(search['first_step_seconds'])}"
+       if search.get("first_step_seconds") is not None else ""))
   genotype = search["genotype"]
 
   flat = None

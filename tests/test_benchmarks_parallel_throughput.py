@@ -30,8 +30,15 @@ def test_bad_command_lines_are_refused(argv):
 def test_child_env_sets_fake_cpu_devices_only_on_cpu(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {bench.DEVICE_COUNT_FLAG}=3")
   flags = bench.child_env(4, "cpu")["XLA_FLAGS"].split()
-  assert flags == ["--xla_dump_to=/tmp/x", f"{bench.DEVICE_COUNT_FLAG}=4"]
+  assert flags == ["--xla_dump_to=/tmp/x", f"{bench.SERIAL_SCHEDULER_FLAG}=false",
+                   f"{bench.DEVICE_COUNT_FLAG}=4"]
   assert bench.child_env(4, "gpu")["XLA_FLAGS"] == os.environ["XLA_FLAGS"]
+
+
+def test_child_env_keeps_a_scheduler_the_user_chose(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{bench.SERIAL_SCHEDULER_FLAG}=true")
+  flags = bench.child_env(2, "cpu")["XLA_FLAGS"].split()
+  assert flags == [f"{bench.SERIAL_SCHEDULER_FLAG}=true", f"{bench.DEVICE_COUNT_FLAG}=2"]
 
 
 def test_speedup_efficiency_and_alpha_diff_against_the_base():

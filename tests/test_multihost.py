@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOST = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2"
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     from configs import quickstart
     from nanas_jax import experiment
 

@@ -97,7 +97,8 @@ def test_batch_size_must_split_over_the_devices():
 
 EIGHT_DEVICES = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8"
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     import jax, jax.numpy as jnp, numpy as np
     from configs import quickstart
     from nanas_jax import parallel, spaces

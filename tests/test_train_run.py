@@ -255,7 +255,8 @@ def test_two_devices_train_like_one(reference, tmp_path):
       from nanas_jax.train import run
       print(json.dumps(run.run_train(tiny_config(), {str(tmp_path / 'two')!r})))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"
+      " --xla_cpu_enable_concurrency_optimized_scheduler=false",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

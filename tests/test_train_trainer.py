@@ -425,7 +425,8 @@ def test_step_is_deterministic_donates_its_state_and_resume_reproduces(setup):
 
 TWO_DEVICES = textwrap.dedent("""
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2"
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from nanas_jax.spaces import get_genotype

@@ -371,6 +371,15 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
           jax.process_count() if process_count is None else process_count)
 
 
+def _checked_layout(data_config, global_batch_size, seed, process_index, process_count):
+  """The options and host layout of a loader call, checked before any data is read."""
+  options = read_options(data_config)
+  process_index, process_count = _processes(process_index, process_count)
+  check_batch_layout(global_batch_size, process_count, process_index)
+  check_seed(seed)
+  return options, process_index, process_count
+
+
 def load_search_streams(data_config, global_batch_size: int, seed: int, *,
                         process_index: int | None = None,
                         process_count: int | None = None) -> SearchStreams:
@@ -385,10 +394,8 @@ def load_search_streams(data_config, global_batch_size: int, seed: int, *,
 
   `config.data.cutout` is ignored here: DARTS searches without it.
   """
-  options = read_options(data_config)
-  process_index, process_count = _processes(process_index, process_count)
-  check_batch_layout(global_batch_size, process_count, process_index)
-  check_seed(seed)
+  options, process_index, process_count = _checked_layout(
+      data_config, global_batch_size, seed, process_index, process_count)
   if options.name.startswith('imagenet'):
     from nanas_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     return imagenet.load_search_streams(options, global_batch_size, seed,
@@ -429,10 +436,8 @@ def load_train_streams(data_config, global_batch_size: int, seed: int, *,
   Arguments as `load_search_streams`. The train stream is augmented when
   `config.data.augment` (plus Cutout when `config.data.cutout > 0`); the test stream never.
   """
-  options = read_options(data_config)
-  process_index, process_count = _processes(process_index, process_count)
-  check_batch_layout(global_batch_size, process_count, process_index)
-  check_seed(seed)
+  options, process_index, process_count = _checked_layout(
+      data_config, global_batch_size, seed, process_index, process_count)
   if options.name.startswith('imagenet'):
     from nanas_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     return imagenet.load_train_streams(options, global_batch_size, seed,

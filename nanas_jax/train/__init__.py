@@ -1,5 +1,7 @@
 """Training a genotype from scratch (the DARTS CIFAR and ImageNet mobile protocols): one
-state pytree and pure, jittable steps; the loop around them lives in the experiment."""
+state pytree and pure, jittable steps. The run around them (data, the shared loop, the
+files of a workdir) is `nanas_jax.train.run`, imported on its own: it drives the side
+effects this package's pure pieces stay free of."""
 
 from nanas_jax.train.state import TrainState, lr_schedule, train_optimizer
 from nanas_jax.train.trainer import (Trainer, build_network, default_train_config,
