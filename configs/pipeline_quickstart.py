@@ -37,7 +37,8 @@ def get_config(arg=None):
 
   config.search = quickstart.get_config()
   config.search.data.max_examples = 1000
-  config.search.search.epochs = 4
+  config.search.data.batch_size = 32
+  config.search.search.epochs = 6
 
   config.train = train_quickstart.get_config(arg)
 
