@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nanas_jax import experiment, flatness, parallel, summary
+from nanas_jax import experiment, flatness, loop, parallel, summary
 from nanas_jax.data import streams as data_streams
 from nanas_jax.train import run as train_run
 
@@ -246,6 +246,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   """Searches, retrains the found genotype and writes ``report.md`` into ``workdir``
   (see the module docstring); returns a summary with ``message`` and ``genotype``."""
   validate_pipeline_config(config)
+  loop.check_workdir(workdir)
   report_path = os.path.join(workdir, REPORT_FILE)
   if os.path.exists(report_path):
     raise FileExistsError(

@@ -168,6 +168,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   """Trains ``config.model``'s genotype from scratch into ``workdir`` (resuming from its
   checkpoints) and returns the summary written to ``results.json`` plus a ``message``."""
   validate_run_config(config)
+  loop.check_workdir(workdir)
   genotype, source = resolve_genotype(config.model)
   _check_workdir(workdir, genotype)
   parallel.initialize(config.get("parallel"))
