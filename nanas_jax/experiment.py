@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from nanas_jax import loop, parallel, spaces, viz
+from nanas_jax.files import write_atomic
 from nanas_jax.data import streams as data_streams
 from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
 from nanas_jax.nn.supernet import SearchNetwork
@@ -102,25 +102,11 @@ def _validate_batch(config: ml_collections.ConfigDict) -> None:
         "when config.search.neighbors.batch = 'split'.")
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename."""
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def save_supernet(workdir: str, state) -> None:
   """The trained supernet variables (params, batch_stats), for flatness reports; written
   atomically. Full checkpoints with optimizer states and resume arrive with orbax."""
-  payload = flax.serialization.to_bytes(
-      {"params": state.params, "batch_stats": state.batch_stats})
-  path = os.path.join(workdir, SUPERNET_FILE)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-")
-  with os.fdopen(fd, "wb") as f:
-    f.write(payload)
-  os.replace(tmp, path)
+  write_atomic(os.path.join(workdir, SUPERNET_FILE), flax.serialization.to_bytes(
+      {"params": state.params, "batch_stats": state.batch_stats}))
 
 
 def load_supernet(workdir: str, template) -> dict[str, Any]:
@@ -338,9 +324,9 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
       hint="Lower config.search.weights.lr and rerun: the run resumes from that "
            "checkpoint.").state
   # Candidates are scored on whole validation batches that every process holds, so every
-  # process ranks them identically.
-  full = data_streams.load_search_streams(config.data, config.data.batch_size, config.seed,
-                                          process_index=0, process_count=1)
+  # process ranks them identically; one process already holds them.
+  full = streams if jax.process_count() == 1 else data_streams.load_search_streams(
+      config.data, config.data.batch_size, config.seed, process_index=0, process_count=1)
   eval_batches = [(x, y) for (x, y, _), _ in zip(full.val.eval_batches(),
                                                  range(rs.eval_batches))]
   host_state = parallel.to_host(state)

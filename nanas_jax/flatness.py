@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -48,6 +47,7 @@ import numpy as np
 
 from nanas_jax import neighborhood
 from nanas_jax import spaces
+from nanas_jax.files import write_atomic
 from nanas_jax.search.evaluators import SupernetEvaluator
 
 REPORT_STEM = "flatness"
@@ -185,21 +185,6 @@ def _read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _link_new(tmp: str, path: str) -> None:
-  """Moves ``tmp`` to ``path`` unless ``path`` exists (then FileExistsError)."""
-  try:
-    os.link(tmp, path)
-  finally:
-    os.unlink(tmp)
-
-
-def _tmp_file(workdir: str, data: bytes) -> str:
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-flatness-")
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-  return tmp
-
-
 def _stem(n: int) -> str:
   return REPORT_STEM if n == 0 else f"{REPORT_STEM}-{n}"
 
@@ -215,14 +200,14 @@ def _write_outputs(workdir: str, payload: dict, plot_bytes: bytes | None):
       n += 1
       continue
     payload["files"] = {"json": json_path, "png": png_path if plot_bytes else None}
-    tmp = _tmp_file(workdir, (json.dumps(payload, indent=2) + "\n").encode())
     try:
-      _link_new(tmp, json_path)  # Claims the name.
+      # Claims the name.
+      write_atomic(json_path, json.dumps(payload, indent=2) + "\n", replace=False)
     except FileExistsError:
       n += 1
       continue
     if plot_bytes:
-      _link_new(_tmp_file(workdir, plot_bytes), png_path)
+      write_atomic(png_path, plot_bytes, replace=False)
     return payload["files"]
 
 

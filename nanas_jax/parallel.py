@@ -33,12 +33,20 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
-# XLA:CPU's concurrency-optimised scheduler can start the all-reduces of several host
-# devices in different orders and deadlock (seen with 2 fake CPU devices: "Termination
-# timeout for all reduce"); CPU runs with several devices (tests, benchmarks) set this in
-# XLA_FLAGS before JAX starts. GPUs and TPUs are unaffected.
-CPU_COLLECTIVES_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
 DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def fake_cpu_devices_xla_flags(count: int) -> str:
+  """``XLA_FLAGS`` that give a CPU process ``count`` host devices (tests, benchmarks); they
+  must be in the environment before JAX starts its CPU backend.
+
+  They also turn off XLA:CPU's concurrency-optimised scheduler, which can start the
+  all-reduces of several host devices in different orders and deadlock (seen with 2 fake
+  devices: "Termination timeout for all reduce"). GPUs and TPUs are unaffected.
+  """
+  return (f"--xla_force_host_platform_device_count={count}"
+          " --xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
 def multi_process_environment() -> bool:

@@ -53,6 +53,7 @@ from absl import logging
 
 from nanas_jax import experiment, flatness, loop, parallel, summary
 from nanas_jax.data import streams as data_streams
+from nanas_jax.files import write_atomic
 from nanas_jax.train import run as train_run
 
 REPORT_FILE = "report.md"
@@ -308,7 +309,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     text = format_report(workdir=workdir, search=search, search_config=config.search,
                          flat=flat, results=results, cifar10=cifar10, overlap=overlap,
                          stages=stages)
-    train_run.write_new(report_path, text)
+    write_atomic(report_path, text, replace=False)
     summary_["test_overlap"] = overlap
   summary_["message"] = (
       f"Pipeline finished: the found genotype trains to test top-1 "

@@ -61,12 +61,8 @@ def test_unknown_order_names_the_choices():
     ("parallel.distributed", "maybe", "config.parallel.distributed"),
     ("checkpoint.keep", 0, "config.checkpoint.keep"),
 ])
-def test_bad_values_fail_before_any_work_naming_the_field(field, value, message):
+def test_bad_values_fail_before_any_work_naming_the_field(set_field, field, value, message):
   config = importlib.import_module("configs.na_darts_cifar10").get_config()
-  *path, leaf = field.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  node[leaf] = value
+  set_field(config, field, value)
   with pytest.raises(ValueError, match=message):
     experiment.validate_config(config)

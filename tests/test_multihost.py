@@ -14,12 +14,12 @@ import subprocess
 import sys
 import textwrap
 
+from nanas_jax import parallel
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOST = textwrap.dedent("""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=1"
-                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+    import json, sys
     from configs import quickstart
     from nanas_jax import experiment
 
@@ -49,6 +49,7 @@ def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
   port = str(free_port())
   env = {k: v for k, v in os.environ.items()
          if k not in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")}
+  env["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(1)
   procs = [subprocess.Popen([sys.executable, "-c", HOST, str(i), port, str(tmp_path)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -97,8 +97,6 @@ def test_batch_size_must_split_over_the_devices():
 
 EIGHT_DEVICES = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8"
-                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     import jax, jax.numpy as jnp, numpy as np
     from configs import quickstart
     from nanas_jax import parallel, spaces
@@ -167,8 +165,9 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 
 def run_on_eight_devices(*args) -> dict:
+  env = dict(os.environ, XLA_FLAGS=parallel.fake_cpu_devices_xla_flags(8))
   proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, *map(str, args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+                        env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])

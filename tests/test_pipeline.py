@@ -143,15 +143,11 @@ def test_pipeline_searches_retrains_reports_and_skips_finished_stages(tmp_path, 
     ("pipeline.flatness_num_neighbors", 0,
      r"config\.pipeline\.flatness_num_neighbors = 0 is invalid"),
 ])
-def test_a_bad_config_fails_before_anything_runs(tmp_path, monkeypatch, path, value, message):
+def test_a_bad_config_fails_before_anything_runs(tmp_path, monkeypatch, set_field, path, value,
+                                                 message):
   monkeypatch.setattr(pipeline.experiment, "run", _fail("the search"))
   config = tiny_config()
-  *parents, field = path.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  with node.ignore_type():
-    node[field] = value
+  set_field(config, path, value)
   workdir = tmp_path / "never"
   with pytest.raises(ValueError, match=message):
     pipeline.run_pipeline(config, str(workdir))

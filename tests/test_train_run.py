@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import train_quickstart
-from nanas_jax import loop, summary
+from nanas_jax import loop, parallel, summary
 from nanas_jax.data import streams as data_streams
 from nanas_jax.spaces import get_genotype
 from nanas_jax.train import run
@@ -217,16 +217,11 @@ def _no_data(*args, **kwargs):
     ("train.optim.lr", 0.0, r"config\.train\.optim\.lr = 0\.0 is invalid"),
     ("seed", -1, r"config\.seed = -1 is invalid"),
 ])
-def test_a_bad_config_fails_before_anything_is_read_or_written(tmp_path, monkeypatch, path,
-                                                              value, message):
+def test_a_bad_config_fails_before_anything_is_read_or_written(tmp_path, monkeypatch, set_field,
+                                                              path, value, message):
   monkeypatch.setattr(run.data_streams, "load_train_streams", _no_data)
   config = tiny_config()
-  *parents, field = path.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  with node.ignore_type():
-    node[field] = value
+  set_field(config, path, value)
   workdir = tmp_path / "never"
   with pytest.raises(ValueError, match=message):
     run.run_train(config, str(workdir))
@@ -255,8 +250,7 @@ def test_two_devices_train_like_one(reference, tmp_path):
       from nanas_jax.train import run
       print(json.dumps(run.run_train(tiny_config(), {str(tmp_path / 'two')!r})))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"
-      " --xla_cpu_enable_concurrency_optimized_scheduler=false",
+  env = dict(os.environ, XLA_FLAGS=parallel.fake_cpu_devices_xla_flags(2),
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 
+from nanas_jax import parallel
 from nanas_jax.nn import networks
 from nanas_jax.spaces import get_genotype
 from nanas_jax.train import trainer as trainer_lib
@@ -424,9 +425,7 @@ def test_step_is_deterministic_donates_its_state_and_resume_reproduces(setup):
 # ----------------------------------------------------------------------- data parallel
 
 TWO_DEVICES = textwrap.dedent("""
-    import json, os
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2"
-                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+    import json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from nanas_jax.spaces import get_genotype
@@ -458,8 +457,9 @@ TWO_DEVICES = textwrap.dedent("""
 
 def test_step_on_a_batch_sharded_over_two_devices_equals_one_device():
   # A subprocess: the device count is fixed when JAX starts, and this one has one device.
+  env = dict(os.environ, XLA_FLAGS=parallel.fake_cpu_devices_xla_flags(2))
   result = subprocess.run([sys.executable, "-c", TWO_DEVICES], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+                          text=True, cwd=ROOT, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out["devices"] == 2

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -57,25 +56,13 @@ from absl import logging
 
 from nanas_jax import experiment, loop, parallel, spaces, summary
 from nanas_jax.data import streams as data_streams
+from nanas_jax.files import write_atomic
 from nanas_jax.nn import networks
 from nanas_jax.spaces.genotypes import get_genotype
 from nanas_jax.train import trainer as trainer_lib
 
 RESULTS_FILE = "results.json"
 GENOTYPE_FILE = "genotype.txt"
-
-
-def write_new(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file hard-linked into place: a reader
-  never sees half a file, and an existing ``path`` raises FileExistsError instead of
-  being replaced."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.link(tmp, path)
-  finally:
-    os.unlink(tmp)
 
 
 def _is_int(value: Any) -> bool:
@@ -181,7 +168,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     os.makedirs(workdir, exist_ok=True)
     experiment.record_config(config, workdir)
     if not os.path.exists(os.path.join(workdir, GENOTYPE_FILE)):
-      write_new(os.path.join(workdir, GENOTYPE_FILE), text + "\n")
+      write_atomic(os.path.join(workdir, GENOTYPE_FILE), text + "\n", replace=False)
       experiment.write_cell_picture(spaces.get_space("darts"), genotype,
                                     os.path.join(workdir, "genotype.png"))
 
@@ -252,7 +239,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       "train_seconds": extra["train_seconds"], "total_seconds": time.time() - t0,
   }
   if main:
-    write_new(os.path.join(workdir, RESULTS_FILE), json.dumps(summary_, indent=2) + "\n")
+    write_atomic(os.path.join(workdir, RESULTS_FILE), json.dumps(summary_, indent=2) + "\n",
+                 replace=False)
   summary_["genotype_path"] = os.path.join(workdir, GENOTYPE_FILE)
   summary_["message"] = (
       f"Training finished: test top-1 {final['test_top1']:.4f}, top-5 "
