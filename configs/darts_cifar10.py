@@ -42,7 +42,14 @@ def search_config(dataset: str, algorithm: str, order: str | None) -> ml_collect
   config.search.algorithm = algorithm
   config.search.order = ORDERS[order]
   config.search.epochs = 50
+  # DARTS's schedule: no warm-up, a constant architecture learning rate, and validation
+  # with the running BatchNorm statistics (the quick start's short-budget settings off).
+  config.data.max_examples = None
+  config.search.warmup_epochs = 0
+  config.search.recalibrate_batches = 0
   config.search.arch.lr = 3e-4
+  config.search.arch.weight_decay = 1e-3
+  config.search.arch.schedule = "constant"
   return config
 
 

@@ -37,9 +37,6 @@ def get_config(arg=None):
   config.task = "pipeline"
 
   config.search = quickstart.get_config()
-  config.search.data.max_examples = 1000
-  config.search.data.batch_size = 32
-  config.search.search.epochs = 6
 
   config.train = train_quickstart.get_config(arg)
 
@@ -49,5 +46,7 @@ def get_config(arg=None):
   # Neighbors per distance (all of them when there are fewer); None: all of them.
   config.pipeline.flatness_num_neighbors = 16
   config.pipeline.flatness_eval_batches = 2
+  # Training batches on which each architecture's BatchNorm statistics are re-estimated.
+  config.pipeline.flatness_recalibrate_batches = 4
   config.pipeline.flatness_seed = 0
   return config

@@ -40,13 +40,15 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"
   config.data.train_portion = 0.5
-  config.data.batch_size = 64
+  config.data.batch_size = 32
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  config.data.max_examples = ml_collections.FieldReference(None, field_type=int)
+  # The first 1000 shuffled digits (500 train the weights, 500 alpha); the other 797 stay
+  # unseen, the test split of configs/pipeline_quickstart.py and configs/study_digits.py.
+  config.data.max_examples = ml_collections.FieldReference(1000, field_type=int)
 
   config.model = ml_collections.ConfigDict()
   config.model.space = "darts"
-  config.model.channels = 8
+  config.model.channels = 4
   config.model.layers = 5
   config.model.steps = 4
   config.model.multiplier = 4
@@ -56,7 +58,12 @@ def get_config():
   config.search = ml_collections.ConfigDict()
   config.search.algorithm = "na_darts"
   config.search.order = "first"
-  config.search.epochs = 6
+  config.search.epochs = 20
+  # Weight-only epochs before the architecture steps start (PC-DARTS, P-DARTS).
+  config.search.warmup_epochs = 2
+  # The per-epoch validation re-estimates the BatchNorm statistics at softmax(alpha) on
+  # this many training batches (0: the running statistics).
+  config.search.recalibrate_batches = 4
   # 'shared': every phase of the step calls one compiled supernet gradient (compiles once).
   # 'fused': the whole step is one jit. 'auto' is 'shared' (see nanas_jax/search/bilevel.py).
   config.search.compile = "auto"
@@ -69,11 +76,13 @@ def get_config():
   config.search.weights.grad_clip = 5.0
 
   config.search.arch = ml_collections.ConfigDict()
-  config.search.arch.lr = 3e-3
+  config.search.arch.lr = 0.15
   config.search.arch.b1 = 0.5
   config.search.arch.b2 = 0.999
-  config.search.arch.weight_decay = 1e-3
+  config.search.arch.weight_decay = 0.0
   config.search.arch.init_scale = 1e-3
+  # 'constant' (DARTS) or 'cosine': annealed to 0 over the architecture steps.
+  config.search.arch.schedule = "cosine"
 
   config.search.neighbors = ml_collections.ConfigDict()
   config.search.neighbors.num = 4

@@ -37,7 +37,9 @@ from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search.random_search import (na_random_search, random_search,
                                             random_search_same_budget)
-from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step, validate_search_config
+from nanas_jax.nn import recalibration
+from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, neighbors_per_step,
+                                      validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
 from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
                                              validate_rs_config)
@@ -124,7 +126,7 @@ def evaluate_search(sums_fn, state, stream, mesh) -> tuple[float, float]:
   return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
 
-TASKS = ("search", "train", "pipeline")
+TASKS = ("search", "train", "pipeline", "study")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -141,6 +143,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if task == "pipeline":
     from nanas_jax import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.run_pipeline(config, workdir)
+  if task == "study":
+    from nanas_jax import study  # pylint: disable=g-import-not-at-top
+    return study.run_study(config, workdir)
   if config.search.algorithm in RS_ALGORITHMS:
     return run_random_search(config, workdir)
   return run_search(config, workdir)
@@ -194,6 +199,14 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   return mesh, space, streams, steps
 
 
+def recalibration_images(stream, num_batches: int, epoch: int = 0):
+  """The images of the first ``num_batches`` training batches of ``epoch``, on which
+  BatchNorm statistics are re-estimated before an architecture is scored (None for 0)."""
+  if not num_batches:
+    return None
+  return [x for x, _ in itertools.islice(stream.batches(epoch), num_batches)]
+
+
 def _paired_batches(streams, steps_per_epoch: int):
   """``(epoch, start) -> (train batch, val batch)`` pairs for the rest of the epoch."""
 
@@ -202,13 +215,6 @@ def _paired_batches(streams, steps_per_epoch: int):
                                 streams.val.batches(epoch, start)), steps_per_epoch - start)
 
   return batches
-
-
-def alpha_entropy(alpha: np.ndarray) -> float:
-  """Mean entropy (nats) of the per-edge operation distributions softmax(alpha): log(#ops)
-  at the uniform start, 0 when every edge has committed to one operation."""
-  p = np.asarray(jax.nn.softmax(np.asarray(alpha, np.float64), -1))
-  return float(-(p * np.log(np.clip(p, 1e-30, None))).sum(-1).mean())
 
 
 def write_cell_picture(space, genotype, path: str) -> None:
@@ -225,38 +231,64 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   model = build_supernet(config.model, streams.num_classes)
   search = BilevelSearch(model, space, config.search, steps_per_epoch)
   main = parallel.is_main_process()
+  if config.search.get("recalibrate_batches", 0) > steps_per_epoch:
+    raise ValueError(
+        f"config.search.recalibrate_batches = {config.search.recalibrate_batches} exceeds "
+        f"the {steps_per_epoch} training batches of an epoch; lower it.")
 
   t0 = time.time()
   state = search.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
   state = parallel.replicate(state, mesh)
   init_seconds = time.time() - t0
   sums_fn = search.eval_fn()
-  logging.info("Search: %s, %d epochs x %d steps, global batch %d over %d devices, %s.",
-               config.search.algorithm, config.search.epochs, steps_per_epoch, batch,
-               mesh.devices.size, streams.name)
+  stats_update = search.batch_stats_update_fn()
+  recalibrate = config.search.get("recalibrate_batches", 0)
+  uniform = float(np.log(space.num_ops))
+  logging.info("Search: %s, %d epochs x %d steps (%d weight-only warm-up epochs), global "
+               "batch %d over %d devices, %s.", config.search.algorithm,
+               config.search.epochs, steps_per_epoch, config.search.get("warmup_epochs", 0),
+               batch, mesh.devices.size, streams.name)
 
   def end_of_epoch(state, epoch, means, extra):
-    val_loss, val_acc = evaluate_search(sums_fn, state, streams.val, mesh)
+    eval_state = state
+    if recalibrate:
+      # The running statistics lag behind a supernet whose weights and alpha move fast;
+      # validation uses statistics re-estimated at the current softmax(alpha).
+      images = recalibration_images(streams.train, recalibrate, epoch)
+      stats = recalibration.average_batch_statistics(
+          lambda zeros, x: stats_update(state.params, zeros, state.alpha, x),
+          state.batch_stats, (parallel.shard_batch((x,), mesh) for x in images))
+      eval_state = state.replace(batch_stats=stats)
+    val_loss, val_acc = evaluate_search(sums_fn, eval_state, streams.val, mesh)
     alpha = parallel.to_host(state.alpha)
     genotype = space.derive(np.asarray(jax.nn.softmax(alpha, -1)))
     text = space.format(genotype)
+    changed = extra.get("genotype") != text
+    stable = 1 if changed else extra.get("stable_epochs", 0) + 1
+    entropy = float(alpha_entropy(alpha))
     record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-              "val_loss": val_loss, "val_accuracy": val_acc,
-              "alpha_entropy": alpha_entropy(alpha), **means}
+              "val_loss": val_loss, "val_accuracy": val_acc, "alpha_entropy": entropy,
+              "alpha_entropy_fraction": entropy / uniform,
+              "genotype_changed": int(changed), "genotype_stable_epochs": stable, **means}
     if main:
       loop.append_jsonl(os.path.join(workdir, "genotypes.jsonl"),
-                        {"epoch": epoch + 1, "genotype": text, "val_accuracy": val_acc})
+                        {"epoch": epoch + 1, "genotype": text, "val_accuracy": val_acc,
+                         "alpha_entropy": entropy, "changed": changed})
       os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
       write_cell_picture(space, genotype,
                          os.path.join(workdir, "cells", f"epoch_{epoch + 1:03d}.png"))
-    if not extra or val_acc > extra["best_val_accuracy"]:
+    if "best_val_accuracy" not in extra or val_acc > extra["best_val_accuracy"]:
       extra.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_genotype=text)
-    extra.update(val_accuracy=val_acc)
-    logging.info("epoch %d/%d  train loss %.4f acc %.3f  arch loss %.4f  val loss %.4f "
-                 "acc %.3f  alpha entropy %.3f\n  genotype: %s", epoch + 1,
+    extra.update(val_accuracy=val_acc, genotype=text, stable_epochs=stable)
+    arch = (f"arch loss {means['mean_arch_loss']:.4f}  neighbor spread "
+            f"{means['mean_neighbor_loss_std']:.4f}" if "mean_arch_loss" in means
+            else "weight-only warm-up")
+    logging.info("epoch %d/%d  train loss %.4f acc %.3f  %s  val loss %.4f acc %.3f  alpha "
+                 "entropy %.3f (%.0f%% of uniform)  genotype %s\n  genotype: %s", epoch + 1,
                  config.search.epochs, means["mean_train_loss"],
-                 means["mean_train_accuracy"], means["mean_arch_loss"], val_loss, val_acc,
-                 record["alpha_entropy"], text)
+                 means["mean_train_accuracy"], arch, val_loss, val_acc, entropy,
+                 100 * entropy / uniform,
+                 "changed" if changed else f"unchanged for {stable} epochs", text)
     return record
 
   result = loop.run_epochs(
@@ -296,6 +328,14 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
   """Trains the supernet on one sampled architecture per step; returns the state and a
   `SupernetEvaluator` on the first ``rs.eval_batches`` validation batches."""
   rs = config.search.rs
+  for field, wanted, split in (("eval_batches", rs.eval_batches, streams.val),
+                               ("recalibrate_batches", rs.get("recalibrate_batches", 0),
+                                streams.train)):
+    available = (-(-split.num_examples // split.global_batch_size)
+                 if field == "eval_batches" else split.steps_per_epoch)
+    if wanted > available:
+      raise ValueError(f"config.search.rs.{field} = {wanted} exceeds the {available} "
+                       "batches of its half of the search data; lower it.")
   model = build_supernet(config.model, streams.num_classes)
   trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
   state = trainer.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
@@ -327,12 +367,12 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
   # process ranks them identically; one process already holds them.
   full = streams if jax.process_count() == 1 else data_streams.load_search_streams(
       config.data, config.data.batch_size, config.seed, process_index=0, process_count=1)
-  eval_batches = [(x, y) for (x, y, _), _ in zip(full.val.eval_batches(),
-                                                 range(rs.eval_batches))]
+  eval_batches = list(itertools.islice(full.val.eval_batches(), rs.eval_batches))
   host_state = parallel.to_host(state)
   evaluator = SupernetEvaluator(
       model, {"params": host_state.params, "batch_stats": host_state.batch_stats}, space,
-      eval_batches, chunk_size=rs.chunk_size)
+      eval_batches, chunk_size=rs.chunk_size,
+      recalibration=recalibration_images(full.train, rs.get("recalibrate_batches", 0)))
   return host_state, evaluator
 
 
@@ -379,6 +419,7 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
       "space": space.name, "algorithm": config.search.algorithm,
       "genotype": space.format(best), "genotype_json": space.to_json(best),
       "result": result.to_json(),
+      "eval_examples": getattr(evaluator, "num_examples", None),
       "same_budget_random_search": None if baseline is None else baseline.to_json(),
       "train_seconds": train_seconds, "total_seconds": time.time() - t0,
   }

@@ -23,17 +23,21 @@ Output names: results are never overwritten. The first report of a workdir is
 place, which fails rather than replaces if the name was taken meanwhile.
 
 CLI: ``python -m nanas_jax.flatness --workdir=DIR [--genotype=NAME_OR_TEXT] [--radius=2]
-[--num_neighbors=32] [--eval_batches=4] [--seed=0]``.
+[--num_neighbors=32] [--eval_batches=4] [--recalibrate_batches=4] [--seed=0]``.
 
-Evaluation protocol: the supernet runs as in random search with weight sharing
-(BatchNorm on batch statistics, ``train=True``, updates discarded) on the first
-``eval_batches`` batches of the search-validation half, drawn in the order the search's
-own candidate evaluation used (``np.random.default_rng(config.seed + 2)``).
+Evaluation protocol: each architecture's BatchNorm statistics are re-estimated on
+``recalibrate_batches`` batches of the search-training half (`nanas_jax.nn.recalibration`:
+the supernet's running statistics belong to the mixture it was trained with, not to one
+architecture), then it runs in evaluation mode on the first ``eval_batches`` batches of the
+search-validation half, drawn in the order ``np.random.default_rng(config.seed + 2)``.
+With ``recalibrate_batches=0`` BatchNorm uses each evaluation batch's own statistics
+(``train=True``, updates discarded) instead.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -250,17 +254,23 @@ def _plot(profile: dict, title: str) -> bytes | None:
 
 def report(workdir: str, genotype: str | None = None, radius: int = 2,
            num_neighbors: int | None = 32, eval_batches: int = 4, seed: int = 0,
-           chunk_size: int = 16) -> dict[str, Any]:
+           chunk_size: int = 16, recalibrate_batches: int = 4) -> dict[str, Any]:
   """The flatness report of a genotype in the trained supernet of a search ``workdir``.
 
   ``genotype``: a name (DARTS space) or text parsed by the run's space; default the
-  workdir's ``genotype.txt``. Writes ``flatness[-n].json`` and ``.png`` (see the module
-  docstring) and returns the JSON payload (with ``files``).
+  workdir's ``genotype.txt``. ``recalibrate_batches``: training batches on which each
+  architecture's BatchNorm statistics are re-estimated before it is scored (0: each
+  evaluation batch's own statistics). Writes ``flatness[-n].json`` and ``.png`` (see the
+  module docstring) and returns the JSON payload (with ``files``).
   """
   radius = _check_radius(radius)
   num_neighbors = _check_num_neighbors(num_neighbors)
   if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:
     raise ValueError(f"eval_batches must be an integer >= 1, got {eval_batches!r}.")
+  if (isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int)
+      or recalibrate_batches < 0):
+    raise ValueError(f"recalibrate_batches must be an integer >= 0 (0: no recalibration), "
+                     f"got {recalibrate_batches!r}.")
   from nanas_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
@@ -285,10 +295,13 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
       config.data.name, train_portion=config.data.train_portion, seed=config.seed,
       data_dir=config.data.data_dir, max_examples=config.data.max_examples)
   batch = config.data.batch_size
-  available = len(dataset.val_images) // batch
-  if eval_batches > available:
-    raise ValueError(f"eval_batches = {eval_batches} exceeds the {available} validation "
-                     f"batches of {batch} examples; lower it.")
+  for flag, wanted, split in (("eval_batches", eval_batches, dataset.val_images),
+                              ("recalibrate_batches", recalibrate_batches,
+                               dataset.train_images)):
+    available = len(split) // batch
+    if wanted > available:
+      raise ValueError(f"{flag} = {wanted} exceeds the {available} batches of {batch} "
+                       "examples in its half of the search data; lower it.")
   model = experiment.build_supernet(config.model, dataset.num_classes)
   weights = jnp.full(space.alpha_shape, 1.0 / space.num_ops, jnp.float32)
   template = jax.eval_shape(
@@ -299,8 +312,13 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
                                np.random.default_rng(config.seed + 2))
   batches = [b for _, b in zip(range(eval_batches), eval_iter)]
+  recalibration = None
+  if recalibrate_batches:
+    train_iter = data_lib.batches(dataset.train_images, dataset.train_labels, batch,
+                                  np.random.default_rng(config.seed + 5))
+    recalibration = [x for _, (x, _) in zip(range(recalibrate_batches), train_iter)]
   evaluator = SupernetEvaluator(model, variables, space, batches, chunk_size=chunk_size,
-                                with_accuracy=True)
+                                with_accuracy=True, recalibration=recalibration)
   profile = neighborhood_profile(space, codes, evaluator, radius, num_neighbors,
                                  np.random.default_rng(seed))
   text = space.format(arch)
@@ -309,15 +327,33 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
       "genotype_sha1": hashlib.sha1(text.encode()).hexdigest()[:12],
       "radius": radius, "num_neighbors": num_neighbors, "eval_batches": eval_batches,
       "eval_examples": evaluator.num_examples, "seed": seed,
-      "protocol": ("supernet with one-hot architecture weights, BatchNorm on batch "
-                   "statistics (train=True), first eval_batches batches of the "
-                   "search-validation half in the order rng(config.seed + 2); std is "
-                   "the population std"),
+      "recalibrate_batches": recalibrate_batches,
+      "protocol": ("supernet with one-hot architecture weights; "
+                   + ("BatchNorm statistics re-estimated per architecture on "
+                      "recalibrate_batches batches of the search-training half (order "
+                      "rng(config.seed + 5)), then evaluation mode"
+                      if recalibrate_batches else
+                      "BatchNorm on batch statistics (train=True)")
+                   + "; first eval_batches batches of the search-validation half in the "
+                   "order rng(config.seed + 2); std is the population std"),
       **profile,
   }
   png = _plot(profile, f"{space.name} {text if len(text) < 90 else text[:87] + '...'}")
   _write_outputs(workdir, payload, png)
   return payload
+
+
+def find_or_report(workdir: str, genotype: str, **settings) -> tuple[dict[str, Any], bool]:
+  """The flatness payload of ``genotype`` in the search ``workdir`` with ``settings`` (the
+  keyword arguments of `report`): an existing report with the same genotype and settings
+  when there is one, else a new one. Returns ``(payload, whether it ran now)``."""
+  for path in sorted(glob.glob(os.path.join(workdir, f"{REPORT_STEM}*.json"))):
+    with open(path) as f:
+      payload = json.load(f)
+    if payload.get("genotype") == genotype and all(
+        payload.get(k) == v for k, v in settings.items()):
+      return payload, False
+  return report(workdir, genotype=genotype, **settings), True
 
 
 def format_table(payload: dict) -> str:
@@ -355,6 +391,9 @@ def _define_flags():
                        "Neighbors per distance (all of them when there are fewer).")
   flags.DEFINE_integer("eval_batches", 4, "Validation batches per evaluation.")
   flags.DEFINE_integer("seed", 0, "Seed of the neighbor sampling.")
+  flags.DEFINE_integer("recalibrate_batches", 4,
+                       "Training batches on which each architecture's BatchNorm statistics "
+                       "are re-estimated before it is scored (0: batch statistics).")
   flags.mark_flag_as_required("workdir")
   return flags.FLAGS
 
@@ -366,7 +405,8 @@ def main(argv):
   f = FLAGS
   try:
     payload = report(f.workdir, genotype=f.genotype, radius=f.radius,
-                     num_neighbors=f.num_neighbors, eval_batches=f.eval_batches, seed=f.seed)
+                     num_neighbors=f.num_neighbors, eval_batches=f.eval_batches, seed=f.seed,
+                     recalibrate_batches=f.recalibrate_batches)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

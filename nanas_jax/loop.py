@@ -239,7 +239,8 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
             first_step_seconds = time.time() - t
             logging.info("First step (compile + run): %.1f s", first_step_seconds)
           step += 1
-          bad = {k: metrics[k] for k in finite_keys if not np.isfinite(metrics[k])}
+          bad = {k: metrics[k] for k in finite_keys
+                 if k in metrics and not np.isfinite(metrics[k])}
           if bad:
             last = checkpoints.latest_step()
             raise FloatingPointError(

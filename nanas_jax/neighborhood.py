@@ -21,14 +21,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 from nanas_jax.spaces.base import SearchSpace
 
-PERTURBATIONS = ('swap', 'mix', 'gaussian', 'identity')
+PERTURBATIONS = ('swap', 'mix', 'logit_noise', 'identity')
 AGGREGATIONS = ('mean', 'max', 'softmax_tau')
 
-# Ablation knobs without a published value: 'mix' moves half an edge's weight to a
-# random op; 'gaussian' noise on the logits is small next to trained alpha (|alpha| ~ 1).
+# Ablation knobs without a published value: 'mix' moves half an edge's weight to another
+# op; 'logit_noise' is small next to trained alpha (|alpha| ~ 1).
 DEFAULT_EPS = 0.5
 DEFAULT_SIGMA = 0.3
 DEFAULT_TAU = 1.0
@@ -248,12 +249,17 @@ def perturb_weights(space: SearchSpace, key: jax.Array, alpha, kind: str = 'swap
   - 'swap': on ``radius`` distinct kept edges, swap the weight of the edge's strongest
     swappable op with that of another swappable op drawn uniformly. A permutation per
     edge, differentiable in alpha; on one-hot weights, a neighbor at distance radius.
-  - 'mix': on ``radius`` distinct kept edges, ``(1 - eps) p + eps onehot(random op)``.
-  - 'gaussian': ``softmax(alpha + sigma N(0, 1))`` on every edge (SDARTS-RS style).
+  - 'mix': on ``radius`` distinct kept edges, ``(1 - eps) p + eps onehot(o)`` with ``o``
+    another swappable op than the edge's strongest (as 'swap' picks it): a move towards a
+    neighbor, never towards the architecture itself.
+  - 'logit_noise': ``softmax(alpha + sigma N(0, 1))`` on every edge, a random point near
+    alpha in logit space for the architecture step. This is not SDARTS's random smoothing
+    (SDARTS-RS perturbs alpha in the *weight* step, so that the supernet weights become
+    robust to it); here the noise enters the architecture objective.
   """
   _check_kind(kind, PERTURBATIONS, 'perturbation')
   alpha = _check_alpha(space, alpha)
-  if kind == 'gaussian':
+  if kind == 'logit_noise':
     return jax.nn.softmax(alpha + sigma * jax.random.normal(key, alpha.shape, alpha.dtype),
                           axis=-1)
   weights = jax.nn.softmax(alpha, axis=-1)
@@ -271,14 +277,12 @@ def perturb_weights(space: SearchSpace, key: jax.Array, alpha, kind: str = 'swap
   chosen = _choose_edges(space, noise[..., 0], weights, radius)[..., None]
   op_noise = noise[..., 1:]
   swap_ops = jnp.asarray(space.swap_ops)
-  if kind == 'mix':
-    new_op = _uniform_choice(op_noise, swap_ops)
-    mixed = (1 - eps) * weights + eps * jax.nn.one_hot(new_op, num_ops, dtype=weights.dtype)
-    return jnp.where(chosen, mixed, weights)
   current = jnp.argmax(jnp.where(swap_ops, weights, -jnp.inf), axis=-1)
   current_hot = jax.nn.one_hot(current, num_ops, dtype=weights.dtype)
   new_op = _uniform_choice(op_noise, swap_ops & (current_hot == 0))
   new_hot = jax.nn.one_hot(new_op, num_ops, dtype=weights.dtype)
+  if kind == 'mix':
+    return jnp.where(chosen, (1 - eps) * weights + eps * new_hot, weights)
   # Gathered values, not constants: the gradient reaches alpha through both entries.
   # Selecting them (rather than adding their difference) keeps the swap an exact
   # permutation in floating point.
@@ -306,20 +310,26 @@ def sample_perturbed_weights(space: SearchSpace, key: jax.Array, alpha, num: int
   return perturbed
 
 
-def aggregate(losses, kind: str = 'mean', tau: float = DEFAULT_TAU) -> jax.Array:
+def aggregate(losses, kind: str = 'mean', tau: float = DEFAULT_TAU):
   """Aggregates the neighbors' losses ``[K]`` into one scalar.
 
   'softmax_tau' is ``tau * (logsumexp(losses / tau) - log K)``: a smooth maximum that lies
   between the mean (its limit as tau -> inf) and the max (tau -> 0).
+
+  A numpy array is aggregated with numpy in its own precision (NA-RS scores float64 table
+  and supernet losses; JAX would compute in float32 unless x64 is on); anything else with
+  jax.numpy, differentiably (the NA-DARTS objective).
   """
   _check_kind(kind, AGGREGATIONS, 'aggregation')
-  losses = jnp.asarray(losses)
+  xp, logsumexp = ((np, scipy.special.logsumexp) if isinstance(losses, np.ndarray)
+                   else (jnp, jax.nn.logsumexp))
+  losses = xp.asarray(losses)
   if losses.ndim != 1 or losses.shape[0] == 0:
     raise ValueError(f'aggregate expects a non-empty vector of losses, got shape {losses.shape}.')
   if kind == 'mean':
-    return jnp.mean(losses)
+    return xp.mean(losses)
   if kind == 'max':
-    return jnp.max(losses)
+    return xp.max(losses)
   if isinstance(tau, (int, float)) and not tau > 0:
     raise ValueError(f'softmax_tau needs tau > 0, got {tau!r}.')
-  return tau * (jax.nn.logsumexp(losses / tau) - math.log(losses.shape[0]))
+  return tau * (logsumexp(losses / tau) - math.log(losses.shape[0]))

@@ -39,7 +39,6 @@ as this config spells it (``config.search.model.layers = ...``). The search's
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -97,7 +96,7 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.pipeline.flatness = {options.get('flatness')!r} is invalid: "
                      "expected True or False.")
   for field, least in (("flatness_radius", 1), ("flatness_eval_batches", 1),
-                       ("flatness_seed", 0)):
+                       ("flatness_recalibrate_batches", 0), ("flatness_seed", 0)):
     value = options.get(field)
     if not _is_int(value) or value < least:
       raise ValueError(f"config.pipeline.{field} = {value!r} is invalid: expected an "
@@ -115,17 +114,14 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _flatness(search_dir: str, genotype: str, options: ml_collections.ConfigDict
               ) -> tuple[dict[str, Any], bool]:
-  """The flatness payload of ``genotype`` with ``options``' settings: an existing report
-  of the search workdir when one matches, else a new one. Returns (payload, ran now)."""
-  settings = {"radius": options.flatness_radius,
-              "num_neighbors": options.flatness_num_neighbors,
-              "eval_batches": options.flatness_eval_batches, "seed": options.flatness_seed}
-  for path in sorted(glob.glob(os.path.join(search_dir, f"{flatness.REPORT_STEM}*.json"))):
-    payload = _read_json(path)
-    if payload.get("genotype") == genotype and all(
-        payload.get(k) == v for k, v in settings.items()):
-      return payload, False
-  return flatness.report(search_dir, genotype=genotype, **settings), True
+  """The flatness payload of ``genotype`` with ``options``' settings, and whether it ran
+  now (`flatness.find_or_report`)."""
+  return flatness.find_or_report(
+      search_dir, genotype, radius=options.flatness_radius,
+      num_neighbors=options.flatness_num_neighbors,
+      eval_batches=options.flatness_eval_batches,
+      recalibrate_batches=options.get("flatness_recalibrate_batches", 4),
+      seed=options.flatness_seed)
 
 
 def search_overlap(search_config: ml_collections.ConfigDict,

@@ -43,9 +43,13 @@ def test_cifar_search_configs_pick_the_order(name, arg, order):
   assert config.search.order == order
   assert config.search.algorithm == ("na_darts" if name.startswith("na_") else "darts")
   assert config.data.name == name.split("_")[-1]
-  # The reference search: 8 cells, C=16, batch 64, 50 epochs, alpha lr 3e-4.
+  # The reference search: 8 cells, C=16, batch 64, 50 epochs, alpha lr 3e-4 constant from
+  # the first step, every training example.
   assert (config.model.layers, config.model.channels, config.data.batch_size,
           config.search.epochs, config.search.arch.lr) == (8, 16, 64, 50, 3e-4)
+  assert (config.search.warmup_epochs, config.search.arch.schedule,
+          config.search.arch.weight_decay, config.data.max_examples) == (0, "constant", 1e-3,
+                                                                         None)
 
 
 def test_unknown_order_names_the_choices():

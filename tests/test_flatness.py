@@ -144,7 +144,8 @@ def test_report_end_to_end(search_workdir):
   from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
   from nanas_jax.search.evaluators import SupernetEvaluator  # pylint: disable=g-import-not-at-top
 
-  first = flatness.report(search_workdir, radius=1, num_neighbors=8, eval_batches=1)
+  first = flatness.report(search_workdir, radius=1, num_neighbors=8, eval_batches=1,
+                          recalibrate_batches=2)
   assert first["files"]["json"] == os.path.join(search_workdir, "flatness.json")
   assert os.path.exists(first["files"]["json"]) and os.path.exists(first["files"]["png"])
   with open(first["files"]["json"]) as f:
@@ -154,8 +155,10 @@ def test_report_end_to_end(search_workdir):
   (r1,) = saved["radii"]
   assert (r1["count"], r1["size"], r1["enumerated"]) == (8, 24, False)
   assert all(np.isfinite(r1["losses"])) and 0 <= r1["accuracy"]["mean"] <= 1
+  assert saved["recalibrate_batches"] == 2 and "re-estimated" in saved["protocol"]
 
-  # The centre's loss is what a plain SupernetEvaluator gives on the same batches.
+  # The centre's loss is what a SupernetEvaluator gives on the same batches, BatchNorm
+  # recalibrated on the same 2 training batches.
   with open(os.path.join(search_workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   dataset = data_lib.load_search_data(
@@ -169,7 +172,11 @@ def test_report_end_to_end(search_workdir):
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels,
                                config.data.batch_size, np.random.default_rng(config.seed + 2))
   batches = [next(eval_iter)]
-  direct = SupernetEvaluator(model, variables, space, batches, chunk_size=4)
+  train_iter = data_lib.batches(dataset.train_images, dataset.train_labels,
+                                config.data.batch_size, np.random.default_rng(config.seed + 5))
+  calibration = [next(train_iter)[0] for _ in range(2)]
+  direct = SupernetEvaluator(model, variables, space, batches, chunk_size=4,
+                             recalibration=calibration)
   codes = space.encode(space.parse(saved["genotype"]))
   assert saved["center"]["loss"] == pytest.approx(float(direct(codes[None])[0]), rel=1e-5)
   np.testing.assert_allclose(direct(np.asarray(r1["codes"])), r1["losses"], rtol=1e-5)

@@ -28,7 +28,8 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
   cmd = [sys.executable, "-m", "nanas_jax.main", "--config=configs/quickstart.py",
          f"--workdir={workdir}", "--config.model.layers=3", "--config.model.channels=4",
          "--config.search.epochs=2", "--config.data.max_examples=400",
-         "--config.data.batch_size=32", "--config.search.neighbors.num=2"]
+         "--config.data.batch_size=32", "--config.search.neighbors.num=2",
+         "--config.search.warmup_epochs=1"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   text = (workdir / "genotype.txt").read_text().strip()
@@ -42,6 +43,12 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
             if '"epoch"' in line]
   assert [e["epoch"] for e in epochs] == [1, 2]
   assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in epochs)
+  # Epoch 1 is the weight-only warm-up: no architecture step, alpha untouched.
+  assert "mean_arch_loss" not in epochs[0] and "mean_arch_loss" in epochs[1]
+  assert [e["genotype_changed"] for e in epochs][0] == 1
+  # Validation with BatchNorm statistics recalibrated at softmax(alpha): it follows the
+  # training accuracy (the lagging running statistics read near chance, 0.1).
+  assert all(e["val_accuracy"] > 0.8 * e["mean_train_accuracy"] for e in epochs)
   assert len((workdir / "genotypes.jsonl").read_text().splitlines()) == 2
   # Alpha starts near uniform over the 8 operations: entropy log(8) per edge.
   assert abs(epochs[0]["alpha_entropy"] - np.log(8)) < 0.01
@@ -70,7 +77,8 @@ def test_nas_bench_201_searches_run_end_to_end(tmp_path, config_file):
          "--config.model.channels=4", "--config.search.epochs=1",
          "--config.data.max_examples=400", "--config.data.batch_size=32"]
   if config_file == "na_rs_quickstart":
-    cmd += ["--config.search.rs.num_candidates=2", "--config.search.rs.eval_batches=1",
+    # All 7 validation batches: 200 examples, the last batch padded with 24 rows.
+    cmd += ["--config.search.rs.num_candidates=2", "--config.search.rs.eval_batches=7",
             "--config.search.rs.chunk_size=8", "--config.search.rs.num_neighbors=3"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -83,6 +91,8 @@ def test_nas_bench_201_searches_run_end_to_end(tmp_path, config_file):
     assert summary["result"]["budget"]["total_evaluations"] == 8
     assert summary["same_budget_random_search"]["budget"]["total_evaluations"] == 8
     assert summary["result"]["best_arch"] == text
+    # Candidates are scored on the 200 validation digits, never on the padding.
+    assert summary["eval_examples"] == 200
 
 
 def test_missing_workdir_is_a_usage_error():

@@ -229,14 +229,14 @@ def test_gradient_through_swap_matches_finite_differences():
     assert differs.sum() == 2
 
 
-def test_gradient_through_mix_and_gaussian_matches_finite_differences():
+def test_gradient_through_mix_and_logit_noise_matches_finite_differences():
   with jax.enable_x64(True):
     alpha = _normal(6, NB201_SPACE.alpha_shape, jnp.float64)
     probe = _normal(7, NB201_SPACE.alpha_shape, jnp.float64)
     key = jax.random.key(8)
     _finite_difference_check(lambda a: jnp.sum(jnp.sin(
         nbh.perturb_weights(NB201_SPACE, key, a, 'mix', radius=2, eps=0.3) * probe
-        + nbh.perturb_weights(NB201_SPACE, key, a, 'gaussian', sigma=0.5) ** 2)), alpha)
+        + nbh.perturb_weights(NB201_SPACE, key, a, 'logit_noise', sigma=0.5) ** 2)), alpha)
 
 
 def test_kept_edges_agrees_with_derive():
@@ -252,7 +252,7 @@ def test_kept_edges_agrees_with_derive():
   assert np.asarray(nbh.kept_edges(NB201_SPACE, np.zeros((1, 6, 5)))).all()
 
 
-def test_identity_mix_and_gaussian():
+def test_identity_mix_and_logit_noise():
   alpha = _one_hot_alpha(DARTS_SPACE, DARTS_CODES)
   centre = np.asarray(jax.nn.softmax(alpha))
   key = jax.random.key(0)
@@ -265,11 +265,29 @@ def test_identity_mix_and_gaussian():
     assert sorted(np.round(moved, 6)) == [0.0] * 7 + [0.25] and moved[0] == 0
   np.testing.assert_allclose(mixed.sum(-1), 1.0, rtol=1e-6)
   soft = _normal(1, DARTS_SPACE.alpha_shape)
-  noisy = np.asarray(nbh.perturb_weights(DARTS_SPACE, key, soft, 'gaussian', sigma=0.5))
+  noisy = np.asarray(nbh.perturb_weights(DARTS_SPACE, key, soft, 'logit_noise', sigma=0.5))
   np.testing.assert_allclose(noisy.sum(-1), 1.0, rtol=1e-6)
   assert np.abs(noisy - np.asarray(jax.nn.softmax(soft))).min() > 0
-  np.testing.assert_allclose(nbh.perturb_weights(DARTS_SPACE, key, soft, 'gaussian', sigma=0.0),
+  np.testing.assert_allclose(nbh.perturb_weights(DARTS_SPACE, key, soft, 'logit_noise', sigma=0.0),
                              jax.nn.softmax(soft), rtol=1e-6)
+
+
+@pytest.mark.parametrize('space, codes', [(DARTS_SPACE, DARTS_CODES), (NB201_SPACE, None)])
+def test_mix_never_moves_weight_to_the_current_op(space, codes):
+  """Each chosen edge gains ``eps`` on another swappable op than its strongest, for every
+  draw (before the fix about 1 draw in 7 picked the current op: no move at all)."""
+  if codes is None:
+    codes = space.encode(space.random(np.random.default_rng(0)))
+  alpha = 3.0 * _one_hot_alpha(space, codes)
+  centre = np.asarray(jax.nn.softmax(alpha))
+  current = np.where(space.swap_ops, centre, -np.inf).argmax(-1)
+  mixed = np.asarray(nbh.sample_perturbed_weights(space, jax.random.key(7), alpha, num=200,
+                                                  kind='mix', radius=1, eps=0.5))
+  for weights in mixed:
+    (t, e), = np.argwhere(np.abs(weights - centre).max(-1) > 1e-7)
+    gained = np.flatnonzero(weights[t, e] - 0.5 * centre[t, e] > 0.25)
+    assert len(gained) == 1 and gained[0] != current[t, e]
+    assert space.swap_ops[gained[0]]
 
 
 def test_sample_perturbed_weights_puts_the_centre_first():
@@ -286,7 +304,7 @@ def test_perturbation_errors():
   alpha = jnp.zeros(DARTS_SPACE.alpha_shape)
   key = jax.random.key(0)
   with pytest.raises(ValueError, match=(r"unknown perturbation 'flip'; "
-                                        r"valid: \('swap', 'mix', 'gaussian', 'identity'\)")):
+                                        r"valid: \('swap', 'mix', 'logit_noise', 'identity'\)")):
     nbh.perturb_weights(DARTS_SPACE, key, alpha, 'flip')
   with pytest.raises(ValueError, match='radius 17 exceeds the 16 edges'):
     nbh.perturb_weights(DARTS_SPACE, key, jnp.zeros((1, 14, 8)).repeat(2, 0), 'swap', 17)
@@ -296,7 +314,7 @@ def test_perturbation_errors():
     nbh.perturb_weights(DARTS_SPACE, key, alpha[0])
   with pytest.raises(ValueError, match='num .* >= 1'):
     nbh.sample_perturbed_weights(DARTS_SPACE, key, alpha, 0)
-  assert nbh.PERTURBATIONS == ('swap', 'mix', 'gaussian', 'identity')
+  assert nbh.PERTURBATIONS == ('swap', 'mix', 'logit_noise', 'identity')
 
 
 def test_aggregate_values():

@@ -20,6 +20,7 @@ import pytest
 from nanas_jax.nn import nb201_network as nb
 from nanas_jax.nn import nb201_supernet as ns
 from nanas_jax.spaces import NB201Arch, get_space
+from supernet_weights import nb201_discrete_variables
 
 SPACE = get_space("nb201")
 NUM_OPS = len(SPACE.ops)
@@ -82,43 +83,6 @@ def one_hot(arch):
   return jax.nn.one_hot(SPACE.encode(NB201Arch.parse(arch)), NUM_OPS)
 
 
-def discrete_variables(search, arch, N):
-  """The supernet's ``search`` variables laid out as ``TinyNetwork(arch, N=N)``'s.
-
-  Stem, ResNet blocks, lastact and classifier have the same names and shapes. Search cell
-  ``cells_{i}``: edge ``k`` (string order = the space's edge order) is row ``g`` of group
-  ``inputs`` (edges from node 0) or ``inner``; when its op is a conv it becomes
-  ``layers_{k}`` with ``conv/kernel`` = ``conv1x1[g]`` (as ``[1, 1, C, C]``) or
-  ``conv3x3[g]``, BN scale 1, bias 0 and running statistics ``bn_mean/var[g, 0 or 1]``.
-  """
-  ops = [op for inputs in NB201Arch.parse(arch).nodes for op, _ in inputs]
-  params, stats = {}, {}
-  for name in search["params"]:
-    index = int(name.split("_")[1]) if name.startswith("cells_") else None
-    if index is None or index in (N, 2 * N + 1):
-      params[name] = search["params"][name]
-      if name in search["batch_stats"]:
-        stats[name] = search["batch_stats"][name]
-      continue
-    cell_params, cell_stats = {}, {}
-    for k, op in enumerate(ops):
-      if op not in ("nor_conv_1x1", "nor_conv_3x3"):
-        continue
-      group = "inputs" if k in ns.INPUT_EDGES else "inner"
-      g = (ns.INPUT_EDGES if group == "inputs" else ns.INNER_EDGES).index(k)
-      p, s = search["params"][name][group], search["batch_stats"][name][group]
-      which = 0 if op == "nor_conv_1x1" else 1
-      kernel = p["conv1x1"][g][None, None] if which == 0 else p["conv3x3"][g]
-      c = kernel.shape[-1]
-      cell_params[f"layers_{k}"] = {"conv": {"kernel": kernel},
-                                    "bn": {"scale": jnp.ones(c), "bias": jnp.zeros(c)}}
-      cell_stats[f"layers_{k}"] = {"bn": {"mean": s["bn_mean"][g, which],
-                                          "var": s["bn_var"][g, which]}}
-    if cell_params:
-      params[name], stats[name] = cell_params, cell_stats
-  return {"params": params, "batch_stats": stats}
-
-
 @pytest.fixture(scope="module")
 def net():
   model = ns.SearchNetworkNB201(CLASSES, channels=C, cells_per_stage=N)
@@ -155,7 +119,7 @@ def test_initialisation(net):
 def test_one_hot_supernet_equals_tiny_network(net, arch):
   v, x = net["variables"], net["images"]
   discrete = nb.TinyNetwork(arch, C=C, N=N, num_classes=CLASSES)
-  mapped = discrete_variables(v, arch, N)
+  mapped = nb201_discrete_variables(v, arch, N)
   expected = jax.eval_shape(lambda: discrete.init(jax.random.key(0), x, True))
   assert jax.tree.structure(mapped) == jax.tree.structure(expected)
   assert jax.tree.map(jnp.shape, mapped) == jax.tree.map(jnp.shape, expected)
@@ -168,7 +132,7 @@ def test_one_hot_supernet_equals_tiny_network(net, arch):
   # Eval mode with the supernet's updated running statistics copied over.
   trained = {"params": v["params"], "batch_stats": updated["batch_stats"]}
   got = net["evaluate"](trained, x, one_hot(arch))
-  want = discrete.apply(discrete_variables(trained, arch, N), x, False)
+  want = discrete.apply(nb201_discrete_variables(trained, arch, N), x, False)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 

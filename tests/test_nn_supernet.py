@@ -5,7 +5,7 @@ function as the discrete ``networks.Cell`` of the genotype it encodes, once the 
 parameters are copied into the discrete cell (layout: the supernet module docstring), and
 their BatchNorm running statistics agree. The one difference from the discrete cell is the
 reference's: the search MixedOp follows each pool by an affine-free BatchNorm, which the
-oracle inserts into the discrete cell's pools (``_pool_batch_norm``).
+oracle inserts into the discrete cell's pools (``supernet_weights.pool_batch_norm``).
 Besides that: the parameter count against a closed form of the reference
 ``model_search.Network``, ``vmap`` over architecture weights, shape errors, and the
 BatchNorm running statistics / evaluation mode.
@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanas_jax.nn import networks, ops, supernet
+from nanas_jax.nn import networks, supernet
 from nanas_jax.spaces import Genotype, get_genotype, get_space
+from supernet_weights import discrete_cell_params, edge_location, pool_batch_norm
 
 EPS = 1e-5
 NUM_OPS = len(supernet.DARTS_OPS)
@@ -115,77 +116,6 @@ def _genotype(name):
   return get_genotype(name)
 
 
-def _bn(c):
-  """Affine BN parameters of the discrete cell that make it the supernet's affine-free BN."""
-  return {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
-
-
-def _conv1x1(kernel):
-  return {"kernel": kernel[None, None]}  # [Cin, Cout] -> HWIO
-
-
-def _depthwise(kernel):
-  return {"kernel": kernel[:, :, None, :]}  # [k, k, C] -> (k, k, 1, C)
-
-
-def _preprocess(p):
-  if "conv" in p:  # ReLUConvBN 1x1
-    return {"conv": _conv1x1(p["conv"]), "bn": _bn(p["conv"].shape[1])}
-  c = p["fr_a"].shape[1] + p["fr_b"].shape[1]
-  return {"conv_1": _conv1x1(p["fr_a"]), "conv_2": _conv1x1(p["fr_b"]), "bn": _bn(c)}
-
-
-def edge_location(search_params, node, source):
-  """(group, index) of the supernet edge from state ``source`` into node ``node``.
-
-  Group ``inputs``: index ``2 * node + source`` for the cell inputs. Edges between
-  intermediate nodes: group ``node{i}`` index ``source - 2`` (one group per node) or, with
-  all of them in one group ``inner``, the node-major index of the pair (node, source - 2):
-  (1,0), (2,0), (2,1), (3,0), (3,1), (3,2)."""
-  if source < 2:
-    return "inputs", 2 * node + source
-  if "inner" in search_params:
-    return "inner", node * (node - 1) // 2 + source - 2
-  return f"node{node}", source - 2
-
-
-def discrete_cell_params(search_params, pairs, reduction):
-  """The discrete cell's parameters holding the supernet cell's weights of the kept edges."""
-  out = {"preprocess0": _preprocess(search_params["preprocess0"]),
-         "preprocess1": _preprocess(search_params["preprocess1"])}
-  for position, (op, source) in enumerate(pairs):
-    group, edge = edge_location(search_params, position // 2, source)
-    p = jax.tree.map(lambda a: a[edge], search_params[group])
-    if op in ("sep_conv_3x3", "sep_conv_5x5"):
-      k = 0 if op == "sep_conv_3x3" else 1
-      out[f"ops_{position}"] = {
-          "depthwise1": _depthwise(p[f"dw1_{k}"]), "pointwise1": _conv1x1(p["pw1"][k]),
-          "bn1": _bn(C),
-          "depthwise2": _depthwise(p[f"dw2_{k}"]), "pointwise2": _conv1x1(p["pw2"][k]),
-          "bn2": _bn(C)}
-    elif op in ("dil_conv_3x3", "dil_conv_5x5"):
-      k = 2 if op == "dil_conv_3x3" else 3
-      out[f"ops_{position}"] = {"depthwise": _depthwise(p[f"dw1_{k}"]),
-                                "pointwise": _conv1x1(p["pw1"][k]), "bn": _bn(C)}
-    elif op == "skip_connect" and reduction and source < 2:
-      out[f"ops_{position}"] = {"conv_1": _conv1x1(p["fr_a"]),
-                                "conv_2": _conv1x1(p["fr_b"]), "bn": _bn(C)}
-  return out
-
-
-def _pool_batch_norm(next_fun, args, kwargs, context):
-  """The reference search MixedOp appends BatchNorm2d(C, affine=False) to each pool
-  (model_search.py: ``if 'pool' in primitive``), which the discrete cell has not: add it
-  (batch statistics, train mode) to the discrete cell's pools."""
-  y = next_fun(*args, **kwargs)
-  if (isinstance(context.module, (ops.MaxPool3x3, ops.AvgPool3x3))
-      and context.method_name == "__call__"):
-    mean = y.mean(axis=(0, 1, 2))
-    var = jnp.square(y - mean).mean(axis=(0, 1, 2))
-    y = (y - mean) / jnp.sqrt(var + EPS)
-  return y
-
-
 def _cell_inputs(reduction_prev, seed):
   rng = np.random.default_rng(seed)
   size0 = 16 if reduction_prev else 8  # s0 is at twice the resolution after a reduction
@@ -198,18 +128,16 @@ def check_running_statistics(search_stats, discrete_stats, pairs, search_params,
                              reduction):
   """The supernet's running statistics of the kept ops equal the discrete cell's.
 
-  Both start at (0, 1) with momentum 0.1, so the means agree; the supernet follows
-  PyTorch (unbiased variance), flax's BatchNorm the biased variance, hence the factor."""
-  def check(search_mean, search_var, discrete_bn, what, size=4 if reduction else 8):
-    n = BATCH * size * size  # values per channel: the ops see the cell's output size
+  Both start at (0, 1) and follow PyTorch's rule (momentum 0.1, unbiased variance)."""
+  def check(search_mean, search_var, discrete_bn, what):
     np.testing.assert_allclose(search_mean, discrete_bn["mean"], atol=1e-5, rtol=1e-4,
                                err_msg=what)
-    np.testing.assert_allclose(search_var - 0.9, (discrete_bn["var"] - 0.9) * n / (n - 1),
-                               atol=1e-5, rtol=1e-4, err_msg=what)
+    np.testing.assert_allclose(search_var, discrete_bn["var"], atol=1e-5, rtol=1e-4,
+                               err_msg=what)
 
   for name in ("preprocess0", "preprocess1"):
     check(search_stats[name]["bn_mean"], search_stats[name]["bn_var"],
-          discrete_stats[name]["bn"], name, size=8)  # preprocess: 8x8
+          discrete_stats[name]["bn"], name)
   for position, (op, source) in enumerate(pairs):
     group, edge = edge_location(search_params, position // 2, source)
     st = jax.tree.map(lambda a: a[edge], search_stats[group])
@@ -263,7 +191,7 @@ def test_one_hot_search_cell_equals_discrete_cell(name, reduction, reduction_pre
   # The copied tree is exactly the discrete cell's parameter tree (names and shapes).
   assert (jax.tree.map(lambda a: a.shape, params)
           == jax.tree.map(lambda a: a.shape, expected))
-  with nn.intercept_methods(_pool_batch_norm):
+  with nn.intercept_methods(pool_batch_norm):
     want, discrete_updates = discrete.apply({"params": params}, s0, s1, True,
                                             mutable=["batch_stats"])
 

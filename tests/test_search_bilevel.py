@@ -86,7 +86,7 @@ def test_na_objective_and_gradients_equal_a_python_loop(evaluate):
 
 
 def test_na_split_batch_gives_each_neighbor_its_slice():
-  config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="max")
+  config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="mean")
   search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
   (tx, _), (vx, vy) = make_batches()
   state = init_state(search, tx)
@@ -98,7 +98,16 @@ def test_na_split_batch_gives_each_neighbor_its_slice():
       search.model.apply({"params": state.params}, vx[4 * k:4 * k + 4], weights[k],
                          train=True), vy[4 * k:4 * k + 4]) for k in range(2)]
   np.testing.assert_allclose(losses, expected, rtol=1e-6)
-  np.testing.assert_allclose(loss, max(expected), rtol=1e-6)
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "softmax_tau"])
+def test_split_batches_need_the_mean_aggregate(aggregation):
+  """A worst-case aggregate over slices would partly pick the hardest slice."""
+  config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation=aggregation)
+  with pytest.raises(ValueError, match=r"neighbors.batch = 'split' is invalid: expected "
+                                       r"'full' with neighbors.aggregation"):
+    BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
 
 
 @pytest.mark.parametrize("algorithm,order", [("darts", "first"), ("na_darts", "first"),
@@ -190,22 +199,37 @@ def test_second_order_exact_and_finite_difference_agree_in_float64(algorithm):
                                atol=1e-4 * float(jnp.abs(g_exact).max()))
 
 
-def test_second_order_exact_equals_numerical_derivative_of_unrolled_loss():
+@pytest.mark.parametrize("real_steps", [0, 3])
+def test_second_order_exact_equals_numerical_derivative_of_unrolled_loss(real_steps):
+  """DARTS's unrolled loss written out by hand. After real steps the virtual step must use
+  the momentum buffer and the current learning rate; the buffer is read off the parameter
+  trajectory (PyTorch SGD: ``w_{t+1} = w_t - lr_t * m_{t+1}``), not from the optimizer."""
   with jax.enable_x64(True):
     (tx, ty), (vx, vy) = make_batches(dtype=np.float64)
-    search = BilevelSearch(ToyArchModel(), SPACE, make_config("darts", "second_exact"), 10)
+    # One step per epoch: the per-epoch cosine learning rate changes every step.
+    search = BilevelSearch(ToyArchModel(), SPACE, make_config("darts", "second_exact"), 1)
     state = init_state(search, tx)
     state = state.replace(params=jax.tree.map(lambda p: p.astype(jnp.float64), state.params),
                           alpha=state.alpha.astype(jnp.float64))
+    first = BilevelSearch(ToyArchModel(), SPACE, make_config("darts", "first"), 1)
+    momentum = jax.tree.map(jnp.zeros_like, state.params)
+    for _ in range(real_steps):
+      previous, lr = state.params, search.lr_schedule(state.step)
+      state, _ = first.step(state, (tx, ty), (vx, vy))
+      momentum = jax.tree.map(lambda a, b, lr=lr: (a - b) / lr, previous, state.params)
+    if real_steps:
+      assert float(optax.tree.norm(momentum)) > 1e-2
     grad = search.arch_gradient(state, (tx, ty), (vx, vy), jax.random.key(0))[0]
     xi = search.lr_schedule(state.step)
-    wd = search.config.weights.weight_decay
+    assert xi < search.config.weights.lr or not real_steps
+    mu, wd = search.config.weights.momentum, search.config.weights.weight_decay
 
     def unrolled_val_loss(alpha):
       def train(p):
         return search.train_loss(p, {}, jax.nn.softmax(alpha, -1), tx, ty)[0]
-      g = jax.grad(train)(state.params)  # momentum buffer is zero at step 0
-      params = jax.tree.map(lambda w, gw: w - xi * (gw + wd * w), state.params, g)
+      g = jax.grad(train)(state.params)
+      params = jax.tree.map(lambda w, gw, m: w - xi * (mu * m + gw + wd * w), state.params,
+                            g, momentum)
       return search.train_loss(params, {}, jax.nn.softmax(alpha, -1), vx, vy)[0]
 
     h = 1e-6
@@ -213,6 +237,103 @@ def test_second_order_exact_equals_numerical_derivative_of_unrolled_loss():
       e = jnp.zeros_like(state.alpha).at[idx].set(h)
       numeric = (unrolled_val_loss(state.alpha + e) - unrolled_val_loss(state.alpha - e)) / (2 * h)
       np.testing.assert_allclose(grad[idx], numeric, rtol=1e-5, atol=1e-10)
+
+
+def test_warmup_epochs_train_the_weights_only():
+  """PC-DARTS / P-DARTS warm-up: the first ``warmup_epochs`` epochs take DARTS's weight
+  step alone (clipped SGD at softmax(alpha)); alpha and its optimizer start afterwards."""
+  (tx, ty), (vx, vy) = make_batches()
+  config = make_config("darts", "first")
+  config.warmup_epochs = 1
+  search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=2)
+  step = search.jit_step()
+  state = init_state(search, tx)
+  w = config.weights
+
+  def loss(params, x, y):
+    logits = search.model.apply({"params": params}, x, jax.nn.softmax(state.alpha, -1),
+                                train=True)
+    return bilevel.cross_entropy(logits, y)
+
+  grads = jax.grad(loss)(state.params, tx, ty)
+  scale = jnp.minimum(1.0, w.grad_clip / optax.tree.norm(grads))
+  expected = jax.tree.map(lambda p, g: p - w.lr * (scale * g + w.weight_decay * p),
+                          state.params, grads)
+  first, metrics = step(state, (tx, ty), (vx, vy))
+  for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  assert "arch_loss" not in metrics and metrics["train_loss"] == pytest.approx(
+      float(loss(state.params, tx, ty)), rel=1e-6)
+  second, _ = step(first, (tx, ty), (vx, vy))
+  for s in (first, second):
+    np.testing.assert_array_equal(s.alpha, state.alpha)
+    chex_equal = jax.tree.map(np.testing.assert_array_equal, s.arch_opt_state,
+                              state.arch_opt_state)
+    del chex_equal
+  third, metrics = step(second, (tx, ty), (vx, vy))
+  assert int(third.step) == 3 and "arch_loss" in metrics
+  assert float(jnp.abs(third.alpha - state.alpha).max()) > 0
+
+
+def test_alpha_entropy_against_numpy():
+  alpha = np.random.default_rng(0).normal(0, 2, SPACE.alpha_shape)
+  p = np.exp(alpha) / np.exp(alpha).sum(-1, keepdims=True)
+  np.testing.assert_allclose(bilevel.alpha_entropy(jnp.asarray(alpha, jnp.float32)),
+                             -(p * np.log(p)).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(bilevel.alpha_entropy(jnp.zeros(SPACE.alpha_shape)), np.log(8),
+                             rtol=1e-6)
+
+
+class OracleOpModel(nn.Module):
+  """Every edge offers 8 fixed linear features of the input; op 4's (on every edge) is the
+  one the labels are made from. The readout (the only trained weight) cannot undo the
+  others' interference in its 3 dimensions, only the architecture weights can, so the
+  architecture gradient keeps a signal."""
+
+  @nn.compact
+  def __call__(self, x, weights, train):
+    bank = jax.random.normal(jax.random.key(42), (8, x.shape[-1], 3))
+    bank = bank.at[4].set(ORACLE)
+    feats = jnp.einsum("bd,odc->boc", x, bank)
+    # Later edges count more, so that the edges a node keeps are decided too.
+    edges = jnp.linspace(0.5, 1.5, weights.shape[1])
+    mixed = jnp.einsum("teo,e,boc->bc", weights, edges, feats) / weights.shape[1]
+    return nn.Dense(3)(mixed)
+
+
+ORACLE = jnp.asarray(np.random.default_rng(3).normal(size=(16, 3)), jnp.float32)
+
+
+def _committing_run(lr, warmup_epochs, epochs=8, steps=10):
+  config = make_config("darts", "first")
+  config.epochs, config.warmup_epochs, config.arch.lr = epochs, warmup_epochs, lr
+  search = BilevelSearch(OracleOpModel(), SPACE, config, steps_per_epoch=steps)
+  step = search.jit_step()
+  rng = np.random.default_rng(0)
+  state = search.init(jax.random.key(0), jnp.zeros((1, 16)))
+  entropies, genotypes = [], []
+  for _ in range(epochs):
+    for _ in range(steps):
+      x = rng.normal(size=(2, 32, 16)).astype(np.float32)
+      y = np.argmax(x @ np.asarray(ORACLE), -1)
+      state, _ = step(state, (x[0], y[0]), (x[1], y[1]))
+    entropies.append(float(bilevel.alpha_entropy(state.alpha)))
+    genotypes.append(str(SPACE.derive(np.asarray(jax.nn.softmax(state.alpha, -1)))))
+  return entropies, genotypes
+
+
+def test_the_schedule_commits_alpha_and_the_genotype_stays():
+  """On a problem with one right operation, DARTS's quick-start schedule (warm-up, then a
+  raised architecture learning rate) makes the entropy fall below 85 % of uniform and the
+  derived genotype stop changing; DARTS's paper lr over the same few steps leaves alpha
+  near uniform."""
+  entropies, genotypes = _committing_run(lr=0.05, warmup_epochs=2)
+  assert entropies[1] == pytest.approx(np.log(8), abs=1e-3)  # warm-up: alpha untouched
+  assert entropies[-1] < 0.85 * np.log(8)
+  assert np.all(np.diff(entropies[2:]) < 0)
+  assert len(set(genotypes[-3:])) == 1 and "sep_conv_3x3" in genotypes[-1]
+  paper, _ = _committing_run(lr=3e-4, warmup_epochs=0)
+  assert paper[-1] > 0.99 * np.log(8)
 
 
 def test_learning_rate_schedule_is_cosine_per_epoch():
@@ -234,6 +355,8 @@ def test_learning_rate_schedule_is_cosine_per_epoch():
     ("neighbors.aggregation", "median", "config.search.neighbors.aggregation"),
     ("neighbors.batch", "half", "config.search.neighbors.batch"),
     ("weights.lr", 0.0, "config.search.weights.lr"),
+    ("warmup_epochs", 6, "config.search.warmup_epochs"),
+    ("recalibrate_batches", -1, "config.search.recalibrate_batches"),
     ("epochs", 0, "config.search.epochs"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):

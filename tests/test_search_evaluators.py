@@ -304,6 +304,21 @@ def test_supernet_evaluator_argument_checks():
 
 
 
+@pytest.mark.parametrize('train', [True, False])
+def test_supernet_evaluator_drops_padded_rows(train):
+  """``(images, labels, mask)`` batches (a stream's eval batches): padded rows enter
+  neither the loss nor, in training mode, the BatchNorm statistics."""
+  model, variables, batches = _toy_setup(NB201, seed=6)
+  x, y = batches[1]
+  padded = (np.concatenate([x, 50 * np.ones((2, 4), np.float32)]),
+            np.concatenate([y, [0, 0]]), np.array([True] * len(y) + [False, False]))
+  codes = ALL_NB201[:3]
+  got = SupernetEvaluator(model, variables, NB201, [batches[0], padded], train=train)
+  want = SupernetEvaluator(model, variables, NB201, batches, train=train)
+  assert got.num_examples == want.num_examples == 10
+  np.testing.assert_allclose(got(codes), want(codes), rtol=1e-6)
+
+
 def test_supernet_evaluator_with_accuracy_counts_correct_predictions():
   model, variables, batches = _toy_setup(NB201, seed=5)
   codes = ALL_NB201[np.random.default_rng(4).choice(len(ALL_NB201), 5, replace=False)]

@@ -110,6 +110,24 @@ def test_na_rs_scores_equal_hand_computed_aggregates(evaluator, aggregation, inc
   assert na.best_loss == pytest.approx(table_loss(pool[best:best + 1])[0])
 
 
+@pytest.mark.parametrize('aggregation', ['mean', 'max', 'softmax_tau'])
+def test_na_rs_scores_in_float64(aggregation):
+  """Losses that differ below float32's resolution (at 1e4, about 1e-3) keep their order:
+  NA-RS aggregates in float64 (before the fix, float32 made every score 10000.0)."""
+  pool = _pool(extra=3, seed=4)
+  offset = {index_of(c): 1e-6 * (i + 1) for i, c in enumerate(ALL_NB201[::97])}
+  losses = lambda codes: np.array([1e4 + offset.get(index_of(c), 0.5e-6) for c in codes])
+  tau = 2.5
+  na = na_random_search(NB201, losses, None, 0, radius=1, include_center=True,
+                        aggregation=aggregation, tau=tau, candidates=pool)
+  for codes, score in zip(pool, na.candidate_scores):
+    group = losses(neighborhood.enumerate_neighbors(NB201, codes, 1, True))
+    expected = {'mean': group.mean(), 'max': group.max(),
+                'softmax_tau': tau * (np.log(np.exp((group - 1e4) / tau).sum())
+                                      - np.log(len(group))) + 1e4}
+    assert abs(score - expected[aggregation]) < 1e-9
+
+
 def test_na_rs_radius_two(evaluator):
   pool = _pool(extra=1)
   na = na_random_search(NB201, evaluator, None, 0, radius=2, candidates=pool)

@@ -199,6 +199,16 @@ def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
   return jnp.concatenate([a, b], axis=-1)
 
 
+# BatchNorm as PyTorch's BatchNorm2d does it, for every network of the package (the search
+# supernets and the discrete networks): the running averages take ``BN_MOMENTUM`` of each
+# batch (PyTorch's ``momentum=0.1``; Flax would call it 0.9), epsilon 1e-5, and the running
+# variance averages the *unbiased* batch variance. One convention, PyTorch's, so that
+# weights and statistics carry over to and from the reference implementations unchanged,
+# and a discrete network computes what the supernet computes for the same architecture.
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
 def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Array]:
   """Mean and biased variance of ``x[*lead, B, H, W, C]`` over (B, H, W) per lead and C."""
   axes = tuple(range(feature_lead, feature_lead + 3))
@@ -207,7 +217,7 @@ def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Ar
   return mean, var
 
 
-def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = 1e-5,
+def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
                      scale=None, bias=None):
   """Normalises ``x[*lead, B, H, W, C]`` with per-(lead, C) ``mean``/``var``."""
   axes = tuple(range(feature_lead, feature_lead + 3))
@@ -218,3 +228,25 @@ def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = 1e-5,
   if bias is not None:
     y = y + jnp.expand_dims(bias, axes)
   return y
+
+
+def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: int,
+               train: bool, scale=None, bias=None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """BatchNorm of ``x[*lead, B, H, W, C]`` with statistics per (lead, C): ``(y, stats)``.
+
+  Training normalises with the batch statistics and returns the updated running averages
+  ``(1 - m) * running + m * batch`` (``m = BN_MOMENTUM``, unbiased variance); evaluation
+  normalises with the running ones and returns them unchanged. ``scale`` / ``bias``: the
+  affine parameters, if any.
+  """
+  if not train:
+    mean, var = stats
+    return batch_norm_apply(x, mean, var, feature_lead, BN_EPS, scale, bias), stats
+  mean, var = batch_norm_stats(x, feature_lead)
+  y = batch_norm_apply(x, mean, var, feature_lead, BN_EPS, scale, bias)
+  n = x.shape[feature_lead] * x.shape[feature_lead + 1] * x.shape[feature_lead + 2]
+  running_mean, running_var = stats
+  unbiased = var * (n / max(n - 1, 1))
+  return y, ((1 - BN_MOMENTUM) * running_mean + BN_MOMENTUM * mean,
+             (1 - BN_MOMENTUM) * running_var + BN_MOMENTUM * unbiased)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from nanas_jax.nn.ops import (AvgPool3x3, Identity, ReLUConvBN, Zero, batch_norm,
+from nanas_jax.nn.ops import (AvgPool3x3, Identity, ReLUConvBN, Zero, BatchNorm,
                               check_channels, conv)
 from nanas_jax.spaces.nb201 import NB201_OPS, NB201Arch
 
@@ -116,7 +116,7 @@ class TinyNetwork(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     arch = as_nb201_arch(self.arch)
     x = conv(self.C, 3, "stem_conv", padding=1)(x)
-    x = batch_norm(True, train, "stem_bn")(x)
+    x = BatchNorm(name="stem_bn")(x, train)
     C_prev, index = self.C, 0
     for stage in range(3):
       C_curr = self.C * 2 ** stage
@@ -127,5 +127,5 @@ class TinyNetwork(nn.Module):
         x = InferCell(arch, C_curr, name=f"cells_{index}")(x, train)
         index += 1
       C_prev = C_curr
-    x = nn.relu(batch_norm(True, train, "lastact_bn")(x))
+    x = nn.relu(BatchNorm(name="lastact_bn")(x, train))
     return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))

@@ -61,7 +61,8 @@ import numpy as np
 from jax import lax
 
 from nanas_jax.nn import functional as F
-from nanas_jax.nn.supernet import (StemBatchNorm, batch_norm, scan_inner_nodes,
+from nanas_jax.nn.ops import BatchNorm
+from nanas_jax.nn.supernet import (batch_norm, scan_inner_nodes,
                                     torch_uniform)
 from nanas_jax.spaces.nb201 import NB201_OPS, NUM_NODES
 
@@ -271,7 +272,7 @@ class ReLUConvBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel_size, self.stride, self.padding,
              name="conv")(jax.nn.relu(x))
-    return StemBatchNorm(name="bn")(x, train)
+    return BatchNorm(name="bn")(x, train)
 
 
 class ResNetReduction(nn.Module):
@@ -311,7 +312,7 @@ class SearchNetworkNB201(nn.Module):
       raise ValueError(f"architecture weights must have shape {WEIGHTS_SHAPE} (cell type, "
                        f"edge, op), got {weights.shape}")
     x = Conv(self.channels, 3, padding=1, name="stem_conv")(images)
-    x = StemBatchNorm(name="stem_bn")(x, train)
+    x = BatchNorm(name="stem_bn")(x, train)
     index = 0
     for stage in range(3):
       c = self.channels * 2 ** stage
@@ -322,7 +323,7 @@ class SearchNetworkNB201(nn.Module):
         x = SearchCellNB201(c, self.conv_impl, self.inner_impl, name=f"cells_{index}")(
             x, weights[0], train)
         index += 1
-    x = jax.nn.relu(StemBatchNorm(name="lastact_bn")(x, train))
+    x = jax.nn.relu(BatchNorm(name="lastact_bn")(x, train))
     features = jnp.mean(x, axis=(1, 2))
     fan_in = features.shape[-1]
     return nn.Dense(self.num_classes, kernel_init=torch_uniform(fan_in),

@@ -25,7 +25,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from nanas_jax.nn.ops import (FactorizedReduce, Identity, ReLUConvBN, batch_norm,
+from nanas_jax.nn.ops import (FactorizedReduce, Identity, ReLUConvBN, BatchNorm,
                               check_channels, conv, drop_path, make_op, OPS)
 
 
@@ -134,11 +134,11 @@ class _AuxiliaryHead(nn.Module):
     check_channels(x, self.C, type(self).__name__)
     window = (min(5, x.shape[1]), min(5, x.shape[2]))
     x = nn.avg_pool(nn.relu(x), window, (self.pool_stride,) * 2)
-    x = nn.relu(batch_norm(True, train, "bn1")(conv(128, 1, "conv1")(x)))
+    x = nn.relu(BatchNorm(name="bn1")(conv(128, 1, "conv1")(x), train))
     pad = ((0, 0), (0, max(0, 2 - x.shape[1])), (0, max(0, 2 - x.shape[2])), (0, 0))
     x = conv(768, 2, "conv2")(jnp.pad(x, pad))
     if self.bn_after_conv2:
-      x = batch_norm(True, train, "bn2")(x)
+      x = BatchNorm(name="bn2")(x, train)
     x = nn.relu(x)
     if x.shape[1:3] != (1, 1):
       raise ValueError(
@@ -209,7 +209,7 @@ class NetworkCIFAR(nn.Module):
   def __call__(self, x: jax.Array, train: bool, drop_path_prob=None):
     rate = self.drop_path_prob if drop_path_prob is None else drop_path_prob
     stem = conv(3 * self.C, 3, "stem_conv", padding=1)(x)
-    stem = batch_norm(True, train, "stem_bn")(stem)
+    stem = BatchNorm(name="stem_bn")(stem, train)
     s1, logits_aux = _run_cells(self, stem, stem, train, rate, self.C, False,
                                 AuxiliaryHeadCIFAR)
     logits = nn.Dense(self.num_classes, name="classifier")(jnp.mean(s1, axis=(1, 2)))
@@ -235,11 +235,11 @@ class NetworkImageNet(nn.Module):
     rate = self.drop_path_prob if drop_path_prob is None else drop_path_prob
     C = self.C
     s0 = conv(C // 2, 3, "stem0_conv1", stride=2, padding=1)(x)
-    s0 = nn.relu(batch_norm(True, train, "stem0_bn1")(s0))
+    s0 = nn.relu(BatchNorm(name="stem0_bn1")(s0, train))
     s0 = conv(C, 3, "stem0_conv2", stride=2, padding=1)(s0)
-    s0 = batch_norm(True, train, "stem0_bn2")(s0)
+    s0 = BatchNorm(name="stem0_bn2")(s0, train)
     s1 = conv(C, 3, "stem1_conv", stride=2, padding=1)(nn.relu(s0))
-    s1 = batch_norm(True, train, "stem1_bn")(s1)
+    s1 = BatchNorm(name="stem1_bn")(s1, train)
     s1, logits_aux = _run_cells(self, s0, s1, train, rate, C, True, AuxiliaryHeadImageNet)
     logits = nn.Dense(self.num_classes, name="classifier")(jnp.mean(s1, axis=(1, 2)))
     return logits, logits_aux

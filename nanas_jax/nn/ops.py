@@ -9,10 +9,9 @@ Conventions shared by all modules here:
 - Convolutions have no bias and explicit PyTorch-style padding, so strided ops give
   PyTorch's output size ``(H + 2p - d(k-1) - 1) // s + 1`` (for the 3x3/5x5/7x7 ops at
   stride 2 that is ``ceil(H / 2)``).
-- BatchNorm follows PyTorch's defaults (running-average momentum 0.1, i.e. Flax
-  ``momentum=0.9``, epsilon 1e-5): batch statistics when ``train`` is true, running
-  statistics otherwise. One difference remains: Flax updates the running variance with the
-  biased batch variance where PyTorch uses the unbiased one.
+- BatchNorm is PyTorch's (`BatchNorm`: running-average momentum 0.1, epsilon 1e-5, the
+  running variance from the unbiased batch variance): batch statistics when ``train`` is
+  true, running statistics otherwise.
 - Parameter layout for copying PyTorch weights: a conv kernel is ``HWIO``
   (``torch_w.permute(2, 3, 1, 0)``; a depthwise kernel is ``(k, k, 1, C)``), a Dense kernel
   is ``torch_w.T``, BatchNorm ``weight``/``bias`` are ``scale``/``bias`` and the running
@@ -23,19 +22,32 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-# PyTorch's BatchNorm2d defaults expressed in Flax terms.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+from nanas_jax.nn import functional as F
 
+class BatchNorm(nn.Module):
+  """PyTorch's BatchNorm2d (`functional.batch_norm`: momentum 0.1, epsilon 1e-5, unbiased
+  running variance) on NHWC inputs: batch statistics when ``train``, running statistics
+  otherwise. Params ``scale``, ``bias`` (with ``affine``); statistics ``mean``, ``var`` in
+  the ``batch_stats`` collection (the names of Flax's BatchNorm)."""
+  affine: bool = True
 
-def batch_norm(affine: bool, train: bool, name: str) -> nn.BatchNorm:
-  """A BatchNorm with PyTorch's defaults; ``affine=False`` drops scale and bias."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, use_bias=affine, use_scale=affine, name=name)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    scale = bias = None
+    if self.affine:
+      scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+      bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    y, new = F.batch_norm(x, (mean.value, var.value), 0, train, scale, bias)
+    if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+      mean.value, var.value = new
+    return y
 
 
 def conv(features: int, kernel: int | tuple[int, int], name: str, stride=1,
@@ -89,7 +101,7 @@ class ReLUConvBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     check_channels(x, self.C_in, type(self).__name__)
     x = conv(self.C_out, self.kernel_size, "conv", self.stride, self.padding)(nn.relu(x))
-    return batch_norm(self.affine, train, "bn")(x)
+    return BatchNorm(self.affine, name="bn")(x, train)
 
 
 class DilConv(nn.Module):
@@ -109,7 +121,7 @@ class DilConv(nn.Module):
     x = conv(self.C_in, self.kernel_size, "depthwise", self.stride, self.padding,
              self.dilation, groups=self.C_in)(nn.relu(x))
     x = conv(self.C_out, 1, "pointwise")(x)
-    return batch_norm(self.affine, train, "bn")(x)
+    return BatchNorm(self.affine, name="bn")(x, train)
 
 
 class SepConv(nn.Module):
@@ -129,10 +141,10 @@ class SepConv(nn.Module):
     k, p = self.kernel_size, self.padding
     x = conv(self.C_in, k, "depthwise1", self.stride, p, groups=self.C_in)(nn.relu(x))
     x = conv(self.C_in, 1, "pointwise1")(x)
-    x = batch_norm(self.affine, train, "bn1")(x)
+    x = BatchNorm(self.affine, name="bn1")(x, train)
     x = conv(self.C_in, k, "depthwise2", 1, p, groups=self.C_in)(nn.relu(x))
     x = conv(self.C_out, 1, "pointwise2")(x)
-    return batch_norm(self.affine, train, "bn2")(x)
+    return BatchNorm(self.affine, name="bn2")(x, train)
 
 
 class Identity(nn.Module):
@@ -175,7 +187,7 @@ class FactorizedReduce(nn.Module):
     x = nn.relu(x)
     a = conv(self.C_out // 2, 1, "conv_1", stride=2)(x)
     b = conv(self.C_out // 2, 1, "conv_2", stride=2)(x[:, 1:, 1:, :])
-    return batch_norm(self.affine, train, "bn")(jnp.concatenate([a, b], axis=-1))
+    return BatchNorm(self.affine, name="bn")(jnp.concatenate([a, b], axis=-1), train)
 
 
 class MaxPool3x3(nn.Module):
@@ -210,7 +222,7 @@ class Conv7x1_1x7(nn.Module):
     check_channels(x, self.C, type(self).__name__)
     x = conv(self.C, (1, 7), "conv_1x7", (1, self.stride), (0, 3))(nn.relu(x))
     x = conv(self.C, (7, 1), "conv_7x1", (self.stride, 1), (3, 0))(x)
-    return batch_norm(self.affine, train, "bn")(x)
+    return BatchNorm(self.affine, name="bn")(x, train)
 
 
 OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {

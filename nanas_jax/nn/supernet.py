@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from nanas_jax.nn import functional as F
+from nanas_jax.nn.ops import BatchNorm
 
 # Operation order of the DARTS space (quark0/darts genotypes.PRIMITIVES).
 DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
@@ -50,9 +51,6 @@ DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3
 # second depthwise conv of sep3, sep5.
 _STAGE1 = ((3, 1), (5, 1), (3, 2), (5, 2))
 _STAGE2 = ((3, 1), (5, 1))
-# BatchNorm defaults of PyTorch, which the reference uses: momentum 0.1, eps 1e-5.
-BN_MOMENTUM = 0.9
-BN_EPS = 1e-5
 
 
 def torch_uniform(fan_in: int):
@@ -82,21 +80,9 @@ def cell_edges(steps: int) -> list[tuple[int, int]]:
 
 def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
                train: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """BatchNorm (affine=False) of ``x[*lead, B, H, W, C]``, statistics per (lead, C).
-
-  Training normalises with the batch statistics and returns the updated running averages
-  (PyTorch's: unbiased variance, momentum 0.1); evaluation uses the running ones.
-  """
-  if not train:
-    mean, var = stats
-    return F.batch_norm_apply(x, mean, var, lead, BN_EPS), stats
-  mean, var = F.batch_norm_stats(x, lead)
-  y = F.batch_norm_apply(x, mean, var, lead, BN_EPS)
-  n = x.shape[lead] * x.shape[lead + 1] * x.shape[lead + 2]
-  running_mean, running_var = stats
-  unbiased = var * (n / max(n - 1, 1))
-  return y, (BN_MOMENTUM * running_mean + (1 - BN_MOMENTUM) * mean,
-             BN_MOMENTUM * running_var + (1 - BN_MOMENTUM) * unbiased)
+  """The supernet's BatchNorm (affine=False, as the reference's MixedOp ops) of
+  ``x[*lead, B, H, W, C]``, statistics per (lead, C): `functional.batch_norm`."""
+  return F.batch_norm(x, stats, lead, train)
 
 
 def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
@@ -317,22 +303,6 @@ class Preprocess(nn.Module):
     return y
 
 
-class StemBatchNorm(nn.Module):
-  """The stem's affine BatchNorm, with the same running-statistics rule as the cells'."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
-    var = self.variable("batch_stats", "var", jnp.ones, (c,))
-    y, new = batch_norm(x, 0, (mean.value, var.value), train)
-    if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
-      mean.value, var.value = new
-    return y * scale + bias
-
-
 class SearchCell(nn.Module):
   """One DARTS search cell: ``steps`` nodes, every edge a MixedOp over the 8 operations."""
   channels: int
@@ -391,7 +361,7 @@ class SearchNetwork(nn.Module):
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
-    x = StemBatchNorm(name="stem_bn")(x, train)
+    x = BatchNorm(name="stem_bn")(x, train)
     s0 = s1 = x
     c_curr = self.channels
     reduction_prev = False

@@ -9,7 +9,11 @@ Architecture objective:
 - NA-DARTS: ``AGG_k L_val(w, T_k(softmax(alpha)))`` over K perturbations sampled afresh
   every step (`neighborhood.sample_perturbed_weights`), with the same parameters, and either
   the same validation batch for every neighbor (``batch='full'``) or a 1/K slice of it each
-  (``batch='split'``). The K evaluations run under ``jax.vmap`` over the K weight tensors
+  (``batch='split'``, the cost of one DARTS architecture step). 'split' is allowed with the
+  ``mean`` aggregate only: the mean of the slice losses estimates the mean neighbor loss
+  over the data, as 'full' does, except that BatchNorm (training mode) normalises each
+  neighbor over B/K examples, as DARTS at batch B/K would; with ``max`` or ``softmax_tau``
+  the worst "neighbor" would partly be the hardest slice. The K evaluations run under ``jax.vmap`` over the K weight tensors
   (``evaluate='vmap'``) or as K calls of the one compiled supernet gradient
   (``evaluate='loop'``); both give the same numbers (a test checks it).
 
@@ -46,7 +50,7 @@ import ml_collections
 import optax
 
 from nanas_jax import neighborhood
-from nanas_jax.search.state import (SearchState, arch_optimizer, init_alpha,
+from nanas_jax.search.state import (ARCH_SCHEDULES, SearchState, arch_optimizer, init_alpha,
                                     momentum_buffer, weight_lr_schedule, weight_optimizer)
 from nanas_jax.spaces import SearchSpace
 
@@ -91,8 +95,10 @@ class BilevelSearch:
     self.config = config
     self.steps_per_epoch = steps_per_epoch
     self.weight_tx = weight_optimizer(config.weights, config.epochs, steps_per_epoch)
-    self.arch_tx = arch_optimizer(config.arch)
+    self.arch_tx = arch_optimizer(
+        config.arch, (config.epochs - config.get("warmup_epochs", 0)) * steps_per_epoch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
+    self.warmup_steps = config.get("warmup_epochs", 0) * steps_per_epoch
     mode = config.get("compile", "auto")
     self.fused = mode == "fused"
     evaluate = config.neighbors.get("evaluate", "auto")
@@ -301,33 +307,78 @@ class BilevelSearch:
         grads, state.weight_opt_state, state.params)
     metrics = self._jitted(self._metrics)(
         state.step, train_loss, logits, train_batch[1], arch_loss, neighbor_losses,
-        neighbor_accs, grad_alpha, grads)
+        neighbor_accs, grad_alpha, grads, alpha)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               alpha=alpha, weight_opt_state=weight_opt_state,
                               arch_opt_state=arch_opt_state, rng=rng)
     return new_state, metrics
 
   def _metrics(self, step, train_loss, logits, train_y, arch_loss, neighbor_losses,
-               neighbor_accs, grad_alpha, grads):
+               neighbor_accs, grad_alpha, grads, alpha):
     return {
-        "train_loss": train_loss,
-        "train_accuracy": accuracy(logits, train_y),
+        **self._weight_metrics(step, train_loss, logits, train_y, grads, alpha),
         "arch_loss": arch_loss,
         "neighbor_loss_mean": neighbor_losses.mean(),
         "neighbor_loss_std": neighbor_losses.std(),
         "neighbor_loss_max": neighbor_losses.max(),
         "neighbor_accuracy": neighbor_accs.mean(),
-        "learning_rate": self.lr_schedule(step),
         "alpha_grad_norm": optax.tree.norm(grad_alpha),
-        "weight_grad_norm": optax.tree.norm(grads),
     }
 
+  def _weight_metrics(self, step, train_loss, logits, train_y, grads, alpha):
+    return {
+        "train_loss": train_loss,
+        "train_accuracy": accuracy(logits, train_y),
+        "learning_rate": self.lr_schedule(step),
+        "weight_grad_norm": optax.tree.norm(grads),
+        "alpha_entropy": alpha_entropy(alpha),
+    }
+
+  def warmup_step(self, state: SearchState, train_batch, val_batch):
+    """A warm-up step (``config.warmup_epochs``, as PC-DARTS and P-DARTS do): the weight
+    step alone at ``softmax(alpha)``; alpha, its optimizer and the key stay as they are.
+    The validation batch is not used."""
+    del val_batch
+    weights = self._jitted(_softmax)(state.alpha)
+    train_loss, logits, batch_stats, grads, _ = self.grads(
+        state.params, state.batch_stats, weights, *train_batch)
+    params, weight_opt_state = self._jitted(self._apply_weight_update)(
+        grads, state.weight_opt_state, state.params)
+    metrics = self._jitted(self._weight_metrics)(state.step, train_loss, logits,
+                                                 train_batch[1], grads, state.alpha)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         weight_opt_state=weight_opt_state), metrics
+
   def jit_step(self) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
-    """The step to call in a loop: one ``jax.jit`` with the state donated when fused,
-    else the step itself (its pieces are jitted and share one compiled gradient)."""
+    """The step to call in a loop: `step`, or `warmup_step` during the warm-up epochs.
+    Each is one ``jax.jit`` with the state donated when fused, else the step itself (its
+    pieces are jitted and share one compiled gradient)."""
+    search, warmup = self.step, self.warmup_step
     if self.fused:
-      return jax.jit(self.step, donate_argnums=0)
-    return self.step
+      search = jax.jit(search, donate_argnums=0)
+      warmup = jax.jit(warmup, donate_argnums=0)
+    if not self.warmup_steps:
+      return search
+
+    def step(state: SearchState, train_batch, val_batch):
+      if int(jax.device_get(state.step)) < self.warmup_steps:
+        return warmup(state, train_batch, val_batch)
+      return search(state, train_batch, val_batch)
+
+    return step
+
+  def batch_stats_update_fn(self) -> Callable[..., Any]:
+    """Jitted ``(params, batch_stats, alpha, images) -> batch_stats``: one training-mode
+    pass at ``softmax(alpha)`` and the running statistics it leaves (for BatchNorm
+    recalibration, `nanas_jax.nn.recalibration`)."""
+
+    def update(params, batch_stats, alpha, images):
+      _, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                    jax.nn.softmax(alpha, -1), train=True,
+                                    mutable=["batch_stats"])
+      return updates.get("batch_stats", batch_stats)
+
+    return jax.jit(update)
 
   def eval_fn(self) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``(state, images, labels, mask) -> {'loss', 'correct', 'count'}``: sums over
@@ -345,6 +396,13 @@ class BilevelSearch:
               "count": jnp.sum(mask)}
 
     return jax.jit(evaluate)
+
+
+def alpha_entropy(alpha: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the per-edge operation distributions ``softmax(alpha)``:
+  ``log(#ops)`` at the uniform start, 0 when every edge has committed to one operation."""
+  log_p = jax.nn.log_softmax(alpha.astype(jnp.float32), -1)
+  return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, -1))
 
 
 def _softmax(alpha):
@@ -378,6 +436,13 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
         f"one of {COMPILE_MODES}")
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
+  warmup = config.get("warmup_epochs", 0)
+  check(isinstance(warmup, int) and 0 <= warmup < config.epochs, "warmup_epochs", warmup,
+        f"an integer in [0, epochs = {config.epochs}): weight-only epochs before the "
+        "architecture steps start")
+  recalibrate = config.get("recalibrate_batches", 0)
+  check(isinstance(recalibrate, int) and recalibrate >= 0, "recalibrate_batches",
+        recalibrate, "an integer >= 0 (0: validate with the running BatchNorm statistics)")
   nb = config.neighbors
   if config.algorithm == "na_darts":
     check(isinstance(nb.num, int) and nb.num >= 1, "neighbors.num", nb.num, "an integer >= 1")
@@ -390,6 +455,13 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
     check(nb.tau > 0, "neighbors.tau", nb.tau, "> 0")
     check(nb.batch in NEIGHBOR_BATCHES, "neighbors.batch", nb.batch,
           f"one of {NEIGHBOR_BATCHES}")
+    # With 'split', neighbor k's loss is measured on its own slice: their mean estimates
+    # the mean neighbor loss over the data, but their max would partly pick the hardest
+    # slice rather than the worst neighbor.
+    check(nb.batch == "full" or nb.aggregation == "mean", "neighbors.batch", nb.batch,
+          f"'full' with neighbors.aggregation = {nb.aggregation!r}: 'split' gives each "
+          "neighbor its own slice of the validation batch, so only the 'mean' aggregate "
+          "still measures the neighbors rather than the slices")
     check(nb.get("evaluate", "auto") in NEIGHBOR_EVALUATIONS, "neighbors.evaluate",
           nb.get("evaluate"), f"one of {NEIGHBOR_EVALUATIONS}")
   w, a = config.weights, config.arch
@@ -401,6 +473,8 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(a.lr > 0, "arch.lr", a.lr, "> 0")
   check(0 <= a.b1 < 1 and 0 <= a.b2 < 1, "arch.b1/b2", (a.b1, a.b2), "in [0, 1)")
   check(a.weight_decay >= 0, "arch.weight_decay", a.weight_decay, ">= 0")
+  check(a.get("schedule", "constant") in ARCH_SCHEDULES, "arch.schedule",
+        a.get("schedule"), f"one of {ARCH_SCHEDULES}")
 
 
 def neighbors_per_step(config: ml_collections.ConfigDict) -> int:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nanas_jax.nn import recalibration
 from nanas_jax.spaces import SearchSpace, get_space
 
 NATS_TSS_SIMPLE = 'NATS-tss-v1_0-3ffb9-simple'
@@ -318,11 +319,25 @@ def _read_csv_table(path: str) -> list[tuple[str, Any, Any]]:
 
 
 # ------------------------------------------------------------------ weight sharing
-def _loss_and_hits(model, train: bool, variables, weights, images, labels):
-  """Per architecture, the summed cross-entropy over one batch and the number of correct
-  predictions: ``[K]``, ``[K]``."""
+def _batch_stats_update(model, variables, weights, images):
+  """Per architecture, the running statistics after one training-mode pass from
+  ``variables['batch_stats']`` (the recalibration pass): leaves ``[K, ...]``."""
 
   def one(w):
+    _, updates = model.apply(variables, images, w, train=True, mutable=['batch_stats'])
+    return updates['batch_stats']
+
+  return jax.vmap(one)(weights)
+
+
+def _loss_and_hits(model, train: bool, per_arch_stats: bool, params, batch_stats, weights,
+                   images, labels):
+  """Per architecture, the summed cross-entropy over one batch and the number of correct
+  predictions: ``[K]``, ``[K]``. With ``per_arch_stats`` the leaves of ``batch_stats``
+  carry a leading architecture axis (recalibrated statistics, one set per architecture)."""
+
+  def one(w, stats):
+    variables = {'params': params, 'batch_stats': stats}
     if train:
       # Batch statistics, as the search's architecture step uses; updates discarded.
       logits, _ = model.apply(variables, images, w, train=True, mutable=['batch_stats'])
@@ -332,7 +347,28 @@ def _loss_and_hits(model, train: bool, variables, weights, images, labels):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
     return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
 
-  return jax.vmap(one)(weights)
+  return jax.vmap(one, in_axes=(0, 0 if per_arch_stats else None))(weights, batch_stats)
+
+
+def _unpadded(batches, what: str) -> list[tuple[jax.Array, jax.Array]]:
+  """``(images, labels)`` batches, the rows of ``(images, labels, mask)`` batches that the
+  mask keeps: padding must enter neither the loss nor any BatchNorm statistics."""
+  out = []
+  for i, batch in enumerate(batches):
+    if len(batch) not in (2, 3):
+      raise ValueError(f'{what} batch {i}: expected (images, labels) or (images, labels, '
+                       f'mask), got {len(batch)} arrays.')
+    x, y = np.asarray(batch[0]), np.asarray(batch[1])
+    if y.ndim != 1 or x.shape[0] != y.shape[0]:
+      raise ValueError(
+          f'{what} batch {i}: images {x.shape} and labels {y.shape} do not match; labels '
+          'must be integer class ids [B] for images [B, ...].')
+    if len(batch) == 3:
+      keep = np.asarray(batch[2], bool)
+      x, y = x[keep], y[keep]
+    if len(y):
+      out.append((jnp.asarray(x), jnp.asarray(y)))
+  return out
 
 
 class SupernetEvaluator:
@@ -341,9 +377,17 @@ class SupernetEvaluator:
   ``model.__call__(images, weights, train)`` takes architecture weights of shape
   ``space.alpha_shape``; an architecture ``codes`` is evaluated at
   ``one_hot(codes, space.num_ops)``. The loss is the mean cross-entropy over every example
-  of ``batches`` (a sequence of ``(images, labels)``). ``train=True`` (the default) runs
-  BatchNorm on batch statistics, as random search with weight sharing does, and discards
-  the statistics updates; ``train=False`` uses the running statistics.
+  of ``batches`` (``(images, labels)``, or ``(images, labels, mask)`` whose padded rows are
+  dropped).
+
+  BatchNorm, by protocol:
+  - ``recalibration`` given (a sequence of training images batches; the default protocol of
+    every search run): each architecture's BatchNorm statistics are re-estimated on those
+    batches (`nanas_jax.nn.recalibration`), then it is evaluated in evaluation mode with
+    them. This is the standard one-shot protocol: the supernet's running statistics belong
+    to the mixture it was trained with, not to the architecture.
+  - otherwise ``train=True``: BatchNorm on each evaluation batch's own statistics (updates
+    discarded); ``train=False``: the supernet's running statistics.
 
   Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``; a request of
   N architectures is padded to a multiple of ``chunk_size`` (with copies of its first
@@ -352,33 +396,43 @@ class SupernetEvaluator:
   """
 
   def __init__(self, model, variables, space: SearchSpace | str,
-               batches: Sequence[tuple[Any, Any]], chunk_size: int = 32,
-               train: bool = True, with_accuracy: bool = False):
+               batches: Sequence[tuple[Any, ...]], chunk_size: int = 32,
+               train: bool = True, with_accuracy: bool = False,
+               recalibration: Sequence[Any] | None = None):
     self.space = get_space(space) if isinstance(space, str) else space
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f'chunk_size must be an integer >= 1, got {chunk_size!r}.')
-    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
+    batches = _unpadded(batches, 'evaluation')
     if not batches:
       raise ValueError('SupernetEvaluator needs at least one (images, labels) batch.')
-    for i, (x, y) in enumerate(batches):
-      if y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f'batch {i}: images {x.shape} and labels {y.shape} do not match; labels must '
-            'be integer class ids [B] for images [B, ...].')
+    self.recalibration = None
+    if recalibration is not None:
+      self.recalibration = [(jnp.asarray(x),) for x in recalibration]
+      if not self.recalibration:
+        raise ValueError('recalibration needs at least one batch of training images (or '
+                         'None for no recalibration).')
     self.model = model
     self.variables = variables
     self.batches = batches
     self.chunk_size = chunk_size
-    self.train = train
+    self.train = train and self.recalibration is None
     self.num_examples = sum(int(y.shape[0]) for _, y in batches)
     self.with_accuracy = with_accuracy
-    self._sums = jax.jit(functools.partial(_loss_and_hits, model, train))
+    self._sums = jax.jit(functools.partial(_loss_and_hits, model, self.train,
+                                           self.recalibration is not None))
+    self._update = jax.jit(functools.partial(_batch_stats_update, model))
 
   def _chunk_metrics(self, codes: np.ndarray) -> tuple[jax.Array, jax.Array]:
     weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
+    params, stats = self.variables['params'], self.variables['batch_stats']
+    if self.recalibration is not None:
+      stats = recalibration.average_batch_statistics(
+          lambda zeros, x: self._update({'params': params, 'batch_stats': zeros}, weights,
+                                        x),
+          stats, self.recalibration)
     loss, hits = 0.0, 0
     for x, y in self.batches:
-      batch_loss, batch_hits = self._sums(self.variables, weights, x, y)
+      batch_loss, batch_hits = self._sums(params, stats, weights, x, y)
       loss, hits = loss + batch_loss, hits + batch_hits
     return loss / self.num_examples, hits / self.num_examples
 

@@ -48,12 +48,24 @@ def weight_optimizer(config: ml_collections.ConfigDict, epochs: int, steps_per_e
                 momentum=config.momentum))
 
 
-def arch_optimizer(config: ml_collections.ConfigDict):
+ARCH_SCHEDULES = ("constant", "cosine")
+
+
+def arch_lr_schedule(config: ml_collections.ConfigDict, arch_steps: int):
+  """The architecture learning rate per architecture step: DARTS's constant ``lr``, or
+  (``schedule='cosine'``) cosine-annealed from ``lr`` to 0 over the ``arch_steps``
+  architecture steps of the search, as the weights' learning rate is annealed."""
+  if config.get("schedule", "constant") == "cosine":
+    return optax.cosine_decay_schedule(config.lr, max(arch_steps, 1))
+  return optax.constant_schedule(config.lr)
+
+
+def arch_optimizer(config: ml_collections.ConfigDict, arch_steps: int = 0):
   """Adam on alpha with L2 weight decay added to the gradient (PyTorch Adam's
-  ``weight_decay``, which is not AdamW's decoupled decay)."""
+  ``weight_decay``, which is not AdamW's decoupled decay), at `arch_lr_schedule`."""
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
-      optax.adam(config.lr, b1=config.b1, b2=config.b2))
+      optax.adam(arch_lr_schedule(config, arch_steps), b1=config.b1, b2=config.b2))
 
 
 def momentum_buffer(weight_opt_state) -> Any:

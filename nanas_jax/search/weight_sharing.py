@@ -108,6 +108,9 @@ def validate_rs_config(config: ml_collections.ConfigDict) -> None:
         "rs.num_neighbors", rs.num_neighbors, "None (all) or an integer >= 1")
   check(isinstance(rs.eval_batches, int) and rs.eval_batches >= 1, "rs.eval_batches",
         rs.eval_batches, "an integer >= 1")
+  recalibrate = rs.get("recalibrate_batches", 0)
+  check(isinstance(recalibrate, int) and recalibrate >= 0, "rs.recalibrate_batches",
+        recalibrate, "an integer >= 0 (0: no BatchNorm recalibration)")
   check(isinstance(rs.chunk_size, int) and rs.chunk_size >= 1, "rs.chunk_size",
         rs.chunk_size, "an integer >= 1")
   check(rs.aggregation in neighborhood.AGGREGATIONS, "rs.aggregation", rs.aggregation,
