@@ -65,6 +65,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   parallel.validate_parallel_config(config.get("parallel"))
   loop.validate_checkpoint_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
+    if "rs" not in config.search:
+      raise ValueError(
+          f"config.search.algorithm = {config.search.algorithm!r} needs the candidate "
+          "scoring block config.search.rs, which this config lacks: use "
+          f"--config=configs/{config.search.algorithm}_quickstart.py (or another "
+          f"{config.search.algorithm} config).")
     validate_rs_config(config.search)
     if config.search.rs.evaluator == "table" and config.model.space != "nb201":
       raise ValueError(f"config.search.rs.evaluator = 'table' needs config.model.space = "
@@ -141,14 +147,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if task == "pipeline":
     from nanas_jax import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.run_pipeline(config, workdir)
+  validate_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
     return run_random_search(config, workdir)
   return run_search(config, workdir)
 
 
 def _start(config: ml_collections.ConfigDict, workdir: str):
-  """Validates the config, starts the processes and the mesh, guards the workdir and
-  records the config in it. Returns the device mesh."""
+  """Validates the config, starts the processes and the mesh and guards the workdir.
+  Returns the device mesh. Nothing is written: `_record` does that once the data loads."""
   validate_config(config)
   loop.check_workdir(workdir)
   parallel.initialize(config.get("parallel"))
@@ -160,10 +167,14 @@ def _start(config: ml_collections.ConfigDict, workdir: str):
     raise FileExistsError(
         f"{workdir} already holds a finished search ({', '.join(existing)}); choose a new "
         "--workdir (results are never overwritten).")
+  return mesh
+
+
+def _record(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates the workdir and records the config: after every check, data included."""
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     record_config(config, workdir)
-  return mesh
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -190,6 +201,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   space = spaces.get_space(config.model.space)
   streams = data_streams.load_search_streams(config.data, config.data.batch_size,
                                              config.seed)
+  _record(config, workdir)
   steps = min(streams.train.steps_per_epoch, streams.val.steps_per_epoch)
   return mesh, space, streams, steps
 
@@ -265,7 +277,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       epochs=config.search.epochs, end_of_epoch=end_of_epoch,
       finite_keys=("train_loss", "arch_loss"),
       hint="Lower config.search.weights.lr or config.search.arch.lr and rerun: the run "
-           "resumes from that checkpoint.")
+           "resumes from that checkpoint.", step_logs=("genotypes.jsonl",))
   state, extra = result.state, result.extra
   parallel.assert_replicas_agree(state.alpha, "alpha")
   alpha = parallel.to_host(state.alpha)
@@ -352,6 +364,7 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                                                    dataset=rs.nats_bench_dataset)
     else:
       evaluator = TabularEvaluator.from_file(rs.table_path)
+    _record(config, workdir)
   else:
     mesh, space, streams, steps_per_epoch = _prepare(config, workdir)
     state, evaluator = _train_weight_sharing(config, workdir, mesh, space, streams,
