@@ -375,11 +375,14 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     result = na_random_search(
         space, evaluator, rs.num_candidates, search_rng, radius=rs.radius,
         num_neighbors=rs.num_neighbors, include_center=rs.include_center,
-        aggregation=rs.aggregation, tau=rs.tau)
-    baseline = random_search_same_budget(space, evaluator, result,
-                                                np.random.default_rng(config.seed + 4))
+        aggregation=rs.aggregation, tau=rs.tau,
+        progress=loop.Progress("NA-RS scoring", "candidates"))
+    baseline = random_search_same_budget(
+        space, evaluator, result, np.random.default_rng(config.seed + 4),
+        progress=loop.Progress("random search with the same budget", "candidates"))
   else:
-    result = random_search(space, evaluator, rs.num_candidates, search_rng)
+    result = random_search(space, evaluator, rs.num_candidates, search_rng,
+                           progress=loop.Progress("random search scoring", "candidates"))
     baseline = None
   best = space.decode(result.best_codes)
   main = parallel.is_main_process()

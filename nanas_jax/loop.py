@@ -46,6 +46,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -198,6 +199,26 @@ def _one_line(error: BaseException) -> str:
   return cli.clip(f"{type(error).__name__}: {text}", 300)
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed restore TensorStore still completes the reads orbax had started, and
+  hands each completion to the asyncio loop orbax has closed meanwhile: Python reports
+  every one as an unraisable ``RuntimeError('Event loop is closed')``, dozens of
+  tracebacks for one damaged checkpoint. From the first failed restore on, those (and
+  only those) are dropped; every other unraisable exception still reaches the previous
+  hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
 def _all_processes_agree(flag: bool) -> bool:
   """Whether ``flag`` holds on every process (one process: ``flag``)."""
   if jax.process_count() == 1:
@@ -283,6 +304,7 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         # Damage shows as TensorStore ValueErrors, JSON errors, missing files...
         error = e
+        _drop_closed_loop_callbacks()
       if _all_processes_agree(error is None):
         return state, meta, step
       target = self._move_aside(step)
@@ -496,8 +518,8 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
     for name in (METRICS_FILE, *step_logs):
       moved = supersede_rows_after(os.path.join(workdir, name), step, steps_per_epoch)
       if moved:
-        logging.info("%d rows of %s were past step %d (their session's state was lost): "
-                     "moved to %s.", moved, name, step,
+        logging.info("%d row%s of %s past step %d (written by a session whose state was "
+                     "lost) moved to %s.", moved, "s" if moved > 1 else "", name, step,
                      name[:-len(".jsonl")] + ".superseded.jsonl")
     if resumed_from is not None:
       append_jsonl(metrics_path, {"event": "resumed", "step": step})
@@ -574,6 +596,8 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         means = {f"mean_{k}": v / steps_per_epoch for k, v in totals.items()}
         epoch_record = end_of_epoch(state, epoch, means, extra)
         write(numeric(epoch_record), epoch_record)
+        # Steps/s counts training steps: validation (and its first compile) is left out.
+        last_line = (step, time.monotonic())
         totals = {}
         save(state)
         if preemption.requested(step) and step < total:

@@ -182,7 +182,8 @@ def test_evaluate_sums_exactly_the_unmasked_rows():
   assert totals == {"err": 0.0, "sum": float(np.arange(15).sum()), "count": 5.0}
 
 
-@pytest.mark.parametrize("field,value", [("every_steps", -1), ("keep", 0)])
+@pytest.mark.parametrize("field,value", [("every_steps", -1), ("keep", 0),
+                                         ("every_seconds", -5)])
 def test_bad_checkpoint_config_names_the_field(field, value):
   c = config()
   c.checkpoint[field] = value
@@ -391,3 +392,32 @@ def test_console_line_and_durations():
                            steps_per_second=2.0)
   assert line == ("step 30/84  epoch 3/6  train_loss 2.081  val_accuracy 0.5  2 steps/s, "
                   "ETA 27 s")
+
+
+def test_progress_lines_give_the_rate_and_the_eta(monkeypatch, caplog):
+  now = [100.0]
+  monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": lambda self: now[0]})())
+  progress = loop.Progress("scoring", "candidates", every_seconds=10)
+  with caplog.at_level(logging.INFO):
+    for done in range(1, 11):
+      now[0] += 4
+      progress(done, 10)
+  # The first call, then one at least 10 s after the last, then the end.
+  assert [r.getMessage() for r in caplog.records] == [
+      "scoring: 1/10 candidates, 0.25 candidates/s, ETA 36 s",
+      "scoring: 4/10 candidates, 0.25 candidates/s, ETA 24 s",
+      "scoring: 7/10 candidates, 0.25 candidates/s, ETA 12 s",
+      "scoring: 10/10 candidates, done in 40 s"]
+
+
+def test_only_the_closed_loop_callbacks_of_a_failed_restore_are_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  loop._drop_closed_loop_callbacks()  # pylint: disable=protected-access
+  loop._drop_closed_loop_callbacks()  # pylint: disable=protected-access
+  unraisable = type("Unraisable", (), {})
+  for error in (RuntimeError("Event loop is closed"), RuntimeError("other"), ValueError("x")):
+    event = unraisable()
+    event.exc_value = error
+    sys.unraisablehook(event)
+  assert seen == ["other", "x"]
