@@ -421,3 +421,17 @@ def test_only_the_closed_loop_callbacks_of_a_failed_restore_are_dropped(monkeypa
     event.exc_value = error
     sys.unraisablehook(event)
   assert seen == ["other", "x"]
+
+
+def test_workdirs_that_cannot_hold_results_are_refused_with_the_fix(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+    loop.check_workdir(str(tmp_path / "file"))
+  with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+    loop.check_workdir(str(tmp_path / "file" / "run"))
+  if os.geteuid() != 0:  # root may write anywhere
+    (tmp_path / "locked").mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="may not write"):
+      loop.check_workdir(str(tmp_path / "locked" / "run"))
+  loop.check_workdir(str(tmp_path / "new" / "run"))
+  assert not (tmp_path / "new").exists()
