@@ -28,7 +28,7 @@ def get_config():
   # resumes from them.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 0
-  config.checkpoint.every_seconds = 60
+  config.checkpoint.every_seconds = 60.0
   config.checkpoint.keep = 3
 
   # Data parallel over every local device needs no setting. Several processes (TPU pod
