@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_export_resolves_to_its_module_attribute():
-  from nanas_jax import experiment, neighborhood, spaces, summary  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from nanas_jax import experiment, neighborhood, spaces, summary
   for name in nanas_jax.__all__:
     assert getattr(nanas_jax, name) is not None, name
   assert nanas_jax.Genotype is spaces.Genotype
@@ -39,8 +40,8 @@ def test_the_readme_python_section_runs(tmp_path, capsys):
   section = readme[readme.index("### From Python"):]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   assert "/tmp/nanas_python" in code
-  exec(compile(code.replace("/tmp/nanas_python", str(tmp_path / "run")), "README.md",  # pylint: disable=exec-used
-               "exec"), {})
+  code = code.replace("/tmp/nanas_python", str(tmp_path / "run"))
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
   printed = capsys.readouterr().out.splitlines()
   assert printed[0] == "3349342"
   assert printed[1].startswith("96 Genotype(normal=[")
