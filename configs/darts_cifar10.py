@@ -35,6 +35,7 @@ def search_config(dataset: str, algorithm: str, order: str | None) -> ml_collect
   config = quickstart.get_config()
   config.log_every_steps = 50
   config.checkpoint.every_steps = 200
+  config.checkpoint.every_seconds = 600.0
   config.data.name = dataset
   config.data.batch_size = 64
   config.model.channels = 16

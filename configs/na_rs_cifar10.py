@@ -23,6 +23,7 @@ def get_config():
   config.model.channels = 16
   config.model.layers = 8
   config.search.epochs = 50
+  config.checkpoint.every_seconds = 600.0
   rs = config.search.rs
   rs.num_candidates = 100
   rs.num_neighbors = 16

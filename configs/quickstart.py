@@ -22,10 +22,13 @@ def get_config():
   config.seed = 0
   config.log_every_steps = 5
 
-  # Orbax checkpoints in WORKDIR/checkpoints: at every epoch end, and every `every_steps`
-  # steps when > 0; the last `keep` are kept. Rerunning a command resumes from them.
+  # Orbax checkpoints in WORKDIR/checkpoints: at every epoch end, on SIGTERM and Ctrl-C,
+  # every `every_steps` steps when > 0 and `every_seconds` after the last one when > 0
+  # (the most a kill or a crash loses); the last `keep` are kept. Rerunning a command
+  # resumes from them.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 0
+  config.checkpoint.every_seconds = 60.0
   config.checkpoint.keep = 3
 
   # Data parallel over every local device needs no setting. Several processes (TPU pod

@@ -39,6 +39,7 @@ def run_config(protocol: ml_collections.ConfigDict,
   config.log_every_steps = 50
   search = quickstart.get_config()
   config.checkpoint = search.checkpoint
+  config.checkpoint.every_seconds = 600.0
   config.parallel = search.parallel
 
   config.data.train_portion = 0.5  # Only the digits read it (their train / test cut).

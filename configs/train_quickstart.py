@@ -26,6 +26,7 @@ from nanas_jax.train import trainer
 def get_config(arg=None):
   config = train_cifar10.run_config(trainer.default_train_config(), arg)
   config.log_every_steps = 5
+  config.checkpoint.every_seconds = 60.0
   config.data.name = "digits"
   config.data.train_portion = 0.5566
   config.data.batch_size = 64

@@ -67,6 +67,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   parallel.validate_parallel_config(config.get("parallel"))
   loop.validate_checkpoint_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
+    if "rs" not in config.search:
+      raise ValueError(
+          f"config.search.algorithm = {config.search.algorithm!r} needs the candidate "
+          "scoring block config.search.rs, which this config lacks: use "
+          f"--config=configs/{config.search.algorithm}_quickstart.py (or another "
+          f"{config.search.algorithm} config).")
     validate_rs_config(config.search)
     if config.search.rs.evaluator == "table" and config.model.space != "nb201":
       raise ValueError(f"config.search.rs.evaluator = 'table' needs config.model.space = "
@@ -146,14 +152,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if task == "study":
     from nanas_jax import study  # pylint: disable=g-import-not-at-top
     return study.run_study(config, workdir)
+  validate_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
     return run_random_search(config, workdir)
   return run_search(config, workdir)
 
 
 def _start(config: ml_collections.ConfigDict, workdir: str):
-  """Validates the config, starts the processes and the mesh, guards the workdir and
-  records the config in it. Returns the device mesh."""
+  """Validates the config, starts the processes and the mesh and guards the workdir.
+  Returns the device mesh. Nothing is written: `_record` does that once the data loads."""
   validate_config(config)
   loop.check_workdir(workdir)
   parallel.initialize(config.get("parallel"))
@@ -165,10 +172,14 @@ def _start(config: ml_collections.ConfigDict, workdir: str):
     raise FileExistsError(
         f"{workdir} already holds a finished search ({', '.join(existing)}); choose a new "
         "--workdir (results are never overwritten).")
+  return mesh
+
+
+def _record(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates the workdir and records the config: after every check, data included."""
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     record_config(config, workdir)
-  return mesh
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -195,8 +206,25 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str):
   space = spaces.get_space(config.model.space)
   streams = data_streams.load_search_streams(config.data, config.data.batch_size,
                                              config.seed)
+  _check_batch_counts(config.search, streams)
+  _record(config, workdir)
   steps = min(streams.train.steps_per_epoch, streams.val.steps_per_epoch)
   return mesh, space, streams, steps
+
+
+def _check_batch_counts(search: ml_collections.ConfigDict, streams) -> None:
+  """Batch counts the config asks of the data (recalibration, RS scoring) that it has."""
+  rs = search.get("rs") if search.algorithm in RS_ALGORITHMS else None
+  wanted = [("recalibrate_batches", search.get("recalibrate_batches", 0), streams.train)]
+  if rs is not None:
+    wanted = [("rs.recalibrate_batches", rs.get("recalibrate_batches", 0), streams.train),
+              ("rs.eval_batches", rs.eval_batches, streams.val)]
+  for field, count, split in wanted:
+    available = (-(-split.num_examples // split.global_batch_size)
+                 if field == "rs.eval_batches" else split.steps_per_epoch)
+    if count > available:
+      raise ValueError(f"config.search.{field} = {count} exceeds the {available} batches "
+                       "of its half of the search data; lower it.")
 
 
 def recalibration_images(stream, num_batches: int, epoch: int = 0):
@@ -231,10 +259,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   model = build_supernet(config.model, streams.num_classes)
   search = BilevelSearch(model, space, config.search, steps_per_epoch)
   main = parallel.is_main_process()
-  if config.search.get("recalibrate_batches", 0) > steps_per_epoch:
-    raise ValueError(
-        f"config.search.recalibrate_batches = {config.search.recalibrate_batches} exceeds "
-        f"the {steps_per_epoch} training batches of an epoch; lower it.")
 
   t0 = time.time()
   state = search.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
@@ -297,7 +321,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       epochs=config.search.epochs, end_of_epoch=end_of_epoch,
       finite_keys=("train_loss", "arch_loss"),
       hint="Lower config.search.weights.lr or config.search.arch.lr and rerun: the run "
-           "resumes from that checkpoint.")
+           "resumes from that checkpoint.", step_logs=("genotypes.jsonl",))
   state, extra = result.state, result.extra
   parallel.assert_replicas_agree(state.alpha, "alpha")
   alpha = parallel.to_host(state.alpha)
@@ -328,14 +352,6 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
   """Trains the supernet on one sampled architecture per step; returns the state and a
   `SupernetEvaluator` on the first ``rs.eval_batches`` validation batches."""
   rs = config.search.rs
-  for field, wanted, split in (("eval_batches", rs.eval_batches, streams.val),
-                               ("recalibrate_batches", rs.get("recalibrate_batches", 0),
-                                streams.train)):
-    available = (-(-split.num_examples // split.global_batch_size)
-                 if field == "eval_batches" else split.steps_per_epoch)
-    if wanted > available:
-      raise ValueError(f"config.search.rs.{field} = {wanted} exceeds the {available} "
-                       "batches of its half of the search data; lower it.")
   model = build_supernet(config.model, streams.num_classes)
   trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
   state = trainer.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
@@ -392,6 +408,7 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                                                    dataset=rs.nats_bench_dataset)
     else:
       evaluator = TabularEvaluator.from_file(rs.table_path)
+    _record(config, workdir)
   else:
     mesh, space, streams, steps_per_epoch = _prepare(config, workdir)
     state, evaluator = _train_weight_sharing(config, workdir, mesh, space, streams,
@@ -402,11 +419,14 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     result = na_random_search(
         space, evaluator, rs.num_candidates, search_rng, radius=rs.radius,
         num_neighbors=rs.num_neighbors, include_center=rs.include_center,
-        aggregation=rs.aggregation, tau=rs.tau)
-    baseline = random_search_same_budget(space, evaluator, result,
-                                                np.random.default_rng(config.seed + 4))
+        aggregation=rs.aggregation, tau=rs.tau,
+        progress=loop.Progress("NA-RS scoring", "candidates"))
+    baseline = random_search_same_budget(
+        space, evaluator, result, np.random.default_rng(config.seed + 4),
+        progress=loop.Progress("random search with the same budget", "candidates"))
   else:
-    result = random_search(space, evaluator, rs.num_candidates, search_rng)
+    result = random_search(space, evaluator, rs.num_candidates, search_rng,
+                           progress=loop.Progress("random search scoring", "candidates"))
     baseline = None
   best = space.decode(result.best_codes)
   main = parallel.is_main_process()

@@ -23,7 +23,11 @@ Output names: results are never overwritten. The first report of a workdir is
 place, which fails rather than replaces if the name was taken meanwhile.
 
 CLI: ``python -m nanas_jax.flatness --workdir=DIR [--genotype=NAME_OR_TEXT] [--radius=2]
-[--num_neighbors=32] [--eval_batches=4] [--recalibrate_batches=4] [--seed=0]``.
+[--num_neighbors=32] [--eval_batches=4] [--recalibrate_batches=4] [--seed=0]``. The
+radius is at most the number of edges the genotype keeps (DARTS 16, NAS-Bench-201 6: no
+neighbor is farther), checked before any data is read; the report logs its progress and
+ETA every 10 s; Ctrl-C stops it at once (nothing is written until the end); user errors
+exit with status 2 (`nanas_jax.cli`).
 
 Evaluation protocol: each architecture's BatchNorm statistics are re-estimated on
 ``recalibrate_batches`` batches of the search-training half (`nanas_jax.nn.recalibration`:
@@ -41,7 +45,6 @@ import glob
 import hashlib
 import json
 import os
-import sys
 from typing import Any, Callable
 
 import jax
@@ -49,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nanas_jax import cli
 from nanas_jax import neighborhood
 from nanas_jax import spaces
 from nanas_jax.files import write_atomic
@@ -78,6 +82,15 @@ def _check_radius(radius) -> int:
   if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
     raise ValueError(f"radius must be an integer >= 1, got {radius!r}.")
   return int(radius)
+
+
+def _check_reach(space, codes: np.ndarray, radius: int) -> None:
+  """No neighbor is farther than the number of edges the architecture keeps."""
+  farthest = int(np.count_nonzero(space.editable_edges(codes)))
+  if radius > farthest:
+    raise ValueError(f"radius = {radius} exceeds {farthest}, the distance of the farthest "
+                     f"neighbor of this {space.name} genotype (the edges it keeps); use a "
+                     f"radius <= {farthest}.")
 
 
 def _check_num_neighbors(num_neighbors):
@@ -141,6 +154,7 @@ def neighborhood_profile(space, codes, evaluate: Callable[[np.ndarray], Any], ra
   rng = np.random.default_rng(0) if rng is None else rng
   codes = space.check_codes(codes)
   space.decode(codes)
+  _check_reach(space, codes, radius)
   center_loss, center_acc = _split(evaluate(codes[None]), 1)
   out = {"space": space.name,
          "center": {"codes": codes.tolist(), "loss": float(center_loss[0]),
@@ -176,7 +190,7 @@ def parse_genotype(space, text: str):
       return spaces.get_genotype(text)
     return space.parse(text)
   except ValueError as e:
-    raise ValueError(f"bad {space.name} genotype {text!r}: {e}") from e
+    raise ValueError(f"bad {space.name} genotype {cli.clip(text)!r}: {e}") from e
 
 
 def _read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -252,6 +266,26 @@ def _plot(profile: dict, title: str) -> bytes | None:
   return buf.getvalue()
 
 
+def _in_pieces(evaluate: Callable[[np.ndarray], Any], piece: int, total: int,
+               progress: Callable[[int, int], None]) -> Callable[[np.ndarray], Any]:
+  """``evaluate`` called on ``piece`` architectures at a time, ``progress(done, total)``
+  after each; the answers (losses, or losses and accuracies) joined."""
+  done = 0
+
+  def evaluate_in_pieces(codes: np.ndarray):
+    nonlocal done
+    answers = []
+    for i in range(0, len(codes), piece):
+      answers.append(evaluate(codes[i:i + piece]))
+      done += len(codes[i:i + piece])
+      progress(done, total)
+    if isinstance(answers[0], tuple):
+      return tuple(np.concatenate(parts) for parts in zip(*answers))
+    return np.concatenate(answers)
+
+  return evaluate_in_pieces
+
+
 def report(workdir: str, genotype: str | None = None, radius: int = 2,
            num_neighbors: int | None = 32, eval_batches: int = 4, seed: int = 0,
            chunk_size: int = 16, recalibrate_batches: int = 4) -> dict[str, Any]:
@@ -273,6 +307,7 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
                      f"got {recalibrate_batches!r}.")
   from nanas_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
+  from nanas_jax import loop  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist: run a search first.")
   supernet_path = os.path.join(workdir, experiment.SUPERNET_FILE)
@@ -290,6 +325,7 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
       genotype = f.read()
   arch = parse_genotype(space, genotype)
   codes = space.encode(arch)
+  _check_reach(space, codes, radius)
 
   dataset = data_lib.load_search_data(
       config.data.name, train_portion=config.data.train_portion, seed=config.seed,
@@ -319,8 +355,12 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
     recalibration = [x for _, (x, _) in zip(range(recalibrate_batches), train_iter)]
   evaluator = SupernetEvaluator(model, variables, space, batches, chunk_size=chunk_size,
                                 with_accuracy=True, recalibration=recalibration)
-  profile = neighborhood_profile(space, codes, evaluator, radius, num_neighbors,
-                                 np.random.default_rng(seed))
+  total = 1 + sum(min(count_at_distance(space, codes, d), num_neighbors or np.inf)
+                  for d in range(1, radius + 1))
+  profile = neighborhood_profile(
+      space, codes, _in_pieces(evaluator, chunk_size, int(total),
+                               loop.Progress("flatness", "architectures")),
+      radius, num_neighbors, np.random.default_rng(seed))
   text = space.format(arch)
   payload = {
       "workdir": os.path.abspath(workdir), "genotype": text,
@@ -399,17 +439,15 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments {cli.clip(' '.join(argv[1:]))}: every setting is a "
+             "flag (--helpshort lists them).")
+  logging.set_verbosity(logging.INFO)
   f = FLAGS
-  try:
-    payload = report(f.workdir, genotype=f.genotype, radius=f.radius,
-                     num_neighbors=f.num_neighbors, eval_batches=f.eval_batches, seed=f.seed,
-                     recalibrate_batches=f.recalibrate_batches)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  payload = report(f.workdir, genotype=f.genotype, radius=f.radius,
+                   num_neighbors=f.num_neighbors, eval_batches=f.eval_batches, seed=f.seed,
+                   recalibrate_batches=f.recalibrate_batches)
   print(format_table(payload))
   print(f"Report: {payload['files']['json']}")
   if payload["files"]["png"]:
@@ -419,6 +457,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  cli.import_tensorflow_quietly()
   FLAGS = _define_flags()
-  _app.run(main)
+  cli.run(main)

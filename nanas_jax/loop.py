@@ -1,27 +1,43 @@
 """The epoch loop shared by every run (bilevel search, weight-sharing training, training
-from scratch): checkpoints and resume, preemption, NaN stops, metric writers, progress.
+from scratch): checkpoints and resume, interruptions, NaN stops, metric writers, progress.
 
 A run gives `run_epochs` its state, a step function and a function that yields the
 host-local batches of an epoch from a given batch on; the loop does the rest:
 
 - **Checkpoints** (orbax): the whole state pytree plus JSON metadata (the step, the data
   position, the running epoch sums and whatever the run keeps between epochs, e.g. the best
-  genotype so far) under ``workdir/checkpoints/<step>``, every ``checkpoint.every_steps``
-  steps and at every epoch end, the last ``checkpoint.keep`` kept. Orbax writes into a
-  temporary directory and renames it, so a killed run leaves the previous checkpoint whole;
-  every process takes part, so checkpoints of multi-host runs are consistent.
-- **Resume**: a run started on a workdir with checkpoints continues from the latest one.
-  Batches are a pure function of ``(seed, epoch, position)`` (`nanas_jax.data.streams`), so
-  the resumed run sees the data the uninterrupted one would have; on a CPU the final state
-  is bitwise the same (tested).
-- **Preemption**: SIGTERM (what SLURM, Kubernetes and TPU maintenance send) makes the loop
-  finish its step, save a checkpoint and raise `Preempted`; on several processes JAX's
-  preemption sync point makes all of them stop at the same step.
+  genotype so far) under ``workdir/checkpoints/<step>``, at every epoch end, every
+  ``checkpoint.every_steps`` steps and whenever ``checkpoint.every_seconds`` have passed
+  since the last one (so an interruption costs minutes, not an epoch); the last
+  ``checkpoint.keep`` are kept. Orbax writes into a temporary directory and renames it,
+  so a killed run leaves the previous checkpoint whole; every process takes part, so
+  checkpoints of multi-host runs are consistent.
+- **Resume**: a run started on a workdir with checkpoints continues from the latest one
+  that restores. Batches are a pure function of ``(seed, epoch, position)``
+  (`nanas_jax.data.streams`), so the resumed run sees the data the uninterrupted one would
+  have; on a CPU the final state is bitwise the same (tested). A checkpoint that fails to
+  restore (a truncated or missing data file, an emptied metadata file) is reported in one
+  line, moved aside to ``checkpoints/damaged-<step>`` (never deleted) and the next older
+  one is tried; when none restores the run stops with the choices. A checkpoint whose
+  arrays have other shapes than the run's state is not damaged but from another config:
+  the run stops and says so, moving nothing.
+- **Interruptions**: SIGTERM (what SLURM, Kubernetes and TPU maintenance send) and Ctrl-C
+  (SIGINT) make the loop finish its step, save a checkpoint and raise `Preempted` (the
+  programs exit with 128 + the signal: 143, 130). A second Ctrl-C stops the process at
+  once without saving, even inside a long XLA call: a thread that reads the signal
+  wake-up file descriptor acts on it, since a Python signal handler only runs between
+  bytecodes of the main thread. On several processes JAX's preemption sync point makes
+  every process stop after the same step on SIGTERM; Ctrl-C keeps Python's default there.
 - **NaN / Inf**: a non-finite loss stops the run with `FloatingPointError` before anything
   is saved, so the last checkpoint is the last good state.
-- **Metrics**: clu writers (TensorBoard event files in the workdir plus the log), and
-  ``metrics.jsonl``; `periodic_actions.ReportProgress` logs steps/s and the ETA. Only
-  process 0 writes files.
+- **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard (clu's
+  `SummaryWriter`, asynchronous) and ``metrics.jsonl``, and the console gets one line:
+  step, epoch, the run's ``console_keys`` that are known (from the step, else the last
+  epoch record, else what the run keeps), steps/s and the ETA. Epoch records go to the
+  same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
+  the step a run starts from were written by a session whose state was lost: they move to
+  ``<name>.superseded.jsonl`` before the run writes them again, so no step appears twice.
+  Only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -30,9 +46,10 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -40,30 +57,48 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
+from nanas_jax import cli
 from nanas_jax import parallel
+from nanas_jax.files import write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+DAMAGED_PREFIX = "damaged-"
+# What the console line shows when the run names nothing else: the losses, the last
+# validation / test accuracy, the alpha entropy; keys a run does not have are skipped.
+DEFAULT_CONSOLE_KEYS = ("train_loss", "arch_loss", "loss", "val_accuracy", "test_top1",
+                        "alpha_entropy")
+_SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 
 class Preempted(Exception):
-  """The run stopped on a preemption signal after saving a checkpoint at ``step``."""
+  """The run stopped on SIGTERM or Ctrl-C after saving a checkpoint at ``step``."""
 
-  def __init__(self, step: int, directory: str):
-    super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; run the "
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM):
+    what = "interrupted" if signum == signal.SIGINT else "preempted"
+    super().__init__(f"{what}: saved a checkpoint at step {step} in {directory}; run the "
                      "same command again to resume.")
     self.step = step
+    self.signum = signum
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate_checkpoint_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the field, on bad ``config.checkpoint`` or ``log_every_steps``."""
   ckpt = config.get("checkpoint") or ml_collections.ConfigDict()
   every, keep = ckpt.get("every_steps", 0), ckpt.get("keep", 3)
+  seconds = ckpt.get("every_seconds", 0)
   if not isinstance(every, int) or every < 0:
     raise ValueError(f"config.checkpoint.every_steps = {every!r} is invalid: expected an "
                      "integer >= 0 (0: only at epoch ends).")
+  if not _is_number(seconds) or seconds < 0:
+    raise ValueError(f"config.checkpoint.every_seconds = {seconds!r} is invalid: expected "
+                     "a number of seconds >= 0 (0: no checkpoints by time).")
   if not isinstance(keep, int) or keep < 1:
     raise ValueError(f"config.checkpoint.keep = {keep!r} is invalid: expected an integer >= 1.")
   log_every = config.get("log_every_steps", 1)
@@ -73,16 +108,64 @@ def validate_checkpoint_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """Results are written with local file operations (atomic renames): a URL workdir
-  (``gs://...``) would silently become a local directory named ``gs:``."""
+  """Refuses, before any work, a workdir results cannot be written to: a URL (results
+  are written with local file operations, atomic renames: ``gs://...`` would silently
+  become a local directory named ``gs:``), a file, or a path under a file or a
+  directory this process may not write."""
   if "://" in workdir:
-    raise ValueError(f"--workdir={workdir} is a URL; mount the bucket (e.g. gcsfuse) on every "
-                     "host and pass the mounted path.")
+    raise ValueError(f"--workdir={cli.clip(workdir)} is a URL; mount the bucket (e.g. "
+                     "gcsfuse) on every host and pass the mounted path.")
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise NotADirectoryError(
+        f"--workdir={cli.clip(workdir)}: {cli.clip(path)} is a file, not a directory; "
+        "choose a directory (a new one is created).")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"--workdir={cli.clip(workdir)}: this user may not write into "
+                          f"{cli.clip(path)}; choose a directory you own.")
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
+
+
+def _row_step(row: Any, steps_per_epoch: int) -> int | None:
+  """The step a log row belongs to: its ``step``, else its (1-based) ``epoch``'s last
+  step; None for event rows and rows without either (kept as they are)."""
+  if not isinstance(row, dict) or "event" in row:
+    return None
+  if _is_number(row.get("step")):
+    return int(row["step"])
+  if _is_number(row.get("epoch")):
+    return int(row["epoch"]) * steps_per_epoch
+  return None
+
+
+def supersede_rows_after(path: str, step: int, steps_per_epoch: int) -> int:
+  """Moves the rows of the JSON-lines file ``path`` that belong to steps after ``step``
+  (and lines that do not parse: a kill can cut the last one) to
+  ``<name>.superseded.jsonl``, so that a run restarting at ``step`` writes no step twice
+  and nothing written is lost. Returns how many rows moved."""
+  if not os.path.exists(path):
+    return 0
+  kept, moved = [], []
+  with open(path) as f:
+    for line in f:
+      try:
+        row_step = _row_step(json.loads(line), steps_per_epoch)
+      except json.JSONDecodeError:
+        row_step = None
+        moved.append(line)
+        continue
+      (moved if row_step is not None and row_step > step else kept).append(line)
+  if moved:
+    with open(path[:-len(".jsonl")] + ".superseded.jsonl", "a") as f:
+      f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    write_atomic(path, "".join(kept))
+  return len(moved)
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -103,13 +186,64 @@ def _is_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+  """The sorted (shape, dtype) of the leaves: what a checkpoint must hold to restore
+  into a state (compared as a multiset: orbax's metadata tree and the state pytree name
+  their nodes differently)."""
+  return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(tree))
+
+
+def _one_line(error: BaseException) -> str:
+  """An exception as one short line (TensorStore appends kilobytes of JSON specs)."""
+  text = (str(error).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+  return cli.clip(f"{type(error).__name__}: {text}", 300)
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed restore TensorStore still completes the reads orbax had started, and
+  hands each completion to the asyncio loop orbax has closed meanwhile: Python reports
+  every one as an unraisable ``RuntimeError('Event loop is closed')``, dozens of
+  tracebacks for one damaged checkpoint. From the first failed restore on, those (and
+  only those) are dropped; every other unraisable exception still reaches the previous
+  hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _all_processes_agree(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (one process: ``flag``)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _process_zero_says(flag: bool) -> bool:
+  """Process 0's ``flag`` on every process: decisions taken from a clock must agree."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 class Checkpoints:
   """Orbax checkpoints of ``{'state': pytree, 'meta': JSON}`` in ``directory``."""
 
   def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -126,6 +260,66 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return _data_to_keys(restored["state"], like), dict(restored["meta"])
 
+  def _check_shapes(self, step: int, like: Any) -> None:
+    """Raises `cli.UserError` when the checkpoint's arrays have other shapes than
+    ``like``'s: a changed config, not damage. A metadata file that cannot be read is left
+    to the restore, which then fails and moves the checkpoint aside as damaged."""
+    try:
+      saved = self.manager.item_metadata(step)["state"].tree
+    except Exception:  # pylint: disable=broad-except
+      return
+    if _shapes(saved) != _shapes(_keys_to_data(like)):
+      raise cli.UserError(
+          f"the checkpoint at step {step} in {self.directory} holds arrays of other shapes "
+          "than this run's state: the config changed since this workdir started (its "
+          "first config is config.json there). Rerun with that config, or choose a new "
+          "--workdir.")
+
+  def _move_aside(self, step: int) -> str:
+    """Renames checkpoint ``step`` to the first free ``damaged-<step>[-n]`` (process 0;
+    every process waits for it) and returns the new path."""
+    target = os.path.join(self.directory, f"{DAMAGED_PREFIX}{step}")
+    n = 0
+    while os.path.exists(target if not n else f"{target}-{n}"):
+      n += 1
+    target = target if not n else f"{target}-{n}"
+    if parallel.is_main_process():
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
+    return target
+
+  def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """``(state, meta, step)`` of the latest checkpoint that restores, None when there is
+    none. Damaged ones are moved aside (see the module docstring)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      self._check_shapes(step, like)
+      error = None
+      try:
+        state, meta = self.restore(step, like)
+      except Exception as e:  # pylint: disable=broad-except
+        # Damage shows as TensorStore ValueErrors, JSON errors, missing files...
+        error = e
+        _drop_closed_loop_callbacks()
+      if _all_processes_agree(error is None):
+        return state, meta, step
+      target = self._move_aside(step)
+      damaged.append(target)
+      logging.warning("The checkpoint at step %d (%s/%d) does not restore (%s); moved it "
+                      "aside to %s and trying the previous one.", step, self.directory,
+                      step, _one_line(error) if error else "on another process", target)
+    if damaged:
+      raise cli.UserError(
+          f"none of the {len(steps)} checkpoints in {self.directory} restores; they are "
+          f"kept aside as {', '.join(os.path.basename(d) for d in damaged)} (the errors "
+          "are above). Either rerun the same command to start this workdir over from step "
+          "0 (the damaged checkpoints stay aside), or choose a new --workdir.")
+    return None
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -133,30 +327,125 @@ class Checkpoints:
     self.manager.close()
 
 
-# -------------------------------------------------------------------------- preemption
+# ------------------------------------------------------------------------ interruptions
 class PreemptionWatch:
-  """Notices SIGTERM. One process: a signal handler sets a flag, read between steps. Many
-  processes: JAX's preemption sync point (the coordination service catches the signal),
-  so every process stops after the same step."""
+  """Notices SIGTERM and Ctrl-C (see the module docstring). One process: Python signal
+  handlers set a flag, read between steps, and a thread reading the signal wake-up file
+  descriptor announces the first Ctrl-C and ends the process on the second. Many
+  processes: JAX's preemption sync point (the coordination service catches SIGTERM), so
+  every process stops after the same step."""
 
   def __init__(self):
     self._flag = threading.Event()
-    self._previous = None
+    self.signum = signal.SIGTERM
+    self._previous: dict[int, Any] = {}
+    self._previous_wakeup = -1
+    self._pipe: tuple[int, int] | None = None
+    self._reader: threading.Thread | None = None
 
   def __enter__(self) -> PreemptionWatch:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
+      self._pipe = os.pipe()
+      os.set_blocking(self._pipe[1], False)
+      self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+      self._reader = threading.Thread(target=self._read_signals, args=(self._pipe[0],),
+                                      name="PreemptionWatch", daemon=True)
+      self._reader.start()
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._pipe is None:
+      return
+    signal.set_wakeup_fd(self._previous_wakeup)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    os.close(self._pipe[1])  # The reader sees the end of the pipe and returns.
+    self._reader.join()
+    os.close(self._pipe[0])
+
+  def _on_signal(self, signum: int, _) -> None:
+    # Runs in the main thread between bytecodes; the reader thread may see the signal
+    # later, so the flag is set here too (a step that signals itself stops right after).
+    self.signum = signum
+    self._flag.set()
+
+  def _read_signals(self, fd: int) -> None:
+    announced = set()
+    while data := os.read(fd, 64):
+      for signum in data:
+        if signum not in _SIGNAL_NAMES:
+          continue
+        if signum == signal.SIGINT and signum in announced:
+          os.write(2, b"\nSecond Ctrl-C: stopped at once, without saving; the last "
+                      b"checkpoint is intact, and rerunning the same command resumes "
+                      b"from it.\n")
+          os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
+        if signum not in announced:
+          announced.add(signum)
+          logging.warning("%s: saving a checkpoint after this step, then stopping%s.",
+                          _SIGNAL_NAMES[signum],
+                          " (Ctrl-C again stops at once, without saving)"
+                          if signum == signal.SIGINT else "")
+        self.signum = signum
+        self._flag.set()
 
   def requested(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return multihost_utils.reached_preemption_sync_point(step)
     return self._flag.is_set()
+
+
+# ----------------------------------------------------------------------------- console
+def format_duration(seconds: float) -> str:
+  """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+  seconds = max(0, round(seconds))
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def console_line(*, step: int, total: int, steps_per_epoch: int, values: dict[str, float],
+                 keys: Sequence[str], steps_per_second: float | None) -> str:
+  """One progress line: step, epoch, the ``keys`` found in ``values`` (in that order),
+  steps/s and the ETA."""
+  parts = [f"step {step}/{total}",
+           f"epoch {(step - 1) // steps_per_epoch + 1}/{-(-total // steps_per_epoch)}"]
+  parts += [f"{key} {values[key]:.4g}" for key in keys if key in values]
+  if steps_per_second:
+    parts.append(f"{steps_per_second:.3g} steps/s, ETA "
+                 f"{format_duration((total - step) / steps_per_second)}")
+  return "  ".join(parts)
+
+
+class Progress:
+  """Progress of work outside the epoch loop (flatness, candidate scoring) as log lines:
+  ``what: done/total unit, rate/s, ETA``, at most every ``every_seconds`` and at the end.
+  Call it with ``(done, total)`` after each piece of work; the rate counts from its
+  creation, so the first pieces' compile time is in it."""
+
+  def __init__(self, what: str, unit: str, every_seconds: float = 10.0):
+    self.what, self.unit, self.every_seconds = what, unit, every_seconds
+    self._start = time.monotonic()
+    self._last: float | None = None
+
+  def __call__(self, done: int, total: int) -> None:
+    now = time.monotonic()
+    if done < total and self._last is not None and now - self._last < self.every_seconds:
+      return
+    self._last = now
+    elapsed = now - self._start
+    line = f"{self.what}: {done}/{total} {self.unit}"
+    if done >= total:
+      line += f", done in {format_duration(elapsed)}"
+    elif done and elapsed > 0:
+      rate = done / elapsed
+      line += f", {rate:.3g} {self.unit}/s, ETA {format_duration((total - done) / rate)}"
+    logging.info(line)
 
 
 # -------------------------------------------------------------------------------- loop
@@ -180,13 +469,15 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
                steps_per_epoch: int, epochs: int,
                end_of_epoch: Callable[[Any, int, dict[str, float], dict[str, Any]],
                                       dict[str, Any]],
-               finite_keys: tuple[str, ...], hint: str) -> LoopResult:
+               finite_keys: tuple[str, ...], hint: str,
+               console_keys: Sequence[str] = DEFAULT_CONSOLE_KEYS,
+               step_logs: Sequence[str] = ()) -> LoopResult:
   """Runs ``epochs`` epochs of ``steps_per_epoch`` steps, resuming from the workdir.
 
   Args:
     workdir: the run directory (checkpoints, metrics, TensorBoard files).
-    config: the experiment config (``checkpoint.every_steps``, ``checkpoint.keep``,
-      ``log_every_steps``).
+    config: the experiment config (``checkpoint.every_steps``, ``checkpoint.every_seconds``,
+      ``checkpoint.keep``, ``log_every_steps``).
     mesh: the device mesh; ``state`` must already be replicated on it.
     state: the initial state (ignored when a checkpoint exists, except for its structure).
     step_fn: ``(state, *global batches) -> (state, metrics)``.
@@ -196,35 +487,61 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
       every checkpoint and handed back on resume). The record goes to the writers.
     finite_keys: metrics that must stay finite.
     hint: what to change when they do not (ends the error message).
+    console_keys: the numbers of the console line, in order, where known: a step's
+      metric, else the last epoch record's, else ``extra``'s (so keys a step adds later
+      show up once present).
+    step_logs: other JSON-lines files of the workdir with one row per step or epoch
+      (``step`` or ``epoch`` fields), superseded past the start step like
+      ``metrics.jsonl``.
   """
   validate_checkpoint_config(config)
   main = parallel.is_main_process()
   ckpt_cfg = config.get("checkpoint") or ml_collections.ConfigDict()
   every = ckpt_cfg.get("every_steps", 0)
+  every_seconds = ckpt_cfg.get("every_seconds", 0)
   log_every = config.get("log_every_steps", 1)
   checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), ckpt_cfg.get("keep", 3))
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not main)
+  # TensorBoard only: the console gets `console_line`, not every metric.
+  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if main else None
   total = epochs * steps_per_epoch
-  progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                             every_steps=log_every, every_secs=None)
 
   extra: dict[str, Any] = {}
   totals: dict[str, float] = {}
-  step, resumed_from = 0, checkpoints.latest_step()
-  if resumed_from is not None:
-    state, meta = checkpoints.restore(resumed_from, state)
+  step, resumed_from = 0, None
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state, meta, resumed_from = restored
     step, totals, extra = meta["step"], meta["epoch_totals"], meta["extra"]
     logging.info("Resumed from the checkpoint at step %d (%s).", step, checkpoints.directory)
-    if main:
+  if main:
+    for name in (METRICS_FILE, *step_logs):
+      moved = supersede_rows_after(os.path.join(workdir, name), step, steps_per_epoch)
+      if moved:
+        logging.info("%d row%s of %s past step %d (written by a session whose state was "
+                     "lost) moved to %s.", moved, "s" if moved > 1 else "", name, step,
+                     name[:-len(".jsonl")] + ".superseded.jsonl")
+    if resumed_from is not None:
       append_jsonl(metrics_path, {"event": "resumed", "step": step})
 
+  saved = {"step": resumed_from, "time": time.monotonic()}
+
   def save(state):
+    if saved["step"] == step:
+      return
     checkpoints.save(step, state, {"step": step, "epoch": step // steps_per_epoch,
                                    "batch": step % steps_per_epoch, "epoch_totals": totals,
                                    "extra": extra})
+    saved.update(step=step, time=time.monotonic())
+
+  def write(values: dict[str, float], record: dict[str, Any]) -> None:
+    if main:
+      writer.write_scalars(step, values)
+      append_jsonl(metrics_path, record)
 
   first_step_seconds = None
+  last_line = None  # (step, time) of the last console line, the first step excluded
+  epoch_record: dict[str, Any] = {}
   try:
     with PreemptionWatch() as preemption:
       while step < total:
@@ -232,13 +549,15 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         batches = parallel.prefetch(
             batches_fn(epoch, start), lambda b: parallel.shard_batch(b, mesh))
         for global_batches in batches:
-          t = time.time()
+          t = time.monotonic()
           state, metrics = step_fn(state, *global_batches)
           metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-          if first_step_seconds is None:
-            first_step_seconds = time.time() - t
-            logging.info("First step (compile + run): %.1f s", first_step_seconds)
           step += 1
+          if first_step_seconds is None:
+            first_step_seconds = time.monotonic() - t
+            last_line = (step, time.monotonic())
+            logging.info("First step (compile + run, mostly compilation): %.1f s",
+                         first_step_seconds)
           bad = {k: metrics[k] for k in finite_keys
                  if k in metrics and not np.isfinite(metrics[k])}
           if bad:
@@ -249,36 +568,47 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
           for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value
           if step % log_every == 0:
-            writer.write_scalars(step, metrics)
+            now = time.monotonic()
+            rate = (step - last_line[0]) / (now - last_line[1]) if step > last_line[0] \
+                else None
+            last_line = (step, now)
+            write({**metrics, **({"steps_per_sec": rate} if rate else {})},
+                  {"step": step, **metrics})
             if main:
-              append_jsonl(metrics_path, {"step": step, **metrics})
-          progress(step)
+              known = {**numeric(extra), **numeric(epoch_record), **metrics}
+              logging.info(console_line(step=step, total=total,
+                                        steps_per_epoch=steps_per_epoch, values=known,
+                                        keys=console_keys, steps_per_second=rate))
           if step % steps_per_epoch == 0:
             break
-          if every and step % every == 0:
+          due = bool(every and step % every == 0) or (
+              bool(every_seconds) and _process_zero_says(
+                  time.monotonic() - saved["time"] >= every_seconds))
+          stop = preemption.requested(step)
+          if due or stop:
             save(state)
-          if preemption.requested(step):
-            save(state)
+          if stop:
             checkpoints.wait()
-            raise Preempted(step, checkpoints.directory)
+            raise Preempted(step, checkpoints.directory, preemption.signum)
         if step % steps_per_epoch:
           raise RuntimeError(
               f"the data of epoch {epoch} yielded {step % steps_per_epoch} of its "
               f"{steps_per_epoch} batches; its stream must yield steps_per_epoch batches.")
         means = {f"mean_{k}": v / steps_per_epoch for k, v in totals.items()}
-        record = end_of_epoch(state, epoch, means, extra)
-        writer.write_scalars(step, numeric(record))
-        if main:
-          append_jsonl(metrics_path, record)
+        epoch_record = end_of_epoch(state, epoch, means, extra)
+        write(numeric(epoch_record), epoch_record)
+        # Steps/s counts training steps: validation (and its first compile) is left out.
+        last_line = (step, time.monotonic())
         totals = {}
         save(state)
         if preemption.requested(step) and step < total:
           checkpoints.wait()
-          raise Preempted(step, checkpoints.directory)
+          raise Preempted(step, checkpoints.directory, preemption.signum)
   finally:
     checkpoints.wait()
     checkpoints.close()
-    writer.flush()
+    if writer is not None:
+      writer.flush()
   return LoopResult(state=state, extra=extra, resumed_from=resumed_from,
                     first_step_seconds=first_step_seconds)
 

@@ -1,19 +1,30 @@
-"""Command-line entry point: ``python -m nanas_jax.main --config=configs/quickstart.py --workdir=DIR``.
+"""Command-line entry point:
+``python -m nanas_jax.main --config=configs/quickstart.py --workdir=DIR``.
 
 Any config field can be overridden on the command line, e.g.
 ``--config.search.neighbors.num=8``. The console script ``nanas-jax`` runs the same.
+
+Exit status: 0 when the run finished; 2 for a user error (a bad flag, field or value, a
+missing dataset, a finished workdir: a few lines say what, where and the fix; ``--debug``
+or ``NANAS_DEBUG=1`` shows the traceback, `nanas_jax.cli`); 143 after SIGTERM and 130
+after Ctrl-C, each with a checkpoint saved and one line on how to resume (a second Ctrl-C
+stops at once, without saving; `nanas_jax.loop`).
 """
 
 import logging as std_logging
-import signal
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from nanas_jax import experiment, loop
+from nanas_jax import cli
+
+# TensorFlow's start-up lines go before the modules below import it (`nanas_jax.cli`).
+cli.import_tensorflow_quietly()
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from nanas_jax import config_check, experiment, loop
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,7 +41,8 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments {cli.clip(' '.join(argv[1:]))}: every setting is a "
+             "flag (--config.FIELD=VALUE).")
   logging.set_verbosity(logging.INFO)
   # Orbax logs every phase of every checkpoint at INFO (over a hundred lines each); its
   # warnings and errors still show.
@@ -39,17 +51,18 @@ def main(argv):
     summary = experiment.run(FLAGS.config, FLAGS.workdir)
   except loop.Preempted as preempted:
     print(preempted)
-    # 128 + SIGTERM, the status of a process the signal ended: schedulers (SLURM
-    # --requeue) treat the job as preempted, not finished.
-    sys.exit(128 + signal.SIGTERM)
+    # 128 + the signal, the status of a process the signal ended: schedulers (SLURM
+    # --requeue) treat the job as preempted, not finished, and shells as interrupted.
+    sys.exit(128 + preempted.signum)
   print(summary["message"])
-  print(f"Genotype ({summary.get('genotype_path', FLAGS.workdir + '/genotype.txt')}):\n"
-        f"{summary['genotype']}")
+  if "genotype" in summary:  # a study has one per run, in its study.md
+    print(f"Genotype ({summary.get('genotype_path', FLAGS.workdir + '/genotype.txt')}):\n"
+          f"{summary['genotype']}")
 
 
 def run():
   """Console-script entry point (``nanas-jax``)."""
-  app.run(main)
+  cli.run(main, explain=config_check.explain_override_error)
 
 
 if __name__ == "__main__":

@@ -212,8 +212,10 @@ def kept_edges(space: SearchSpace, weights) -> jax.Array:
   return jnp.sum(ahead, axis=-1) < space.inputs_per_node
 
 
-def _max_kept(space: SearchSpace) -> int:
-  """How many edges ``kept_edges`` selects, whatever the weights."""
+def max_kept_edges(space: SearchSpace) -> int:
+  """How many edges ``kept_edges`` selects, whatever the weights: also the farthest any
+  neighbor of an architecture can be, since a move changes ops, never edges (DARTS 16,
+  NAS-Bench-201 6)."""
   num_types, num_edges, _ = space.alpha_shape
   if space.inputs_per_node is None:
     return num_types * num_edges
@@ -266,9 +268,9 @@ def perturb_weights(space: SearchSpace, key: jax.Array, alpha, kind: str = 'swap
   if kind == 'identity':
     return weights
   radius = _check_radius(radius)
-  if radius > _max_kept(space):
+  if radius > max_kept_edges(space):
     raise ValueError(
-        f'radius {radius} exceeds the {_max_kept(space)} edges a {space.name} '
+        f'radius {radius} exceeds the {max_kept_edges(space)} edges a {space.name} '
         'architecture keeps; lower the radius.')
   num_ops = space.num_ops
   # One draw for the edges and the ops: each random draw is a threefry kernel that XLA

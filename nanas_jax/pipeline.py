@@ -50,7 +50,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nanas_jax import experiment, flatness, loop, parallel, summary
+from nanas_jax import (experiment, flatness, loop, neighborhood, parallel, spaces,
+                       summary)
 from nanas_jax.data import streams as data_streams
 from nanas_jax.files import write_atomic
 from nanas_jax.train import run as train_run
@@ -101,6 +102,11 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> None:
     if not _is_int(value) or value < least:
       raise ValueError(f"config.pipeline.{field} = {value!r} is invalid: expected an "
                        f"integer >= {least}.")
+  farthest = neighborhood.max_kept_edges(spaces.get_space("darts"))
+  if options.flatness_radius > farthest:
+    raise ValueError(f"config.pipeline.flatness_radius = {options.flatness_radius} is "
+                     f"invalid: a DARTS genotype's neighbors are at most {farthest} edges "
+                     "away (the edges it keeps).")
   neighbors = options.get("flatness_num_neighbors")
   if neighbors is not None and (not _is_int(neighbors) or neighbors < 1):
     raise ValueError(f"config.pipeline.flatness_num_neighbors = {neighbors!r} is invalid: "
@@ -251,9 +257,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         "--workdir (results are never overwritten).")
   parallel.initialize(config.search.get("parallel"))
   main = parallel.is_main_process()
-  if main:
-    os.makedirs(workdir, exist_ok=True)
-    experiment.record_config(config, workdir)
   search_dir = os.path.join(workdir, SEARCH_DIR)
   train_dir = os.path.join(workdir, TRAIN_DIR)
   stages: dict[str, dict[str, Any]] = {}
@@ -265,6 +268,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   else:
     search = experiment.run(config.search, search_dir)
     stages["search"] = {"status": "ran", "seconds": time.time() - t0}
+  # Recorded once the search has passed its checks (its data's included) and run.
+  if main:
+    experiment.record_config(config, workdir)
   resumed = search.get("resumed_from_step")
   stages["search"]["recorded"] = (
       _seconds(search.get("total_seconds")) +

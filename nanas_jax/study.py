@@ -322,4 +322,4 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     write_atomic(path, format_study(runs, config, seconds), replace=False)
   message = f"Study finished: {len(runs)} runs in {seconds / 60:.1f} min; see {path}."
   logging.info(message)
-  return {"runs": runs, "message": message, "genotype": "(one per run; see study.md)"}
+  return {"runs": runs, "message": message}

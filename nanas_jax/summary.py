@@ -38,6 +38,14 @@ Which published figures these reproduce (per image, at 224x224):
   a conv + fc counter, 544.59M with ptflops, equal to ours). The parameter counts (4.7M
   DARTS, 5.3M PC-DARTS, 4.9M P-DARTS) all agree.
 
+Limits, checked before anything is built (a huge genotype would trace without end): a
+genotype's text is at most ``MAX_GENOTYPE_CHARS`` characters and its cells at most
+``MAX_NODES`` nodes (the published genotypes have 4 or 5); ``layers`` is at least
+``MIN_LAYERS`` (the auxiliary head needs two reduction cells before it); a NAS-Bench-201
+string is refused with what it is (its networks are not the DARTS evaluation networks
+counted here). The command line exits with status 2 and one message on bad input
+(`nanas_jax.cli`).
+
 Counting is done on the traced network: flax's ``intercept_methods`` sees every
 ``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm`` and pooling-op call with its input and output
 shapes; ReLUs (``jax.nn.relu``) and the global average pool (a ``jnp.mean`` over the
@@ -58,6 +66,7 @@ import jax
 from jax.extend import core as jax_core
 import jax.numpy as jnp
 
+from nanas_jax import cli
 from nanas_jax.nn import networks
 from nanas_jax.nn import ops
 from nanas_jax.spaces import darts
@@ -82,6 +91,11 @@ NETWORKS = {
 
 # The kinds of work counted; only the first two enter ``mult_adds``.
 COUNTED_KINDS = ('conv', 'dense', 'batch_norm', 'relu', 'pool')
+# Bounds on what is built (see the module docstring): an 8-node genotype's text is about
+# 1,000 characters.
+MAX_GENOTYPE_CHARS = 10_000
+MAX_NODES = 8
+MIN_LAYERS = 2
 
 
 def _setting(network: str) -> NetworkSetting:
@@ -100,17 +114,41 @@ def _positive(name: str, value: int | None, default: int) -> int:
   return value
 
 
+def _checked_genotype(genotype: darts.Genotype | str) -> darts.Genotype:
+  """``genotype`` as a Genotype within the limits (see the module docstring)."""
+  if isinstance(genotype, str):
+    if len(genotype) > MAX_GENOTYPE_CHARS:
+      raise ValueError(f'the genotype text has {len(genotype):,} characters, more than the '
+                       f'{MAX_GENOTYPE_CHARS:,} of any DARTS genotype of at most {MAX_NODES} '
+                       f'nodes: {cli.clip(genotype, 80)!r}. Pass a name (DARTS_V2, ...) or '
+                       'one Genotype(...).')
+    if '|' in genotype and '~' in genotype and '(' not in genotype:
+      raise ValueError(f'{cli.clip(genotype, 80)!r} is a NAS-Bench-201 cell; summary counts '
+                       'the DARTS evaluation networks (cifar10, cifar100, imagenet) of DARTS '
+                       'genotypes: pass a name (DARTS_V2, ...) or Genotype(...) text.')
+  genotype = genotypes.get_genotype(genotype)
+  nodes = max(genotype.num_nodes('normal'), genotype.num_nodes('reduce'))
+  if nodes > MAX_NODES:
+    raise ValueError(f'the genotype has cells of {nodes} nodes; summary builds at most '
+                     f'{MAX_NODES} (published genotypes have 4 or 5).')
+  return genotype
+
+
 def build_network(genotype: darts.Genotype | str, network: str, layers: int | None = None,
                   channels: int | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
   """The evaluation network of ``genotype`` (a Genotype, a published name or its text)
   for ``network`` ('cifar10', 'cifar100', 'imagenet'), with its auxiliary head, and the
   input shape (H, W, C) of one image. ``layers`` / ``channels`` override the setting."""
   setting = _setting(network)
-  genotype = genotypes.get_genotype(genotype)
-  model = setting.network_class(
-      genotype, C=_positive('channels', channels, setting.channels),
-      num_classes=setting.num_classes,
-      layers=_positive('layers', layers, setting.layers), auxiliary=True)
+  layers = _positive('layers', layers, setting.layers)
+  if layers < MIN_LAYERS:
+    raise ValueError(f'layers = {layers} is too few: the {network} network needs at least '
+                     f'{MIN_LAYERS} cells (--layers={MIN_LAYERS} or more), for its auxiliary '
+                     'head.')
+  channels = _positive('channels', channels, setting.channels)
+  model = setting.network_class(_checked_genotype(genotype), C=channels,
+                                num_classes=setting.num_classes, layers=layers,
+                                auxiliary=True)
   return model, setting.input_shape
 
 
@@ -239,8 +277,9 @@ def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
       flag_values=flag_values)
   flags.DEFINE_enum('network', 'cifar10', sorted(NETWORKS), 'Which evaluation network.',
                     flag_values=flag_values)
-  flags.DEFINE_integer('layers', None, 'Number of cells (default: 20 CIFAR, 14 ImageNet).',
-                       lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer('layers', None,
+                       f'Number of cells, at least {MIN_LAYERS} (default: 20 CIFAR, 14 '
+                       'ImageNet).', lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer('channels', None,
                        'Initial channels C (default: 36 CIFAR, 48 ImageNet).',
                        lower_bound=1, flag_values=flag_values)
@@ -264,10 +303,11 @@ def run(flag_values: flags.FlagValues) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'unexpected arguments {cli.clip(" ".join(argv[1:]))}: every '
+                         'setting is a flag (--helpshort lists them).')
   print(run(flags.FLAGS))
 
 
 if __name__ == '__main__':
   define_flags(flags.FLAGS)
-  app.run(main)
+  cli.run(main)

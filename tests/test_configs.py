@@ -70,3 +70,13 @@ def test_bad_values_fail_before_any_work_naming_the_field(set_field, field, valu
   set_field(config, field, value)
   with pytest.raises(ValueError, match=message):
     experiment.validate_config(config)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_run_checkpoints_by_time(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  runs = [config[k] for k in ("search", "train") if k in config and "checkpoint" in config[k]]
+  for run in runs or [config]:
+    # Paper-sized runs: a checkpoint every 10 minutes; quick starts: every minute.
+    expected = 600 if "cifar" in name or "imagenet" in name else 60
+    assert run.checkpoint.every_seconds == expected

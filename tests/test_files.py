@@ -29,3 +29,15 @@ def test_without_replace_an_existing_file_is_kept(tmp_path):
   assert path.read_text() == "first"
   # No temporary file is left behind, after success or refusal.
   assert os.listdir(tmp_path) == ["results.json"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+  previous = os.umask(umask)
+  try:
+    files.write_atomic(str(tmp_path / "a.json"), "{}")
+    files.write_atomic(str(tmp_path / "b.bin"), b"\0", replace=False)
+  finally:
+    os.umask(previous)
+  assert os.stat(tmp_path / "a.json").st_mode & 0o777 == mode
+  assert os.stat(tmp_path / "b.bin").st_mode & 0o777 == mode

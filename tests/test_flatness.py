@@ -205,5 +205,36 @@ def test_cli_error_message(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "nanas_jax.flatness", f"--workdir={tmp_path}"],
       capture_output=True, text=True, cwd=ROOT, timeout=60)
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "run a search" in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) <= 5
+
+
+def test_radius_beyond_the_farthest_neighbor_is_refused_before_any_data(tmp_path):
+  space = spaces.get_space("darts")
+  codes = space.encode(spaces.get_genotype("DARTS_V2"))
+  # The profile refuses before the first evaluation, the report before reading data.
+  with pytest.raises(ValueError, match="radius = 17 exceeds 16"):
+    flatness.neighborhood_profile(space, codes, lambda c: 1 / 0, radius=17)
+  flatness.neighborhood_profile(space, codes, lambda c: np.zeros(len(c)), radius=16,
+                                num_neighbors=1)
+  nb201 = spaces.get_space("nb201")
+  with pytest.raises(ValueError, match="radius = 7 exceeds 6"):
+    flatness.neighborhood_profile(nb201, nb201.encode(nb201.parse(NB201_TEXT)),
+                                  lambda c: 1 / 0, radius=7)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"seed": 0, "model": {"space": "darts"}, "data": {"name": "cifar10"}}))
+  (tmp_path / "supernet.msgpack").write_bytes(b"")
+  with pytest.raises(ValueError, match="radius = 100 exceeds 16"):
+    flatness.report(str(tmp_path), genotype="DARTS_V2", radius=100)
+
+
+def test_evaluation_in_pieces_reports_progress_and_joins_the_answers():
+  calls = []
+  evaluate = flatness._in_pieces(lambda c: (c.sum((1, 2)) * 1.0, -c.sum((1, 2))), piece=4,
+                                 total=10, progress=lambda done, total: calls.append(done))
+  codes = np.arange(10 * 2 * 3).reshape(10, 2, 3)
+  losses, accuracies = evaluate(codes)
+  np.testing.assert_array_equal(losses, codes.sum((1, 2)))
+  np.testing.assert_array_equal(accuracies, -codes.sum((1, 2)))
+  assert calls == [4, 8, 10]

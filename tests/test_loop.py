@@ -1,13 +1,21 @@
-"""Tests of the shared epoch loop: resume, preemption, NaN stops, metrics and evaluation.
+"""Tests of the shared epoch loop: resume, interruptions, damaged checkpoints, NaN stops,
+metrics, the console line and evaluation.
 
-A toy run (linear regression by SGD on a fixed synthetic stream) drives the real loop, so
-every test is fast; the supernet runs through the same loop in test_resume.py.
+A toy run (linear regression by SGD on a fixed synthetic stream) drives the real loop and
+writes real orbax checkpoints, so every test is fast; the supernet runs through the same
+loop in test_resume.py.
 """
 
 import glob
 import json
+import logging
 import os
+import re
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from nanas_jax import loop, parallel
+from nanas_jax import cli, loop, parallel
 
 STEPS, EPOCHS, BATCH = 4, 3, 8
 
@@ -52,14 +60,16 @@ def toy_step(state, batch, nan_at=-1):
   return {"w": w, "step": state["step"] + 1, "rng": rng}, {"loss": loss}
 
 
-def config(every_steps=0, keep=3):
+def config(every_steps=0, keep=3, every_seconds=0):
   c = ml_collections.ConfigDict()
   c.log_every_steps = 1
-  c.checkpoint = ml_collections.ConfigDict({"every_steps": every_steps, "keep": keep})
+  c.checkpoint = ml_collections.ConfigDict({"every_steps": every_steps, "keep": keep,
+                                            "every_seconds": every_seconds})
   return c
 
 
-def run(workdir, step_fn=toy_step, epochs=EPOCHS, **kwargs):
+def run(workdir, step_fn=toy_step, epochs=EPOCHS, console_keys=loop.DEFAULT_CONSOLE_KEYS,
+        **kwargs):
   mesh = parallel.data_mesh()
   epochs_seen = []
 
@@ -73,7 +83,7 @@ def run(workdir, step_fn=toy_step, epochs=EPOCHS, **kwargs):
       state=parallel.replicate(make_state(), mesh), step_fn=step_fn,
       batches_fn=lambda e, s: ((b,) for b in ToyStream().batches(e, s)),
       steps_per_epoch=STEPS, epochs=epochs, end_of_epoch=end_of_epoch,
-      finite_keys=("loss",), hint="Lower the learning rate.")
+      finite_keys=("loss",), hint="Lower the learning rate.", console_keys=console_keys)
   return result, epochs_seen
 
 
@@ -172,7 +182,8 @@ def test_evaluate_sums_exactly_the_unmasked_rows():
   assert totals == {"err": 0.0, "sum": float(np.arange(15).sum()), "count": 5.0}
 
 
-@pytest.mark.parametrize("field,value", [("every_steps", -1), ("keep", 0)])
+@pytest.mark.parametrize("field,value", [("every_steps", -1), ("keep", 0),
+                                         ("every_seconds", -5)])
 def test_bad_checkpoint_config_names_the_field(field, value):
   c = config()
   c.checkpoint[field] = value
@@ -184,3 +195,243 @@ def test_url_workdirs_are_refused_with_the_fix():
   with pytest.raises(ValueError, match="mount the bucket"):
     loop.check_workdir("gs://bucket/run")
   loop.check_workdir("/mnt/gcs/run")
+
+
+# ------------------------------------------------------------------------ interruptions
+def test_ctrl_c_saves_at_the_interrupted_step_and_the_rerun_finishes_identically(tmp_path):
+  def step(state, batch):
+    if int(state["step"]) == 5:
+      os.kill(os.getpid(), signal.SIGINT)
+    return toy_step(state, batch)
+
+  previous = signal.getsignal(signal.SIGINT)
+  with pytest.raises(loop.Preempted, match="interrupted: saved a checkpoint at step 6") as e:
+    run(tmp_path / "a", step_fn=step)
+  assert e.value.signum == signal.SIGINT
+  # Python's own Ctrl-C handling is back after the loop.
+  assert signal.getsignal(signal.SIGINT) == previous
+  assert sorted(os.listdir(tmp_path / "a" / loop.CHECKPOINT_DIR)) == ["4", "6"]
+  resumed, _ = run(tmp_path / "a")
+  full, _ = run(tmp_path / "b")
+  assert resumed.resumed_from == 6
+  np.testing.assert_array_equal(np.asarray(full.state["w"]), np.asarray(resumed.state["w"]))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+  # The step blocks far longer than the test waits: only the signal thread can end it.
+  script = textwrap.dedent(f"""
+      import sys, time
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import test_loop
+
+      def step(state, batch):
+        if int(state["step"]) == 2:
+          print("blocked", flush=True)
+          time.sleep(600)
+        return test_loop.toy_step(state, batch)
+
+      test_loop.run({str(tmp_path)!r}, step_fn=step)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline() == "blocked\n", proc.stderr.read()[-3000:]
+  proc.send_signal(signal.SIGINT)
+  time.sleep(1)
+  assert proc.poll() is None, "the first Ctrl-C waits for the step to end"
+  t = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=30) == 130
+  assert time.monotonic() - t < 10
+  stderr = proc.stderr.read()
+  assert "Ctrl-C again stops at once" in stderr
+  assert "Second Ctrl-C: stopped at once, without saving" in stderr
+  assert not os.path.exists(tmp_path / loop.CHECKPOINT_DIR / "2")
+  assert not os.path.exists(tmp_path / loop.CHECKPOINT_DIR / "3")
+
+
+def test_checkpoints_by_time(tmp_path, monkeypatch):
+  class Clock:
+    """The loop's clock; every step takes 10 s of it."""
+    now = 0.0
+
+    def monotonic(self):
+      return self.now
+
+  clock = Clock()
+  monkeypatch.setattr(loop, "time", clock)
+
+  def step(state, batch):
+    clock.now += 10
+    return toy_step(state, batch)
+
+  run(tmp_path, step_fn=step, every_seconds=25, keep=10)
+  # 25 s after the last checkpoint (epoch ends at 4, 8, 12 save anyway): steps 3, 7, 11.
+  assert sorted(map(int, os.listdir(tmp_path / loop.CHECKPOINT_DIR))) == [
+      3, 4, 7, 8, 11, 12]
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def damage(directory, kind):
+  """Damages the orbax checkpoint ``directory`` as the issue's user did."""
+  data_files = glob.glob(os.path.join(directory, "state", "**", "d", "*"), recursive=True)
+  assert data_files
+  if kind == "truncated data file":
+    for path in data_files:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  elif kind == "deleted data file":
+    for path in data_files:
+      os.remove(path)
+  else:
+    open(os.path.join(directory, "meta", "metadata"), "w").close()
+
+
+@pytest.mark.parametrize("kind", ["truncated data file", "deleted data file",
+                                  "emptied meta/metadata"])
+def test_a_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(
+    tmp_path, caplog, kind):
+  run(tmp_path / "a", epochs=1, every_steps=1)
+  checkpoints = tmp_path / "a" / loop.CHECKPOINT_DIR
+  assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
+  damage(str(checkpoints / "4"), kind)
+  files_before = sorted(os.path.relpath(p, checkpoints / "4")
+                        for p in glob.glob(str(checkpoints / "4" / "**"), recursive=True))
+  with caplog.at_level(logging.WARNING):
+    resumed, _ = run(tmp_path / "a")
+  assert resumed.resumed_from == 3
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "step 4" in warnings[0] and "damaged-4" in warnings[0]
+  assert len(warnings[0].splitlines()) == 1 and len(warnings[0]) < 1000
+  # Kept aside whole, never deleted; the rerun wrote a new checkpoint 4 meanwhile.
+  assert sorted(os.path.relpath(p, checkpoints / "damaged-4") for p in glob.glob(
+      str(checkpoints / "damaged-4" / "**"), recursive=True)) == files_before
+  full, _ = run(tmp_path / "b")
+  np.testing.assert_array_equal(np.asarray(full.state["w"]), np.asarray(resumed.state["w"]))
+
+
+def test_when_no_checkpoint_restores_the_error_gives_the_choices(tmp_path):
+  run(tmp_path, epochs=1, every_steps=2)
+  for step in ("2", "4"):
+    damage(str(tmp_path / loop.CHECKPOINT_DIR / step), "deleted data file")
+  with pytest.raises(cli.UserError, match=r"none of the 2 checkpoints.*rerun the same "
+                     r"command to start this workdir over.*new --workdir"):
+    run(tmp_path)
+  assert sorted(os.listdir(tmp_path / loop.CHECKPOINT_DIR)) == ["damaged-2", "damaged-4"]
+
+
+def test_a_checkpoint_of_another_shape_is_a_config_change_not_damage(tmp_path):
+  run(tmp_path, epochs=1)
+  mesh = parallel.data_mesh()
+  bigger = {**make_state(), "w": jnp.zeros(4)}
+  with pytest.raises(cli.UserError, match="step 4.*other shapes.*config changed"):
+    loop.run_epochs(
+        workdir=str(tmp_path), config=config(), mesh=mesh,
+        state=parallel.replicate(bigger, mesh), step_fn=toy_step,
+        batches_fn=lambda e, s: ((b,) for b in ToyStream().batches(e, s)),
+        steps_per_epoch=STEPS, epochs=2, end_of_epoch=lambda *a: {},
+        finite_keys=("loss",), hint="")
+  assert os.listdir(tmp_path / loop.CHECKPOINT_DIR) == ["4"]
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_rows_of_a_lost_session_are_superseded_not_duplicated(tmp_path):
+  def step(state, batch):
+    return toy_step(state, batch, nan_at=7)
+
+  # Steps 5 and 6 are logged, then the run stops at step 7 with its last checkpoint at 4;
+  # a kill could also cut a line in half.
+  with pytest.raises(FloatingPointError):
+    run(tmp_path, step_fn=step)
+  with open(tmp_path / loop.METRICS_FILE, "a") as f:
+    f.write('{"step": 7, "lo')
+  resumed, _ = run(tmp_path)
+  assert resumed.resumed_from == 4
+  steps = [r["step"] for r in records(tmp_path) if "loss" in r]
+  assert steps == list(range(1, STEPS * EPOCHS + 1))
+  assert [r["epoch"] for r in records(tmp_path) if "epoch" in r] == [1, 2, 3]
+  superseded = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in superseded[:2]] == [5, 6]
+  assert superseded[2] == '{"step": 7, "lo'
+  # The rows kept are the first session's own, unchanged.
+  full, _ = run(tmp_path / "full")
+  assert [r["loss"] for r in records(tmp_path) if "loss" in r] == pytest.approx(
+      [r["loss"] for r in records(tmp_path / "full") if "loss" in r], rel=1e-6)
+
+
+def test_the_console_line_shows_the_chosen_keys_once_known(tmp_path, caplog):
+  def step(state, batch):
+    state, metrics = toy_step(state, batch)
+    # A metric the step adds later (the way a run may add alpha_entropy) appears then.
+    if int(state["step"]) >= 6:
+      metrics = {**metrics, "alpha_entropy": jnp.float32(1.5)}
+    return state, metrics
+
+  with caplog.at_level(logging.INFO):
+    run(tmp_path, step_fn=step, console_keys=("loss", "alpha_entropy", "mean_loss"))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert len(lines) == STEPS * EPOCHS
+  losses = [r["loss"] for r in records(tmp_path) if "loss" in r]
+  assert lines[0] == f"step 1/12  epoch 1/3  loss {losses[0]:.4g}"
+  assert lines[4].startswith(f"step 5/12  epoch 2/3  loss {losses[4]:.4g}  mean_loss ")
+  assert lines[5].startswith(f"step 6/12  epoch 2/3  loss {losses[5]:.4g}  alpha_entropy 1.5"
+                             "  mean_loss ")
+  assert all(re.search(r"steps/s, ETA \d+ s$", line) for line in lines[1:-1])
+  assert lines[-1].endswith("ETA 0 s")
+  # The first epoch record's mean, shown from the next step on.
+  epoch1 = [r for r in records(tmp_path) if r.get("epoch") == 1][0]
+  assert f"mean_loss {epoch1['mean_loss']:.4g}" in lines[4]
+
+
+def test_console_line_and_durations():
+  assert loop.format_duration(42.4) == "42 s"
+  assert loop.format_duration(185) == "3 min 05 s"
+  assert loop.format_duration(7620) == "2 h 07 min"
+  line = loop.console_line(step=30, total=84, steps_per_epoch=14,
+                           values={"train_loss": 2.08123, "val_accuracy": 0.5, "x": 1.0},
+                           keys=("train_loss", "arch_loss", "val_accuracy"),
+                           steps_per_second=2.0)
+  assert line == ("step 30/84  epoch 3/6  train_loss 2.081  val_accuracy 0.5  2 steps/s, "
+                  "ETA 27 s")
+
+
+def test_progress_lines_give_the_rate_and_the_eta(monkeypatch, caplog):
+  now = [100.0]
+  monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": lambda self: now[0]})())
+  progress = loop.Progress("scoring", "candidates", every_seconds=10)
+  with caplog.at_level(logging.INFO):
+    for done in range(1, 11):
+      now[0] += 4
+      progress(done, 10)
+  # The first call, then one at least 10 s after the last, then the end.
+  assert [r.getMessage() for r in caplog.records] == [
+      "scoring: 1/10 candidates, 0.25 candidates/s, ETA 36 s",
+      "scoring: 4/10 candidates, 0.25 candidates/s, ETA 24 s",
+      "scoring: 7/10 candidates, 0.25 candidates/s, ETA 12 s",
+      "scoring: 10/10 candidates, done in 40 s"]
+
+
+def test_only_the_closed_loop_callbacks_of_a_failed_restore_are_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  loop._drop_closed_loop_callbacks()  # pylint: disable=protected-access
+  loop._drop_closed_loop_callbacks()  # pylint: disable=protected-access
+  unraisable = type("Unraisable", (), {})
+  for error in (RuntimeError("Event loop is closed"), RuntimeError("other"), ValueError("x")):
+    event = unraisable()
+    event.exc_value = error
+    sys.unraisablehook(event)
+  assert seen == ["other", "x"]
+
+
+def test_workdirs_that_cannot_hold_results_are_refused_with_the_fix(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+    loop.check_workdir(str(tmp_path / "file"))
+  with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+    loop.check_workdir(str(tmp_path / "file" / "run"))
+  if os.geteuid() != 0:  # root may write anywhere
+    (tmp_path / "locked").mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="may not write"):
+      loop.check_workdir(str(tmp_path / "locked" / "run"))
+  loop.check_workdir(str(tmp_path / "new" / "run"))
+  assert not (tmp_path / "new").exists()

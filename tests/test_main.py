@@ -30,8 +30,22 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
          "--config.search.epochs=2", "--config.data.max_examples=400",
          "--config.data.batch_size=32", "--config.search.neighbors.num=2",
          "--config.search.warmup_epochs=1"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  # Under the usual umask every result is readable by others.
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                       preexec_fn=lambda: os.umask(0o022))
   assert out.returncode == 0, out.stderr[-3000:]
+  for name in ("config.json", "genotype.txt", "genotype.json", "supernet.msgpack",
+               "metrics.jsonl", "genotypes.jsonl", "genotype.png"):
+    assert os.stat(workdir / name).st_mode & 0o777 == 0o644, name
+  # The console: no start-up noise, one short line per log interval (every 5 steps of
+  # 12), not the metric dump that TensorBoard and metrics.jsonl get.
+  for noise in ("oneDNN", "backend 'tpu'", "logging_writer", "Setting work unit notes"):
+    assert noise not in out.stderr, noise
+  lines = [line.split("] ", 1)[1] for line in out.stderr.splitlines()
+           if "] step " in line]
+  assert [line.split("  ")[0] for line in lines] == ["step 5/12", "step 10/12"]
+  assert all(len(line) < 160 and "train_loss" in line and "ETA" in line for line in lines)
+  assert "val_accuracy" in lines[1]  # known from the first epoch on
   text = (workdir / "genotype.txt").read_text().strip()
   genotype = spaces.get_space("darts").parse(text)
   assert str(genotype) == text
@@ -64,8 +78,9 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
       {s: r["train_loss"] for s, r in steps.items()}, rel=1e-6)
   # Rerunning into the same workdir must not overwrite the finished search.
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert again.returncode != 0
+  assert again.returncode == 2
   assert "already holds a finished search" in again.stderr
+  assert "Traceback" not in again.stderr and len(again.stderr.splitlines()) <= 5
   assert (workdir / "genotype.txt").read_text().strip() == text
 
 
@@ -129,6 +144,28 @@ def test_table_search_without_a_table_fails_before_any_work(tmp_path):
   out = subprocess.run([sys.executable, "-m", "nanas_jax.main",
                         "--config=configs/na_rs_nb201.py", f"--workdir={tmp_path / 'w'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0
+  assert out.returncode == 2
   assert "config.search.rs.table_path" in out.stderr
+  assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 5
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override,says", [
+    ("--config.search.bogus=1", ["config.search has no field 'bogus'",
+                                 "Fields of config.search: algorithm, arch, compile"]),
+    ("--config.data.dataset=cifar10", ["config.data has no field 'dataset'",
+                                       "That setting is config.data.name here"]),
+])
+def test_an_unknown_config_field_exits_2_in_a_few_lines_naming_it(tmp_path, override, says):
+  cmd = [sys.executable, "-m", "nanas_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={tmp_path / 'w'}", override]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert len(out.stderr.splitlines()) <= 5, out.stderr
+  assert all(text in out.stderr for text in says), out.stderr
+  assert not (tmp_path / "w").exists()
+  if "bogus" in override:
+    # --debug shows the traceback instead.
+    debug = subprocess.run(cmd + ["--debug"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert debug.returncode == 1 and "AttributeError" in debug.stderr

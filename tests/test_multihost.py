@@ -4,7 +4,8 @@ and its own half of every global batch (the 8-device test covers several devices
 
 Checks what multi-host must guarantee: the processes agree on alpha bit for bit (the
 search itself also asserts this before writing results), the mesh spans both, and only
-process 0 writes metrics and results while both take part in the checkpoints.
+process 0 writes metrics and results while both take part in the checkpoints, those taken
+by time included.
 """
 
 import json
@@ -28,6 +29,8 @@ HOST = textwrap.dedent("""
     cfg.model.channels, cfg.model.layers = 4, 3
     cfg.search.algorithm, cfg.search.epochs = "darts", 2
     cfg.data.max_examples, cfg.data.batch_size = 128, 16
+    # A checkpoint by time after every step: process 0's clock decides for both.
+    cfg.checkpoint.every_seconds = 1e-9
     cfg.parallel.distributed = "on"
     cfg.parallel.coordinator_address = "127.0.0.1:" + port
     cfg.parallel.num_processes, cfg.parallel.process_id = 2, process_id
@@ -74,4 +77,6 @@ def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
   epochs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if '"epoch"' in l]
   assert [e["epoch"] for e in epochs] == [1, 2]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  # Both processes saved at every step (a checkpoint only one process joins would hang);
+  # the last 3 are kept.
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7", "8"]

@@ -279,3 +279,17 @@ def test_result_to_json(evaluator):
   assert data['budget']['total_evaluations'] == 49
   assert data['settings']['aggregation'] == 'mean'
   assert isinstance(na, SearchResult) and na.best_index == 0
+
+
+def test_searches_report_their_progress_in_candidates():
+  def evaluate(codes):
+    return table_loss(codes)
+
+  calls = []
+  random_search(NB201, evaluate, 10, 0, batch_size=4,
+                progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(4, 10), (8, 10), (10, 10)]
+  calls.clear()
+  na_random_search(NB201, evaluate, 3, 0, num_neighbors=2,
+                   progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(1, 3), (2, 3), (3, 3)]

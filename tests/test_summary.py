@@ -13,7 +13,7 @@ from absl import flags
 import pytest
 
 from nanas_jax import summary
-from nanas_jax.spaces import get_genotype
+from nanas_jax.spaces import Genotype, get_genotype
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,8 +288,50 @@ def test_cli_usage_errors():
     parse_flags('--genotype=DARTS_V2', '--network=mnist')
   with pytest.raises(flags.IllegalFlagValueError, match='not a positive integer'):
     parse_flags('--genotype=DARTS_V2', '--layers=0')
-  with pytest.raises(app.UsageError, match='Unexpected arguments'):
+  with pytest.raises(app.UsageError, match='unexpected arguments extra'):
     summary.main(['summary', 'extra'])
+
+
+def deep_genotype_text(nodes):
+  pairs = [('sep_conv_3x3', i) for i in range(nodes) for _ in range(2)]
+  return (f"Genotype(normal={pairs}, normal_concat={list(range(2, nodes + 2))}, "
+          f"reduce={pairs}, reduce_concat={list(range(2, nodes + 2))})")
+
+
+def test_oversized_and_foreign_genotypes_are_refused_before_building():
+  with pytest.raises(ValueError, match='cells of 50 nodes; summary builds at most 8'):
+    summary.summarize(deep_genotype_text(50), 'cifar10')
+  with pytest.raises(ValueError, match='cells of 200 nodes'):
+    summary.summarize(Genotype.parse(deep_genotype_text(200)), 'cifar10')
+  with pytest.raises(ValueError, match='19,806 characters, more than the 10,000'):
+    summary.summarize(deep_genotype_text(200), 'cifar10')
+  # Eight nodes (a Genotype the DARTS code could build) is still counted.
+  assert summary.summarize(deep_genotype_text(8), 'cifar10', layers=3, channels=4)['params']
+  long_text = 'Genotype(' + 'x' * 2_000_000
+  with pytest.raises(ValueError, match='2,000,009 characters') as error:
+    summary.summarize(long_text, 'cifar10')
+  assert len(str(error.value)) < 400
+  with pytest.raises(ValueError, match='is a NAS-Bench-201 cell; summary counts the DARTS'):
+    summary.summarize('|nor_conv_3x3~0|+|skip_connect~0|none~1|+|avg_pool_3x3~0|none~1|'
+                      'nor_conv_1x1~2|', 'cifar10')
+
+
+@pytest.mark.parametrize('network', ['cifar10', 'imagenet'])
+def test_too_few_layers_names_the_minimum(network):
+  with pytest.raises(ValueError, match=r'layers = 1 is too few.*--layers=2 or more'):
+    summary.summarize('DARTS_V2', network, layers=1, channels=4)
+  assert summary.summarize('DARTS_V2', network, layers=2, channels=4)['layers'] == 2
+
+
+def test_program_errors_are_two_lines_and_status_2():
+  completed = subprocess.run(
+      [sys.executable, '-m', 'nanas_jax.summary', '--genotype=' + 'D' * 100_000],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 2
+  lines = completed.stderr.splitlines()
+  assert len(lines) == 2 and lines[0].startswith('error: the genotype text has 100,000 '
+                                                 'characters')
+  assert len(completed.stderr) < 600 and 'USAGE' not in completed.stderr
 
 
 def test_module_runs_as_a_program():

@@ -228,6 +228,16 @@ def test_a_bad_config_fails_before_anything_is_read_or_written(tmp_path, monkeyp
   assert not workdir.exists()
 
 
+def test_a_missing_dataset_fails_before_anything_is_written(tmp_path):
+  config = tiny_config()
+  config.data.name = "cifar10"
+  config.data.data_dir = str(tmp_path / "no_data")
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+    run.run_train(config, str(tmp_path / "never"))
+  # No config.json, genotype.txt or picture of a run that never started.
+  assert not (tmp_path / "never").exists()
+
+
 def test_a_genotype_file_of_bad_text_names_the_field(tmp_path):
   bad = tmp_path / "genotype.txt"
   bad.write_text("Genotype(normal=[('conv_9x9', 0)])")

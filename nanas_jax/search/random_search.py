@@ -18,6 +18,10 @@ NA-RS with ``C`` candidates and ``K`` neighbors each costs ``C * (K + 1)`` evalu
 the centre included; without it, ``C * K + 1``, the last one being the winner's own loss,
 evaluated once at the end so that every result reports it. For an honest comparison run
 `random_search_same_budget`: plain RS given as many evaluations as the NA-RS run used.
+
+Progress: each search takes an optional ``progress(done, total)`` callback, called with
+the number of candidates scored after every evaluator call (e.g. `nanas_jax.loop.Progress`,
+which logs the rate and the ETA).
 """
 
 from __future__ import annotations
@@ -208,10 +212,17 @@ def _candidate_pool(space: SearchSpace, num_candidates: int | None, rng,
   return pool
 
 
-def _evaluate_in_batches(evaluator: Callable, codes: np.ndarray,
-                         batch_size: int) -> np.ndarray:
-  return np.concatenate([evaluator(codes[i:i + batch_size])
-                         for i in range(0, len(codes), batch_size)])
+Progress = Callable[[int, int], None]
+
+
+def _evaluate_in_batches(evaluator: Callable, codes: np.ndarray, batch_size: int,
+                         progress: Progress | None = None) -> np.ndarray:
+  losses = []
+  for i in range(0, len(codes), batch_size):
+    losses.append(evaluator(codes[i:i + batch_size]))
+    if progress:
+      progress(min(i + batch_size, len(codes)), len(codes))
+  return np.concatenate(losses)
 
 
 def _budget(counter: CountingEvaluator, candidates: int, neighbors: int,
@@ -230,8 +241,8 @@ def _budget(counter: CountingEvaluator, candidates: int, neighbors: int,
 # --------------------------------------------------------------------------- searches
 def random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray], Any],
                   num_candidates: int | None, rng: np.random.Generator | int | None, *,
-                  candidates: Any = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> SearchResult:
+                  candidates: Any = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                  progress: Progress | None = None) -> SearchResult:
   """Plain random search: the candidate with the lowest own loss.
 
   ``num_candidates`` distinct architectures drawn uniformly (or the given ``candidates``
@@ -242,7 +253,7 @@ def random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray], An
   batch_size = _check_count('batch_size', batch_size, 1)
   pool = _candidate_pool(space, num_candidates, _as_rng(rng), candidates)
   counter = CountingEvaluator(evaluator)
-  losses = _evaluate_in_batches(counter, pool, batch_size)
+  losses = _evaluate_in_batches(counter, pool, batch_size, progress)
   best = int(np.argmin(losses))
   return SearchResult(
       method='random_search', space=space.name, best_codes=pool[best],
@@ -258,7 +269,7 @@ def na_random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray],
                      radius: int = 1, num_neighbors: int | None = None,
                      include_center: bool = True, aggregation: str = 'mean',
                      tau: float = neighborhood.DEFAULT_TAU, *,
-                     candidates: Any = None) -> SearchResult:
+                     candidates: Any = None, progress: Progress | None = None) -> SearchResult:
   """Neighborhood-aware random search: the candidate with the lowest aggregated
   neighborhood loss (see the module docstring).
 
@@ -303,6 +314,8 @@ def na_random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray],
     scores[i] = float(neighborhood.aggregate(losses, aggregation, tau))
     if include_center:
       own[i] = losses[0]
+    if progress:
+      progress(i + 1, len(pool))
   best = int(np.argmin(scores))
   centers = len(pool) if include_center else 1
   if not include_center:
@@ -322,7 +335,8 @@ def random_search_same_budget(space: SearchSpace | str,
                               evaluator: Callable[[np.ndarray], Any],
                               total_evaluations: int | SearchResult,
                               rng: np.random.Generator | int | None, *,
-                              batch_size: int = DEFAULT_BATCH_SIZE) -> SearchResult:
+                              batch_size: int = DEFAULT_BATCH_SIZE,
+                              progress: Progress | None = None) -> SearchResult:
   """Plain RS with as many evaluations as another run used (an int, or a `SearchResult`
   whose ``budget['total_evaluations']`` is taken).
 
@@ -337,7 +351,8 @@ def random_search_same_budget(space: SearchSpace | str,
   requested = _check_count('total_evaluations', total_evaluations, 1)
   size = space_size(space)
   num_candidates = requested if size is None else min(requested, size)
-  result = random_search(space, evaluator, num_candidates, rng, batch_size=batch_size)
+  result = random_search(space, evaluator, num_candidates, rng, batch_size=batch_size,
+                         progress=progress)
   result.budget['requested_evaluations'] = requested
   result.settings['requested_evaluations'] = requested
   return result

@@ -8,7 +8,7 @@ NaN stop, metric writers), data parallel over every device of every process
 
 - ``config.json``: the resolved config (`nanas_jax.experiment.record_config`);
 - ``genotype.txt`` (the DARTS text of the genotype trained) and ``genotype.png`` (its
-  cells), at the start;
+  cells), at the start, once the config and the data have passed their checks;
 - ``metrics.jsonl``: every logged step and one record per epoch, with the test loss,
   top-1 and top-5 of the epochs that were evaluated;
 - ``results.json`` at the end: genotype, parameters and multiply-adds
@@ -19,7 +19,8 @@ Config layout: the protocol of `nanas_jax.train.trainer` (``seed``, ``data``, ``
 ``train``; see `default_train_config`) plus the fields of a run::
 
   config.task = 'train'
-  config.log_every_steps, config.checkpoint {every_steps, keep}   read by the loop
+  config.log_every_steps, config.checkpoint {every_steps, every_seconds, keep}   read by
+                                the loop
   config.parallel {distributed, coordinator_address, num_processes, process_id}
   config.data {name, batch_size, cutout, train_portion, data_dir, max_examples, augment,
                manual_dir, image_size}                              read by the streams
@@ -164,6 +165,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   parallel.check_batch_size(batch, mesh)
   main = parallel.is_main_process()
   text = str(genotype)
+
+  t0 = time.time()
+  streams = data_streams.load_train_streams(config.data, batch, config.seed)
+  # Written once every check has passed, the data's included.
   if main:
     os.makedirs(workdir, exist_ok=True)
     experiment.record_config(config, workdir)
@@ -171,9 +176,6 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       write_atomic(os.path.join(workdir, GENOTYPE_FILE), text + "\n", replace=False)
       experiment.write_cell_picture(spaces.get_space("darts"), genotype,
                                     os.path.join(workdir, "genotype.png"))
-
-  t0 = time.time()
-  streams = data_streams.load_train_streams(config.data, batch, config.seed)
   model = trainer_lib.build_network(config.model, genotype, streams.num_classes,
                                     streams.image_shape)
   steps_per_epoch = streams.train.steps_per_epoch

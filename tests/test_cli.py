@@ -1,0 +1,109 @@
+"""Tests of the command-line plumbing: clipped messages, which errors are the user's, and a
+program's exit status and output for a user error, a bug, --debug and a bad flag."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import app
+
+from nanas_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_clip_keeps_short_text_and_says_how_long_the_rest_was():
+  assert cli.clip("DARTS_V2") == "DARTS_V2"
+  assert cli.clip("x" * 2_000_000, 10) == "xxxxxxxxxx... (2,000,000 characters)"
+
+
+def test_clip_message_cuts_long_lines_in_the_middle_keeping_the_fix():
+  message = "bad genotype " + "y" * 100_000 + " : pass a name instead.\nsecond line"
+  first, second = cli.clip_message(message, limit=90).splitlines()
+  assert first.startswith("bad genotype yyy") and first.endswith("pass a name instead.")
+  assert "[... 99,9" in first and len(first) < 150
+  assert second == "second line"
+
+
+def raise_here(error):
+  raise error
+
+
+def test_user_errors_are_this_packages_checks_not_library_failures():
+  for error in (ValueError("config.x = 1 is invalid"), FileNotFoundError("no data"),
+                NotADirectoryError("a file")):
+    with pytest.raises(type(error)) as caught:
+      raise_here(error)  # raised in tests/, outside nanas_jax/
+    assert not cli.is_user_error(caught.value)
+  from nanas_jax import loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as caught:
+    loop.check_workdir("gs://bucket/run")
+  assert cli.is_user_error(caught.value)
+  with pytest.raises(ValueError) as caught:
+    int("abc")  # a builtin raising inside this test file: not the package's check
+  assert not cli.is_user_error(caught.value)
+  assert cli.is_user_error(cli.UserError("damaged"))
+  assert cli.is_user_error(app.UsageError("usage"))
+  assert not cli.is_user_error(RuntimeError("a bug"))
+
+
+# A program on cli.run, light enough to start fast (nanas_jax.main itself: test_main.py).
+PROGRAM = textwrap.dedent("""
+    from absl import flags
+    from nanas_jax import cli
+    flags.DEFINE_string("what", "user", "")
+
+    def main(argv):
+      if flags.FLAGS.what == "user":
+        raise cli.UserError("the workdir /runs/" + "x" * 5000 + " is damaged; choose a "
+                            "new --workdir.")
+      if flags.FLAGS.what == "bug":
+        raise RuntimeError("an internal bug")
+      print("fine")
+
+    cli.run(main)
+    """)
+
+
+def program(*args, env=None):
+  return subprocess.run([sys.executable, "-c", PROGRAM, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **(env or {})})
+
+
+def test_a_user_error_is_two_short_lines_and_status_2():
+  out = program()
+  assert out.returncode == 2
+  lines = out.stderr.splitlines()
+  assert len(lines) == 2, out.stderr
+  assert lines[0].startswith("error: the workdir /runs/xxx")
+  assert lines[0].endswith("is damaged; choose a new --workdir.")
+  assert len(lines[0]) < cli.MAX_LINE + 50  # the 5000 characters are cut in the middle
+  assert lines[1] == "(a traceback: rerun with --debug or NANAS_DEBUG=1)"
+
+
+@pytest.mark.parametrize("args,env", [(["--debug"], None), ([], {"NANAS_DEBUG": "1"})])
+def test_debug_shows_the_traceback(args, env):
+  out = program(*args, env=env)
+  assert out.returncode == 1
+  assert "Traceback" in out.stderr and "UserError: the workdir" in out.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_a_bad_flag_is_a_user_error():
+  out = program("--what=bug")
+  assert out.returncode == 1 and "RuntimeError: an internal bug" in out.stderr
+  out = program("--whta=bug")
+  assert out.returncode == 2
+  assert out.stderr.startswith("error: Unknown command line flag 'whta'")
+  assert "--helpshort" in out.stderr and len(out.stderr.splitlines()) <= 4
+  assert program("--what=ok").stdout == "fine\n"
+
+
+def test_fail_prints_and_exits_with_2(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.fail("config.x = 1 is invalid: use 2.")
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.startswith("error: config.x = 1 is invalid: use 2.\n")
+
