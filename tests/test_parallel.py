@@ -108,6 +108,9 @@ EIGHT_DEVICES = textwrap.dedent("""
     cfg.model.channels, cfg.model.layers = 4, 3
     cfg.search.algorithm, cfg.search.order = algorithm, order
     cfg.search.neighbors.num, cfg.search.neighbors.batch = 2, neighbor_batch
+    # A small constant architecture learning rate: float32 rounding differences between
+    # the two runs grow with every step, and the faster alpha moves the faster they grow.
+    cfg.search.arch.lr, cfg.search.arch.schedule = 3e-3, "constant"
     model = build_supernet(cfg.model, 10)
     rng = np.random.default_rng(0)
 
@@ -160,6 +163,33 @@ EIGHT_DEVICES = textwrap.dedent("""
     except ValueError as error:
       out["batch_error"] = str(error)
     out["bad_workdir_created"] = os.path.exists(os.path.join(sys.argv[5], "bad"))
+    x64_steps = int(sys.argv[6])
+    if x64_steps:
+      # In float64 the 1- and 8-device runs stay together over many steps: what the two
+      # compute is the same, and float32's drift apart (about 10x a step here) is rounding
+      # that the search amplifies.
+      with jax.enable_x64(True):
+        longer = [(batch(), batch()) for _ in range(x64_steps)]
+        as64 = lambda b: tuple(x.astype(np.float64) if x.dtype == np.float32 else x
+                               for x in b)
+        longer = [(as64(tb), as64(vb)) for tb, vb in longer]
+        cast = lambda tree: jax.tree.map(
+            lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, tree)
+        search = BilevelSearch(model, spaces.get_space("darts"), cfg.search, 2)
+        start = cast(search.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+        step = search.jit_step()
+        finals = []
+        for m in (None, mesh):
+          state = start if m is None else parallel.replicate(start, m)
+          for tb, vb in longer:
+            if m is not None:
+              tb, vb = parallel.shard_batch(tb, m), parallel.shard_batch(vb, m)
+            state, metrics = step(state, tb, vb)
+          finals.append((state, metrics))
+        out["x64_alpha_dtype"] = str(finals[1][0].alpha.dtype)
+        out["x64_alpha_diff"] = diff(finals[0][0].alpha, finals[1][0].alpha)
+        out["x64_loss_diff"] = abs(float(finals[0][1]["train_loss"])
+                                   - float(finals[1][1]["train_loss"]))
     print("RESULT " + json.dumps(out))
     """)
 
@@ -173,13 +203,15 @@ def run_on_eight_devices(*args) -> dict:
   return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("algorithm,order,neighbor_batch,extra_steps", [
-    ("darts", "first", "full", 12),
-    ("na_darts", "second_fd", "full", 2),
+@pytest.mark.parametrize("algorithm,order,neighbor_batch,extra_steps,x64_steps", [
+    ("darts", "first", "full", 12, 0),
+    ("na_darts", "second_fd", "full", 2, 0),
+    ("na_darts", "first", "full", 2, 8),
 ])
 def test_eight_device_step_equals_one_device_step(tmp_path, algorithm, order, neighbor_batch,
-                                                  extra_steps):
-  out = run_on_eight_devices(algorithm, order, neighbor_batch, extra_steps, tmp_path)
+                                                  extra_steps, x64_steps):
+  out = run_on_eight_devices(algorithm, order, neighbor_batch, extra_steps, tmp_path,
+                             x64_steps)
   assert out["devices"] == 8 and out["replicas"] == 8
   # Tolerance: the 8-device step sums partial results in another order; float32 rounding
   # of sums over 16 images and ~1e4 weights stays below 1e-5 here (measured ~1e-7).
@@ -193,3 +225,6 @@ def test_eight_device_step_equals_one_device_step(tmp_path, algorithm, order, ne
   assert out["replicas_identical"]
   assert "config.data.batch_size = 12 is not divisible by the 8 devices" in out["batch_error"]
   assert not out["bad_workdir_created"]
+  if x64_steps:
+    assert out["x64_alpha_dtype"] == "float64"
+    assert out["x64_alpha_diff"] <= 1e-12 and out["x64_loss_diff"] <= 1e-12
