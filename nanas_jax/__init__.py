@@ -6,7 +6,7 @@ section shows them at work)::
     import nanas_jax
     genotype = nanas_jax.get_genotype("DARTS_V2")           # or Genotype.parse(text)
     nanas_jax.summarize(genotype, "cifar10")["params"]      # 3349342
-    summary = nanas_jax.run(config, "/tmp/workdir")         # a search, training or pipeline
+    summary = nanas_jax.run(config, "/tmp/workdir")         # search, train, pipeline, study
 
 - genotypes: `Genotype` (DARTS text, parsed and printed exactly), `NB201Arch`
   (NAS-Bench-201 strings), `get_genotype` (a published name or text), `GENOTYPES`,
@@ -16,7 +16,8 @@ section shows them at work)::
   ``'cifar100'`` or ``'imagenet'``), `NetworkCIFAR`, `NetworkImageNet`, `TinyNetwork`
   (NAS-Bench-201), the supernets `SearchNetwork` and `SearchNetworkNB201`;
 - `summarize`: parameters and multiply-adds;
-- running from a config: `run` (``config.task``: search, train or pipeline into a workdir),
+- running from a config: `run` (``config.task``: search, train, pipeline or study into a
+  workdir),
   `flatness_report` (the flatness of a genotype in a search workdir).
 
 Names resolve on first use, so ``import nanas_jax`` loads neither JAX nor TensorFlow and
@@ -44,7 +45,7 @@ _EXPORTS = {
     "SearchNetwork": ("nanas_jax.nn.supernet", "SearchNetwork"),
     "SearchNetworkNB201": ("nanas_jax.nn.nb201_supernet", "SearchNetworkNB201"),
     "summarize": ("nanas_jax.summary", "summarize"),
-    "run": ("nanas_jax.experiment", "run"),
+    "run": ("nanas_jax.tasks", "run"),
     "flatness_report": ("nanas_jax.flatness", "report"),
 }
 

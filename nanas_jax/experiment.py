@@ -23,42 +23,26 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from nanas_jax import loop, parallel, spaces, viz
+from nanas_jax import loop, parallel, spaces
+from nanas_jax import workdir as workdir_lib
+from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
-from nanas_jax.data import streams as data_streams
-from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
-from nanas_jax.nn.supernet import SearchNetwork
-from nanas_jax.search.random_search import (na_random_search, random_search,
-                                            random_search_same_budget)
 from nanas_jax.nn import recalibration
 from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, neighbors_per_step,
                                       validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
+from nanas_jax.search.random_search import (na_random_search, random_search,
+                                            random_search_same_budget)
 from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
                                              validate_rs_config)
 
 FINAL_FILES = ("genotype.txt", "genotype.json")
-SUPERNET_FILE = "supernet.msgpack"
-
-
-def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
-  """The search supernet of ``config.model`` for ``num_classes`` classes: the DARTS
-  network of ``layers`` cells, or the NAS-Bench-201 network with ``layers`` cells per
-  stage."""
-  if config.space == "nb201":
-    return SearchNetworkNB201(num_classes=num_classes, channels=config.channels,
-                              cells_per_stage=config.layers)
-  return SearchNetwork(num_classes=num_classes, channels=config.channels,
-                       layers=config.layers, steps=config.steps,
-                       multiplier=config.multiplier, stem_multiplier=config.stem_multiplier,
-                       dw_impl=config.depthwise_impl)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -110,48 +94,15 @@ def _validate_batch(config: ml_collections.ConfigDict) -> None:
         "when config.search.neighbors.batch = 'split'.")
 
 
-def save_supernet(workdir: str, state) -> None:
-  """The trained supernet variables (params, batch_stats), for flatness reports; written
-  atomically. Full checkpoints with optimizer states and resume arrive with orbax."""
-  write_atomic(os.path.join(workdir, SUPERNET_FILE), flax.serialization.to_bytes(
-      {"params": state.params, "batch_stats": state.batch_stats}))
-
-
-def load_supernet(workdir: str, template) -> dict[str, Any]:
-  """Reads `save_supernet`'s file into the structure of ``template`` (a variables dict)."""
-  path = os.path.join(workdir, SUPERNET_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run a search with --workdir={workdir} first.")
-  with open(path, "rb") as f:
-    return flax.serialization.from_bytes(template, f.read())
-
-
 def evaluate_search(sums_fn, state, stream, mesh) -> tuple[float, float]:
   """Mean loss and accuracy of the supernet over a whole split (`loop.evaluate`)."""
   sums = loop.evaluate(sums_fn, state, stream, mesh)
   return sums["loss"] / sums["count"], sums["correct"] / sums["count"]
 
 
-TASKS = ("search", "train", "pipeline", "study")
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the experiment of ``config`` into ``workdir``: ``config.task`` is ``'search'``
-  (the default: bilevel or random search), ``'train'`` (a genotype from scratch) or
-  ``'pipeline'`` (search, retrain, report). Training and the pipeline are imported here,
-  not at the top: the pipeline drives this module's searches."""
-  task = config.get("task", "search")
-  if task not in TASKS:
-    raise ValueError(f"config.task = {task!r} is invalid: expected one of {TASKS}.")
-  if task == "train":
-    from nanas_jax.train import run as train_run  # pylint: disable=g-import-not-at-top
-    return train_run.run_train(config, workdir)
-  if task == "pipeline":
-    from nanas_jax import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.run_pipeline(config, workdir)
-  if task == "study":
-    from nanas_jax import study  # pylint: disable=g-import-not-at-top
-    return study.run_study(config, workdir)
+  """Runs the search of ``config`` into ``workdir``: bilevel (DARTS, NA-DARTS) or random
+  search (RS, NA-RS) by ``config.search.algorithm``."""
   validate_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
     return run_random_search(config, workdir)
@@ -179,32 +130,14 @@ def _record(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates the workdir and records the config: after every check, data included."""
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    record_config(config, workdir)
-
-
-def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes ``config.json``; a resumed run with a changed config keeps the first file and
-  records its own next to it (``config-<n>.json``), so no record is lost."""
-  text = config.to_json_best_effort(indent=2)
-  path = os.path.join(workdir, "config.json")
-  n = 0
-  while os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    n += 1
-    path = os.path.join(workdir, f"config-{n}.json")
-  if n:
-    logging.warning("The config differs from the one this workdir started with; recorded "
-                    "as %s.", path)
-  write_atomic(path, text)
+    workdir_lib.record_config(config, workdir)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str):
   """`_start`, then the data: ``(mesh, space, search streams, steps per epoch)``."""
   mesh = _start(config, workdir)
   space = spaces.get_space(config.model.space)
-  streams = data_streams.load_search_streams(config.data, config.data.batch_size,
+  streams = loaders.load_search_streams(config.data, config.data.batch_size,
                                              config.seed)
   _check_batch_counts(config.search, streams)
   _record(config, workdir)
@@ -245,18 +178,12 @@ def _paired_batches(streams, steps_per_epoch: int):
   return batches
 
 
-def write_cell_picture(space, genotype, path: str) -> None:
-  """A picture of the genotype's cells (process 0 only; never fatal to the search)."""
-  if parallel.is_main_process():
-    viz.plot_arch(space, genotype, path)
-
-
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``, data
   parallel over every device, resuming from the workdir's checkpoints."""
   mesh, space, streams, steps_per_epoch = _prepare(config, workdir)
   batch = config.data.batch_size
-  model = build_supernet(config.model, streams.num_classes)
+  model = workdir_lib.build_supernet(config.model, streams.num_classes)
   search = BilevelSearch(model, space, config.search, steps_per_epoch)
   main = parallel.is_main_process()
 
@@ -299,7 +226,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                         {"epoch": epoch + 1, "genotype": text, "val_accuracy": val_acc,
                          "alpha_entropy": entropy, "changed": changed})
       os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
-      write_cell_picture(space, genotype,
+      workdir_lib.write_cell_picture(space, genotype,
                          os.path.join(workdir, "cells", f"epoch_{epoch + 1:03d}.png"))
     if "best_val_accuracy" not in extra or val_acc > extra["best_val_accuracy"]:
       extra.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_genotype=text)
@@ -336,8 +263,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       "first_step_seconds": result.first_step_seconds, "total_seconds": time.time() - t0,
   }
   if main:
-    save_supernet(workdir, parallel.to_host(state))
-    write_cell_picture(space, final, os.path.join(workdir, "genotype.png"))
+    workdir_lib.save_supernet(workdir, parallel.to_host(state))
+    workdir_lib.write_cell_picture(space, final, os.path.join(workdir, "genotype.png"))
     write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
     write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
   summary["message"] = (
@@ -352,7 +279,7 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
   """Trains the supernet on one sampled architecture per step; returns the state and a
   `SupernetEvaluator` on the first ``rs.eval_batches`` validation batches."""
   rs = config.search.rs
-  model = build_supernet(config.model, streams.num_classes)
+  model = workdir_lib.build_supernet(config.model, streams.num_classes)
   trainer = WeightSharingTrainer(model, space, config.search, steps_per_epoch)
   state = trainer.init(jax.random.key(config.seed), jnp.zeros((1, *streams.image_shape)))
   state = parallel.replicate(state, mesh)
@@ -381,7 +308,7 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
            "checkpoint.").state
   # Candidates are scored on whole validation batches that every process holds, so every
   # process ranks them identically; one process already holds them.
-  full = streams if jax.process_count() == 1 else data_streams.load_search_streams(
+  full = streams if jax.process_count() == 1 else loaders.load_search_streams(
       config.data, config.data.batch_size, config.seed, process_index=0, process_count=1)
   eval_batches = list(itertools.islice(full.val.eval_batches(), rs.eval_batches))
   host_state = parallel.to_host(state)
@@ -431,9 +358,9 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   best = space.decode(result.best_codes)
   main = parallel.is_main_process()
   if state is not None and main:
-    save_supernet(workdir, state)
+    workdir_lib.save_supernet(workdir, state)
   if main:
-    write_cell_picture(space, best, os.path.join(workdir, "genotype.png"))
+    workdir_lib.write_cell_picture(space, best, os.path.join(workdir, "genotype.png"))
     write_atomic(os.path.join(workdir, "genotype.txt"), space.format(best) + "\n")
   summary = {
       "space": space.name, "algorithm": config.search.algorithm,

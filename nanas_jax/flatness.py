@@ -306,11 +306,11 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
     raise ValueError(f"recalibrate_batches must be an integer >= 0 (0: no recalibration), "
                      f"got {recalibrate_batches!r}.")
   from nanas_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
   from nanas_jax import loop  # pylint: disable=g-import-not-at-top
+  from nanas_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist: run a search first.")
-  supernet_path = os.path.join(workdir, experiment.SUPERNET_FILE)
+  supernet_path = os.path.join(workdir, workdir_lib.SUPERNET_FILE)
   if not os.path.exists(supernet_path):
     raise FileNotFoundError(
         f"{supernet_path} not found: run a search with --workdir={workdir} first (a "
@@ -338,13 +338,13 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
     if wanted > available:
       raise ValueError(f"{flag} = {wanted} exceeds the {available} batches of {batch} "
                        "examples in its half of the search data; lower it.")
-  model = experiment.build_supernet(config.model, dataset.num_classes)
+  model = workdir_lib.build_supernet(config.model, dataset.num_classes)
   weights = jnp.full(space.alpha_shape, 1.0 / space.num_ops, jnp.float32)
   template = jax.eval_shape(
       functools.partial(model.init, train=True), jax.random.key(0),
       jnp.asarray(dataset.train_images[:1]), weights)
   template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
-  variables = experiment.load_supernet(workdir, template)
+  variables = workdir_lib.load_supernet(workdir, template)
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels, batch,
                                np.random.default_rng(config.seed + 2))
   batches = [b for _, b in zip(range(eval_batches), eval_iter)]

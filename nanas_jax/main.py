@@ -23,7 +23,7 @@ from nanas_jax import cli
 # TensorFlow's start-up lines go before the modules below import it (`nanas_jax.cli`).
 cli.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from nanas_jax import config_check, experiment, loop
+from nanas_jax import config_check, loop, tasks
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -48,7 +48,7 @@ def main(argv):
   # warnings and errors still show.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   try:
-    summary = experiment.run(FLAGS.config, FLAGS.workdir)
+    summary = tasks.run(FLAGS.config, FLAGS.workdir)
   except loop.Preempted as preempted:
     print(preempted)
     # 128 + the signal, the status of a process the signal ended: schedulers (SLURM

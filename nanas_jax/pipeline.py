@@ -52,7 +52,8 @@ from absl import logging
 
 from nanas_jax import (experiment, flatness, loop, neighborhood, parallel, spaces,
                        summary)
-from nanas_jax.data import streams as data_streams
+from nanas_jax import workdir as workdir_lib
+from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
 from nanas_jax.train import run as train_run
 
@@ -135,10 +136,10 @@ def search_overlap(search_config: ml_collections.ConfigDict,
   """How many of the training's test examples the search saw: pixel-identical images in
   the search's two parts (``{'test_examples', 'in_search'}``), None when a split is
   streamed rather than held in memory (ImageNet) and so not compared."""
-  search = data_streams.load_search_streams(
+  search = loaders.load_search_streams(
       search_config.data, search_config.data.batch_size, search_config.seed,
       process_index=0, process_count=1)
-  test = data_streams.load_train_streams(
+  test = loaders.load_train_streams(
       train_config.data, train_config.data.batch_size, train_config.seed,
       process_index=0, process_count=1).test
   parts = (search.train, search.val, test)
@@ -270,7 +271,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     stages["search"] = {"status": "ran", "seconds": time.time() - t0}
   # Recorded once the search has passed its checks (its data's included) and run.
   if main:
-    experiment.record_config(config, workdir)
+    workdir_lib.record_config(config, workdir)
   resumed = search.get("resumed_from_step")
   stages["search"]["recorded"] = (
       _seconds(search.get("total_seconds")) +

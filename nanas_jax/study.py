@@ -47,6 +47,7 @@ from absl import logging
 from matplotlib.figure import Figure
 
 from nanas_jax import experiment, flatness, loop, neighborhood, parallel, spaces, viz
+from nanas_jax import workdir as workdir_lib
 from nanas_jax.files import write_atomic
 from nanas_jax.train import run as train_run
 
@@ -300,7 +301,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   parallel.initialize(config.search.get("parallel"))
   if parallel.is_main_process():
     os.makedirs(workdir, exist_ok=True)
-    experiment.record_config(config, workdir)
+    workdir_lib.record_config(config, workdir)
   t0 = time.time()
   runs = []
   for method in config.study.methods:

@@ -7,7 +7,7 @@ import pytest
 from configs import (pipeline_quickstart, quickstart, train_cifar10, train_cifar100,
                      train_imagenet, train_quickstart)
 from nanas_jax import pipeline
-from nanas_jax.data import streams as data_streams
+from nanas_jax.data import loaders
 from nanas_jax.spaces import get_genotype
 from nanas_jax.train import run
 
@@ -65,7 +65,7 @@ def test_imagenet_config_is_the_mobile_setting():
 
 def test_train_quickstart_trains_on_1000_digits_and_tests_on_797():
   c = train_quickstart.get_config()
-  streams = data_streams.load_train_streams(c.data, c.data.batch_size, c.seed)
+  streams = loaders.load_train_streams(c.data, c.data.batch_size, c.seed)
   assert (streams.train.num_examples, streams.test.num_examples) == (1000, 797)
   assert streams.image_shape == (8, 8, 1) and c.data.cutout == 0
 

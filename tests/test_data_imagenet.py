@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nanas_jax.data import imagenet, streams
+from nanas_jax.data import imagenet, loaders
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 SYNSETS = ('n01440764', 'n01443537', 'n01484850')  # classes 0, 1, 2 of labels.txt
@@ -236,7 +236,7 @@ def test_resized_train_image_is_a_padded_crop_maybe_mirrored():
 def test_missing_dataset_gives_the_steps(tmp_path):
   config = _config(str(tmp_path / 'data'), manual_dir=str(tmp_path / 'manual'))
   with pytest.raises(FileNotFoundError) as error:
-    streams.load_train_streams(config, 4, 0, process_index=0, process_count=1)
+    loaders.load_train_streams(config, 4, 0, process_index=0, process_count=1)
   message = str(error.value)
   assert (f'tfds build imagenet2012 --manual_dir={tmp_path / "manual"} '
           f'--data_dir={tmp_path / "data"}') in message
@@ -244,7 +244,7 @@ def test_missing_dataset_gives_the_steps(tmp_path):
   config = _config(str(tmp_path), name='imagenet_resized/32x32')
   with pytest.raises(FileNotFoundError,
                      match=f'tfds build imagenet_resized/32x32 --data_dir={tmp_path}'):
-    streams.load_search_streams(config, 4, 0, process_index=0, process_count=1)
+    loaders.load_search_streams(config, 4, 0, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match=r'ILSVRC2012_img_train.tar, '
                                               r'ILSVRC2012_img_val.tar not found'):
     imagenet.prepare(str(tmp_path / 'data'), str(tmp_path))
@@ -252,7 +252,7 @@ def test_missing_dataset_gives_the_steps(tmp_path):
 
 def test_eval_batches_match_torchvision_geometry(prepared):
   data_dir, _ = prepared
-  train = streams.load_train_streams(_config(data_dir), 4, 0, process_index=0,
+  train = loaders.load_train_streams(_config(data_dir), 4, 0, process_index=0,
                                      process_count=1)
   assert (train.name, train.num_classes, train.image_shape) == ('imagenet2012', 1000,
                                                                 (SIZE, SIZE, 3))
@@ -272,7 +272,7 @@ def test_eval_batches_match_torchvision_geometry(prepared):
 @pytest.mark.parametrize('max_examples, sizes', [(None, (12, 12)), (15, (7, 8))])
 def test_search_split_is_the_ordered_split_of_train(prepared, max_examples, sizes):
   data_dir, _ = prepared
-  search = streams.load_search_streams(_config(data_dir, max_examples=max_examples), 4, 0,
+  search = loaders.load_search_streams(_config(data_dir, max_examples=max_examples), 4, 0,
                                        process_index=0, process_count=1)
   assert (search.train.num_examples, search.val.num_examples) == sizes
   _, labels = _stored(data_dir, 'train')
@@ -285,7 +285,7 @@ def test_search_split_is_the_ordered_split_of_train(prepared, max_examples, size
 
 def test_train_batches_are_deterministic_and_resumable(prepared):
   data_dir, _ = prepared
-  stream, fresh = (streams.load_train_streams(_config(data_dir), 4, 11, process_index=0,
+  stream, fresh = (loaders.load_train_streams(_config(data_dir), 4, 11, process_index=0,
                                               process_count=1).train for _ in range(2))
   full = list(stream.batches(0))
   assert len(full) == 6
@@ -305,16 +305,16 @@ def test_a_new_process_resumes_with_the_same_data(prepared):
   """A resumed run is a new process: its batches must equal this process's, bit for bit."""
   data_dir, _ = prepared
   code = (
-      'import sys, hashlib, ml_collections; from nanas_jax.data import streams; '
+      'import sys, hashlib, ml_collections; from nanas_jax.data import loaders; '
       f'c = ml_collections.ConfigDict(dict(name="imagenet2012", data_dir={data_dir!r}, '
       f'image_size={SIZE})); '
-      's = streams.load_train_streams(c, 4, 5, process_index=1, process_count=2).train; '
+      's = loaders.load_train_streams(c, 4, 5, process_index=1, process_count=2).train; '
       'h = hashlib.sha256(); '
       '[h.update(x.tobytes() + y.tobytes()) for x, y in s.batches(3, start=2)]; '
       'print(h.hexdigest())')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True)
-  stream = streams.load_train_streams(_config(data_dir), 4, 5, process_index=1,
+  stream = loaders.load_train_streams(_config(data_dir), 4, 5, process_index=1,
                                       process_count=2).train
   digest = hashlib.sha256()
   for images, labels in list(stream.batches(3))[2:]:
@@ -324,7 +324,7 @@ def test_a_new_process_resumes_with_the_same_data(prepared):
 
 def test_unaugmented_epochs_permute_the_split(prepared):
   data_dir, _ = prepared
-  train = streams.load_train_streams(_config(data_dir, augment=False), 4, 0,
+  train = loaders.load_train_streams(_config(data_dir, augment=False), 4, 0,
                                      process_index=0, process_count=1)
   references, labels = _rows(train.train.eval_batches())
   orders = []
@@ -340,9 +340,9 @@ def test_unaugmented_epochs_permute_the_split(prepared):
 def test_two_hosts_read_disjoint_parts(prepared):
   data_dir, _ = prepared
   config = _config(data_dir, augment=False, max_examples=None)
-  hosts = [streams.load_train_streams(config, 4, 0, process_index=i, process_count=2)
+  hosts = [loaders.load_train_streams(config, 4, 0, process_index=i, process_count=2)
            for i in range(2)]
-  single = streams.load_train_streams(config, 4, 0, process_index=0, process_count=1)
+  single = loaders.load_train_streams(config, 4, 0, process_index=0, process_count=1)
   references, labels = _rows(single.train.eval_batches())
   seen = []
   for host in hosts:
@@ -364,20 +364,20 @@ def test_two_hosts_read_disjoint_parts(prepared):
 def test_imagenet_errors(prepared):
   data_dir, _ = prepared
   with pytest.raises(ValueError, match=r'config.data.cutout = 8 is not supported'):
-    streams.load_train_streams(_config(data_dir, cutout=8), 4, 0, process_index=0,
+    loaders.load_train_streams(_config(data_dir, cutout=8), 4, 0, process_index=0,
                                process_count=1)
   with pytest.raises(ValueError, match=r'config.data.batch_size = 16 is larger than the '
                                        r'search-train part \(12 examples\)'):
-    streams.load_search_streams(_config(data_dir), 16, 0, process_index=0, process_count=1)
+    loaders.load_search_streams(_config(data_dir), 16, 0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r'config.data.batch_size = 6 is not divisible by '
                                        r'the 4 processes'):
-    streams.load_search_streams(_config(data_dir), 6, 0, process_index=0, process_count=4)
+    loaders.load_search_streams(_config(data_dir), 6, 0, process_index=0, process_count=4)
 
 
 def test_imagenet_resized_under_mock_data(tmp_path):
   config = _config(str(tmp_path), name='imagenet_resized/32x32', train_portion=0.5)
   with tfds.testing.mock_data(num_examples=12):
-    search = streams.load_search_streams(config, 2, 4, process_index=0, process_count=1)
+    search = loaders.load_search_streams(config, 2, 4, process_index=0, process_count=1)
     oracle = next(iter(tfds.as_numpy(tfds.load('imagenet_resized/32x32', split='train',
                                                 data_dir=str(tmp_path)).batch(12))))
     assert (search.train.num_examples, search.val.num_examples) == (6, 6)

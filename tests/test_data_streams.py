@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nanas_jax import data
-from nanas_jax.data import streams, tfds_pipeline
+from nanas_jax.data import loaders, streams, tfds_pipeline
 
 # quark0/darts utils.py (CIFAR-10) and the usual CIFAR-100 values.
 REFERENCE_STATS = {
@@ -182,7 +182,7 @@ def test_eval_batches_cover_every_example_once(count):
 
 
 def test_digits_search_streams_are_the_digits_search_split():
-  search = streams.load_search_streams(_config(train_portion=0.4), 16, seed=5)
+  search = loaders.load_search_streams(_config(train_portion=0.4), 16, seed=5)
   reference = data.load_search_data('digits', train_portion=0.4, seed=5)
   assert (search.name, search.num_classes, search.image_shape) == ('digits', 10, (8, 8, 1))
   for stream, images, labels in ((search.train, reference.train_images,
@@ -201,7 +201,7 @@ def test_digits_search_streams_are_the_digits_search_split():
 
 
 def test_digits_train_streams_hold_out_a_test_part():
-  train = streams.load_train_streams(_config(train_portion=0.75), 32, seed=2,
+  train = loaders.load_train_streams(_config(train_portion=0.75), 32, seed=2,
                                      process_index=0, process_count=1)
   reference = data.load_search_data('digits', train_portion=0.75, seed=2)
   n_train = math.floor(0.75 * 1797)
@@ -216,7 +216,7 @@ def test_digits_train_streams_hold_out_a_test_part():
 
 
 def test_digits_augment_pads_by_one_pixel():
-  search = streams.load_search_streams(_config(augment=True), 16, seed=0,
+  search = loaders.load_search_streams(_config(augment=True), 16, seed=0,
                                        process_index=0, process_count=1)
   assert search.train.pad == 1
   draws = search.train.augmentation(0, 0)
@@ -226,10 +226,10 @@ def test_digits_augment_pads_by_one_pixel():
 
 
 def test_digits_streams_never_import_tensorflow():
-  code = ('import sys, ml_collections; from nanas_jax.data import streams; '
+  code = ('import sys, ml_collections; from nanas_jax.data import loaders; '
           'c = ml_collections.ConfigDict(dict(name="digits", train_portion=0.5)); '
-          'next(streams.load_search_streams(c, 8, 0).train.batches(0)); '
-          'next(streams.load_train_streams(c, 8, 0).test.eval_batches()); '
+          'next(loaders.load_search_streams(c, 8, 0).train.batches(0)); '
+          'next(loaders.load_train_streams(c, 8, 0).test.eval_batches()); '
           'print(sorted(m for m in sys.modules if m.split(".")[0] in '
           '("tensorflow", "tensorflow_datasets")))')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
@@ -249,7 +249,7 @@ def test_cifar_search_streams(tmp_path, name, num_classes):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = _config(name=name, train_portion=0.3, data_dir=str(tmp_path))
   with tfds.testing.mock_data(num_examples=20):
-    search = streams.load_search_streams(config, 4, seed=1, process_index=0,
+    search = loaders.load_search_streams(config, 4, seed=1, process_index=0,
                                          process_count=1)
     images, labels = _tfds_oracle(name, str(tmp_path), 'train', 20)
   assert (search.name, search.num_classes, search.image_shape) == (name, num_classes,
@@ -276,7 +276,7 @@ def test_cifar_train_streams(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = _config(name='cifar10', data_dir=str(tmp_path), cutout=16)
   with tfds.testing.mock_data(num_examples=12):
-    train = streams.load_train_streams(config, 4, seed=0, process_index=0, process_count=1)
+    train = loaders.load_train_streams(config, 4, seed=0, process_index=0, process_count=1)
     test_images, test_labels = _tfds_oracle('cifar10', str(tmp_path), 'test', 12)
   assert (train.train.num_examples, train.test.num_examples) == (12, 12)
   assert train.train.augment and train.train.cutout_length == 16
@@ -299,7 +299,7 @@ def test_cifar_train_streams(tmp_path):
 
 def test_cifar_missing_dataset_names_the_command(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'tfds build cifar100 --data_dir={tmp_path}'):
-    streams.load_search_streams(_config(name='cifar100', data_dir=str(tmp_path)), 4, 0,
+    loaders.load_search_streams(_config(name='cifar100', data_dir=str(tmp_path)), 4, 0,
                                 process_index=0, process_count=1)
 
 
@@ -322,15 +322,15 @@ def test_cifar_missing_dataset_names_the_command(tmp_path):
 ])
 def test_bad_config_values_name_the_field(fields, batch, count, message):
   with pytest.raises(ValueError, match=message):
-    streams.load_search_streams(_config(**fields), batch, 0, process_index=0,
+    loaders.load_search_streams(_config(**fields), batch, 0, process_index=0,
                                 process_count=count)
 
 
 def test_bad_call_arguments():
   with pytest.raises(ValueError, match=r'seed = -1 must be a non-negative integer'):
-    streams.load_train_streams(_config(), 8, -1, process_index=0, process_count=1)
+    loaders.load_train_streams(_config(), 8, -1, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r'process_index = 2 must be in \[0, 2\)'):
-    streams.load_train_streams(_config(), 8, 0, process_index=2, process_count=2)
+    loaders.load_train_streams(_config(), 8, 0, process_index=2, process_count=2)
   stream = _uint8_stream()
   with pytest.raises(ValueError, match=r'start = 5 must be an integer in \[0, 4\]'):
     stream.batches(0, start=5)

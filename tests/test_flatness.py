@@ -141,7 +141,7 @@ def test_report_end_to_end(search_workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from nanas_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from nanas_jax import experiment  # pylint: disable=g-import-not-at-top
+  from nanas_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from nanas_jax.search.evaluators import SupernetEvaluator  # pylint: disable=g-import-not-at-top
 
   first = flatness.report(search_workdir, radius=1, num_neighbors=8, eval_batches=1,
@@ -164,11 +164,11 @@ def test_report_end_to_end(search_workdir):
   dataset = data_lib.load_search_data(
       config.data.name, train_portion=config.data.train_portion, seed=config.seed,
       max_examples=config.data.max_examples)
-  model = experiment.build_supernet(config.model, dataset.num_classes)
+  model = workdir_lib.build_supernet(config.model, dataset.num_classes)
   space = spaces.get_space("nb201")
   init = model.init(jax.random.key(1), dataset.train_images[:1],
                     np.full(space.alpha_shape, 0.2, np.float32), train=True)
-  variables = experiment.load_supernet(search_workdir, dict(init))
+  variables = workdir_lib.load_supernet(search_workdir, dict(init))
   eval_iter = data_lib.batches(dataset.val_images, dataset.val_labels,
                                config.data.batch_size, np.random.default_rng(config.seed + 2))
   batches = [next(eval_iter)]

@@ -14,12 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_export_resolves_to_its_module_attribute():
   # pylint: disable-next=g-import-not-at-top
-  from nanas_jax import experiment, neighborhood, spaces, summary
+  from nanas_jax import neighborhood, spaces, summary, tasks
   for name in nanas_jax.__all__:
     assert getattr(nanas_jax, name) is not None, name
   assert nanas_jax.Genotype is spaces.Genotype
   assert nanas_jax.summarize is summary.summarize
-  assert nanas_jax.run is experiment.run
+  assert nanas_jax.run is tasks.run
   assert nanas_jax.enumerate_neighbors is neighborhood.enumerate_neighbors
   assert set(nanas_jax.__all__) <= set(dir(nanas_jax))
   with pytest.raises(AttributeError, match="has no attribute 'nope'"):

@@ -100,7 +100,7 @@ def test_resolve_depthwise_impl():
     with pytest.raises(ValueError, match="Unknown depthwise implementation"):
       F.resolve_depthwise_impl(bad)
   with pytest.raises(ValueError, match="Unknown depthwise implementation"):
-    F.depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2)), impl="fast")
+    F.depthwise_convs(jnp.zeros((1, 1, 4, 4, 2)), [jnp.zeros((3, 3, 2))], [1], impl="fast")
 
 
 def test_output_size_matches_pytorch_rule():
@@ -113,22 +113,23 @@ def test_output_size_matches_pytorch_rule():
 @pytest.mark.parametrize("impl", ["scan", "conv"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
-def test_depthwise_conv_matches_numpy(impl, stride, size):
+def test_one_depthwise_conv_matches_numpy(impl, stride, size):
+  """`depthwise_convs` with a single kernel, per edge of a leading axis and without one."""
   rng = np.random.default_rng([stride, *size, impl == "conv"])
   h, w = size
   e, b, c = 2, 3, 4
   for k, d in DW_CONFIGS:
-    # A leading edge axis with one kernel per edge.
+    # A leading edge axis with one kernel per edge; the kernel axis after it.
     x = _rand(rng, e, b, h, w, c)
     kernel = _rand(rng, e, k, k, c)
-    got = F.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), stride=stride,
-                           dilation=d, impl=impl)
+    got = F.depthwise_convs(jnp.asarray(x)[:, None], [jnp.asarray(kernel)], [d],
+                            stride=stride, impl=impl)[:, 0]
     np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, d), atol=ATOL,
                                rtol=RTOL, err_msg=f"k={k} d={d}")
   # No leading axis.
   x, kernel = _rand(rng, b, h, w, c), _rand(rng, 5, 5, c)
-  got = F.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), stride=stride, dilation=2,
-                         impl=impl)
+  got = F.depthwise_convs(jnp.asarray(x)[None], [jnp.asarray(kernel)], [2], stride=stride,
+                          impl=impl)[0]
   np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, 2), atol=ATOL, rtol=RTOL)
 
 

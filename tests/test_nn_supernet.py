@@ -26,7 +26,7 @@ from nanas_jax.spaces import Genotype, get_genotype, get_space
 from supernet_weights import discrete_cell_params, edge_location, pool_batch_norm
 
 EPS = 1e-5
-NUM_OPS = len(supernet.DARTS_OPS)
+NUM_OPS = len(get_space("darts").ops)
 
 
 # ---------------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def test_result_to_json(evaluator):
   assert data['candidate_losses'][1] is None
   assert data['budget']['total_evaluations'] == 49
   assert data['settings']['aggregation'] == 'mean'
-  assert isinstance(na, SearchResult) and na.best_index == 0
+  assert isinstance(na, SearchResult) and int(np.argmin(na.candidate_scores)) == 0
 
 
 def test_searches_report_their_progress_in_candidates():

@@ -20,7 +20,7 @@ import pytest
 
 from configs import train_quickstart
 from nanas_jax import loop, parallel, summary
-from nanas_jax.data import streams as data_streams
+from nanas_jax.data import loaders
 from nanas_jax.spaces import get_genotype
 from nanas_jax.train import run
 from nanas_jax.train import trainer as trainer_lib
@@ -61,7 +61,7 @@ def reference(tmp_path_factory):
 
 def final_state(config, workdir):
   """The state of the workdir's last checkpoint, and the streams and model of ``config``."""
-  streams = data_streams.load_train_streams(config.data, config.data.batch_size, config.seed)
+  streams = loaders.load_train_streams(config.data, config.data.batch_size, config.seed)
   genotype, _ = run.resolve_genotype(config.model)
   model = trainer_lib.build_network(config.model, genotype, streams.num_classes,
                                     streams.image_shape)
@@ -147,7 +147,7 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_weights(reference, tmp_pat
                                                               monkeypatch):
   config = tiny_config()  # DARTS_V2 by name: the same network as the reference's file.
   workdir = str(tmp_path / "preempted")
-  load = data_streams.load_train_streams
+  load = loaders.load_train_streams
 
   def load_and_preempt(*args, **kwargs):
     """Streams whose epoch 0 sends this process SIGTERM when its second batch is read."""
@@ -163,13 +163,13 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_weights(reference, tmp_pat
     streams.train.batches = preempting
     return streams
 
-  monkeypatch.setattr(run.data_streams, "load_train_streams", load_and_preempt)
+  monkeypatch.setattr(run.loaders, "load_train_streams", load_and_preempt)
   with pytest.raises(loop.Preempted) as preempted:
     run.run_train(config, workdir)
   stopped = preempted.value.step
   assert 0 < stopped < STEPS_PER_EPOCH  # Mid-epoch: resume must restart inside it.
   assert not os.path.exists(os.path.join(workdir, run.RESULTS_FILE))
-  monkeypatch.setattr(run.data_streams, "load_train_streams", load)
+  monkeypatch.setattr(run.loaders, "load_train_streams", load)
   resumed = run.run_train(config, workdir)
   assert resumed["resumed_from_step"] == stopped
 
@@ -184,7 +184,7 @@ def test_a_preempted_run_resumes_to_the_uninterrupted_weights(reference, tmp_pat
 
 
 def test_a_finished_workdir_is_refused_and_left_untouched(reference, monkeypatch):
-  monkeypatch.setattr(run.data_streams, "load_train_streams", _no_data)
+  monkeypatch.setattr(run.loaders, "load_train_streams", _no_data)
   path = os.path.join(reference["workdir"], run.RESULTS_FILE)
   before = open(path).read()
   with pytest.raises(FileExistsError, match="already holds a finished training"):
@@ -193,7 +193,7 @@ def test_a_finished_workdir_is_refused_and_left_untouched(reference, monkeypatch
 
 
 def test_a_workdir_of_another_genotype_is_refused(tmp_path, monkeypatch):
-  monkeypatch.setattr(run.data_streams, "load_train_streams", _no_data)
+  monkeypatch.setattr(run.loaders, "load_train_streams", _no_data)
   (tmp_path / run.GENOTYPE_FILE).write_text(str(get_genotype("PC_DARTS")) + "\n")
   with pytest.raises(ValueError, match="holds a training of another genotype"):
     run.run_train(tiny_config(), str(tmp_path))
@@ -219,7 +219,7 @@ def _no_data(*args, **kwargs):
 ])
 def test_a_bad_config_fails_before_anything_is_read_or_written(tmp_path, monkeypatch, set_field,
                                                               path, value, message):
-  monkeypatch.setattr(run.data_streams, "load_train_streams", _no_data)
+  monkeypatch.setattr(run.loaders, "load_train_streams", _no_data)
   config = tiny_config()
   set_field(config, path, value)
   workdir = tmp_path / "never"

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 from sklearn import datasets
 
-from nanas_jax.data import SearchData, check_split_args, split_point
+from nanas_jax.data.base import SearchData, check_split_args, split_point
 
 NUM_CLASSES = 10
 MAX_PIXEL = 16.0

@@ -39,7 +39,8 @@ import os
 
 import numpy as np
 
-from nanas_jax.data import split_point, streams, tfds_pipeline
+from nanas_jax.data import streams, tfds_pipeline
+from nanas_jax.data.base import split_point
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -382,7 +383,7 @@ def _check_no_cutout(options: streams.DataOptions) -> None:
 
 def load_search_streams(options: streams.DataOptions, global_batch_size: int, seed: int, *,
                         process_index: int, process_count: int) -> streams.SearchStreams:
-  """`streams.load_search_streams` for the ImageNet datasets (options already read)."""
+  """`loaders.load_search_streams` for the ImageNet datasets (options already read)."""
   builder, preprocessing = _open(options)
   total = _count(builder, 'train', options.max_examples)
   n_train = split_point(total, options.train_portion)
@@ -401,7 +402,7 @@ def load_search_streams(options: streams.DataOptions, global_batch_size: int, se
 
 def load_train_streams(options: streams.DataOptions, global_batch_size: int, seed: int, *,
                        process_index: int, process_count: int) -> streams.TrainStreams:
-  """`streams.load_train_streams` for the ImageNet datasets (options already read)."""
+  """`loaders.load_train_streams` for the ImageNet datasets (options already read)."""
   _check_no_cutout(options)
   builder, preprocessing = _open(options)
   common = dict(shuffle_buffer=options.shuffle_buffer, global_batch_size=global_batch_size,

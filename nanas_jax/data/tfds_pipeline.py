@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from nanas_jax.data import SearchData, check_split_args, split_point
+from nanas_jax.data.base import SearchData, check_split_args, split_point
 
 # Per-channel mean and standard deviation of the training images in [0, 1].
 # CIFAR-10: quark0/darts utils._data_transforms_cifar10. quark0/darts has no CIFAR-100;

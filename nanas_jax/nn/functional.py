@@ -45,19 +45,6 @@ def pad_spatial(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
-                   dilation: int = 1, impl: str = "auto") -> jax.Array:
-  """Depthwise 'same' convolution of ``x[*lead, B, H, W, C]`` with ``kernel[*lead, k, k, C]``.
-
-  Leading axes of ``kernel`` line up with the leading axes of ``x`` (``x[E, B, H, W, C]``
-  with ``kernel[E, k, k, C]``: a group of edges, each with its own kernel, is one call).
-  Padding is ``dilation * (k - 1) // 2``, the DARTS ops' padding.
-  """
-  lead = kernel.ndim - 3
-  x = jnp.expand_dims(x, lead)
-  return depthwise_convs(x, [kernel], [dilation], stride=stride, impl=impl).squeeze(lead)
-
-
 def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
                     impl: str = "auto") -> jax.Array:
   """Several depthwise 'same' convolutions at once: ``[*lead, n, B, H', W', C]``.

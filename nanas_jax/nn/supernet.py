@@ -43,10 +43,13 @@ from jax import lax
 
 from nanas_jax.nn import functional as F
 from nanas_jax.nn.ops import BatchNorm
+from nanas_jax.spaces.darts import PRIMITIVES
 
-# Operation order of the DARTS space (quark0/darts genotypes.PRIMITIVES).
-DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
-             "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+# Where each operation's weight sits along the last axis of the architecture weights: the
+# space's operation order (`spaces.darts.PRIMITIVES`, the reference's), not a copy of it.
+(_MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5) = (PRIMITIVES.index(name) for name in (
+    "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+    "dil_conv_3x3", "dil_conv_5x5"))
 # (kernel size, dilation) of the first depthwise conv of sep3, sep5, dil3, dil5, and of the
 # second depthwise conv of sep3, sep5.
 _STAGE1 = ((3, 1), (5, 1), (3, 2), (5, 2))
@@ -102,24 +105,24 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
   pools = bn("pool_bn", pools, 2)
-  out = w[:, 1] * pools[:, 0] + w[:, 2] * pools[:, 1]
+  out = w[:, _MAX_POOL] * pools[:, 0] + w[:, _AVG_POOL] * pools[:, 1]
   if stride == 1:
-    out = out + w[:, 3] * xs
+    out = out + w[:, _SKIP] * xs
   else:
     fr = F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"])
-    out = out + w[:, 3] * bn("fr_bn", fr, 1)
+    out = out + w[:, _SKIP] * bn("fr_bn", fr, 1)
 
   stage1 = F.depthwise_convs(
       jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
       [d for _, d in _STAGE1], stride=stride, impl=dw_impl)
   stage1 = bn("bn1", F.pointwise_conv(stage1, p["pw1"]), 2)
-  out = out + w[:, 6] * stage1[:, 2] + w[:, 7] * stage1[:, 3]
+  out = out + w[:, _DIL3] * stage1[:, 2] + w[:, _DIL5] * stage1[:, 3]
 
   stage2 = F.depthwise_convs(
       jax.nn.relu(stage1[:, :2]), [p[f"dw2_{i}"] for i in range(len(_STAGE2))],
       [d for _, d in _STAGE2], impl=dw_impl)
   stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
-  out = out + w[:, 4] * stage2[:, 0] + w[:, 5] * stage2[:, 1]
+  out = out + w[:, _SEP3] * stage2[:, 0] + w[:, _SEP5] * stage2[:, 1]
   return out, new_stats
 
 
@@ -316,8 +319,8 @@ class SearchCell(nn.Module):
   def __call__(self, s0, s1, weights, train: bool):
     """``weights[num_edges, 8]`` in the reference edge order (see ``cell_edges``)."""
     edges = cell_edges(self.steps)
-    if weights.shape != (len(edges), len(DARTS_OPS)):
-      raise ValueError(f"cell weights must have shape {(len(edges), len(DARTS_OPS))}, "
+    if weights.shape != (len(edges), len(PRIMITIVES)):
+      raise ValueError(f"cell weights must have shape {(len(edges), len(PRIMITIVES))}, "
                        f"got {weights.shape}")
     index = {edge: k for k, edge in enumerate(edges)}
     s0 = Preprocess(self.channels, self.reduction_prev, name="preprocess0")(s0, train)
@@ -353,9 +356,9 @@ class SearchNetwork(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
     num_edges = len(cell_edges(self.steps))
-    if weights.shape != (2, num_edges, len(DARTS_OPS)):
+    if weights.shape != (2, num_edges, len(PRIMITIVES)):
       raise ValueError(
-          f"architecture weights must have shape (2, {num_edges}, {len(DARTS_OPS)}) "
+          f"architecture weights must have shape (2, {num_edges}, {len(PRIMITIVES)}) "
           f"(normal/reduce, edge, op), got {weights.shape}")
     c_curr = self.stem_multiplier * self.channels
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,

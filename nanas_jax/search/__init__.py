@@ -1,15 +1,19 @@
-"""Architecture search algorithms on one search-state pytree: bilevel DARTS / NA-DARTS, and
-random search / NA-RS over pluggable evaluators."""
+"""Architecture search algorithms on one search-state pytree: bilevel DARTS / NA-DARTS
+(`objective` is the method, `bilevel` its execution), and random search / NA-RS over
+pluggable evaluators (`random_search`, `evaluators`, `weight_sharing`).
 
-from nanas_jax.search.bilevel import BilevelSearch, validate_search_config
+The package exports classes; functions stay in their modules, so that no exported name
+hides a submodule (``nanas_jax.search.random_search`` is the module, its function
+``random_search.random_search``)."""
+
+from nanas_jax.search.bilevel import BilevelSearch
 from nanas_jax.search.evaluators import (CountingEvaluator, SupernetEvaluator,
                                          TabularEvaluator)
-from nanas_jax.search.random_search import (SearchResult, na_random_search, random_search,
-                                            random_search_same_budget)
+from nanas_jax.search.objective import Neighborhood
+from nanas_jax.search.random_search import SearchResult
 from nanas_jax.search.state import SearchState
 
 __all__ = [
-    "BilevelSearch", "CountingEvaluator", "SearchResult", "SearchState",
-    "SupernetEvaluator", "TabularEvaluator", "na_random_search", "random_search",
-    "random_search_same_budget", "validate_search_config",
+    "BilevelSearch", "CountingEvaluator", "Neighborhood", "SearchResult", "SearchState",
+    "SupernetEvaluator", "TabularEvaluator",
 ]

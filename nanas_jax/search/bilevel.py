@@ -1,21 +1,21 @@
-"""The bilevel step of DARTS / NA-DARTS on a `SearchState`.
+"""The bilevel step of DARTS / NA-DARTS on a `SearchState`: the execution of the method.
 
 Order of a step, as in the reference ``train_search.py``: first the architecture step on a
 validation batch (moving alpha), then the weight step on a training batch with the new
-architecture weights.
+architecture weights. During ``warmup_epochs`` (PC-DARTS, P-DARTS) the weight step runs
+alone.
 
-Architecture objective:
-- DARTS: ``L_val(w, softmax(alpha))``.
-- NA-DARTS: ``AGG_k L_val(w, T_k(softmax(alpha)))`` over K perturbations sampled afresh
-  every step (`neighborhood.sample_perturbed_weights`), with the same parameters, and either
-  the same validation batch for every neighbor (``batch='full'``) or a 1/K slice of it each
-  (``batch='split'``, the cost of one DARTS architecture step). 'split' is allowed with the
-  ``mean`` aggregate only: the mean of the slice losses estimates the mean neighbor loss
-  over the data, as 'full' does, except that BatchNorm (training mode) normalises each
-  neighbor over B/K examples, as DARTS at batch B/K would; with ``max`` or ``softmax_tau``
-  the worst "neighbor" would partly be the hardest slice. The K evaluations run under ``jax.vmap`` over the K weight tensors
-  (``evaluate='vmap'``) or as K calls of the one compiled supernet gradient
-  (``evaluate='loop'``); both give the same numbers (a test checks it).
+The architecture objective is `nanas_jax.search.objective`'s: ``AGG_k L_val(w,
+T_k(softmax(alpha)))`` over K perturbations sampled afresh every step; DARTS is its
+one-neighbor identity case. This module decides how it is executed: the K evaluations run
+under ``jax.vmap`` over the K weight tensors (``evaluate='vmap'``) or as K calls of the one
+compiled supernet gradient (``evaluate='loop'``); both give the same numbers (a test
+checks it). ``neighbors.batch='split'`` (each neighbor on its own 1/K slice of the
+validation batch, the cost of one DARTS architecture step) is allowed with the ``mean``
+aggregate only: the mean of the slice losses estimates the mean neighbor loss over the
+data, as ``'full'`` does, except that BatchNorm (training mode) normalises each neighbor
+over B/K examples, as DARTS at batch B/K would; with ``max`` or ``softmax_tau`` the worst
+"neighbor" would partly be the hardest slice.
 
 Orders of the architecture gradient:
 - ``first``: the gradient of the objective at the current weights.
@@ -50,13 +50,13 @@ import ml_collections
 import optax
 
 from nanas_jax import neighborhood
+from nanas_jax.search import objective
 from nanas_jax.search.state import (ARCH_SCHEDULES, SearchState, arch_optimizer, init_alpha,
                                     momentum_buffer, weight_lr_schedule, weight_optimizer)
 from nanas_jax.spaces import SearchSpace
 
 ORDERS = ("first", "second_fd", "second_exact")
 ALGORITHMS = ("darts", "na_darts")
-NEIGHBOR_BATCHES = ("full", "split")
 NEIGHBOR_EVALUATIONS = ("auto", "vmap", "loop")
 COMPILE_MODES = ("auto", "shared", "fused")
 
@@ -101,6 +101,7 @@ class BilevelSearch:
     self.warmup_steps = config.get("warmup_epochs", 0) * steps_per_epoch
     mode = config.get("compile", "auto")
     self.fused = mode == "fused"
+    self.neighborhood = objective.Neighborhood.from_config(config)
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
     self._jit_cache: dict[Any, Callable] = {}
@@ -150,17 +151,20 @@ class BilevelSearch:
     return self._jitted(self.value_and_grads)(*args)
 
   # ------------------------------------------------------------ architecture objective
-  def _neighbor_batches(self, k, images, labels):
-    """Per-neighbor validation batches: all the same, or 1/k slices (``'split'``)."""
-    if self.config.neighbors.batch == "split":
-      per = images.shape[0] // k
-      return [(images[i * per:(i + 1) * per], labels[i * per:(i + 1) * per])
-              for i in range(k)]
-    return [(images, labels)] * k
+  def _loss_and_accuracy(self, batch_stats):
+    """``(params, weights, images, labels) -> (loss, accuracy)`` in training mode, for
+    `objective.objective`."""
+
+    def loss_fn(params, weights, images, labels):
+      loss, (logits, _) = self.train_loss(params, batch_stats, weights, images, labels)
+      return loss, accuracy(logits, labels)
+
+    return loss_fn
 
   def _vmapped_neighbor_grads(self, params, batch_stats, weights, images, labels):
-    """Losses, accuracies and gradients of K neighbors under one ``jax.vmap``."""
-    batches = self._neighbor_batches(weights.shape[0], images, labels)
+    """Execution strategy ``'vmap'``: the K neighbors' losses, accuracies and gradients
+    under one ``jax.vmap``."""
+    batches = objective.neighbor_batches(self.neighborhood, images, labels)
     xs = jnp.stack([b[0] for b in batches])
     ys = jnp.stack([b[1] for b in batches])
 
@@ -171,44 +175,31 @@ class BilevelSearch:
 
     return jax.vmap(one)(weights, xs, ys)
 
-  def _arch_weights(self, alpha, key):
-    """The architecture weights the objective evaluates: ``[K, T, E, O]``."""
-    nb = self.config.neighbors
-    if self.config.algorithm == "darts":
-      return jax.nn.softmax(alpha, -1)[None]
-    return neighborhood.sample_perturbed_weights(
-        self.space, key, alpha, nb.num, nb.kind, nb.radius, nb.include_center, nb.eps,
-        nb.sigma)
+  def _architecture_weights(self, alpha, key):
+    return objective.architecture_weights(self.space, self.neighborhood, alpha, key)
 
-  def _combine_neighbors(self, alpha, key, losses, grad_params, grad_weights):
-    """Aggregates per-neighbor losses and chains their gradients back to alpha:
-    ``(loss, d/d params, d/d alpha)``; ``grad_params`` is a list of K trees."""
-    nb = self.config.neighbors
-    if self.config.algorithm == "darts":
-      loss, dloss = losses[0], jnp.ones((1,), losses.dtype)
-    else:
-      loss, dloss = jax.value_and_grad(neighborhood.aggregate)(losses, nb.aggregation, nb.tau)
-    grad_params = jax.tree.map(lambda *g: sum(d * x for d, x in zip(dloss, g)), *grad_params)
-    _, weights_vjp = jax.vjp(lambda a: self._arch_weights(a, key), alpha)
-    (grad_alpha,) = weights_vjp(dloss[:, None, None, None] * grad_weights)
-    return loss, grad_params, grad_alpha
+  def _chain_to_alpha(self, alpha, key, losses, grad_params, grad_weights):
+    return objective.chain_to_alpha(self.space, self.neighborhood, alpha, key, losses,
+                                    grad_params, grad_weights)
 
   def arch_value_and_grads(self, params, batch_stats, alpha, images, labels, key):
-    """The architecture objective at ``params``: ``(loss, (neighbor losses, neighbor
-    accuracies), d/d params, d/d alpha)``. DARTS is the one-neighbor case."""
-    weights = self._jitted(self._arch_weights)(alpha, key)
+    """The architecture objective (`objective.objective`) at ``params`` and its
+    gradients: ``(loss, (neighbor losses, neighbor accuracies), d/d params, d/d alpha)``.
+    The K neighbors are evaluated by the execution strategy (one vmapped call, or the
+    shared compiled gradient K times) and chained back by `objective.chain_to_alpha`."""
+    weights = self._jitted(self._architecture_weights)(alpha, key)
     k = weights.shape[0]
-    batches = self._neighbor_batches(k, images, labels)
     if self.vmap_neighbors and k > 1:
       losses, accs, grad_params, grad_weights = self._jitted(self._vmapped_neighbor_grads)(
           params, batch_stats, weights, images, labels)
       grad_params = [jax.tree.map(lambda g, i=i: g[i], grad_params) for i in range(k)]
     else:
+      batches = objective.neighbor_batches(self.neighborhood, images, labels)
       outs = [self.grads(params, batch_stats, weights[i], x, y)
               for i, (x, y) in enumerate(batches)]
       losses, accs, grad_params, grad_weights = self._jitted(_stack_outputs)(
           outs, [y for _, y in batches])
-    loss, grad_params, grad_alpha = self._jitted(self._combine_neighbors)(
+    loss, grad_params, grad_alpha = self._jitted(self._chain_to_alpha)(
         alpha, key, losses, grad_params, grad_weights)
     return loss, (losses, accs), grad_params, grad_alpha
 
@@ -227,30 +218,13 @@ class BilevelSearch:
   def _second_order_exact(self, state: SearchState, train_batch, val_batch, key):
     """``jax.grad`` of the objective at the unrolled weights, through the virtual step."""
 
-    def full(alpha):
+    def unrolled_objective(alpha):
       unrolled = self._virtual_step(state, alpha, *train_batch, self.value_and_grads)
-      return self._objective_value(unrolled, state.batch_stats, alpha, *val_batch, key)
+      return objective.objective(self._loss_and_accuracy(state.batch_stats), self.space,
+                                 self.neighborhood, unrolled, alpha, key, *val_batch)
 
-    (loss, aux), grad = jax.value_and_grad(full, has_aux=True)(state.alpha)
+    (loss, aux), grad = jax.value_and_grad(unrolled_objective, has_aux=True)(state.alpha)
     return grad, loss, aux
-
-  def _objective_value(self, params, batch_stats, alpha, images, labels, key):
-    """The architecture objective as a differentiable function of everything."""
-    nb = self.config.neighbors
-    if self.config.algorithm == "darts":
-      weights = jax.nn.softmax(alpha, -1)[None]
-    else:
-      weights = neighborhood.sample_perturbed_weights(
-          self.space, key, alpha, nb.num, nb.kind, nb.radius, nb.include_center, nb.eps,
-          nb.sigma)
-    batches = self._neighbor_batches(weights.shape[0], images, labels)
-    results = [self.train_loss(params, batch_stats, w, x, y)
-               for w, (x, y) in zip(weights, batches)]
-    losses = jnp.stack([r[0] for r in results])
-    accs = jnp.stack([accuracy(r[1][0], y) for r, (_, y) in zip(results, batches)])
-    if self.config.algorithm == "darts":
-      return losses[0], (losses, accs)
-    return neighborhood.aggregate(losses, nb.aggregation, nb.tau), (losses, accs)
 
   def arch_gradient(self, state: SearchState, train_batch, val_batch, key):
     """The architecture gradient of the configured order: ``(grad, loss, (neighbor
@@ -453,8 +427,8 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
     check(nb.aggregation in neighborhood.AGGREGATIONS, "neighbors.aggregation",
           nb.aggregation, f"one of {neighborhood.AGGREGATIONS}")
     check(nb.tau > 0, "neighbors.tau", nb.tau, "> 0")
-    check(nb.batch in NEIGHBOR_BATCHES, "neighbors.batch", nb.batch,
-          f"one of {NEIGHBOR_BATCHES}")
+    check(nb.batch in objective.NEIGHBOR_BATCHES, "neighbors.batch", nb.batch,
+          f"one of {objective.NEIGHBOR_BATCHES}")
     # With 'split', neighbor k's loss is measured on its own slice: their mean estimates
     # the mean neighbor loss over the data, but their max would partly pick the hardest
     # slice rather than the worst neighbor.
@@ -479,6 +453,4 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
 
 def neighbors_per_step(config: ml_collections.ConfigDict) -> int:
   """How many architectures the architecture step evaluates (for batch checks)."""
-  if config.algorithm == "darts":
-    return 1
-  return config.neighbors.num + int(config.neighbors.include_center)
+  return objective.Neighborhood.from_config(config).size

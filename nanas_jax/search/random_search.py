@@ -78,10 +78,6 @@ class SearchResult:
   budget: dict[str, int]
   settings: dict[str, Any]
 
-  @property
-  def best_index(self) -> int:
-    return int(np.argmin(self.candidate_scores))
-
   def to_json(self) -> dict[str, Any]:
     """A JSON-serialisable dict (NaN losses become None)."""
 

@@ -6,7 +6,7 @@ loop the searches use (`nanas_jax.loop.run_epochs`: orbax checkpoints, resume, S
 NaN stop, metric writers), data parallel over every device of every process
 (`nanas_jax.parallel`), and writes into the workdir:
 
-- ``config.json``: the resolved config (`nanas_jax.experiment.record_config`);
+- ``config.json``: the resolved config (`nanas_jax.workdir.record_config`);
 - ``genotype.txt`` (the DARTS text of the genotype trained) and ``genotype.png`` (its
   cells), at the start, once the config and the data have passed their checks;
 - ``metrics.jsonl``: every logged step and one record per epoch, with the test loss,
@@ -55,7 +55,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from nanas_jax import experiment, loop, parallel, spaces, summary
+from nanas_jax import loop, parallel, spaces, summary
+from nanas_jax import workdir as workdir_lib
+from nanas_jax.data import loaders
 from nanas_jax.data import streams as data_streams
 from nanas_jax.files import write_atomic
 from nanas_jax.nn import networks
@@ -167,14 +169,14 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   text = str(genotype)
 
   t0 = time.time()
-  streams = data_streams.load_train_streams(config.data, batch, config.seed)
+  streams = loaders.load_train_streams(config.data, batch, config.seed)
   # Written once every check has passed, the data's included.
   if main:
     os.makedirs(workdir, exist_ok=True)
-    experiment.record_config(config, workdir)
+    workdir_lib.record_config(config, workdir)
     if not os.path.exists(os.path.join(workdir, GENOTYPE_FILE)):
       write_atomic(os.path.join(workdir, GENOTYPE_FILE), text + "\n", replace=False)
-      experiment.write_cell_picture(spaces.get_space("darts"), genotype,
+      workdir_lib.write_cell_picture(spaces.get_space("darts"), genotype,
                                     os.path.join(workdir, "genotype.png"))
   model = trainer_lib.build_network(config.model, genotype, streams.num_classes,
                                     streams.image_shape)
