@@ -542,6 +542,37 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
   first_step_seconds = None
   last_line = None  # (step, time) of the last console line, the first step excluded
   epoch_record: dict[str, Any] = {}
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose metrics are unread
+
+  def drain() -> None:
+    """Reads the pending steps' metrics in one transfer: checks them (a non-finite loss
+    stops the run before anything is saved), adds them to the epoch's sums, and writes the
+    logged steps."""
+    nonlocal last_line
+    fetched = parallel.to_host([m for _, m in pending])
+    for (at, _), raw in zip(pending, fetched):
+      metrics = {k: float(v) for k, v in raw.items()}
+      bad = {k: metrics[k] for k in finite_keys
+             if k in metrics and not np.isfinite(metrics[k])}
+      if bad:
+        last = checkpoints.latest_step()
+        raise FloatingPointError(
+            f"non-finite loss at step {at} ({bad}); stopped without saving. The last "
+            f"good checkpoint (step {last}) is intact in {checkpoints.directory}. {hint}")
+      for key, value in metrics.items():
+        totals[key] = totals.get(key, 0.0) + value
+      if at % log_every == 0:
+        now = time.monotonic()
+        rate = (at - last_line[0]) / (now - last_line[1]) if at > last_line[0] else None
+        last_line = (at, now)
+        write({**metrics, **({"steps_per_sec": rate} if rate else {})},
+              {"step": at, **metrics})
+        if main:
+          known = {**numeric(extra), **numeric(epoch_record), **metrics}
+          logging.info(console_line(step=at, total=total, steps_per_epoch=steps_per_epoch,
+                                    values=known, keys=console_keys,
+                                    steps_per_second=rate))
+    pending.clear()
   try:
     with PreemptionWatch() as preemption:
       while step < total:
@@ -551,34 +582,19 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         for global_batches in batches:
           t = time.monotonic()
           state, metrics = step_fn(state, *global_batches)
-          metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
           step += 1
           if first_step_seconds is None:
+            jax.block_until_ready(metrics)
             first_step_seconds = time.monotonic() - t
             last_line = (step, time.monotonic())
             logging.info("First step (compile + run, mostly compilation): %.1f s",
                          first_step_seconds)
-          bad = {k: metrics[k] for k in finite_keys
-                 if k in metrics and not np.isfinite(metrics[k])}
-          if bad:
-            last = checkpoints.latest_step()
-            raise FloatingPointError(
-                f"non-finite loss at step {step} ({bad}); stopped without saving. The last "
-                f"good checkpoint (step {last}) is intact in {checkpoints.directory}. {hint}")
-          for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value
+          # The metrics stay on the devices until they are needed (a console line, a
+          # checkpoint, the epoch's end): reading them every step would make the host
+          # wait for each step before dispatching the next.
+          pending.append((step, metrics))
           if step % log_every == 0:
-            now = time.monotonic()
-            rate = (step - last_line[0]) / (now - last_line[1]) if step > last_line[0] \
-                else None
-            last_line = (step, now)
-            write({**metrics, **({"steps_per_sec": rate} if rate else {})},
-                  {"step": step, **metrics})
-            if main:
-              known = {**numeric(extra), **numeric(epoch_record), **metrics}
-              logging.info(console_line(step=step, total=total,
-                                        steps_per_epoch=steps_per_epoch, values=known,
-                                        keys=console_keys, steps_per_second=rate))
+            drain()
           if step % steps_per_epoch == 0:
             break
           due = bool(every and step % every == 0) or (
@@ -586,10 +602,12 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
                   time.monotonic() - saved["time"] >= every_seconds))
           stop = preemption.requested(step)
           if due or stop:
+            drain()
             save(state)
           if stop:
             checkpoints.wait()
             raise Preempted(step, checkpoints.directory, preemption.signum)
+        drain()
         if step % steps_per_epoch:
           raise RuntimeError(
               f"the data of epoch {epoch} yielded {step % steps_per_epoch} of its "

@@ -47,7 +47,7 @@ counted here). The command line exits with status 2 and one message on bad input
 (`nanas_jax.cli`).
 
 Counting is done on the traced network: flax's ``intercept_methods`` sees every
-``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm`` and pooling-op call with its input and output
+``nn.Conv``, ``nn.Dense``, ``ops.BatchNorm`` and pooling-op call with its input and output
 shapes; ReLUs (``jax.nn.relu``) and the global average pool (a ``jnp.mean`` over the
 spatial axes) are plain functions, found in the traced jaxpr instead.
 """
@@ -164,8 +164,8 @@ def _module_costs(module: nn.Module, x: Any, y: Any) -> tuple[str, int] | None:
     return 'conv', kernel * _numel(y.shape)
   if isinstance(module, nn.Dense):
     return 'dense', x.shape[-1] * _numel(y.shape)
-  if isinstance(module, nn.BatchNorm):
-    return 'batch_norm', _numel(x.shape) * (2 if module.use_scale or module.use_bias else 1)
+  if isinstance(module, ops.BatchNorm):
+    return 'batch_norm', _numel(x.shape) * (2 if module.affine else 1)
   if isinstance(module, (ops.MaxPool3x3, ops.AvgPool3x3)):
     return 'pool', _numel(x.shape)
   return None

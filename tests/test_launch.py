@@ -24,9 +24,10 @@ NOTEBOOK = os.path.join(LAUNCH, "colab_tpu.ipynb")
 TPU_POD = os.path.join(LAUNCH, "tpu_pod.sh")
 SLURM = os.path.join(LAUNCH, "slurm_gpu.sbatch")
 
-# The quick start at its smallest size: 256 digits give 2 steps of one epoch.
-NOTEBOOK_OVERRIDES = {"search.epochs": 1, "data.max_examples": 256, "model.layers": 3,
-                      "model.channels": 4, "search.neighbors.num": 2}
+# The quick start at its smallest size: 256 digits give 4 steps of one epoch.
+NOTEBOOK_OVERRIDES = {"search.epochs": 1, "search.warmup_epochs": 0,
+                      "data.max_examples": 256, "model.layers": 3, "model.channels": 4,
+                      "search.neighbors.num": 2}
 
 
 def _cell(notebook, cell_id):

@@ -91,6 +91,8 @@ def test_nas_bench_201_searches_run_end_to_end(tmp_path, config_file):
          f"--workdir={workdir}", "--config.model.space=nb201", "--config.model.layers=1",
          "--config.model.channels=4", "--config.search.epochs=1",
          "--config.data.max_examples=400", "--config.data.batch_size=32"]
+  if config_file == "quickstart":
+    cmd += ["--config.search.warmup_epochs=0"]
   if config_file == "na_rs_quickstart":
     # All 7 validation batches: 200 examples, the last batch padded with 24 rows.
     cmd += ["--config.search.rs.num_candidates=2", "--config.search.rs.eval_batches=7",

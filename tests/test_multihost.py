@@ -27,7 +27,7 @@ HOST = textwrap.dedent("""
     process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     cfg = quickstart.get_config()
     cfg.model.channels, cfg.model.layers = 4, 3
-    cfg.search.algorithm, cfg.search.epochs = "darts", 2
+    cfg.search.algorithm, cfg.search.epochs, cfg.search.warmup_epochs = "darts", 2, 0
     cfg.data.max_examples, cfg.data.batch_size = 128, 16
     # A checkpoint by time after every step: process 0's clock decides for both.
     cfg.checkpoint.every_seconds = 1e-9

@@ -368,3 +368,35 @@ def test_mixed_edges_eval_uses_per_edge_pool_statistics():
   want1 = 0.5 * (avgp - pool_mean[1, 1]) / np.sqrt(pool_var[1, 1] + EPS) + 0.5 * x[1]
   np.testing.assert_allclose(out[0], want0, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(out[1], want1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
+  """`MixedEdges(sources=...)` pools each distinct input once; it computes what the same
+  edges compute on per-edge copies of their inputs: outputs, and every edge's running
+  statistics, in training and in evaluation (with per-edge statistics that differ), up to
+  float32 rounding (the batch statistics' sums run in another order)."""
+  rng = np.random.default_rng(12)
+  sources = (0, 1, 0, 1, 1)
+  distinct = jnp.asarray(rng.normal(size=(2, 3, 8, 8, C)), jnp.float32)
+  weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(5, NUM_OPS)), jnp.float32), -1)
+  shared = supernet.MixedEdges(5, C, stride, "scan", sources=sources)
+  copies = supernet.MixedEdges(5, C, stride, "scan")
+  variables = shared.init(jax.random.key(1), distinct, weights, train=True)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, copies.init(jax.random.key(1), distinct[np.array(sources)], weights,
+                             train=True))
+  got, got_stats = shared.apply(variables, distinct, weights, train=True,
+                                mutable=["batch_stats"])
+  want, want_stats = copies.apply(variables, distinct[np.array(sources)], weights,
+                                  train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               got_stats, want_stats)
+  stats = jax.tree.map(
+      lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
+      variables["batch_stats"])
+  evaluated = [m.apply({"params": variables["params"], "batch_stats": stats}, x, weights,
+                       train=False)
+               for m, x in ((shared, distinct), (copies, distinct[np.array(sources)]))]
+  np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ def tiny_config():
   search = config.search
   search.model.layers, search.model.channels = 3, 4
   search.search.algorithm = "darts"
-  search.search.epochs = 1
+  search.search.epochs, search.search.warmup_epochs = 1, 0
   search.data.max_examples = SEARCH_EXAMPLES
   search.data.batch_size = 16
   train = config.train

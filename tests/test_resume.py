@@ -27,6 +27,7 @@ def command(workdir, every_steps):
   return [sys.executable, "-m", "nanas_jax.main", "--config=configs/quickstart.py",
           f"--workdir={workdir}", "--config.model.layers=3", "--config.model.channels=4",
           "--config.search.algorithm=darts", "--config.search.epochs=3",
+          "--config.search.warmup_epochs=0", "--config.search.recalibrate_batches=0",
           "--config.data.max_examples=256", "--config.data.batch_size=16",
           f"--config.checkpoint.every_steps={every_steps}",
           "--config.checkpoint.every_seconds=0", "--config.checkpoint.keep=2",
@@ -73,7 +74,7 @@ def interrupt(workdir, progress, at_step, sig, every_steps):
 
 def test_killed_preempted_and_interrupted_searches_resume_to_the_uninterrupted_alpha(
     tmp_path):
-  reference = run(tmp_path / "reference")
+  reference = run(tmp_path / "reference", every_steps=0)
   assert reference["resumed_from_step"] is None
 
   kill_at = random.randint(2, STEPS - 6)

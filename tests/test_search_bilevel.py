@@ -163,7 +163,8 @@ def test_first_order_step_matches_a_hand_written_step():
   # Adam's first step moves every coordinate by lr * g / (|g| + eps) (bias-corrected).
   m, v = (1 - a.b1) * g / (1 - a.b1), (1 - a.b2) * g**2 / (1 - a.b2)
   alpha = state.alpha - a.lr * m / (jnp.sqrt(v) + 1e-8)
-  np.testing.assert_allclose(new.alpha, alpha, rtol=1e-5, atol=1e-8)
+  # Adam moves every coordinate by about lr: float32 rounding scales with it.
+  np.testing.assert_allclose(new.alpha, alpha, rtol=1e-5, atol=1e-5 * a.lr)
 
   w = config.weights
   grads = jax.grad(loss)(state.params, alpha, tx, ty)
@@ -355,7 +356,7 @@ def test_learning_rate_schedule_is_cosine_per_epoch():
     ("neighbors.aggregation", "median", "config.search.neighbors.aggregation"),
     ("neighbors.batch", "half", "config.search.neighbors.batch"),
     ("weights.lr", 0.0, "config.search.weights.lr"),
-    ("warmup_epochs", 6, "config.search.warmup_epochs"),
+    ("warmup_epochs", 99, "config.search.warmup_epochs"),
     ("recalibrate_batches", -1, "config.search.recalibrate_batches"),
     ("epochs", 0, "config.search.epochs"),
 ])

@@ -272,8 +272,19 @@ def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   np.testing.assert_allclose(batched, direct, rtol=2e-5)
   singles = np.concatenate([evaluator(c[None]) for c in codes])
   np.testing.assert_allclose(singles, batched, rtol=1e-6)
-  # Chunks of 4, padded: N = 6 and N = 1 share one compiled function.
-  assert evaluator._sums._cache_size() == len({x.shape for x, _ in batches})
+  # Chunks of 4, the rest in powers of two: N = 6 is 4 + 2, N = 1 is 1; one compiled
+  # function per (chunk size, batch shape).
+  assert evaluator._sums._cache_size() == 3 * len({x.shape for x, _ in batches})
+
+
+def test_chunk_sizes_cover_the_request_without_padding():
+  from nanas_jax.search.evaluators import chunk_sizes  # pylint: disable=g-import-not-at-top
+  assert chunk_sizes(9, 16) == [8, 1]
+  assert chunk_sizes(35, 16) == [16, 16, 2, 1]
+  assert chunk_sizes(32, 16) == [16, 16] and chunk_sizes(0, 4) == []
+  for n in range(100):
+    sizes = chunk_sizes(n, 8)
+    assert sum(sizes) == n and all(s in (1, 2, 4, 8) for s in sizes)
 
 
 def test_supernet_evaluator_on_darts_codes_and_train_mode_matters():

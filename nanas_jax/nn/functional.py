@@ -218,7 +218,7 @@ def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
 
 
 def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: int,
-               train: bool, scale=None, bias=None
+               train: bool, scale=None, bias=None, sources=None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """BatchNorm of ``x[*lead, B, H, W, C]`` with statistics per (lead, C): ``(y, stats)``.
 
@@ -226,12 +226,18 @@ def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: i
   ``(1 - m) * running + m * batch`` (``m = BN_MOMENTUM``, unbiased variance); evaluation
   normalises with the running ones and returns them unchanged. ``scale`` / ``bias``: the
   affine parameters, if any.
+
+  ``sources`` (int ``[E]``): edges that read shared inputs. ``x`` then holds each distinct
+  input once on axis 0, edge ``e`` normalises ``x[sources[e]]`` with its own running
+  statistics, and the batch statistics are computed once per distinct input (edges
+  reading the same input have the same ones).
   """
+  gather = (lambda a: a) if sources is None else (lambda a: a[sources])
   if not train:
     mean, var = stats
-    return batch_norm_apply(x, mean, var, feature_lead, BN_EPS, scale, bias), stats
-  mean, var = batch_norm_stats(x, feature_lead)
-  y = batch_norm_apply(x, mean, var, feature_lead, BN_EPS, scale, bias)
+    return batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias), stats
+  mean, var = (gather(m) for m in batch_norm_stats(x, feature_lead))
+  y = batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias)
   n = x.shape[feature_lead] * x.shape[feature_lead + 1] * x.shape[feature_lead + 2]
   running_mean, running_var = stats
   unbiased = var * (n / max(n - 1, 1))

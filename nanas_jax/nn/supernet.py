@@ -82,29 +82,37 @@ def cell_edges(steps: int) -> list[tuple[int, int]]:
 
 
 def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
-               train: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               train: bool, sources=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """The supernet's BatchNorm (affine=False, as the reference's MixedOp ops) of
   ``x[*lead, B, H, W, C]``, statistics per (lead, C): `functional.batch_norm`."""
-  return F.batch_norm(x, stats, lead, train)
+  return F.batch_norm(x, stats, lead, train, sources=sources)
 
 
 def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
-                weights: jax.Array, stride: int, train: bool, dw_impl: str):
+                weights: jax.Array, stride: int, train: bool, dw_impl: str,
+                sources: np.ndarray | None = None):
   """A group of ``E`` DARTS MixedOps, one per edge, each with its own parameters ``p``.
 
   ``xs[E, B, H, W, C]``, ``weights[E, 8]`` -> the weighted sum of the 8 operations of every
   edge, ``[E, B, H', W', C]``, and the updated BatchNorm statistics ``{name: (mean,
   var)}``. ``none`` contributes exactly zero and is not computed.
+
+  ``sources`` (int ``[E]``, for edges that share inputs): ``xs`` holds the distinct inputs
+  ``[S, B, H, W, C]`` and edge ``e`` reads ``xs[sources[e]]``. The parameter-free pools
+  and their BatchNorm statistics are then computed once per input, not once per edge (a
+  cell's 8 input edges read 2 states).
   """
   new_stats = {}
 
-  def bn(name, x, lead):
-    y, new_stats[name] = batch_norm(x, lead, stats[name], train)
+  def bn(name, x, lead, shared=None):
+    y, new_stats[name] = batch_norm(x, lead, stats[name], train, sources=shared)
     return y
 
   w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
-  pools = bn("pool_bn", pools, 2)
+  pools = bn("pool_bn", pools, 2, shared=sources)
+  if sources is not None:
+    xs = xs[sources]
   out = w[:, _MAX_POOL] * pools[:, 0] + w[:, _AVG_POOL] * pools[:, 1]
   if stride == 1:
     out = out + w[:, _SKIP] * xs
@@ -173,23 +181,29 @@ class _EdgeGroup(nn.Module):
 class MixedEdges(_EdgeGroup):
   """``E`` independent MixedOps (the edges that read the cell inputs).
 
-  ``__call__(xs[E, B, H, W, C], weights[E, 8], train)`` -> ``[E, B, H', W', C]``.
+  ``__call__(xs[S, B, H, W, C], weights[E, 8], train)`` -> ``[E, B, H', W', C]``: edge
+  ``e`` reads input ``sources[e]`` of the ``S`` distinct inputs (default: one per edge).
   """
+  sources: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, xs: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
     e, c, s = self.num_edges, self.channels, self.stride
-    if xs.shape[0] != e or xs.shape[-1] != c:
-      raise ValueError(f"MixedEdges expects inputs [{e}, B, H, W, {c}], got {xs.shape}")
+    sources = None if self.sources is None else np.asarray(self.sources)
+    inputs = e if sources is None else int(sources.max()) + 1
+    if (sources is not None and len(sources) != e) or xs.shape[0] != inputs \
+        or xs.shape[-1] != c:
+      raise ValueError(f"MixedEdges expects inputs [{inputs}, B, H, W, {c}] for {e} edges, "
+                       f"got {xs.shape}")
     p = self.declare_params()
     variables = self.declare_stats()
     if self.is_initializing():
       # Every shape is known from the attributes: initialisation creates the variables
       # without running (or compiling) the forward pass.
       size = (F.output_size(xs.shape[2], s), F.output_size(xs.shape[3], s))
-      return jnp.zeros(xs.shape[:2] + size + (c,), xs.dtype)
+      return jnp.zeros((e,) + xs.shape[1:2] + size + (c,), xs.dtype)
     out, new_stats = mixed_edges(p, self.stats_values(variables), xs, weights, s, train,
-                                 self.dw_impl)
+                                 self.dw_impl, sources)
     self.store_stats(variables, new_stats, train)
     return out
 
@@ -327,10 +341,10 @@ class SearchCell(nn.Module):
     s1 = Preprocess(self.channels, False, name="preprocess1")(s1, train)
 
     input_edges = np.array([index[(i, j)] for i in range(self.steps) for j in (0, 1)])
-    xs = jnp.broadcast_to(jnp.stack([s0, s1]), (self.steps, 2) + s0.shape)
+    # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
-                    self.dw_impl, name="inputs")(
-                        xs.reshape((2 * self.steps,) + s0.shape), weights[input_edges], train)
+                    self.dw_impl, sources=(0, 1) * self.steps, name="inputs")(
+                        jnp.stack([s0, s1]), weights[input_edges], train)
     base = ys.reshape((self.steps, 2) + ys.shape[1:]).sum(axis=1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, self.dw_impl, steps=self.steps,

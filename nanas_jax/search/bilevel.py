@@ -147,8 +147,21 @@ class BilevelSearch:
     return loss, logits, new_stats, grad_params, grad_weights
 
   def grads(self, *args):
-    """`value_and_grads`: the one supernet gradient every phase of the step calls."""
+    """`value_and_grads`: the supernet gradient the weight step and the virtual step call."""
     return self._jitted(self.value_and_grads)(*args)
+
+  def value_and_weights_grad(self, params, batch_stats, weights, images, labels):
+    """``(loss, logits, d loss/d weights)``: what the architecture side needs (first
+    order, the finite-difference points), without the parameter gradient it would throw
+    away (about a third of a supernet gradient's work: no convolution kernel gradients)."""
+    (loss, (logits, _)), grad_weights = jax.value_and_grad(
+        self.train_loss, argnums=2, has_aux=True)(params, batch_stats, weights, images,
+                                                   labels)
+    return loss, logits, grad_weights
+
+  def weights_grad(self, *args):
+    """`value_and_weights_grad`, compiled once."""
+    return self._jitted(self.value_and_weights_grad)(*args)
 
   # ------------------------------------------------------------ architecture objective
   def _loss_and_accuracy(self, batch_stats):
@@ -161,16 +174,21 @@ class BilevelSearch:
 
     return loss_fn
 
-  def _vmapped_neighbor_grads(self, params, batch_stats, weights, images, labels):
-    """Execution strategy ``'vmap'``: the K neighbors' losses, accuracies and gradients
-    under one ``jax.vmap``."""
+  def _vmapped_neighbor_grads(self, params, batch_stats, weights, images, labels,
+                              param_grads: bool):
+    """Execution strategy ``'vmap'``: the K neighbors' losses, accuracies, parameter
+    gradients (stacked, or None) and weight gradients under one ``jax.vmap``."""
     batches = objective.neighbor_batches(self.neighborhood, images, labels)
     xs = jnp.stack([b[0] for b in batches])
     ys = jnp.stack([b[1] for b in batches])
 
     def one(w, x, y):
-      loss, logits, _, grad_params, grad_weights = self.value_and_grads(
-          params, batch_stats, w, x, y)
+      if param_grads:
+        loss, logits, _, grad_params, grad_weights = self.value_and_grads(
+            params, batch_stats, w, x, y)
+      else:
+        (loss, logits, grad_weights), grad_params = self.value_and_weights_grad(
+            params, batch_stats, w, x, y), None
       return loss, accuracy(logits, y), grad_params, grad_weights
 
     return jax.vmap(one)(weights, xs, ys)
@@ -182,26 +200,37 @@ class BilevelSearch:
     return objective.chain_to_alpha(self.space, self.neighborhood, alpha, key, losses,
                                     grad_params, grad_weights)
 
-  def arch_value_and_grads(self, params, batch_stats, alpha, images, labels, key):
+  def arch_value_and_grads(self, params, batch_stats, alpha, images, labels, key,
+                           param_grads: bool = True):
     """The architecture objective (`objective.objective`) at ``params`` and its
-    gradients: ``(loss, (neighbor losses, neighbor accuracies), d/d params, d/d alpha)``.
-    The K neighbors are evaluated by the execution strategy (one vmapped call, or the
-    shared compiled gradient K times) and chained back by `objective.chain_to_alpha`."""
+    gradients: ``(loss, (neighbor losses, neighbor accuracies), d/d params, d/d alpha)``;
+    ``d/d params`` is None unless ``param_grads`` (the finite-difference second order
+    needs it, the first order does not). The K neighbors are evaluated by the execution
+    strategy (one vmapped call, or a shared compiled gradient K times) and chained back by
+    `objective.chain_to_alpha`."""
     weights = self._jitted(self._architecture_weights)(alpha, key)
     k = weights.shape[0]
     if self.vmap_neighbors and k > 1:
-      losses, accs, grad_params, grad_weights = self._jitted(self._vmapped_neighbor_grads)(
+      vmapped = (self._vmapped_neighbor_grads_with_params if param_grads
+                 else self._vmapped_neighbor_grads_without_params)
+      losses, accs, grad_params, grad_weights = self._jitted(vmapped)(
           params, batch_stats, weights, images, labels)
-      grad_params = [jax.tree.map(lambda g, i=i: g[i], grad_params) for i in range(k)]
     else:
       batches = objective.neighbor_batches(self.neighborhood, images, labels)
-      outs = [self.grads(params, batch_stats, weights[i], x, y)
+      grad = self.grads if param_grads else self.weights_grad
+      outs = [grad(params, batch_stats, weights[i], x, y)
               for i, (x, y) in enumerate(batches)]
       losses, accs, grad_params, grad_weights = self._jitted(_stack_outputs)(
           outs, [y for _, y in batches])
     loss, grad_params, grad_alpha = self._jitted(self._chain_to_alpha)(
         alpha, key, losses, grad_params, grad_weights)
     return loss, (losses, accs), grad_params, grad_alpha
+
+  def _vmapped_neighbor_grads_with_params(self, *args):
+    return self._vmapped_neighbor_grads(*args, param_grads=True)
+
+  def _vmapped_neighbor_grads_without_params(self, *args):
+    return self._vmapped_neighbor_grads(*args, param_grads=False)
 
   # ------------------------------------------------------------------- arch gradients
   def _virtual_step(self, state: SearchState, alpha, train_x, train_y, grads_fn):
@@ -232,7 +261,8 @@ class BilevelSearch:
     order = self.config.order
     if order == "first":
       loss, aux, _, grad = self.arch_value_and_grads(state.params, state.batch_stats,
-                                                     state.alpha, *val_batch, key)
+                                                     state.alpha, *val_batch, key,
+                                                     param_grads=False)
       return grad, loss, aux
     if order == "second_exact":
       return self._jitted(self._second_order_exact)(state, train_batch, val_batch, key)
@@ -242,8 +272,8 @@ class BilevelSearch:
         unrolled, state.batch_stats, state.alpha, *val_batch, key)
     plus, minus, r = self._jitted(_finite_difference_points)(state.params, grad_w)
     weights = self._jitted(_softmax)(state.alpha)
-    plus = self.grads(plus, state.batch_stats, weights, *train_batch)[4]
-    minus = self.grads(minus, state.batch_stats, weights, *train_batch)[4]
+    plus = self.weights_grad(plus, state.batch_stats, weights, *train_batch)[2]
+    minus = self.weights_grad(minus, state.batch_stats, weights, *train_batch)[2]
     grad = self._jitted(self._finite_difference_hypergradient)(state, grad_alpha, plus,
                                                                minus, r)
     return grad, loss, aux
@@ -324,9 +354,9 @@ class BilevelSearch:
                          weight_opt_state=weight_opt_state), metrics
 
   def jit_step(self) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
-    """The step to call in a loop: `step`, or `warmup_step` during the warm-up epochs.
-    Each is one ``jax.jit`` with the state donated when fused, else the step itself (its
-    pieces are jitted and share one compiled gradient)."""
+    """The step to call in a loop, on states in step order: `step`, or `warmup_step`
+    during the warm-up epochs. Each is one ``jax.jit`` with the state donated when fused,
+    else the step itself (its pieces are jitted and share compiled gradients)."""
     search, warmup = self.step, self.warmup_step
     if self.fused:
       search = jax.jit(search, donate_argnums=0)
@@ -334,9 +364,14 @@ class BilevelSearch:
     if not self.warmup_steps:
       return search
 
+    # The step count is read from the state until the warm-up is over, and from then on
+    # never again: reading a device value every step would make the host wait for it.
+    warming = [True]
+
     def step(state: SearchState, train_batch, val_batch):
-      if int(jax.device_get(state.step)) < self.warmup_steps:
+      if warming[0] and int(jax.device_get(state.step)) < self.warmup_steps:
         return warmup(state, train_batch, val_batch)
+      warming[0] = False
       return search(state, train_batch, val_batch)
 
     return step
@@ -384,11 +419,15 @@ def _softmax(alpha):
 
 
 def _stack_outputs(outs, labels):
-  """Per-neighbor outputs of `BilevelSearch.value_and_grads` as stacked arrays (and the
-  list of parameter gradients)."""
+  """Per-neighbor outputs of `BilevelSearch.value_and_grads` (or of
+  `value_and_weights_grad`) as stacked arrays: losses, accuracies, parameter gradients
+  (a tree with a leading neighbor axis, or None) and weight gradients."""
   losses = jnp.stack([o[0] for o in outs])
   accs = jnp.stack([accuracy(o[1], y) for o, y in zip(outs, labels)])
-  return losses, accs, [o[3] for o in outs], jnp.stack([o[4] for o in outs])
+  grad_params = None
+  if len(outs[0]) == 5:
+    grad_params = jax.tree.map(lambda *g: jnp.stack(g), *[o[3] for o in outs])
+  return losses, accs, grad_params, jnp.stack([o[-1] for o in outs])
 
 
 def _finite_difference_points(params, direction):

@@ -389,10 +389,10 @@ class SupernetEvaluator:
   - otherwise ``train=True``: BatchNorm on each evaluation batch's own statistics (updates
     discarded); ``train=False``: the supernet's running statistics.
 
-  Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``; a request of
-  N architectures is padded to a multiple of ``chunk_size`` (with copies of its first
-  architecture, whose results are dropped), so the function compiles once per batch shape
-  whatever N is. With ``with_accuracy`` a call answers ``(losses, accuracies)``.
+  Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``, the rest of
+  a request in power-of-two pieces (`chunk_sizes`): no architecture is evaluated for
+  padding, and the function compiles for a few sizes whatever N is. With
+  ``with_accuracy`` a call answers ``(losses, accuracies)``.
   """
 
   def __init__(self, model, variables, space: SearchSpace | str,
@@ -438,13 +438,25 @@ class SupernetEvaluator:
 
   def __call__(self, codes: np.ndarray):
     codes = check_codes_batch(self.space, codes)
-    n = codes.shape[0]
-    padded = -(-n // self.chunk_size) * self.chunk_size
-    codes = np.concatenate([codes, np.repeat(codes[:1], padded - n, axis=0)])
-    parts = [self._chunk_metrics(codes[i:i + self.chunk_size])
-             for i in range(0, padded, self.chunk_size)]
-    losses = np.asarray([v for p in parts for v in np.asarray(p[0])], np.float64)[:n]
+    parts, start = [], 0
+    for size in chunk_sizes(codes.shape[0], self.chunk_size):
+      parts.append(self._chunk_metrics(codes[start:start + size]))
+      start += size
+    losses = np.asarray([v for p in parts for v in np.asarray(p[0])], np.float64)
     if not self.with_accuracy:
       return losses
-    accuracies = np.asarray([v for p in parts for v in np.asarray(p[1])], np.float64)[:n]
+    accuracies = np.asarray([v for p in parts for v in np.asarray(p[1])], np.float64)
     return losses, accuracies
+
+
+def chunk_sizes(n: int, chunk_size: int) -> list[int]:
+  """How `SupernetEvaluator` cuts a request of ``n`` architectures: full chunks, then the
+  remainder as powers of two (9 with chunks of 16: 8 + 1). Nothing is evaluated twice or
+  for padding, and the vmapped function compiles for at most ``log2(chunk_size) + 1``
+  sizes."""
+  sizes = [chunk_size] * (n // chunk_size)
+  rest = n % chunk_size
+  while rest:
+    sizes.append(1 << (rest.bit_length() - 1))
+    rest -= sizes[-1]
+  return sizes

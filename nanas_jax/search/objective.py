@@ -105,12 +105,14 @@ def objective(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], space: Search
 
 
 def chain_to_alpha(space: SearchSpace, nbh: Neighborhood, alpha: jax.Array, key: jax.Array,
-                   losses: jax.Array, grad_params: list[Any], grad_weights: jax.Array):
+                   losses: jax.Array, grad_params: Any | None, grad_weights: jax.Array):
   """`objective`'s value and gradients from the neighbors' own: ``(loss, d/d params,
-  d/d alpha)``, given each neighbor's loss ``[K]``, parameter gradient (a list of K
-  trees) and gradient with respect to its architecture weights ``[K, T, E, O]``."""
+  d/d alpha)``, given each neighbor's loss ``[K]``, parameter gradient (a tree whose
+  leaves have a leading neighbor axis ``K``, or None when not needed: then ``d/d params``
+  is None) and gradient with respect to its architecture weights ``[K, T, E, O]``."""
   loss, dloss = jax.value_and_grad(lambda l: aggregate(nbh, l))(losses)
-  grad_params = jax.tree.map(lambda *g: sum(d * x for d, x in zip(dloss, g)), *grad_params)
+  if grad_params is not None:
+    grad_params = jax.tree.map(lambda g: jnp.tensordot(dloss, g, axes=1), grad_params)
   _, weights_vjp = jax.vjp(lambda a: architecture_weights(space, nbh, a, key), alpha)
   (grad_alpha,) = weights_vjp(dloss[:, None, None, None] * grad_weights)
   return loss, grad_params, grad_alpha

@@ -1,0 +1,131 @@
+"""Every measurement of the search step on this machine's accelerator, in one run (a
+benchmark, not a test), beside the PyTorch reference on the same chip.
+
+  python benchmarks/device_check.py --reference=PATH/TO/darts/cnn [--preset=reference]
+  benchmarks/device_check.sh PATH/TO/darts/cnn                      # the same, on a GPU
+
+Rows, each in its own subprocess (its own compile, its own peak memory), each with a
+time limit so that the whole run ends in about 8 minutes on one GPU:
+
+- ours (`search_step.py`): DARTS first order, DARTS second order (finite differences),
+  NA-DARTS first order with K=4 neighbors;
+- the reference (`reference_step.py`, quark0/darts ``cnn/`` read from ``--reference``,
+  nothing of it in this repository): first and second order.
+
+Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
+(batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
+``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``
+and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
+first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries ``error``
+instead of its numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRESETS = {
+    "reference": dict(batch=64, channels=16, layers=8, size=32),
+    "small": dict(batch=8, channels=4, layers=5, size=16),
+}
+OURS = (("darts", "first", 1), ("darts", "second_fd", 1), ("na_darts", "first", 4))
+REFERENCE = ("first", "second")
+FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
+          "first_step_s", "step_s", "peak_gb")
+
+
+def _last_json(text: str) -> dict:
+  lines = [line for line in text.splitlines() if line.startswith("{")]
+  if not lines:
+    raise ValueError("no result line")
+  return json.loads(lines[-1])
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[dict | None, str | None]:
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return None, f"timed out after {timeout:.0f} s"
+  if out.returncode:
+    return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:300]
+  try:
+    return _last_json(out.stdout), None
+  except ValueError as error:
+    return None, str(error)
+
+
+def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
+         timeout: float) -> dict:
+  cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
+         f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
+         f"--batch={size['batch']}", f"--channels={size['channels']}",
+         f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
+         f"--steps={steps}"]
+  result, error = _run(cmd, timeout)
+  row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
+         "neighbors": neighbors}
+  if error:
+    return {**row, "error": error}
+  return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
+          "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
+          "device": result["device"]}
+
+
+def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
+  cmd = [sys.executable, os.path.join(HERE, "reference_step.py"), f"--reference={path}",
+         f"--order={order}", f"--batch={size['batch']}", f"--channels={size['channels']}",
+         f"--layers={size['layers']}", f"--size={size['size']}", f"--steps={steps}"]
+  result, error = _run(cmd, timeout)
+  if error:
+    return {"impl": "pytorch_reference", "algorithm": "darts",
+            "order": "first" if order == "first" else "second_fd", "neighbors": 1, **size,
+            "error": error}
+  return {k: result[k] for k in FIELDS} | {"torch": result["torch"]}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reference", required=True, help="quark0/darts's cnn/ directory")
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+  parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
+  parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
+  args = parser.parse_args(argv)
+  try:
+    args.reference = reference_step.check_reference(args.reference)
+  except ValueError as error:
+    parser.error(str(error))
+  size = PRESETS[args.preset]
+  rows = []
+  for algorithm, order, k in OURS:
+    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout))
+    print(json.dumps(rows[-1]), flush=True)
+  for order in REFERENCE:
+    rows.append(reference(args.reference, order, size, args.steps, args.timeout))
+    print(json.dumps(rows[-1]), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0].device_kind
+  torch_version = next((r["torch"] for r in rows if "torch" in r), None)
+  report = {"device": device, "jax": jax.__version__, "torch": torch_version,
+            "date": datetime.date.today().isoformat(), "preset": args.preset,
+            "rows": [{k: r[k] for k in FIELDS + ("error",) if k in r} for r in rows]}
+  os.makedirs(args.output_dir, exist_ok=True)
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
+  path = os.path.join(args.output_dir, f"{name}.json")
+  with open(path, "w") as f:
+    f.write(json.dumps(report, indent=2) + "\n")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,143 @@
+"""Times the PyTorch reference DARTS search step (quark0/darts ``cnn/``) on this machine.
+
+The reference code is read from a path given as an argument and never copied here:
+
+  python benchmarks/reference_step.py --reference=PATH/TO/darts/cnn --order=first \\
+      --batch=64 --channels=16 --layers=8 --size=32 [--steps=3] [--threads=2]
+
+One step is the reference's ``train_search.train`` body: ``architect.step`` (first order,
+or the unrolled second order by finite differences) on a validation batch, then the weight
+step (SGD lr 0.025, momentum 0.9, weight decay 3e-4, gradient clip 5) on a training batch,
+on random CIFAR-sized data. Prints one JSON row in `search_step.py`'s format with
+``impl = 'pytorch_reference'``: first step (the first call, including cuDNN autotuning on
+a GPU), the median of the next steps, peak memory (GPU: ``max_memory_allocated``; CPU: the
+process's maximum resident set).
+
+The reference hard-codes ``.cuda()`` and uses PyTorch 0.3's argument orders; on a machine
+without a GPU ``.cuda()`` becomes a no-op, and the old ``add_(value, tensor)`` orders are
+translated at run time (`_torch_compat`). Nothing in the reference's computation changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import types
+
+
+def _torch_compat(torch) -> None:
+  """PyTorch 0.3's ``x.add_(value, other)`` (and ``sub``/``sub_``) as today's
+  ``x.add_(other, alpha=value)``, and ``.cuda()`` as a no-op without a GPU."""
+
+  def reorder(method):
+    def call(self, *args, **kwargs):
+      if len(args) == 2 and not kwargs and isinstance(args[1], torch.Tensor):
+        value, other = args
+        return method(self, other, alpha=float(value))
+      return method(self, *args, **kwargs)
+    return call
+
+  for name in ("add_", "sub_", "sub", "add"):
+    setattr(torch.Tensor, name, reorder(getattr(torch.Tensor, name)))
+  if not torch.cuda.is_available():
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+
+
+REFERENCE_FILES = ("model_search.py", "architect.py", "operations.py", "genotypes.py")
+
+
+def check_reference(path: str) -> str:
+  """The absolute path of quark0/darts's ``cnn/`` directory, or ValueError naming what is
+  missing and how to get it (before torch is imported or anything is timed)."""
+  missing = [name for name in REFERENCE_FILES
+             if not os.path.isfile(os.path.join(path, name))]
+  if missing:
+    raise ValueError(
+        f"--reference={path} is not quark0/darts's cnn/ directory: it lacks "
+        f"{', '.join(missing)}. Clone https://github.com/quark0/darts and pass "
+        "--reference=PATH/TO/darts/cnn.")
+  return os.path.abspath(path)
+
+
+def measure(args) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  _torch_compat(torch)
+  torch.set_num_threads(args.threads)
+  sys.path.insert(0, args.reference)
+  model_search = importlib.import_module("model_search")
+  architect_lib = importlib.import_module("architect")
+  gpu = torch.cuda.is_available()
+  device = torch.device("cuda" if gpu else "cpu")
+  torch.manual_seed(0)
+  criterion = nn.CrossEntropyLoss().to(device)
+  model = model_search.Network(args.channels, 10, args.layers, criterion).to(device)
+  optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+  hyper = types.SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4,
+                                arch_weight_decay=1e-3)
+  architect = architect_lib.Architect(model, hyper)
+  shape = (args.batch, 3, args.size, args.size)
+
+  def batch():
+    return (torch.randn(shape, device=device),
+            torch.randint(0, 10, (args.batch,), device=device))
+
+  def step():
+    (x, y), (vx, vy) = batch(), batch()
+    architect.step(x, y, vx, vy, 0.025, optimizer, unrolled=args.order == "second")
+    optimizer.zero_grad()
+    loss = criterion(model(x), y)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+    if gpu:
+      torch.cuda.synchronize()
+
+  times = []
+  for _ in range(args.steps + 1):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  peak = (torch.cuda.max_memory_allocated() if gpu
+          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return {
+      "impl": "pytorch_reference", "algorithm": "darts",
+      "order": "first" if args.order == "first" else "second_fd", "neighbors": 1,
+      "batch": args.batch, "channels": args.channels, "layers": args.layers,
+      "size": args.size, "first_step_s": round(times[0], 3),
+      "step_s": round(statistics.median(times[1:]), 4) if len(times) > 1 else None,
+      "peak_gb": round(peak / 2**30, 2),
+      "device": torch.cuda.get_device_name() if gpu else "cpu",
+      "torch": torch.__version__, "threads": args.threads,
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reference", required=True,
+                      help="the reference's cnn/ directory (quark0/darts)")
+  parser.add_argument("--order", choices=["first", "second"], default="first")
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--channels", type=int, default=16)
+  parser.add_argument("--layers", type=int, default=8)
+  parser.add_argument("--size", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+  parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
+  args = parser.parse_args(argv)
+  try:
+    args.reference = check_reference(args.reference)
+  except ValueError as error:
+    parser.error(str(error))
+  print(json.dumps(measure(args)), flush=True)
+
+
+if __name__ == "__main__":
+  main()

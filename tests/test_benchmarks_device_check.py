@@ -1,0 +1,123 @@
+"""Tests of benchmarks/device_check.py and benchmarks/reference_step.py: the command lines
+refuse a wrong reference path before anything runs, a row's subprocess result or failure
+becomes the documented row, the report file has the documented fields, and the PyTorch 0.3
+argument orders are translated to today's (the timings themselves are run by hand)."""
+
+import importlib.util
+import json
+import os
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+check = _load("device_check")
+ref = _load("reference_step")
+
+
+def _fake_reference(path):
+  path.mkdir()
+  for name in ref.REFERENCE_FILES:
+    (path / name).write_text("")
+  return str(path)
+
+
+@pytest.mark.parametrize("module", [check, ref])
+def test_a_directory_that_is_not_the_reference_is_refused_with_the_fix(module, tmp_path,
+                                                                       capsys):
+  (tmp_path / "model_search.py").write_text("")
+  with pytest.raises(SystemExit) as exit_info:
+    module.main([f"--reference={tmp_path}"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "lacks architect.py, operations.py, genotypes.py" in err
+  assert "github.com/quark0/darts" in err
+
+
+def test_run_reads_the_last_json_line_and_reports_failures():
+  ok = [sys.executable, "-c", "print('log'); print('{\"a\": 1}'); print('{\"a\": 2}')"]
+  assert check._run(ok, timeout=60) == ({"a": 2}, None)
+  failed = [sys.executable, "-c", "import sys; sys.exit('out of memory')"]
+  assert check._run(failed, timeout=60) == (None, "out of memory")
+  silent = [sys.executable, "-c", "print('no numbers')"]
+  assert check._run(silent, timeout=60) == (None, "no result line")
+  slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+  assert check._run(slow, timeout=1) == (None, "timed out after 1 s")
+
+
+def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(cmd, timeout):
+    calls.append((os.path.basename(cmd[1]), timeout))
+    if "--order=second" in cmd and "reference_step.py" in cmd[1]:
+      return None, "timed out after 9 s"
+    if "reference_step.py" in cmd[1]:
+      return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
+              "order": "first", "neighbors": 1, "first_step_s": 3.0, "step_s": 1.5,
+              "peak_gb": 0.5, "torch": "2.99", "threads": 2}, None
+    return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
+            "peak_rss_gb": 3.25, "device": "cpu"}, None
+
+  monkeypatch.setattr(check, "_run", fake_run)
+  out = tmp_path / "results"
+  check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+              "--timeout=9", f"--output_dir={out}"])
+  assert [c[0] for c in calls] == ["search_step.py"] * 3 + ["reference_step.py"] * 2
+  assert {c[1] for c in calls} == {9.0}
+  (path,) = out.iterdir()
+  report = json.loads(path.read_text())
+  assert path.name == f"{report['device']}.json".replace(" ", "_")
+  assert report["preset"] == "small" and report["torch"] == "2.99"
+  assert set(report) == {"device", "jax", "torch", "date", "preset", "rows"}
+  rows = report["rows"]
+  assert [(r["impl"], r["algorithm"], r["order"], r["neighbors"]) for r in rows] == [
+      ("nanas_jax", "darts", "first", 1), ("nanas_jax", "darts", "second_fd", 1),
+      ("nanas_jax", "na_darts", "first", 4), ("pytorch_reference", "darts", "first", 1),
+      ("pytorch_reference", "darts", "second_fd", 1)]
+  small = check.PRESETS["small"]
+  assert all(r["batch"] == small["batch"] and r["size"] == small["size"] for r in rows[:3])
+  assert rows[0]["peak_gb"] == 3.25 and rows[0]["step_s"] == 0.5
+  assert "threads" not in rows[3] and rows[3]["step_s"] == 1.5
+  assert rows[4]["error"] == "timed out after 9 s" and "step_s" not in rows[4]
+
+
+def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():
+
+  class Tensor:
+    """Records how today's signature was called."""
+
+    def add_(self, other, alpha=1.0):
+      return ("add_", other, alpha)
+
+    def sub(self, other, alpha=1.0):
+      return ("sub", other, alpha)
+
+    add = sub_ = add_
+
+  class Module:
+    pass
+
+  torch = types.SimpleNamespace(Tensor=Tensor, nn=types.SimpleNamespace(Module=Module),
+                                cuda=types.SimpleNamespace(is_available=lambda: False))
+  ref._torch_compat(torch)
+  x, other, module = Tensor(), Tensor(), Module()
+  # PyTorch 0.3: x.add_(value, other) means x + value * other.
+  assert x.add_(-0.5, other) == ("add_", other, -0.5)
+  assert x.sub(2, other) == ("sub", other, 2.0)
+  # Today's calls pass through unchanged.
+  assert x.add_(other, alpha=3) == ("add_", other, 3)
+  assert x.sub_(other) == ("add_", other, 1.0)
+  assert x.add(0.5) == ("add_", 0.5, 1.0)
+  assert x.cuda() is x and module.cuda() is module
