@@ -103,7 +103,8 @@ def main(argv=None):
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
-  parser.add_argument("--depthwise_impl", default="auto", choices=["auto", "scan", "conv"])
+  parser.add_argument("--depthwise_impl", default="auto",
+                      choices=["auto", "dense", "scan", "conv"])
   parser.add_argument("--channels", type=int, default=8)
   parser.add_argument("--layers", type=int, default=5)
   parser.add_argument("--size", type=int, default=8)

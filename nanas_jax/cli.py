@@ -23,6 +23,10 @@ errors, ``--debug``, Ctrl-C, a quiet start.
   ``TF_CPP_MIN_LOG_LEVEL=1`` unless set, for the INFO lines that variable still governs;
   `run` hides JAX's INFO line about the TPU it could not find. Warnings and errors still
   show.
+- **Compile once**: `run` turns on JAX's persistent compilation cache
+  (`enable_compilation_cache`), so a second run of the same search loads its compiled
+  steps instead of compiling them again (a 3-epoch quick start's first step: 24 s
+  compiled, 7.6 s loaded).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ from absl import app
 from absl import flags
 
 DEBUG_ENV = "NANAS_DEBUG"
+# JAX's own variable for its persistent compilation cache; set to "" to turn it off.
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# Least-recently-used entries go beyond this size (JAX locks the directory with filelock
+# when a size is set, so concurrent runs never read a half-written entry).
+CACHE_MAX_BYTES = 4 << 30
 USAGE_EXIT_STATUS = 2
 # Longer lines of an error message are cut in their middle.
 MAX_LINE = 400
@@ -145,6 +154,42 @@ def parse_flags(argv: list[str],
     fail(explained)
 
 
+def default_cache_dir() -> str:
+  """``$XDG_CACHE_HOME/nanas_jax/xla`` (``~/.cache/nanas_jax/xla``)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "nanas_jax", "xla")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its directory (None: off).
+
+  XLA compiles the supernet's gradient for tens of seconds on a CPU (minutes for the
+  larger GPU steps); the cache stores the compiled program keyed by the program, the
+  backend, the library versions and the XLA flags, so any run that compiles the same
+  step again (a resumed or repeated search, another seed) loads it instead. A run reads
+  the same executable it would have compiled: results do not change.
+
+  ``directory`` defaults to ``$JAX_COMPILATION_CACHE_DIR`` when that variable is set
+  (empty: the cache stays off, JAX's own convention), else to `default_cache_dir`. A
+  directory that cannot be created leaves the cache off: it is a speed-up, never a reason
+  to fail.
+  """
+  import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  if directory is None:
+    directory = os.environ.get(CACHE_ENV, default_cache_dir())
+  if not directory:
+    return None
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return directory
+
+
 def run(main: Callable[[list[str]], Any],
         explain: Callable[[list[str]], str | None] | None = None) -> None:
   """Runs ``main(argv)`` as a program: `app.run` with `parse_flags` (``explain`` as
@@ -153,6 +198,7 @@ def run(main: Callable[[list[str]], Any],
     flags.DEFINE_bool("debug", False,
                       f"Show the traceback of a user error (or set {DEBUG_ENV}=1).")
   std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  enable_compilation_cache()
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -1,6 +1,35 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and one persistent compilation cache for the whole session.
+
+Many tests compile the same small supernet steps, in this process and in the programs
+they start (a resumed search compiles what the run before it compiled). The session's
+processes (pytest-xdist workers inherit the environment set here, before they start, and
+so do the programs the tests run) share one JAX compilation cache in a fresh temporary
+directory, removed at the end: each distinct step compiles once per session, and no
+test reads anything compiled before the session. A cache hit loads the very executable
+the compile would have produced, so no result changes (`nanas_jax.cli.enable_compilation_cache`).
+"""
+
+import os
+import shutil
+import tempfile
 
 import pytest
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# The session's owner (the xdist controller, or the only process) creates the directory;
+# the workers find it in their environment.
+_OWNED_CACHE = None
+if _CACHE_ENV not in os.environ:
+  _OWNED_CACHE = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="nanas_jax_test_xla_")
+  # A size limit makes JAX lock the directory: two processes never read a half-written
+  # entry.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNED_CACHE:
+    shutil.rmtree(_OWNED_CACHE, ignore_errors=True)
 
 
 def _set_field(config, dotted: str, value) -> None:

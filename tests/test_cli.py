@@ -1,5 +1,6 @@
 """Tests of the command-line plumbing: clipped messages, which errors are the user's, and a
-program's exit status and output for a user error, a bug, --debug and a bad flag."""
+program's exit status and output for a user error, a bug, --debug and a bad flag; the
+persistent compilation cache a program turns on."""
 
 import os
 import subprocess
@@ -107,3 +108,47 @@ def test_fail_prints_and_exits_with_2(capsys):
   assert exit_.value.code == 2
   assert capsys.readouterr().err.startswith("error: config.x = 1 is invalid: use 2.\n")
 
+
+
+_CACHE_PROBE = """
+import jax, jax.numpy as jnp
+from nanas_jax import cli
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+directory = cli.enable_compilation_cache()
+x = jnp.arange(64.0).reshape(8, 8)
+y = jax.jit(lambda a: jnp.tanh(a @ a.T).sum(0))(x)
+print(directory)
+print(events.count('/jax/compilation_cache/cache_hits'))
+print(repr(y.tolist()))
+"""
+
+
+def _probe(tmp_path, **env):
+  environ = {k: v for k, v in os.environ.items() if k != cli.CACHE_ENV}
+  # Every compile is cached (JAX's default keeps only those of a second or more).
+  environ.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 **env)
+  out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=environ, cwd=REPO,
+                       capture_output=True, text=True, timeout=300, check=True)
+  directory, hits, values = out.stdout.strip().splitlines()[-3:]
+  return directory, int(hits), values
+
+
+def test_a_second_program_loads_its_compiled_step_from_the_cache(tmp_path):
+  directory, hits, first = _probe(tmp_path)
+  assert directory == str(tmp_path / "nanas_jax" / "xla")  # $XDG_CACHE_HOME/nanas_jax/xla
+  assert hits == 0 and any(name.endswith("-cache") for name in os.listdir(directory))
+  _, hits, second = _probe(tmp_path)
+  assert hits >= 1
+  assert second == first  # the cached executable computes the same numbers
+
+
+def test_the_compilation_cache_follows_jax_s_variable(tmp_path):
+  chosen = tmp_path / "chosen"
+  directory, _, _ = _probe(tmp_path, **{cli.CACHE_ENV: str(chosen)})
+  assert directory == str(chosen) and os.listdir(chosen)
+  # JAX's convention: an empty directory name turns the cache off.
+  directory, hits, _ = _probe(tmp_path, **{cli.CACHE_ENV: ""})
+  assert directory == "None" and hits == 0
+  assert not (tmp_path / "nanas_jax").exists()

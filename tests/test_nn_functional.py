@@ -92,10 +92,13 @@ def np_pool(x, stride, kind):
 # Depthwise convolutions.
 
 def test_resolve_depthwise_impl():
-  assert F.resolve_depthwise_impl("scan") == "scan"
-  assert F.resolve_depthwise_impl("conv") == "conv"
-  assert F.resolve_depthwise_impl("auto") == (
-      "scan" if jax.default_backend() == "cpu" else "conv")
+  for impl in ("dense", "scan", "conv"):
+    assert F.resolve_depthwise_impl(impl, pixels=10**6) == impl
+  cpu = jax.default_backend() == "cpu"
+  # On a CPU, 'dense' from DENSE_MIN_PIXELS input pixels (batch x height x width) on.
+  assert F.resolve_depthwise_impl("auto") == ("scan" if cpu else "conv")
+  assert F.resolve_depthwise_impl("auto", F.DENSE_MIN_PIXELS - 1) == ("scan" if cpu else "conv")
+  assert F.resolve_depthwise_impl("auto", F.DENSE_MIN_PIXELS) == ("dense" if cpu else "conv")
   for bad in ("Scan", "grouped", ""):
     with pytest.raises(ValueError, match="Unknown depthwise implementation"):
       F.resolve_depthwise_impl(bad)
@@ -110,12 +113,12 @@ def test_output_size_matches_pytorch_rule():
                                                         d * (k - 1) // 2)
 
 
-@pytest.mark.parametrize("impl", ["scan", "conv"])
+@pytest.mark.parametrize("impl", ["dense", "scan", "conv"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   """`depthwise_convs` with a single kernel, per edge of a leading axis and without one."""
-  rng = np.random.default_rng([stride, *size, impl == "conv"])
+  rng = np.random.default_rng([stride, *size, ("scan", "conv", "dense").index(impl)])
   h, w = size
   e, b, c = 2, 3, 4
   for k, d in DW_CONFIGS:
@@ -133,11 +136,11 @@ def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, 2), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("impl", ["scan", "conv"])
+@pytest.mark.parametrize("impl", ["dense", "scan", "conv"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_depthwise_convs_matches_numpy(impl, stride, size):
-  rng = np.random.default_rng([stride, *size, impl == "conv", 1])
+  rng = np.random.default_rng([stride, *size, ("scan", "conv", "dense").index(impl), 1])
   h, w = size
   e, b, c = 2, 3, 4
   n = len(DW_CONFIGS)
@@ -164,7 +167,8 @@ def test_depthwise_convs_rejects_wrong_input_count():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_convs_gradients(stride):
-  """Gradients of a random linear functional: 'scan' == 'conv' == the numpy adjoint."""
+  """Gradients of a random linear functional: 'dense' == 'scan' == 'conv' == the numpy
+  adjoint."""
   rng = np.random.default_rng(7 + stride)
   e, b, h, w, c = 2, 2, 7, 6, 3
   n = len(DW_CONFIGS)
@@ -180,11 +184,14 @@ def test_depthwise_convs_gradients(stride):
       return jnp.sum(y * cot)
 
     grads = {impl: jax.grad(loss, argnums=(0, 1))(x, kernels, impl)
-             for impl in ("scan", "conv")}
-    (gx_scan, gk_scan), (gx_conv, gk_conv) = grads["scan"], grads["conv"]
-    np.testing.assert_allclose(gx_scan, gx_conv, atol=1e-4, rtol=1e-5)
-    for i in range(n):
-      np.testing.assert_allclose(gk_scan[i], gk_conv[i], atol=1e-4, rtol=1e-5)
+             for impl in ("dense", "scan", "conv")}
+    gx_scan, gk_scan = grads["scan"]
+    for other in ("dense", "conv"):
+      gx_other, gk_other = grads[other]
+      np.testing.assert_allclose(gx_scan, gx_other, atol=1e-4, rtol=1e-5, err_msg=other)
+      for i in range(n):
+        np.testing.assert_allclose(gk_scan[i], gk_other[i], atol=1e-4, rtol=1e-5,
+                                   err_msg=other)
     # The numpy adjoint: the input gradient sums over kernels when the input is shared.
     gx_want = np.zeros((e, g, b, h, w, c))
     for i, (kernel, d) in enumerate(zip(kernels, dilations)):

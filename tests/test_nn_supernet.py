@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nanas_jax.nn import functional as F
 from nanas_jax.nn import networks, supernet
 from nanas_jax.spaces import Genotype, get_genotype, get_space
 from supernet_weights import discrete_cell_params, edge_location, pool_batch_norm
@@ -168,6 +169,12 @@ ORACLE_CASES = [
     ("random1", True, False, "scan"),
     ("random2", False, True, "scan"),
     ("random3", True, True, "scan"),
+    # 'dense' depthwise convs also unroll the inner nodes (outputs and every edge's
+    # running statistics checked the same way).
+    ("ALL_OPS", False, False, "dense"),
+    ("ALL_OPS", True, True, "dense"),
+    ("random4", False, True, "dense"),
+    ("random5", True, False, "dense"),
 ]
 
 
@@ -400,3 +407,49 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
                        train=False)
                for m, x in ((shared, distinct), (copies, distinct[np.array(sources)]))]
   np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)
+
+
+def test_dense_cells_unroll_the_inner_nodes_and_compute_what_scanned_cells_compute():
+  """A cell with 'dense' depthwise convs (inner nodes unrolled) against the same cell with
+  'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture weights,
+  outputs and every edge's running statistics in training, and outputs in evaluation with
+  statistics that differ per edge, up to float32 rounding."""
+  rng = np.random.default_rng(21)
+  weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(14, NUM_OPS)), jnp.float32), -1)
+  s0, s1 = _cell_inputs(True, seed=5)
+  cells = {impl: supernet.SearchCell(C, False, True, dw_impl=impl) for impl in ("scan", "dense")}
+  variables = cells["scan"].init(jax.random.key(4), s0, s1, weights, train=True)
+  trained = {impl: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
+             for impl, cell in cells.items()}
+  np.testing.assert_allclose(trained["dense"][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+               trained["dense"][1], trained["scan"][1])
+  stats = jax.tree.map(
+      lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
+      variables["batch_stats"])
+  evaluated = {impl: cell.apply({"params": variables["params"], "batch_stats": stats}, s0,
+                                s1, weights, train=False) for impl, cell in cells.items()}
+  np.testing.assert_allclose(evaluated["dense"], evaluated["scan"], atol=1e-4, rtol=1e-4)
+  assert float(jnp.std(evaluated["scan"])) > 0.1
+
+
+def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():
+  """'auto' on a CPU: 'dense' (and unrolled inner nodes) from `DENSE_MIN_PIXELS` input
+  pixels on, for every cell, though later cells see fewer pixels; 'scan' below."""
+  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3)
+  arch = jnp.full((2, 14, NUM_OPS), 1.0 / NUM_OPS)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, supernet.SearchCell) and context.method_name == "__call__":
+      seen.append(context.module.dw_impl)
+    return next_fun(*args, **kwargs)
+
+  for batch, want in ((F.DENSE_MIN_PIXELS // 64, "dense"), (F.DENSE_MIN_PIXELS // 64 - 1, "scan")):
+    images = jnp.zeros((batch, 8, 8, 1))
+    variables = model.init(jax.random.key(0), images[:1], arch, train=True)
+    seen.clear()
+    with nn.intercept_methods(record):
+      jax.eval_shape(lambda v, x: model.apply(v, x, arch, train=False), variables, images)
+    want = want if jax.default_backend() == "cpu" else "conv"
+    assert seen == [want] * 3, (batch, seen)

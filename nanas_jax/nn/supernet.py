@@ -13,9 +13,11 @@ The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedO
   cells);
 - ``inner``: the 6 edges between intermediate nodes run as one ``lax.scan`` over the nodes,
   each iteration evaluating a node's edges from a fixed-size buffer of earlier nodes
-  (unused slots weighted 0: 9 edge slots computed for 6 edges).
+  (unused slots weighted 0: 9 edge slots computed for 6 edges). With the ``'dense'``
+  depthwise convolutions (`functional`; XLA:CPU runs convolutions 4x slower inside a loop
+  body) the nodes are unrolled instead: one body per node, exactly its edges.
 Within a body, operations that share work are fused: the first-stage depthwise convs of the
-sep/dil convs are one loop over their taps (`functional.depthwise_convs`), their four
+sep/dil convs are one loop over their taps (`functional.depthwise_convs`, ``'scan'``), their four
 pointwise convs one batched matmul, the second stage of the two sep convs likewise, and the
 two pools share one BatchNorm call.
 
@@ -259,8 +261,27 @@ def scan_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, train: 
   return jnp.concatenate([base[:1], nodes], axis=0), new_stats
 
 
+def unroll_inner_nodes(base: jax.Array, params, stats, edge_fn):
+  """`scan_inner_nodes` unrolled: node ``i`` is ``base[i]`` plus one MixedOp body over
+  exactly its ``i`` inner edges (from nodes ``0..i-1``), so no slot is wasted and no
+  convolution runs inside a loop, at the price of one body per node in the graph.
+  ``edge_fn(params, stats, xs, edges) -> (out, new stats)`` evaluates the edges whose
+  indices are ``edges`` (the caller picks their architecture weights) on the earlier nodes
+  ``xs``. Returns ``(nodes [n, ...], new stats)``."""
+  nodes, new_stats = [base[0]], []
+  for i in range(1, base.shape[0]):
+    edges = np.arange(i * (i - 1) // 2, i * (i + 1) // 2)  # node-major pairs (i, j < i)
+    out, node_stats = edge_fn(jax.tree.map(lambda a: a[edges], params),
+                              jax.tree.map(lambda a: a[edges], stats), jnp.stack(nodes),
+                              edges)
+    nodes.append(base[i] + out.sum(axis=0))
+    new_stats.append(node_stats)
+  return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
+
+
 class InnerEdges(_EdgeGroup):
-  """The edges between intermediate nodes, evaluated as one loop over the nodes.
+  """The edges between intermediate nodes, evaluated as one loop over the nodes (unrolled
+  with ``'dense'`` depthwise convs: `unroll_inner_nodes`).
 
   Edge ``k`` is the k-th pair ``(node i, source node j < i)`` in node-major order (for 4
   nodes: (1,0), (2,0), (2,1), (3,0), (3,1), (3,2)). Node ``i`` is ``base[i]`` (its input
@@ -284,9 +305,15 @@ class InnerEdges(_EdgeGroup):
     variables = self.declare_stats()
     if self.is_initializing():
       return base
-    nodes, new_stats = scan_inner_nodes(
-        base, p, self.stats_values(variables), weights, train,
-        lambda q, stats, xs, w: mixed_edges(q, stats, xs, w, 1, train, self.dw_impl))
+    stats = self.stats_values(variables)
+    if F.resolve_depthwise_impl(self.dw_impl) == "dense":
+      nodes, new_stats = unroll_inner_nodes(
+          base, p, stats, lambda q, st, xs, edges: mixed_edges(
+              q, st, xs, weights[edges], 1, train, self.dw_impl))
+    else:
+      nodes, new_stats = scan_inner_nodes(
+          base, p, stats, weights, train,
+          lambda q, st, xs, w: mixed_edges(q, st, xs, w, 1, train, self.dw_impl))
     self.store_stats(variables, new_stats, train)
     return nodes
 
@@ -337,17 +364,19 @@ class SearchCell(nn.Module):
       raise ValueError(f"cell weights must have shape {(len(edges), len(PRIMITIVES))}, "
                        f"got {weights.shape}")
     index = {edge: k for k, edge in enumerate(edges)}
+    # 'auto' resolved once for the whole cell, from its input batch.
+    dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(s1.shape[:3]))
     s0 = Preprocess(self.channels, self.reduction_prev, name="preprocess0")(s0, train)
     s1 = Preprocess(self.channels, False, name="preprocess1")(s1, train)
 
     input_edges = np.array([index[(i, j)] for i in range(self.steps) for j in (0, 1)])
     # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
-                    self.dw_impl, sources=(0, 1) * self.steps, name="inputs")(
+                    dw_impl, sources=(0, 1) * self.steps, name="inputs")(
                         jnp.stack([s0, s1]), weights[input_edges], train)
     base = ys.reshape((self.steps, 2) + ys.shape[1:]).sum(axis=1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
-    nodes = InnerEdges(len(inner_edges), self.channels, 1, self.dw_impl, steps=self.steps,
+    nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
                        name="inner")(base, weights[inner_edges], train)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
@@ -375,6 +404,8 @@ class SearchNetwork(nn.Module):
           f"architecture weights must have shape (2, {num_edges}, {len(PRIMITIVES)}) "
           f"(normal/reduce, edge, op), got {weights.shape}")
     c_curr = self.stem_multiplier * self.channels
+    # One depthwise implementation for every cell, chosen from the input batch.
+    dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(images.shape[:3]))
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
@@ -387,7 +418,7 @@ class SearchNetwork(nn.Module):
       if reduction:
         c_curr *= 2
       cell = SearchCell(c_curr, reduction, reduction_prev, self.steps, self.multiplier,
-                        self.dw_impl, name=f"cell{i}")
+                        dw_impl, name=f"cell{i}")
       s0, s1 = s1, cell(s0, s1, weights[1 if reduction else 0], train)
       reduction_prev = reduction
     features = jnp.mean(s1, axis=(1, 2))
