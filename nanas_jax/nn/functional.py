@@ -11,16 +11,16 @@ rounding):
   XLA's CPU backend runs grouped convolutions through a slow generic path: a DARTS
   supernet step measured 6x slower);
 - ``'scan'``: a loop over the kernel taps, each a strided window of the input times the
-  tap's per-channel weights. The graph holds one tap however many kernels and taps there
-  are (the shortest compile on a CPU), but every tap reads and writes the whole
-  accumulator: memory-bound;
+  tap's per-channel weights, one loop per kernel. The graph holds one tap per kernel
+  however large the kernels are (the shortest compile on a CPU), but every tap reads and
+  writes the whole accumulator: memory-bound;
 - ``'dense'``: every (leading index, kernel) pair is one ordinary convolution whose
   ``C x C`` kernel holds the depthwise kernel on its diagonal: C times the multiply-adds,
-  run by XLA:CPU's fast dense convolution. Measured on a 2-core CPU, the forward and
-  backward pass of 8 edges' first-stage convs (C = 8..64, batch 16-64) ran 1.6-2.9x faster
-  than ``'scan'``, but inside a loop body (``lax.scan``) XLA:CPU runs convolutions 4x
-  slower, and the graph holds one convolution per edge and kernel: about twice the
-  compile time of ``'scan'``.
+  run by XLA:CPU's fast dense convolution. Measured on a 2-core CPU, a single 5x5 kernel
+  over 8 edges (C=16, batch 64, 32x32, forward and backward) ran 1.6-2x faster than the
+  tap loop, a 3x3 one 1.1x; but inside a loop body (``lax.scan``) XLA:CPU runs
+  convolutions 4x slower, and the graph holds one convolution per edge and kernel: about
+  twice the compile time of ``'scan'``.
 ``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'dense'`` when the step's
 arithmetic pays for the longer compile (a batch of at least `DENSE_MIN_PIXELS` input
 pixels, batch x height x width: CIFAR-sized searches), else ``'scan'`` (the digits quick
@@ -39,10 +39,10 @@ DEPTHWISE_IMPLS = ("auto", "dense", "scan", "conv")
 
 # Batch x height x width of a network's input from which ``'auto'`` picks ``'dense'`` on a
 # CPU: CIFAR-sized (32x32) batches of 8 or more. Measured, 5 cells, C=8, DARTS first
-# order, 'scan' -> 'dense': 32x32 at batch 16 (16384 pixels), step 3.68 -> 1.98 s, first
-# step 46 -> 82 s (pays back after 20 steps); 8x8 digits at batch 64 (4096), step 1.14 ->
-# 0.98 s, first step 42 -> 86 s (after about 270 steps: more than a digits search runs);
-# at the tests' batch 16 of 8x8, the same step and twice the compile.
+# order, 'scan' -> 'dense': 32x32 at batch 16 (16384 pixels), step 2.48 -> 2.00 s, first
+# step 46 -> 80 s (pays back after about 70 steps); 8x8 digits at batch 64 (4096), step
+# 0.97 -> 0.98 s, first step 46 -> 86 s; at the tests' batch 16 of 8x8, the same step and
+# twice the compile.
 DENSE_MIN_PIXELS = 8192
 
 
@@ -102,47 +102,47 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
 
 
 def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_out, lead):
-  """``'scan'`` implementation: one loop over all (kernel, tap) pairs, each a strided
-  window of the padded input times the tap's per-channel weights, added to its kernel's
+  """``'scan'`` implementation: per kernel, one loop over its taps, each a strided window
+  of the padded input times the tap's per-channel weights, added to the kernel's
   accumulator. Unrolled, the 102 taps of a DARTS MixedOp made compile time grow with the
-  kernel sizes (2-3x slower here) and ran no faster."""
-  rows, cols, groups, taps = [], [], [], []
-  for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
-    k = kernel.shape[-2]
-    rows.append(np.repeat(np.arange(k), k) * d + pad - need)
-    cols.append(np.tile(np.arange(k), k) * d + pad - need)
-    groups.append(np.full(k * k, g))
-    taps.append(kernel.reshape(kernel.shape[:lead] + (k * k,) + kernel.shape[-1:]))
-  taps = jnp.moveaxis(jnp.concatenate(taps, axis=lead), lead, 0)
+  kernel sizes (2-3x slower here) and ran no faster; one loop over the taps of all
+  kernels, with the kernel's accumulator picked by a dynamic index, ran 1.3-1.9x slower
+  than a loop per kernel (measured on 8 edges' first-stage convs, C = 4..8) and compiled
+  about as fast."""
   shared = xp.shape[lead] == 1
   window = list(xp.shape)
-  window[lead] = 1
+  del window[lead]
   window[-3] = (h_out - 1) * stride + 1
   window[-2] = (w_out - 1) * stride + 1
   # Tap weights [*lead, C] broadcast over the batch and spatial axes.
   bcast = (1,) * 3
+  outs = []
+  for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
+    xg = xp.take(0 if shared else g, axis=lead)
+    k = kernel.shape[-2]
 
-  def add_tap(acc, tap):
-    row, col, group, weights = tap
-    start = [0] * xp.ndim
-    start[lead] = 0 if shared else group
-    start[-3], start[-2] = row, col
-    patch = lax.dynamic_slice(xp, start, window).squeeze(lead)
-    if stride > 1:
-      patch = patch[..., ::stride, ::stride, :]
-    w = weights.reshape(weights.shape[:-1] + bcast + weights.shape[-1:])
-    current = lax.dynamic_index_in_dim(acc, group, 0, keepdims=False)
-    return lax.dynamic_update_index_in_dim(acc, current + patch * w, group, 0), None
+    def add_tap(acc, tap, xg=xg):
+      row, col, weights = tap
+      start = [0] * xg.ndim
+      start[-3], start[-2] = row, col
+      patch = lax.dynamic_slice(xg, start, window)
+      if stride > 1:
+        patch = patch[..., ::stride, ::stride, :]
+      w = weights.reshape(weights.shape[:-1] + bcast + weights.shape[-1:])
+      return acc + patch * w, None
 
-  out_shape = (len(kernels),) + xp.shape[:lead] + xp.shape[lead + 1:-3] + (
-      h_out, w_out, xp.shape[-1])
-  # Rematerialised: saving each tap's window for the backward pass would hold k*k copies
-  # of the input (43 GB at the DARTS search size); a window is cheap to slice again.
-  acc, _ = lax.scan(jax.checkpoint(add_tap, prevent_cse=False),
-                    jnp.zeros(out_shape, xp.dtype),
-                    tuple(jnp.asarray(np.concatenate(a)) for a in (rows, cols, groups))
-                    + (taps,))
-  return jnp.moveaxis(acc, 0, lead)
+    taps = jnp.moveaxis(kernel.reshape(kernel.shape[:lead] + (k * k,) + kernel.shape[-1:]),
+                        lead, 0)
+    rows = np.repeat(np.arange(k), k) * d + pad - need
+    cols = np.tile(np.arange(k), k) * d + pad - need
+    # Rematerialised: saving each tap's window for the backward pass would hold k*k
+    # copies of the input (43 GB at the DARTS search size); a window is cheap to slice
+    # again.
+    acc, _ = lax.scan(jax.checkpoint(add_tap, prevent_cse=False),
+                      jnp.zeros(xg.shape[:-3] + (h_out, w_out, xg.shape[-1]), xg.dtype),
+                      (jnp.asarray(rows), jnp.asarray(cols), taps))
+    outs.append(acc)
+  return jnp.stack(outs, axis=lead)
 
 
 def _depthwise_convs_dense(x, kernels, dilations, needs, stride, lead):

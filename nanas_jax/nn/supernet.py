@@ -17,7 +17,8 @@ The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedO
   depthwise convolutions (`functional`; XLA:CPU runs convolutions 4x slower inside a loop
   body) the nodes are unrolled instead: one body per node, exactly its edges.
 Within a body, operations that share work are fused: the first-stage depthwise convs of the
-sep/dil convs are one loop over their taps (`functional.depthwise_convs`, ``'scan'``), their four
+sep/dil convs are one call (`functional.depthwise_convs`: a loop over each kernel's taps with
+``'scan'``), their four
 pointwise convs one batched matmul, the second stage of the two sep convs likewise, and the
 two pools share one BatchNorm call.
 
