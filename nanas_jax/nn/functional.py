@@ -76,8 +76,8 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
 
   ``x[*lead, G, B, H, W, C]`` holds one input per kernel (``G = n``) or one shared by all
   (``G = 1``); ``kernels[g]`` is ``[*lead, k_g, k_g, C]`` with dilation ``dilations[g]``.
-  With ``'scan'`` every tap of every kernel is one iteration of a single loop, so the
-  compiled graph holds one tap however many kernels and taps there are.
+  With ``'scan'`` every tap of a kernel is one iteration of that kernel's loop, so the
+  compiled graph holds one tap per kernel however large the kernels are.
   """
   lead = kernels[0].ndim - 3
   n = len(kernels)

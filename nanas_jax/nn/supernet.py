@@ -262,19 +262,18 @@ def scan_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, train: 
   return jnp.concatenate([base[:1], nodes], axis=0), new_stats
 
 
-def unroll_inner_nodes(base: jax.Array, params, stats, edge_fn):
-  """`scan_inner_nodes` unrolled: node ``i`` is ``base[i]`` plus one MixedOp body over
-  exactly its ``i`` inner edges (from nodes ``0..i-1``), so no slot is wasted and no
-  convolution runs inside a loop, at the price of one body per node in the graph.
-  ``edge_fn(params, stats, xs, edges) -> (out, new stats)`` evaluates the edges whose
-  indices are ``edges`` (the caller picks their architecture weights) on the earlier nodes
-  ``xs``. Returns ``(nodes [n, ...], new stats)``."""
+def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_fn):
+  """`scan_inner_nodes` unrolled, with the same arguments (but ``train``: every edge is
+  used, so every edge's statistics are its body's): node ``i`` is ``base[i]`` plus one
+  MixedOp body over exactly its ``i`` inner edges (from nodes ``0..i-1``), so no slot is
+  wasted and no convolution runs inside a loop, at the price of one body per node in the
+  graph. Returns ``(nodes [n, ...], new stats)``."""
   nodes, new_stats = [base[0]], []
   for i in range(1, base.shape[0]):
     edges = np.arange(i * (i - 1) // 2, i * (i + 1) // 2)  # node-major pairs (i, j < i)
     out, node_stats = edge_fn(jax.tree.map(lambda a: a[edges], params),
                               jax.tree.map(lambda a: a[edges], stats), jnp.stack(nodes),
-                              edges)
+                              weights[edges])
     nodes.append(base[i] + out.sum(axis=0))
     new_stats.append(node_stats)
   return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
@@ -307,14 +306,14 @@ class InnerEdges(_EdgeGroup):
     if self.is_initializing():
       return base
     stats = self.stats_values(variables)
+
+    def edge_fn(q, st, xs, w):
+      return mixed_edges(q, st, xs, w, 1, train, self.dw_impl)
+
     if F.resolve_depthwise_impl(self.dw_impl) == "dense":
-      nodes, new_stats = unroll_inner_nodes(
-          base, p, stats, lambda q, st, xs, edges: mixed_edges(
-              q, st, xs, weights[edges], 1, train, self.dw_impl))
+      nodes, new_stats = unroll_inner_nodes(base, p, stats, weights, edge_fn)
     else:
-      nodes, new_stats = scan_inner_nodes(
-          base, p, stats, weights, train,
-          lambda q, st, xs, w: mixed_edges(q, st, xs, w, 1, train, self.dw_impl))
+      nodes, new_stats = scan_inner_nodes(base, p, stats, weights, train, edge_fn)
     self.store_stats(variables, new_stats, train)
     return nodes
 
