@@ -95,6 +95,8 @@ def measure(args) -> dict:
 
 
 def main(argv=None):
+  from nanas_jax.nn.functional import DEPTHWISE_IMPLS
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS))
   parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
@@ -103,8 +105,7 @@ def main(argv=None):
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
-  parser.add_argument("--depthwise_impl", default="auto",
-                      choices=["auto", "dense", "scan", "conv"])
+  parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
   parser.add_argument("--channels", type=int, default=8)
   parser.add_argument("--layers", type=int, default=5)
   parser.add_argument("--size", type=int, default=8)

@@ -71,7 +71,7 @@ def get_config():
   config.model.steps = 4
   config.model.multiplier = 4
   config.model.stem_multiplier = 3
-  # 'auto': on a CPU 'dense' for CIFAR-sized batches and 'scan' for smaller ones (compile
+  # 'auto': on a CPU 'taps' for CIFAR-sized batches and 'scan' for smaller ones (compile
   # time), 'conv' on accelerators; or one of them by name (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
 

@@ -92,14 +92,14 @@ def np_pool(x, stride, kind):
 # Depthwise convolutions.
 
 def test_resolve_depthwise_impl():
-  for impl in ("dense", "scan", "conv"):
+  for impl in ("taps", "scan", "conv"):
     assert F.resolve_depthwise_impl(impl, pixels=10**6) == impl
   cpu = jax.default_backend() == "cpu"
-  # On a CPU, 'dense' from DENSE_MIN_PIXELS input pixels (batch x height x width) on.
+  # On a CPU, 'taps' from TAPS_MIN_PIXELS input pixels (batch x height x width) on.
   assert F.resolve_depthwise_impl("auto") == ("scan" if cpu else "conv")
-  assert F.resolve_depthwise_impl("auto", F.DENSE_MIN_PIXELS - 1) == ("scan" if cpu else "conv")
-  assert F.resolve_depthwise_impl("auto", F.DENSE_MIN_PIXELS) == ("dense" if cpu else "conv")
-  for bad in ("Scan", "grouped", ""):
+  assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS - 1) == ("scan" if cpu else "conv")
+  assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS) == ("taps" if cpu else "conv")
+  for bad in ("Scan", "grouped", "dense", ""):
     with pytest.raises(ValueError, match="Unknown depthwise implementation"):
       F.resolve_depthwise_impl(bad)
   with pytest.raises(ValueError, match="Unknown depthwise implementation"):
@@ -113,12 +113,12 @@ def test_output_size_matches_pytorch_rule():
                                                         d * (k - 1) // 2)
 
 
-@pytest.mark.parametrize("impl", ["dense", "scan", "conv"])
+@pytest.mark.parametrize("impl", ["taps", "scan", "conv"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   """`depthwise_convs` with a single kernel, per edge of a leading axis and without one."""
-  rng = np.random.default_rng([stride, *size, ("scan", "conv", "dense").index(impl)])
+  rng = np.random.default_rng([stride, *size, ("scan", "conv", "taps").index(impl)])
   h, w = size
   e, b, c = 2, 3, 4
   for k, d in DW_CONFIGS:
@@ -136,11 +136,11 @@ def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, 2), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("impl", ["dense", "scan", "conv"])
+@pytest.mark.parametrize("impl", ["taps", "scan", "conv"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_depthwise_convs_matches_numpy(impl, stride, size):
-  rng = np.random.default_rng([stride, *size, ("scan", "conv", "dense").index(impl), 1])
+  rng = np.random.default_rng([stride, *size, ("scan", "conv", "taps").index(impl), 1])
   h, w = size
   e, b, c = 2, 3, 4
   n = len(DW_CONFIGS)
@@ -167,10 +167,11 @@ def test_depthwise_convs_rejects_wrong_input_count():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_convs_gradients(stride):
-  """Gradients of a random linear functional: 'dense' == 'scan' == 'conv' == the numpy
-  adjoint."""
+  """Gradients of a random linear functional: 'taps' == 'scan' == 'conv' == the numpy
+  adjoint ('taps' has a hand-written gradient; the batch of 3 makes its kernel
+  gradient loop over 3 chunks)."""
   rng = np.random.default_rng(7 + stride)
-  e, b, h, w, c = 2, 2, 7, 6, 3
+  e, b, h, w, c = 2, 3, 7, 6, 3
   n = len(DW_CONFIGS)
   kernels = [jnp.asarray(_rand(rng, e, k, k, c)) for k, _ in DW_CONFIGS]
   dilations = [d for _, d in DW_CONFIGS]
@@ -184,9 +185,9 @@ def test_depthwise_convs_gradients(stride):
       return jnp.sum(y * cot)
 
     grads = {impl: jax.grad(loss, argnums=(0, 1))(x, kernels, impl)
-             for impl in ("dense", "scan", "conv")}
+             for impl in ("taps", "scan", "conv")}
     gx_scan, gk_scan = grads["scan"]
-    for other in ("dense", "conv"):
+    for other in ("taps", "conv"):
       gx_other, gk_other = grads[other]
       np.testing.assert_allclose(gx_scan, gx_other, atol=1e-4, rtol=1e-5, err_msg=other)
       for i in range(n):
@@ -201,6 +202,30 @@ def test_depthwise_convs_gradients(stride):
       np.testing.assert_allclose(gk_scan[i], gk_i, atol=1e-4, rtol=1e-4,
                                  err_msg=f"G={g} kernel {i}")
     np.testing.assert_allclose(gx_scan, gx_want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_taps_gradient_in_float64_over_batch_chunks(stride):
+  """'taps''s hand-written gradient at float64 precision against the numpy adjoint, two
+  leading axes, a batch of 8 (its kernel gradient sums two chunks of 4), every DARTS
+  kernel with the input shared."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(11 + stride)
+    lead, b, h, w, c = (2, 3), 8, 6, 7, 2
+    kernels = [jnp.asarray(rng.normal(size=lead + (k, k, c))) for k, _ in DW_CONFIGS]
+    dilations = [d for _, d in DW_CONFIGS]
+    x = jnp.asarray(rng.normal(size=lead + (1, b, h, w, c)))
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    cot = rng.normal(size=lead + (len(kernels), b, ho, wo, c))
+    gx, gk = jax.grad(lambda x, ks: jnp.sum(F.depthwise_convs(
+        x, ks, dilations, stride=stride, impl="taps") * cot), argnums=(0, 1))(x, kernels)
+    gx_want = np.zeros(x.shape)
+    for i, (kernel, d) in enumerate(zip(kernels, dilations)):
+      gx_i, gk_i = np_depthwise_grads(np.asarray(x)[:, :, 0], kernel, cot[:, :, i], stride,
+                                      d)
+      gx_want[:, :, 0] += gx_i
+      np.testing.assert_allclose(gk[i], gk_i, rtol=1e-10, atol=1e-10, err_msg=f"kernel {i}")
+    np.testing.assert_allclose(gx, gx_want, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +281,29 @@ def test_factorized_reduce_convs_rejects_odd_sizes(size):
   x = jnp.ones((2, *size, 4))
   with pytest.raises(ValueError, match="even spatial size"):
     F.factorized_reduce_convs(x, jnp.ones((4, 2)), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("rows, indices, gathers", [
+    (5, [2, 3, 4], False),            # a run: one slice
+    (3, [0, 1, 2, 0, 1, 2], False),   # all rows repeated: a broadcast
+    (5, [0, 1, 0, 1], True),          # anything else: a gather
+    (5, [4, 0], True),
+])
+def test_take_rows_equals_numpy_indexing_and_gathers_only_when_it_must(rows, indices,
+                                                                      gathers):
+  x = np.random.default_rng(3).normal(size=(rows, 2, 3)).astype(np.float32)
+  np.testing.assert_array_equal(F.take_rows(jnp.asarray(x), np.array(indices)),
+                                x[np.array(indices)])
+  # Its gradient is numpy's scatter-add of the cotangent.
+  cot = np.random.default_rng(4).normal(size=(len(indices),) + x.shape[1:])
+  grad = jax.grad(lambda a: jnp.sum(F.take_rows(a, np.array(indices)) * cot))(x)
+  want = np.zeros_like(x, np.float64)
+  np.add.at(want, np.array(indices), cot)
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda a: F.take_rows(a, np.array(indices)))(x))
+  assert ("gather" in jaxpr) == gathers, jaxpr
+  with pytest.raises(ValueError, match="non-empty 1-D"):
+    F.take_rows(jnp.asarray(x), np.array([], int))
 
 
 @pytest.mark.parametrize("lead", [0, 1, 2])

@@ -169,12 +169,12 @@ ORACLE_CASES = [
     ("random1", True, False, "scan"),
     ("random2", False, True, "scan"),
     ("random3", True, True, "scan"),
-    # 'dense' depthwise convs also unroll the inner nodes (outputs and every edge's
+    # 'taps' depthwise convs also unroll the inner nodes (outputs and every edge's
     # running statistics checked the same way).
-    ("ALL_OPS", False, False, "dense"),
-    ("ALL_OPS", True, True, "dense"),
-    ("random4", False, True, "dense"),
-    ("random5", True, False, "dense"),
+    ("ALL_OPS", False, False, "taps"),
+    ("ALL_OPS", True, True, "taps"),
+    ("random4", False, True, "taps"),
+    ("random5", True, False, "taps"),
 ]
 
 
@@ -409,32 +409,32 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
   np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)
 
 
-def test_dense_cells_unroll_the_inner_nodes_and_compute_what_scanned_cells_compute():
-  """A cell with 'dense' depthwise convs (inner nodes unrolled) against the same cell with
+def test_taps_cells_unroll_the_inner_nodes_and_compute_what_scanned_cells_compute():
+  """A cell with 'taps' depthwise convs (inner nodes unrolled) against the same cell with
   'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture weights,
   outputs and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
   rng = np.random.default_rng(21)
   weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(14, NUM_OPS)), jnp.float32), -1)
   s0, s1 = _cell_inputs(True, seed=5)
-  cells = {impl: supernet.SearchCell(C, False, True, dw_impl=impl) for impl in ("scan", "dense")}
+  cells = {impl: supernet.SearchCell(C, False, True, dw_impl=impl) for impl in ("scan", "taps")}
   variables = cells["scan"].init(jax.random.key(4), s0, s1, weights, train=True)
   trained = {impl: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
              for impl, cell in cells.items()}
-  np.testing.assert_allclose(trained["dense"][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(trained["taps"][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-               trained["dense"][1], trained["scan"][1])
+               trained["taps"][1], trained["scan"][1])
   stats = jax.tree.map(
       lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
       variables["batch_stats"])
   evaluated = {impl: cell.apply({"params": variables["params"], "batch_stats": stats}, s0,
                                 s1, weights, train=False) for impl, cell in cells.items()}
-  np.testing.assert_allclose(evaluated["dense"], evaluated["scan"], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(evaluated["taps"], evaluated["scan"], atol=1e-4, rtol=1e-4)
   assert float(jnp.std(evaluated["scan"])) > 0.1
 
 
 def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():
-  """'auto' on a CPU: 'dense' (and unrolled inner nodes) from `DENSE_MIN_PIXELS` input
+  """'auto' on a CPU: 'taps' (and unrolled inner nodes) from `TAPS_MIN_PIXELS` input
   pixels on, for every cell, though later cells see fewer pixels; 'scan' below."""
   model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3)
   arch = jnp.full((2, 14, NUM_OPS), 1.0 / NUM_OPS)
@@ -445,7 +445,7 @@ def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():
       seen.append(context.module.dw_impl)
     return next_fun(*args, **kwargs)
 
-  for batch, want in ((F.DENSE_MIN_PIXELS // 64, "dense"), (F.DENSE_MIN_PIXELS // 64 - 1, "scan")):
+  for batch, want in ((F.TAPS_MIN_PIXELS // 64, "taps"), (F.TAPS_MIN_PIXELS // 64 - 1, "scan")):
     images = jnp.zeros((batch, 8, 8, 1))
     variables = model.init(jax.random.key(0), images[:1], arch, train=True)
     seen.clear()

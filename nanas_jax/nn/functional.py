@@ -14,36 +14,39 @@ rounding):
   tap's per-channel weights, one loop per kernel. The graph holds one tap per kernel
   however large the kernels are (the shortest compile on a CPU), but every tap reads and
   writes the whole accumulator: memory-bound;
-- ``'dense'``: every (leading index, kernel) pair is one ordinary convolution whose
-  ``C x C`` kernel holds the depthwise kernel on its diagonal: C times the multiply-adds,
-  run by XLA:CPU's fast dense convolution. Measured on a 2-core CPU, a single 5x5 kernel
-  over 8 edges (C=16, batch 64, 32x32, forward and backward) ran 1.6-2x faster than the
-  tap loop, a 3x3 one 1.1x; but inside a loop body (``lax.scan``) XLA:CPU runs
-  convolutions 4x slower, and the graph holds one convolution per edge and kernel: about
-  twice the compile time of ``'scan'``.
-``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'dense'`` when the step's
-arithmetic pays for the longer compile (a batch of at least `DENSE_MIN_PIXELS` input
+- ``'taps'``: per kernel, the sum of its taps unrolled (one fused loop that reads the
+  input from cache), with a hand-written gradient of the same kind
+  (`depthwise_conv_taps`). Measured on a 2-core CPU, 8 edges' first-stage convs (C=16,
+  batch 64, 32x32, forward and backward): 0.4 s against 1.4 s for ``'scan'`` and 0.7 s
+  for the C x C diagonal kernels of XLA:CPU's dense convolution (the ``'dense'``
+  implementation of an earlier version, slower than ``'taps'`` at every size measured,
+  and gone); the graph holds every tap, so it compiles slower than ``'scan'``.
+``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'taps'`` when the step's
+arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS` input
 pixels, batch x height x width: CIFAR-sized searches), else ``'scan'`` (the digits quick
 starts and the tests, where compile time dominates).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-DEPTHWISE_IMPLS = ("auto", "dense", "scan", "conv")
+DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv")
 
 
-# Batch x height x width of a network's input from which ``'auto'`` picks ``'dense'`` on a
+# Batch x height x width of a network's input from which ``'auto'`` picks ``'taps'`` on a
 # CPU: CIFAR-sized (32x32) batches of 8 or more. Measured, 5 cells, C=8, DARTS first
-# order, 'scan' -> 'dense': 32x32 at batch 16 (16384 pixels), step 2.48 -> 2.00 s, first
-# step 46 -> 80 s (pays back after about 70 steps); 8x8 digits at batch 64 (4096), step
-# 0.97 -> 0.98 s, first step 46 -> 86 s; at the tests' batch 16 of 8x8, the same step and
-# twice the compile.
-DENSE_MIN_PIXELS = 8192
+# order, 32x32 at batch 16 (16384 pixels): 'scan' 2.48 s a step, first step 46 s; 'taps'
+# (inner nodes unrolled) 1.66 s, first step 98 s: pays back after about 60 steps. 8x8
+# digits at batch 64 (4096 pixels): 'scan' 0.97 s, first step 46 s; 'taps' 0.57-0.61 s,
+# first step 66-106 s: a digits quick start of 300 steps gains nothing (2:42 vs 2:44).
+TAPS_MIN_PIXELS = 8192
 
 
 def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
@@ -56,7 +59,7 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
     return impl
   if jax.default_backend() != "cpu":
     return "conv"
-  return "dense" if pixels is not None and pixels >= DENSE_MIN_PIXELS else "scan"
+  return "taps" if pixels is not None and pixels >= TAPS_MIN_PIXELS else "scan"
 
 
 def output_size(size: int, stride: int) -> int:
@@ -86,15 +89,20 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
                      f"got {x.shape[lead]}")
   needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   impl = resolve_depthwise_impl(impl)
-  if impl == "dense":
-    return _depthwise_convs_dense(x, kernels, dilations, needs, stride, lead)
+  if impl == "taps":
+    shared = x.shape[lead] == 1
+    return jnp.stack([
+        depthwise_conv_taps(lax.index_in_dim(x, 0 if shared else g, lead, keepdims=False),
+                            kernel, d, stride)
+        for g, (kernel, d) in enumerate(zip(kernels, dilations))], axis=lead)
   pad = max(needs)
   xp = pad_spatial(x, pad)
   h_out = output_size(x.shape[-3], stride)
   w_out = output_size(x.shape[-2], stride)
   if impl == "conv":
-    outs = [_depthwise_conv_grouped(xp.take(g if x.shape[lead] == n else 0, axis=lead),
-                                    kernel, pad - need, stride, d, h_out, w_out, lead)
+    outs = [_depthwise_conv_grouped(
+        lax.index_in_dim(xp, g if x.shape[lead] == n else 0, lead, keepdims=False),
+        kernel, pad - need, stride, d, h_out, w_out, lead)
             for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs))]
     return jnp.stack(outs, axis=lead)
   return _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_out,
@@ -118,7 +126,7 @@ def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_o
   bcast = (1,) * 3
   outs = []
   for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
-    xg = xp.take(0 if shared else g, axis=lead)
+    xg = lax.index_in_dim(xp, 0 if shared else g, lead, keepdims=False)
     k = kernel.shape[-2]
 
     def add_tap(acc, tap, xg=xg):
@@ -145,25 +153,102 @@ def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_o
   return jnp.stack(outs, axis=lead)
 
 
-def _depthwise_convs_dense(x, kernels, dilations, needs, stride, lead):
-  """``'dense'`` implementation: one convolution per (leading index, kernel) with the
-  depthwise kernel on the diagonal of a ``C x C`` kernel (see the module docstring)."""
-  lead_shape = kernels[0].shape[:lead]
-  count = int(np.prod(lead_shape, dtype=int))
-  shared = x.shape[lead] == 1
-  xs = x.reshape((count,) + x.shape[lead:])  # [N, G, B, H, W, C]
-  eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-  outs = []
-  for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
-    ks = kernel.reshape((count,) + kernel.shape[lead:])  # [N, k, k, C]
-    outs.append(jnp.stack([
-        lax.conv_general_dilated(
-            xs[i, 0 if shared else g], ks[i][..., None] * eye, (stride, stride),
-            [(need, need), (need, need)], rhs_dilation=(d, d),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        for i in range(count)]))
-  out = jnp.stack(outs, axis=1)  # [N, n, B, H', W', C]
-  return out.reshape(lead_shape + out.shape[1:])
+def _tap_windows(xp, k: int, geometry):
+  """The ``k * k`` strided windows of ``xp[..., Hp, Wp, C]`` that a depthwise convolution
+  with a ``k x k`` kernel multiplies by its taps (row-major tap order), each
+  ``[..., h_out, w_out, C]``. ``geometry = (offset, dilation, stride, h_out, w_out)``:
+  tap ``(r, c)`` reads rows ``offset + r * dilation + stride * i``."""
+  offset, d, s, h_out, w_out = geometry
+  for r in range(k):
+    rows = lax.slice_in_dim(xp, offset + r * d, offset + r * d + (h_out - 1) * s + 1, s,
+                            axis=xp.ndim - 3)
+    for c in range(k):
+      yield lax.slice_in_dim(rows, offset + c * d, offset + c * d + (w_out - 1) * s + 1, s,
+                             axis=xp.ndim - 2)
+
+
+def _sum_of_taps(xp, kernel, geometry):
+  """``sum over taps of window * tap weights``: unrolled, so XLA fuses it (with the
+  padding that made ``xp``) into one loop that reads each input element from cache once
+  per tap instead of from memory."""
+  lead = kernel.ndim - 3
+  k = kernel.shape[-2]
+  windows = _tap_windows(xp, k, geometry)
+  acc = None
+  for (r, c), window in zip(np.ndindex(k, k), windows):
+    w = kernel[..., r, c, :].reshape(kernel.shape[:lead] + (1, 1, 1, kernel.shape[-1]))
+    acc = window * w if acc is None else acc + window * w
+  return acc
+
+
+# Examples per chunk of `depthwise_conv_taps`'s kernel gradient: 4 images of 32x32x16
+# floats (260 KB, padded for a 5x5 kernel at dilation 2) stay in a core's L2 cache.
+TAPS_BATCH_CHUNK = 4
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int,
+                        stride: int) -> jax.Array:
+  """``'taps'``: one depthwise 'same' convolution of ``x[*lead, B, H, W, C]`` with
+  ``kernel[*lead, k, k, C]``, as an unrolled sum of its taps over the zero-padded input,
+  with a hand-written gradient (JAX's own transposes every tap into a padded full-size
+  copy: forward and backward 2.4x slower for 8 edges' first-stage convs, C=16, 32x32).
+  The input gradient is the same kind of sum (the cotangent, dilated by the stride and
+  padded, times the flipped kernel); the kernel gradient reduces each tap's window times
+  the cotangent in a loop over chunks of `TAPS_BATCH_CHUNK` examples (or fewer: a divisor
+  of B), so that a chunk's windows are read from cache (whole windows, each read from
+  memory once per tap: forward and backward 2x slower). Only the unpadded input is kept
+  for the backward pass."""
+  return _sum_of_taps(*_taps_operands(x, kernel, dilation, stride))
+
+
+def _taps_operands(x, kernel, dilation, stride):
+  """The padded input, the kernel and the geometry of `_tap_windows`."""
+  need = dilation * (kernel.shape[-2] - 1) // 2
+  geometry = (0, dilation, stride, output_size(x.shape[-3], stride),
+              output_size(x.shape[-2], stride))
+  return pad_spatial(x, need), kernel, geometry
+
+
+def _depthwise_conv_taps_fwd(x, kernel, dilation, stride):
+  return depthwise_conv_taps(x, kernel, dilation, stride), (x, kernel)
+
+
+def _depthwise_conv_taps_bwd(dilation, stride, residuals, g):
+  x, kernel = residuals
+  d, s = dilation, stride
+  lead = kernel.ndim - 3
+  k = kernel.shape[-2]
+  need, span = d * (k - 1) // 2, d * (k - 1)
+  h, w = x.shape[-3:-1]
+  h_out, w_out = g.shape[-3:-1]
+  # Input gradient: the padded input's row p fed output i through tap r when p = r d + s i,
+  # so d x[p - need] = sum_r g[(p - r d) / s] k[r]: g dilated by s, placed at span in a zero
+  # array, read from row need on through the flipped kernel.
+  pads = [(0, 0, 0)] * (g.ndim - 3) + [
+      (span, h + 2 * need - (h_out - 1) * s - 1, s - 1),
+      (span, w + 2 * need - (w_out - 1) * s - 1, s - 1), (0, 0, 0)]
+  g_placed = lax.pad(g, jnp.zeros((), g.dtype), pads)
+  grad_x = _sum_of_taps(g_placed, kernel[..., ::-1, ::-1, :], (need, d, 1, h, w))
+  # Kernel gradient, chunk by chunk of the batch axis.
+  batch = x.shape[lead]
+  size = math.gcd(batch, TAPS_BATCH_CHUNK)
+  axes = tuple(range(lead, lead + 3))
+
+  def add_chunk(acc, start):
+    xc = lax.dynamic_slice_in_dim(x, start, size, axis=lead)
+    gc = lax.dynamic_slice_in_dim(g, start, size, axis=lead)
+    xp, _, geometry = _taps_operands(xc, kernel, d, s)
+    taps = [jnp.sum(window * gc, axis=axes) for window in _tap_windows(xp, k, geometry)]
+    return acc + jnp.stack(taps, axis=lead), None
+
+  grad_kernel, _ = lax.scan(
+      add_chunk, jnp.zeros(kernel.shape[:lead] + (k * k, kernel.shape[-1]), kernel.dtype),
+      jnp.arange(0, batch, size))
+  return grad_x, grad_kernel.reshape(kernel.shape)
+
+
+depthwise_conv_taps.defvjp(_depthwise_conv_taps_fwd, _depthwise_conv_taps_bwd)
 
 
 def _depthwise_conv_grouped(xp, kernel, offset, stride, dilation, h_out, w_out, lead):
@@ -189,6 +274,22 @@ def _depthwise_conv_grouped(xp, kernel, offset, stride, dilation, h_out, w_out, 
   y = y.reshape(batch_shape + (h_out, w_out) + lead_shape + (c,))
   inv = tuple(range(3, 3 + lead)) + (0, 1, 2, 3 + lead)
   return jnp.transpose(y, inv)
+
+
+def take_rows(x: jax.Array, indices) -> jax.Array:
+  """``x[indices]`` for host (numpy) ``indices`` along axis 0, without a gather where the
+  pattern allows: a run of consecutive rows is one slice, rows ``0..m-1`` repeated is a
+  broadcast (a gather's gradient is a scatter; on a CPU both compile to loops, slower to
+  compile and to run). Other patterns are gathered."""
+  idx = np.asarray(indices)
+  if idx.ndim != 1 or not idx.size:
+    raise ValueError(f"take_rows: indices must be a non-empty 1-D list, got {indices!r}")
+  if np.all(np.diff(idx) == 1):
+    return lax.slice_in_dim(x, int(idx[0]), int(idx[-1]) + 1)
+  m = x.shape[0]
+  if idx.size % m == 0 and np.array_equal(idx, np.tile(np.arange(m), idx.size // m)):
+    return jnp.broadcast_to(x, (idx.size // m,) + x.shape).reshape((idx.size,) + x.shape[1:])
+  return x[idx]
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -281,7 +382,7 @@ def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: i
   statistics, and the batch statistics are computed once per distinct input (edges
   reading the same input have the same ones).
   """
-  gather = (lambda a: a) if sources is None else (lambda a: a[sources])
+  gather = (lambda a: a) if sources is None else (lambda a: take_rows(a, sources))
   if not train:
     mean, var = stats
     return batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias), stats

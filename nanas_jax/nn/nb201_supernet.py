@@ -207,10 +207,12 @@ class InnerEdges(_NB201EdgeGroup):
     for i in range(2, self.num_nodes):
       edges = np.arange(first, first + i - 1)
       first += i - 1
+      take = lambda a: F.take_rows(a, edges)
       out, (m, v) = nb201_mixed_edges(
-          jax.tree.map(lambda a: a[edges], p), (stats[0][edges], stats[1][edges]),
-          jnp.stack(nodes), weights[edges], train, self.conv_impl)
-      new_mean, new_var = new_mean.at[edges].set(m), new_var.at[edges].set(v)
+          jax.tree.map(take, p), (take(stats[0]), take(stats[1])),
+          jnp.stack(nodes), take(weights), train, self.conv_impl)
+      new_mean = lax.dynamic_update_slice_in_dim(new_mean, m, first - (i - 1), 0)
+      new_var = lax.dynamic_update_slice_in_dim(new_var, v, first - (i - 1), 0)
       nodes.append(base[i - 1] + out.sum(axis=0))
     return jnp.stack(nodes), (new_mean, new_var)
 
