@@ -284,9 +284,10 @@ def test_factorized_reduce_convs_rejects_odd_sizes(size):
 
 
 @pytest.mark.parametrize("rows, indices, gathers", [
-    (5, [2, 3, 4], False),            # a run: one slice
-    (3, [0, 1, 2, 0, 1, 2], False),   # all rows repeated: a broadcast
+    (3, [0, 1, 2, 0, 1, 2], False),   # all rows in turn, repeated: a broadcast
+    (2, [0, 1], False),
     (5, [0, 1, 0, 1], True),          # anything else: a gather
+    (5, [2, 3, 4], True),
     (5, [4, 0], True),
 ])
 def test_take_rows_equals_numpy_indexing_and_gathers_only_when_it_must(rows, indices,

@@ -277,15 +277,13 @@ def _depthwise_conv_grouped(xp, kernel, offset, stride, dilation, h_out, w_out, 
 
 
 def take_rows(x: jax.Array, indices) -> jax.Array:
-  """``x[indices]`` for host (numpy) ``indices`` along axis 0, without a gather where the
-  pattern allows: a run of consecutive rows is one slice, rows ``0..m-1`` repeated is a
-  broadcast (a gather's gradient is a scatter; on a CPU both compile to loops, slower to
-  compile and to run). Other patterns are gathered."""
+  """``x[indices]`` for host (numpy) ``indices`` along axis 0, as a broadcast where every
+  row is taken in turn, repeated (a cell's input edges read ``(s0, s1) * 4``): a gather's
+  gradient is a scatter, and on a CPU both compile to loops, slower to compile and to run.
+  Other patterns are gathered."""
   idx = np.asarray(indices)
   if idx.ndim != 1 or not idx.size:
     raise ValueError(f"take_rows: indices must be a non-empty 1-D list, got {indices!r}")
-  if np.all(np.diff(idx) == 1):
-    return lax.slice_in_dim(x, int(idx[0]), int(idx[-1]) + 1)
   m = x.shape[0]
   if idx.size % m == 0 and np.array_equal(idx, np.tile(np.arange(m), idx.size // m)):
     return jnp.broadcast_to(x, (idx.size // m,) + x.shape).reshape((idx.size,) + x.shape[1:])

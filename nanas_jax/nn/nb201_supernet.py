@@ -205,14 +205,14 @@ class InnerEdges(_NB201EdgeGroup):
   def _unrolled(self, p, stats, base, weights, train):
     nodes, new_mean, new_var, first = [base[0]], stats[0], stats[1], 0
     for i in range(2, self.num_nodes):
-      edges = np.arange(first, first + i - 1)
-      first += i - 1
-      take = lambda a: F.take_rows(a, edges)
+      edges = slice(first, first + i - 1)  # node i's edges: a run of the edge axis
+      take = lambda a: a[edges]
       out, (m, v) = nb201_mixed_edges(
           jax.tree.map(take, p), (take(stats[0]), take(stats[1])),
           jnp.stack(nodes), take(weights), train, self.conv_impl)
-      new_mean = lax.dynamic_update_slice_in_dim(new_mean, m, first - (i - 1), 0)
-      new_var = lax.dynamic_update_slice_in_dim(new_var, v, first - (i - 1), 0)
+      new_mean = lax.dynamic_update_slice_in_dim(new_mean, m, first, 0)
+      new_var = lax.dynamic_update_slice_in_dim(new_var, v, first, 0)
+      first += i - 1
       nodes.append(base[i - 1] + out.sum(axis=0))
     return jnp.stack(nodes), (new_mean, new_var)
 

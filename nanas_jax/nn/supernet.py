@@ -275,8 +275,8 @@ def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_
   stats)``."""
   nodes, new_stats = [base[0]], []
   for i in range(1, base.shape[0]):
-    edges = np.arange(i * (i - 1) // 2, i * (i + 1) // 2)  # node-major pairs (i, j < i)
-    take = lambda a: F.take_rows(a, edges)
+    edges = slice(i * (i - 1) // 2, i * (i + 1) // 2)  # node-major pairs (i, j < i)
+    take = lambda a: a[edges]
     out, node_stats = edge_fn(jax.tree.map(take, params), jax.tree.map(take, stats),
                               jnp.stack(nodes), take(weights))
     nodes.append(base[i] + out.sum(axis=0))
