@@ -87,7 +87,6 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
   if x.shape[lead] not in (1, n):
     raise ValueError(f"depthwise_convs: {n} kernels need 1 or {n} inputs on axis {lead}, "
                      f"got {x.shape[lead]}")
-  needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   impl = resolve_depthwise_impl(impl)
   if impl == "taps":
     shared = x.shape[lead] == 1
@@ -95,6 +94,7 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
         depthwise_conv_taps(lax.index_in_dim(x, 0 if shared else g, lead, keepdims=False),
                             kernel, d, stride)
         for g, (kernel, d) in enumerate(zip(kernels, dilations))], axis=lead)
+  needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   pad = max(needs)
   xp = pad_spatial(x, pad)
   h_out = output_size(x.shape[-3], stride)
@@ -199,15 +199,15 @@ def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int,
   of B), so that a chunk's windows are read from cache (whole windows, each read from
   memory once per tap: forward and backward 2x slower). Only the unpadded input is kept
   for the backward pass."""
-  return _sum_of_taps(*_taps_operands(x, kernel, dilation, stride))
+  xp, geometry = _padded_with_geometry(x, kernel.shape[-2], dilation, stride)
+  return _sum_of_taps(xp, kernel, geometry)
 
 
-def _taps_operands(x, kernel, dilation, stride):
-  """The padded input, the kernel and the geometry of `_tap_windows`."""
-  need = dilation * (kernel.shape[-2] - 1) // 2
+def _padded_with_geometry(x, k: int, dilation: int, stride: int):
+  """``x`` zero-padded for a ``k x k`` kernel, and the geometry of `_tap_windows`."""
   geometry = (0, dilation, stride, output_size(x.shape[-3], stride),
               output_size(x.shape[-2], stride))
-  return pad_spatial(x, need), kernel, geometry
+  return pad_spatial(x, dilation * (k - 1) // 2), geometry
 
 
 def _depthwise_conv_taps_fwd(x, kernel, dilation, stride):
@@ -238,7 +238,7 @@ def _depthwise_conv_taps_bwd(dilation, stride, residuals, g):
   def add_chunk(acc, start):
     xc = lax.dynamic_slice_in_dim(x, start, size, axis=lead)
     gc = lax.dynamic_slice_in_dim(g, start, size, axis=lead)
-    xp, _, geometry = _taps_operands(xc, kernel, d, s)
+    xp, geometry = _padded_with_geometry(xc, k, d, s)
     taps = [jnp.sum(window * gc, axis=axes) for window in _tap_windows(xp, k, geometry)]
     return acc + jnp.stack(taps, axis=lead), None
 

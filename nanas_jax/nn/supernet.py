@@ -378,11 +378,11 @@ class SearchCell(nn.Module):
     # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
                     dw_impl, sources=(0, 1) * self.steps, name="inputs")(
-                        jnp.stack([s0, s1]), F.take_rows(weights, input_edges), train)
+                        jnp.stack([s0, s1]), weights[input_edges], train)
     base = ys.reshape((self.steps, 2) + ys.shape[1:]).sum(axis=1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
-                       name="inner")(base, F.take_rows(weights, inner_edges), train)
+                       name="inner")(base, weights[inner_edges], train)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
 
