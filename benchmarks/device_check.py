@@ -31,7 +31,11 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import reference_step
+from nanas_jax import cli
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {
@@ -51,9 +55,11 @@ def _last_json(text: str) -> dict:
   return json.loads(lines[-1])
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[dict | None, str | None]:
+def _run(cmd: list[str], timeout: float,
+         env: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
   try:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                         env=env)
   except subprocess.TimeoutExpired:
     return None, f"timed out after {timeout:.0f} s"
   if out.returncode:
@@ -71,7 +77,8 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
          f"--steps={steps}"]
-  result, error = _run(cmd, timeout)
+  # Started as `nanas_jax.cli`'s programs start: with huge pages where they help.
+  result, error = _run(cmd, timeout, cli.huge_pages_environ(os.environ))
   row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
          "neighbors": neighbors}
   if error:

@@ -209,8 +209,10 @@ def child_env(count: int, backend: str) -> dict[str, str]:
   devices (replacing any device-count flag already in ``XLA_FLAGS``) and the serial
   collective schedule unless ``XLA_FLAGS`` chooses one, for every count alike so that
   all run the same schedule; elsewhere unchanged, the child takes the first ``count``
-  real devices."""
-  env = dict(os.environ)
+  real devices. Huge pages where `nanas_jax.cli`'s programs would have them."""
+  from nanas_jax import cli
+
+  env = cli.huge_pages_environ(os.environ) or dict(os.environ)
   if backend == "cpu":
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith(DEVICE_COUNT_FLAG)]

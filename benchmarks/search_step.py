@@ -11,13 +11,15 @@ Reported per configuration: ``init_s`` (building the state), ``first_step_s`` (c
 one step), ``step_s`` (median of the next steps), ``peak_rss_gb`` (the process's maximum
 resident set size, which on a CPU includes XLA's compiler memory), ``peak_device_gb``
 (accelerator memory, where reported), the number of supernet gradient evaluations per
-step, and the device.
+step, and the device. The children start with huge pages where `nanas_jax.cli`'s programs
+would (`cli.huge_pages_environ`; ``NANAS_HUGE_PAGES=0`` measures without).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -95,6 +97,7 @@ def measure(args) -> dict:
 
 
 def main(argv=None):
+  from nanas_jax import cli
   from nanas_jax.nn.functional import DEPTHWISE_IMPLS
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +131,9 @@ def main(argv=None):
         f"--{k}={getattr(args, k)}" for k in (
             "order", "neighbors", "compile", "evaluate", "depthwise_impl", "channels",
             "layers", "size", "in_channels", "batch", "steps")]
-    out = subprocess.run(child, capture_output=True, text=True, check=False)
+    # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
+    out = subprocess.run(child, capture_output=True, text=True, check=False,
+                         env=cli.huge_pages_environ(os.environ))
     if out.returncode:
       sys.exit(f"{algorithm} failed:\n{out.stderr[-3000:]}")
     line = out.stdout.strip().splitlines()[-1]
@@ -139,6 +144,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(
-      __import__("os").path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()

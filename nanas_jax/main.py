@@ -20,6 +20,11 @@ from ml_collections import config_flags
 
 from nanas_jax import cli
 
+if __name__ == "__main__":
+  # Before TensorFlow and JAX load (seconds that a restart would repeat); the console
+  # script restarts in `cli.run`.
+  cli.restart_with_huge_pages()
+
 # TensorFlow's start-up lines go before the modules below import it (`nanas_jax.cli`).
 cli.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -11,6 +11,8 @@ import types
 
 import pytest
 
+from nanas_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,10 +59,11 @@ def test_run_reads_the_last_json_line_and_reports_failures():
 
 
 def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch):
-  calls = []
+  calls, envs = [], {}
 
-  def fake_run(cmd, timeout):
+  def fake_run(cmd, timeout, env=None):
     calls.append((os.path.basename(cmd[1]), timeout))
+    envs[os.path.basename(cmd[1])] = env
     if "--order=second" in cmd and "reference_step.py" in cmd[1]:
       return None, "timed out after 9 s"
     if "reference_step.py" in cmd[1]:
@@ -76,6 +79,11 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
               "--timeout=9", f"--output_dir={out}"])
   assert [c[0] for c in calls] == ["search_step.py"] * 3 + ["reference_step.py"] * 2
   assert {c[1] for c in calls} == {9.0}
+  # Our rows start as our programs do (huge pages where they help); the reference as is.
+  expected = cli.huge_pages_environ(os.environ)
+  assert envs["reference_step.py"] is None
+  assert (envs["search_step.py"] or {}).get("GLIBC_TUNABLES") == (
+      (expected or {}).get("GLIBC_TUNABLES"))
   (path,) = out.iterdir()
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}.json".replace(" ", "_")

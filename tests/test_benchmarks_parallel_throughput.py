@@ -35,6 +35,15 @@ def test_child_env_sets_fake_cpu_devices_only_on_cpu(monkeypatch):
   assert bench.child_env(4, "gpu")["XLA_FLAGS"] == os.environ["XLA_FLAGS"]
 
 
+def test_child_env_asks_for_huge_pages_as_our_programs_do(monkeypatch):
+  from nanas_jax import cli  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  expected = (cli.huge_pages_environ(os.environ) or {}).get("GLIBC_TUNABLES")
+  assert bench.child_env(2, "cpu").get("GLIBC_TUNABLES") == expected
+  monkeypatch.setenv(cli.HUGE_PAGES_ENV, "0")
+  assert "GLIBC_TUNABLES" not in bench.child_env(2, "cpu")
+
+
 def test_child_env_keeps_a_scheduler_the_user_chose(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", f"{bench.SERIAL_SCHEDULER_FLAG}=true")
   flags = bench.child_env(2, "cpu")["XLA_FLAGS"].split()

@@ -152,3 +152,75 @@ def test_the_compilation_cache_follows_jax_s_variable(tmp_path):
   directory, hits, _ = _probe(tmp_path, **{cli.CACHE_ENV: ""})
   assert directory == "None" and hits == 0
   assert not (tmp_path / "nanas_jax").exists()
+
+
+def _thp_mode_file(tmp_path, mode):
+  path = tmp_path / "enabled"
+  path.write_text(" ".join(f"[{m}]" if m == mode else m
+                           for m in ("always", "madvise", "never")) + "\n")
+  return str(path)
+
+
+def test_huge_pages_are_asked_for_only_where_they_change_something(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+  madvise = _thp_mode_file(tmp_path, "madvise")
+  env = cli.huge_pages_environ({"PATH": "/bin"}, madvise)
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  # The user's own tunables stay, before ours.
+  env = cli.huge_pages_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, madvise)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  for environ in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's choice
+                  {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},  # restarted already
+                  {cli.HUGE_PAGES_ENV: "0"}):
+    assert cli.huge_pages_environ(environ, madvise) is None
+  for mode in ("always", "never"):
+    assert cli.huge_pages_environ({}, _thp_mode_file(tmp_path, mode)) is None
+  assert cli.huge_pages_environ({}, str(tmp_path / "missing")) is None
+  for libc in ("glibc 2.34", "musl 1.2"):  # no such tunable before glibc 2.35
+    monkeypatch.setattr(os, "confstr", lambda name, libc=libc: libc)
+    assert cli.huge_pages_environ({}, madvise) is None
+
+
+# Prints the tunables it runs with, restarts, then reports how much of a 64 MiB block from
+# glibc's malloc (as XLA:CPU's buffers are; numpy asks for huge pages itself) the kernel
+# backs with huge pages once written (AnonHugePages, /proc/self/smaps_rollup).
+_RESTART_PROBE = textwrap.dedent("""
+    import ctypes, os, sys
+    from nanas_jax import cli
+    cli.THP_MODE_FILE = sys.argv[1]
+    print("tunables", os.environ.get("GLIBC_TUNABLES"), os.getpid(), flush=True)
+    cli.restart_with_huge_pages()
+
+    def huge_kb():
+      with open("/proc/self/smaps_rollup") as f:
+        return sum(int(l.split()[1]) for l in f if l.startswith("AnonHugePages:"))
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    before = huge_kb()
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    print("huge_mb", (huge_kb() - before) // 1024)
+    """)
+
+
+def test_a_program_restarts_once_with_huge_pages_and_gets_them(tmp_path):
+  if cli.huge_pages_environ({}) is None:
+    pytest.skip("this machine's glibc or kernel offers no transparent huge pages to ask "
+                "for (see cli.huge_pages_environ)")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", cli.HUGE_PAGES_ENV)}
+  out = subprocess.run([sys.executable, "-c", _RESTART_PROBE, cli.THP_MODE_FILE], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+  lines = out.stdout.splitlines()
+  first, second = (line.split() for line in lines if line.startswith("tunables"))
+  # Once without, once with the tunable, in the same process; then no third start.
+  assert first[1] == "None" and second[1] == "glibc.malloc.hugetlb=1"
+  assert first[2] == second[2]
+  # The kernel backs (nearly) all of the 64 MiB block with 2 MiB pages.
+  assert int(lines[-1].split()[1]) >= 60
+  # And without the restart, none of it.
+  env[cli.HUGE_PAGES_ENV] = "0"
+  out = subprocess.run([sys.executable, "-c", _RESTART_PROBE, cli.THP_MODE_FILE], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.splitlines()[-1] == "huge_mb 0"

@@ -246,6 +246,32 @@ def test_pools_match_numpy(stride, size):
                              np_pool(neg[0], stride, "max"), atol=ATOL, rtol=RTOL)
 
 
+def np_max_pool_grad(x, g, stride):
+  """Gradient of 3x3 max pooling (padding 1): each output's cotangent to the first
+  (row-major) maximum of its window, as PyTorch's max_pool2d backward sends it."""
+  h, w = x.shape[-3:-1]
+  grad = np.zeros(x.shape)
+  for idx in np.ndindex(*x.shape[:-3]):
+    for i, j, ch in np.ndindex(*g.shape[-3:]):
+      cells = [(i * stride + r - 1, j * stride + c - 1) for r in range(3) for c in range(3)]
+      cells = [(p, q) for p, q in cells if 0 <= p < h and 0 <= q < w]
+      p, q = max(cells, key=lambda pq: (x[idx + pq + (ch,)], -cells.index(pq)))
+      grad[idx + (p, q, ch)] += g[idx + (i, j, ch)]
+  return grad
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_max_pool_gradient_goes_to_the_first_maximum(stride, size):
+  rng = np.random.default_rng(stride * 10 + size[1])
+  # Rounded: most windows hold tied maxima, where only the first may get the gradient.
+  x = np.round(rng.normal(size=(2, 3) + size + (4,)) * 2).astype(np.float32)
+  ho, wo = (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
+  g = _rand(rng, 2, 3, ho, wo, 4)
+  grad = jax.vjp(lambda x: F.max_pool_3x3(x, stride), jnp.asarray(x))[1](jnp.asarray(g))[0]
+  np.testing.assert_allclose(grad, np_max_pool_grad(x, g, stride), atol=ATOL, rtol=RTOL)
+
+
 def np_factorized_reduce(x, ka, kb):
   """relu, stride-2 1x1 conv of x and of x[1:, 1:], concatenated (PyTorch reference)."""
   x = np.maximum(np.asarray(x, np.float64), 0.0)
