@@ -87,6 +87,10 @@ def get_config():
   # 'shared': every phase of the step calls one compiled supernet gradient (compiles once).
   # 'fused': the whole step is one jit. 'auto' is 'shared' (see nanas_jax/search/bilevel.py).
   config.search.compile = "auto"
+  # The dtype the supernet computes in: 'bfloat16' runs its convolutions and matmuls in
+  # bfloat16 (for GPUs and TPUs) while parameters, alpha, optimizer states and BatchNorm
+  # statistics stay float32.
+  config.search.dtype = "float32"
 
   config.search.weights = ml_collections.ConfigDict()
   config.search.weights.lr = 0.025

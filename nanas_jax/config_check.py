@@ -42,6 +42,8 @@ KNOWN_NAMES = {
     "arch_learning_rate": "search.arch.lr",
     "arch_weight_decay": "search.arch.weight_decay",
     "unrolled": "search.order",
+    # The Flax examples' switch for bfloat16 compute.
+    "half_precision": "search.dtype",
 }
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")

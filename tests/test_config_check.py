@@ -24,8 +24,8 @@ def test_a_field_that_exists_needs_no_explanation(quickstart):
 def test_an_unknown_field_lists_its_blocks_fields(quickstart):
   assert config_check.unknown_field(quickstart, "search.bogus") == (
       "--config.search.bogus: config.search has no field 'bogus'.\n"
-      "Fields of config.search: algorithm, arch, compile, epochs, neighbors, order, "
-      "recalibrate_batches, warmup_epochs, weights.")
+      "Fields of config.search: algorithm, arch, compile, dtype, epochs, neighbors, "
+      "order, recalibrate_batches, warmup_epochs, weights.")
 
 
 def test_a_misspelt_field_gets_the_closest_one(quickstart):
@@ -40,6 +40,7 @@ def test_a_misspelt_field_gets_the_closest_one(quickstart):
     ("model.init_channels", "model.channels"),
     ("search.arch_learning_rate", "search.arch.lr"),
     ("model.cells", "model.layers"),
+    ("half_precision", "search.dtype"),
 ])
 def test_names_of_other_tools_point_to_the_right_field(quickstart, path, right):
   first = config_check.unknown_field(quickstart, path).splitlines()[0]

@@ -228,6 +228,23 @@ def test_taps_gradient_in_float64_over_batch_chunks(stride):
     np.testing.assert_allclose(gx, gx_want, rtol=1e-10, atol=1e-10)
 
 
+def test_taps_kernel_gradient_in_bfloat16_sums_its_chunks_in_float32():
+  """bfloat16 inputs (``config.search.dtype``): the kernel gradient of 'taps' over 1024
+  examples (256 chunks) stays within bfloat16 rounding of the float64 adjoint of the same
+  values; summing the chunks in bfloat16 would drift by several percent."""
+  rng = np.random.default_rng(31)
+  b, h, w, c = 1024, 4, 4, 2
+  bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  x, kernel = bf16(_rand(rng, 1, b, h, w, c)), bf16(_rand(rng, 3, 3, c))
+  cot = bf16(_rand(rng, 1, b, h, w, c))
+  grad = jax.grad(lambda k: jnp.sum(F.depthwise_convs(
+      x, [k], [1], impl="taps").astype(jnp.float32) * cot))(kernel)
+  assert grad.dtype == jnp.bfloat16
+  as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  _, want = np_depthwise_grads(as64(x)[0], as64(kernel), as64(cot)[0], 1, 1)
+  np.testing.assert_allclose(as64(grad), want, rtol=0, atol=0.01 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------------------------------
 # Pools, FactorizedReduce, pointwise conv, BatchNorm.
 
@@ -372,3 +389,20 @@ def test_batch_norm_matches_numpy(lead):
   want = ((x64 - expand(want_mean)) / np.sqrt(expand(want_var) + 1e-5) * expand(scale)
           + expand(bias))
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_norm_of_bfloat16_reduces_in_float32():
+  """bfloat16 activations (``config.search.dtype``): the statistics are those of the
+  bfloat16 values reduced in float32 (a bfloat16 mean is off by up to 2^-9 relative), the
+  running statistics stay float32 and the output is bfloat16."""
+  rng = np.random.default_rng(21)
+  x = jnp.asarray(_rand(rng, 32, 8, 8, 3) * 3.0 + 1.5, jnp.bfloat16)
+  y, (running_mean, running_var) = F.batch_norm(x, (jnp.zeros(3), jnp.ones(3)), 0, True)
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)
+  mean, var, n = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2)), 32 * 8 * 8
+  assert y.dtype == jnp.bfloat16
+  assert running_mean.dtype == running_var.dtype == jnp.float32
+  np.testing.assert_allclose(running_mean, 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(running_var, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+  want = (x64 - mean) / np.sqrt(var + F.BN_EPS)
+  np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), want, rtol=0, atol=0.02)

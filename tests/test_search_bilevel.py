@@ -1,7 +1,8 @@
 """Tests of the bilevel DARTS / NA-DARTS step against independent computations.
 
 A small model that takes architecture weights as input (the supernet's contract) keeps
-compile times short; the supernet itself is exercised end to end in test_experiment.py.
+compile times short; the supernet itself is exercised end to end in test_experiment.py,
+and here only where the compute dtype meets its convolutions and BatchNorms.
 """
 
 import flax.linen as nn
@@ -10,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jax_core
 
 from configs import quickstart
 from nanas_jax import neighborhood, spaces
+from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search import bilevel
 from nanas_jax.search.bilevel import BilevelSearch
 
@@ -130,6 +133,66 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
     if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def _matmul_operand_dtypes(jaxpr) -> set[str]:
+  """The operand dtypes of every convolution and matmul in ``jaxpr`` and its sub-jaxprs
+  (scans, custom gradients, nested jits)."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      found.update(str(v.aval.dtype) for v in eqn.invars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          found |= _matmul_operand_dtypes(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          found |= _matmul_operand_dtypes(sub)
+  return found
+
+
+def test_bfloat16_compute_follows_the_float32_supernet_gradient():
+  """``config.dtype = 'bfloat16'`` on the DARTS supernet: every convolution and matmul of
+  the gradient runs in bfloat16 (float32 ones in float32 mode: the check sees them), while
+  the loss, both gradients and the BatchNorm statistics come back float32 and within
+  bfloat16 rounding of the float32 computation (the oracle)."""
+  model = SearchNetwork(num_classes=10, channels=4, layers=1)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 8, 8, 1)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 10, 8))
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    config = make_config()
+    config.dtype = dtype
+    search = BilevelSearch(model, SPACE, config, 10)
+    state = search.init(jax.random.key(0), x)
+    args = (state.params, state.batch_stats, jax.nn.softmax(state.alpha, -1), x, y)
+    jaxpr = jax.make_jaxpr(search.value_and_grads)(*args).jaxpr
+    assert _matmul_operand_dtypes(jaxpr) == {np.dtype(dtype).name}
+    results[dtype] = search.grads(*args)
+  (loss32, _, stats32, gp32, gw32), (loss16, _, stats16, gp16, gw16) = results.values()
+  assert {a.dtype.name for a in jax.tree.leaves((loss16, stats16, gp16, gw16))} == {"float32"}
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+  for a, b in ((gp16, gp32), (gw16, gw32)):
+    a, b = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(t)]) for t in (a, b))
+    cosine = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cosine > 0.98 and abs(np.linalg.norm(a) / np.linalg.norm(b) - 1) < 0.05
+  for a, b in zip(jax.tree.leaves(stats16), jax.tree.leaves(stats32)):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_step_keeps_the_state_float32():
+  (tx, ty), (vx, vy) = make_batches()
+  config = make_config("na_darts", "second_fd", num=2, kind="swap")
+  config.dtype = "bfloat16"
+  config.warmup_epochs = 0
+  search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
+  state = init_state(search, tx)
+  new, metrics = search.jit_step()(state, (tx, ty), (vx, vy))
+  for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+    assert after.dtype == before.dtype
+  assert not np.array_equal(new.alpha, state.alpha)
+  assert np.isfinite(metrics["arch_loss"])
 
 
 @pytest.mark.parametrize("order", ["first", "second_fd"])
@@ -359,6 +422,7 @@ def test_learning_rate_schedule_is_cosine_per_epoch():
     ("warmup_epochs", 99, "config.search.warmup_epochs"),
     ("recalibrate_batches", -1, "config.search.recalibrate_batches"),
     ("epochs", 0, "config.search.epochs"),
+    ("dtype", "float16", "config.search.dtype"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
   config = make_config("na_darts")

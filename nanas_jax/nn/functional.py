@@ -239,13 +239,17 @@ def _depthwise_conv_taps_bwd(dilation, stride, residuals, g):
     xc = lax.dynamic_slice_in_dim(x, start, size, axis=lead)
     gc = lax.dynamic_slice_in_dim(g, start, size, axis=lead)
     xp, geometry = _padded_with_geometry(xc, k, d, s)
-    taps = [jnp.sum(window * gc, axis=axes) for window in _tap_windows(xp, k, geometry)]
+    taps = [jnp.sum(window * gc, axis=axes, dtype=acc.dtype)
+            for window in _tap_windows(xp, k, geometry)]
     return acc + jnp.stack(taps, axis=lead), None
 
+  # Summed over the chunks in float32 at least (a bfloat16 sum of B / 4 chunks would drop
+  # the low digits of every tap).
   grad_kernel, _ = lax.scan(
-      add_chunk, jnp.zeros(kernel.shape[:lead] + (k * k, kernel.shape[-1]), kernel.dtype),
+      add_chunk, jnp.zeros(kernel.shape[:lead] + (k * k, kernel.shape[-1]),
+                           jnp.promote_types(kernel.dtype, jnp.float32)),
       jnp.arange(0, batch, size))
-  return grad_x, grad_kernel.reshape(kernel.shape)
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 depthwise_conv_taps.defvjp(_depthwise_conv_taps_fwd, _depthwise_conv_taps_bwd)
@@ -345,8 +349,11 @@ BN_EPS = 1e-5
 
 
 def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance of ``x[*lead, B, H, W, C]`` over (B, H, W) per lead and C."""
+  """Mean and biased variance of ``x[*lead, B, H, W, C]`` over (B, H, W) per lead and C,
+  reduced in float32 at least (bfloat16 sums of thousands of values would lose the
+  statistics' low digits)."""
   axes = tuple(range(feature_lead, feature_lead + 3))
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(x, axis=axes)
   var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
   return mean, var
@@ -354,14 +361,16 @@ def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Ar
 
 def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
                      scale=None, bias=None):
-  """Normalises ``x[*lead, B, H, W, C]`` with per-(lead, C) ``mean``/``var``."""
+  """Normalises ``x[*lead, B, H, W, C]`` with per-(lead, C) ``mean``/``var``, in ``x``'s
+  dtype (float32 statistics of a bfloat16 ``x`` are cast to it)."""
   axes = tuple(range(feature_lead, feature_lead + 3))
   inv = lax.rsqrt(var + eps)
   if scale is not None:
     inv = inv * scale
-  y = (x - jnp.expand_dims(mean, axes)) * jnp.expand_dims(inv, axes)
+  put = lambda a: jnp.expand_dims(a.astype(x.dtype), axes)
+  y = (x - put(mean)) * put(inv)
   if bias is not None:
-    y = y + jnp.expand_dims(bias, axes)
+    y = y + put(bias)
   return y
 
 

@@ -36,6 +36,11 @@ jitted pieces around it. ``compile='fused'`` traces the whole step into one ``ja
 JAX 0.11.2, XLA's GPU compiler aborts on the fused step (``triton_tiling_propagation.cc``
 check failure) while the shared step runs. Both modes compute the same step (tested).
 
+Precision. ``config.dtype = 'bfloat16'`` runs the supernet's convolutions and matmuls in
+bfloat16 (`BilevelSearch.apply_model` casts the parameters, images and architecture
+weights on the way in and the logits back to float32); the state stays float32, and the
+BatchNorms reduce their statistics in float32.
+
 BatchNorm statistics are updated by the weight step only; the architecture step and the
 virtual step run in training mode (batch statistics) and discard their updates.
 """
@@ -59,6 +64,7 @@ ORDERS = ("first", "second_fd", "second_exact")
 ALGORITHMS = ("darts", "na_darts")
 NEIGHBOR_EVALUATIONS = ("auto", "vmap", "loop")
 COMPILE_MODES = ("auto", "shared", "fused")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -104,6 +110,9 @@ class BilevelSearch:
     self.neighborhood = objective.Neighborhood.from_config(config)
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
+    # None: the parameters' own dtype (float32, or float64 where a test enables x64).
+    dtype = config.get("dtype", "float32")
+    self.compute_dtype = None if dtype == "float32" else jnp.dtype(dtype)
     self._jit_cache: dict[Any, Callable] = {}
 
   def _jitted(self, fn: Callable) -> Callable:
@@ -130,14 +139,32 @@ class BilevelSearch:
         arch_opt_state=self.arch_tx.init(alpha), rng=state_rng)
 
   # ------------------------------------------------------------------ the one gradient
+  def apply_model(self, params, batch_stats, images, weights, train: bool):
+    """``(float32 logits, batch_stats after the pass)`` of the supernet in the compute
+    dtype (``config.dtype``): the parameters, images and architecture weights enter it
+    cast, so every convolution and matmul runs in that dtype, while what the state keeps
+    stays float32 (parameters, alpha and their gradients through the casts, optimizer
+    states, and the BatchNorm statistics, which the BatchNorms reduce in float32). In
+    evaluation mode the statistics come back unchanged."""
+    low = self.compute_dtype
+    if low is not None:
+      params, images, weights = jax.tree.map(lambda x: x.astype(low),
+                                             (params, images, weights))
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+      logits, updates = self.model.apply(variables, images, weights, train=True,
+                                         mutable=["batch_stats"])
+      # Models without BatchNorm have no statistics to update.
+      batch_stats = updates.get("batch_stats", batch_stats)
+    else:
+      logits = self.model.apply(variables, images, weights, train=False)
+    return (logits if low is None else logits.astype(jnp.float32)), batch_stats
+
   def train_loss(self, params, batch_stats, weights, images, labels):
     """Training-mode loss at architecture weights ``weights``, with the logits and the
     BatchNorm statistics update."""
-    logits, updates = self.model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, weights, train=True,
-        mutable=["batch_stats"])
-    # Models without BatchNorm have no statistics to update.
-    return cross_entropy(logits, labels), (logits, updates.get("batch_stats", batch_stats))
+    logits, new_stats = self.apply_model(params, batch_stats, images, weights, train=True)
+    return cross_entropy(logits, labels), (logits, new_stats)
 
   def value_and_grads(self, params, batch_stats, weights, images, labels):
     """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``."""
@@ -382,10 +409,8 @@ class BilevelSearch:
     recalibration, `nanas_jax.nn.recalibration`)."""
 
     def update(params, batch_stats, alpha, images):
-      _, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                    jax.nn.softmax(alpha, -1), train=True,
-                                    mutable=["batch_stats"])
-      return updates.get("batch_stats", batch_stats)
+      return self.apply_model(params, batch_stats, images, jax.nn.softmax(alpha, -1),
+                              train=True)[1]
 
     return jax.jit(update)
 
@@ -396,8 +421,8 @@ class BilevelSearch:
     reduces on the devices and every process reads the same three numbers."""
 
     def evaluate(state: SearchState, images, labels, mask):
-      logits = self.model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                                images, jax.nn.softmax(state.alpha, -1), train=False)
+      logits, _ = self.apply_model(state.params, state.batch_stats, images,
+                                   jax.nn.softmax(state.alpha, -1), train=False)
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       mask = mask.astype(losses.dtype)
       return {"loss": jnp.sum(losses * mask),
@@ -447,6 +472,9 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(config.order in ORDERS, "order", config.order, f"one of {ORDERS}")
   check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
         f"one of {COMPILE_MODES}")
+  check(config.get("dtype", "float32") in COMPUTE_DTYPES, "dtype", config.get("dtype"),
+        f"one of {COMPUTE_DTYPES}: the dtype the supernet computes in (parameters, alpha "
+        "and BatchNorm statistics stay float32)")
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   warmup = config.get("warmup_epochs", 0)
