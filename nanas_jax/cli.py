@@ -210,9 +210,9 @@ def huge_pages_environ(environ: Mapping[str, str],
   on free, so each search step touches its gigabytes of buffers as new memory: one page
   fault per 4 KiB page, each zero-filled by the kernel (measured: writing a new 134 MB
   array costs 49 ms, 5.6 ms into a reused one; with huge pages 14-17 ms, 512 times fewer
-  faults). With huge pages the search step at B=16, C=8, 5 cells, 32x32 takes 1.43 s
-  instead of 1.78 s on this project's 2-core CPU (README, "Fast where it runs"). Huge
-  pages change how memory is mapped, never what is computed.
+  faults). With huge pages one supernet gradient at B=16, C=8, 5 cells, 32x32 took
+  0.83-0.96 s instead of 1.22-1.34 s on this project's 2-core CPU (README, "Designed for
+  compile time"). Huge pages change how memory is mapped, never what is computed.
 
   glibc reads the tunable only when a process starts, hence a restart (`restart_with_
   huge_pages`). None: ``NANAS_HUGE_PAGES=0``, no glibc or one older than 2.35 (no such

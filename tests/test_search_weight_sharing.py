@@ -65,10 +65,35 @@ def test_train_step_is_sgd_on_the_sampled_architecture():
   assert int(new.step) == 1
 
 
+def test_train_step_in_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+  space = spaces.get_space("darts")
+  config = na_rs_quickstart.get_config().search
+  config.dtype = "bfloat16"
+  trainer = weight_sharing.WeightSharingTrainer(ToyArchModel(), space, config, 5)
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  y = rng.integers(0, 3, 6)
+  state = trainer.init(jax.random.key(0), jnp.asarray(x))
+  params = jax.tree.map(jnp.copy, state.params)  # the step donates the state
+  new, metrics = trainer.step(state, (x, y), np.random.default_rng(7))
+  weights = trainer.sample_weights(np.random.default_rng(7))
+
+  def loss(dtype):
+    cast = lambda a: jnp.asarray(a).astype(dtype)
+    logits = trainer.model.apply({"params": jax.tree.map(cast, params)}, cast(x),
+                                 cast(weights), train=True).astype(jnp.float32)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), y])
+
+  # The loss of the bfloat16 forward pass written out, not the float32 one.
+  np.testing.assert_allclose(metrics["train_loss"], loss(jnp.bfloat16), rtol=1e-6)
+  assert abs(float(loss(jnp.bfloat16)) / float(loss(jnp.float32)) - 1) > 1e-5
+  assert {a.dtype.name for a in jax.tree.leaves(new.params)} == {"float32"}
+
+
 @pytest.mark.parametrize("field,value", [("algorithm", "darts"), ("rs.num_candidates", 0),
                                          ("rs.radius", 0), ("rs.num_neighbors", 0),
                                          ("rs.aggregation", "median"), ("rs.chunk_size", 0),
-                                         ("epochs", 0)])
+                                         ("epochs", 0), ("dtype", "float16")])
 def test_bad_values_name_the_field(field, value):
   config = na_rs_quickstart.get_config().search
   *path, leaf = field.split(".")

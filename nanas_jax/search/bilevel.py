@@ -37,7 +37,7 @@ JAX 0.11.2, XLA's GPU compiler aborts on the fused step (``triton_tiling_propaga
 check failure) while the shared step runs. Both modes compute the same step (tested).
 
 Precision. ``config.dtype = 'bfloat16'`` runs the supernet's convolutions and matmuls in
-bfloat16 (`BilevelSearch.apply_model` casts the parameters, images and architecture
+bfloat16 (`apply_supernet` casts the parameters, images and architecture
 weights on the way in and the logits back to float32); the state stays float32, and the
 BatchNorms reduce their statistics in float32.
 
@@ -76,6 +76,34 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The dtype ``config.dtype`` asks the supernet to compute in: None for ``'float32'``
+  (the parameters' own dtype: float32, or float64 where a test enables x64)."""
+  dtype = config.get("dtype", "float32")
+  return None if dtype == "float32" else jnp.dtype(dtype)
+
+
+def apply_supernet(model, dtype, params, batch_stats, images, weights, train: bool):
+  """``(float32 logits, batch_stats after the pass)`` of ``model`` computed in ``dtype``
+  (`compute_dtype`): the parameters, images and architecture weights enter it cast, so
+  every convolution and matmul runs in that dtype, while what the state keeps stays
+  float32 (parameters, alpha and their gradients through the casts, optimizer states, and
+  the BatchNorm statistics, which the BatchNorms reduce in float32). In evaluation mode
+  the statistics come back unchanged."""
+  if dtype is not None:
+    params, images, weights = jax.tree.map(lambda x: x.astype(dtype),
+                                           (params, images, weights))
+  variables = {"params": params, "batch_stats": batch_stats}
+  if train:
+    logits, updates = model.apply(variables, images, weights, train=True,
+                                  mutable=["batch_stats"])
+    # Models without BatchNorm have no statistics to update.
+    batch_stats = updates.get("batch_stats", batch_stats)
+  else:
+    logits = model.apply(variables, images, weights, train=False)
+  return (logits if dtype is None else logits.astype(jnp.float32)), batch_stats
+
+
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
@@ -110,9 +138,7 @@ class BilevelSearch:
     self.neighborhood = objective.Neighborhood.from_config(config)
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
-    # None: the parameters' own dtype (float32, or float64 where a test enables x64).
-    dtype = config.get("dtype", "float32")
-    self.compute_dtype = None if dtype == "float32" else jnp.dtype(dtype)
+    self.compute_dtype = compute_dtype(config)
     self._jit_cache: dict[Any, Callable] = {}
 
   def _jitted(self, fn: Callable) -> Callable:
@@ -140,25 +166,9 @@ class BilevelSearch:
 
   # ------------------------------------------------------------------ the one gradient
   def apply_model(self, params, batch_stats, images, weights, train: bool):
-    """``(float32 logits, batch_stats after the pass)`` of the supernet in the compute
-    dtype (``config.dtype``): the parameters, images and architecture weights enter it
-    cast, so every convolution and matmul runs in that dtype, while what the state keeps
-    stays float32 (parameters, alpha and their gradients through the casts, optimizer
-    states, and the BatchNorm statistics, which the BatchNorms reduce in float32). In
-    evaluation mode the statistics come back unchanged."""
-    low = self.compute_dtype
-    if low is not None:
-      params, images, weights = jax.tree.map(lambda x: x.astype(low),
-                                             (params, images, weights))
-    variables = {"params": params, "batch_stats": batch_stats}
-    if train:
-      logits, updates = self.model.apply(variables, images, weights, train=True,
-                                         mutable=["batch_stats"])
-      # Models without BatchNorm have no statistics to update.
-      batch_stats = updates.get("batch_stats", batch_stats)
-    else:
-      logits = self.model.apply(variables, images, weights, train=False)
-    return (logits if low is None else logits.astype(jnp.float32)), batch_stats
+    """`apply_supernet` in the configured compute dtype."""
+    return apply_supernet(self.model, self.compute_dtype, params, batch_stats, images,
+                          weights, train)
 
   def train_loss(self, params, batch_stats, weights, images, labels):
     """Training-mode loss at architecture weights ``weights``, with the logits and the
@@ -472,9 +482,7 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(config.order in ORDERS, "order", config.order, f"one of {ORDERS}")
   check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
         f"one of {COMPILE_MODES}")
-  check(config.get("dtype", "float32") in COMPUTE_DTYPES, "dtype", config.get("dtype"),
-        f"one of {COMPUTE_DTYPES}: the dtype the supernet computes in (parameters, alpha "
-        "and BatchNorm statistics stay float32)")
+  check_compute_dtype(config)
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   warmup = config.get("warmup_epochs", 0)
@@ -516,6 +524,15 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(a.weight_decay >= 0, "arch.weight_decay", a.weight_decay, ">= 0")
   check(a.get("schedule", "constant") in ARCH_SCHEDULES, "arch.schedule",
         a.get("schedule"), f"one of {ARCH_SCHEDULES}")
+
+
+def check_compute_dtype(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the field, on a ``config.dtype`` the supernet cannot compute in."""
+  dtype = config.get("dtype", "float32")
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.search.dtype = {dtype!r} is invalid: expected one of "
+                     f"{COMPUTE_DTYPES}: the dtype the supernet computes in (parameters, "
+                     "alpha and BatchNorm statistics stay float32).")
 
 
 def neighbors_per_step(config: ml_collections.ConfigDict) -> int:

@@ -2,8 +2,9 @@
 
 Every step trains the supernet weights on one uniformly sampled architecture, given to the
 supernet as one-hot architecture weights (the same module DARTS uses, since architecture
-weights are an input). The trained weights then score candidates through
-`evaluators.SupernetEvaluator`, for random search or NA-RS (`random_search.py`).
+weights are an input), in the compute dtype ``config.dtype`` (`bilevel.apply_supernet`).
+The trained weights then score candidates through `evaluators.SupernetEvaluator`, for
+random search or NA-RS (`random_search.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import optax
 
 from nanas_jax import neighborhood
-from nanas_jax.search.bilevel import accuracy, cross_entropy
+from nanas_jax.search.bilevel import (accuracy, apply_supernet, check_compute_dtype,
+                                      compute_dtype, cross_entropy)
 from nanas_jax.search.state import SearchState, weight_lr_schedule, weight_optimizer
 from nanas_jax.spaces import SearchSpace
 
@@ -37,6 +39,7 @@ class WeightSharingTrainer:
     self.config = config
     self.weight_tx = weight_optimizer(config.weights, config.epochs, steps_per_epoch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
+    self.compute_dtype = compute_dtype(config)
     self._step = jax.jit(self._train_step, donate_argnums=0)
 
   def init(self, rng: jax.Array, sample_images: jax.Array) -> SearchState:
@@ -58,11 +61,9 @@ class WeightSharingTrainer:
 
   def _train_step(self, state: SearchState, weights, images, labels):
     def loss_fn(params):
-      logits, updates = self.model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, weights,
-          train=True, mutable=["batch_stats"])
-      return cross_entropy(logits, labels), (logits, updates.get("batch_stats",
-                                                                 state.batch_stats))
+      logits, batch_stats = apply_supernet(self.model, self.compute_dtype, params,
+                                           state.batch_stats, images, weights, train=True)
+      return cross_entropy(logits, labels), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
@@ -93,6 +94,7 @@ def validate_rs_config(config: ml_collections.ConfigDict) -> None:
         f"one of {RS_ALGORITHMS}")
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
+  check_compute_dtype(config)
   rs = config.rs
   check(rs.evaluator in RS_EVALUATORS, "rs.evaluator", rs.evaluator,
         f"one of {RS_EVALUATORS}")
