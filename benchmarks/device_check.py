@@ -12,11 +12,14 @@ time limit so that the whole run ends in about 8 minutes on one GPU:
 - the reference (`reference_step.py`, quark0/darts ``cnn/`` read from ``--reference``,
   nothing of it in this repository): first and second order.
 
+``--dtype=bfloat16`` runs our rows in bfloat16 (``config.search.dtype``; the reference
+stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file.
+
 Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
 ``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``
 and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
-first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries ``error``
+dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries ``error``
 instead of its numbers).
 """
 
@@ -45,7 +48,7 @@ PRESETS = {
 OURS = (("darts", "first", 1), ("darts", "second_fd", 1), ("na_darts", "first", 4))
 REFERENCE = ("first", "second")
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
-          "first_step_s", "step_s", "peak_gb")
+          "dtype", "first_step_s", "step_s", "peak_gb")
 
 
 def _last_json(text: str) -> dict:
@@ -71,16 +74,16 @@ def _run(cmd: list[str], timeout: float,
 
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
-         timeout: float) -> dict:
+         timeout: float, dtype: str = "float32") -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
-         f"--steps={steps}"]
+         f"--steps={steps}", f"--dtype={dtype}"]
   # Started as `nanas_jax.cli`'s programs start: with huge pages where they help.
   result, error = _run(cmd, timeout, cli.huge_pages_environ(os.environ))
   row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
-         "neighbors": neighbors}
+         "neighbors": neighbors, "dtype": dtype}
   if error:
     return {**row, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
@@ -96,7 +99,7 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
   if error:
     return {"impl": "pytorch_reference", "algorithm": "darts",
             "order": "first" if order == "first" else "second_fd", "neighbors": 1, **size,
-            "error": error}
+            "dtype": "float32", "error": error}
   return {k: result[k] for k in FIELDS} | {"torch": result["torch"]}
 
 
@@ -106,6 +109,8 @@ def main(argv=None):
   parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
   parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="our rows' compute dtype (the reference's is float32)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   args = parser.parse_args(argv)
   try:
@@ -115,7 +120,7 @@ def main(argv=None):
   size = PRESETS[args.preset]
   rows = []
   for algorithm, order, k in OURS:
-    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout))
+    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout, args.dtype))
     print(json.dumps(rows[-1]), flush=True)
   for order in REFERENCE:
     rows.append(reference(args.reference, order, size, args.steps, args.timeout))
@@ -128,7 +133,8 @@ def main(argv=None):
             "rows": [{k: r[k] for k in FIELDS + ("error",) if k in r} for r in rows]}
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
-  path = os.path.join(args.output_dir, f"{name}.json")
+  suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+  path = os.path.join(args.output_dir, f"{name}{suffix}.json")
   with open(path, "w") as f:
     f.write(json.dumps(report, indent=2) + "\n")
   print(f"wrote {path}")

@@ -112,7 +112,7 @@ def measure(args) -> dict:
       "impl": "pytorch_reference", "algorithm": "darts",
       "order": "first" if args.order == "first" else "second_fd", "neighbors": 1,
       "batch": args.batch, "channels": args.channels, "layers": args.layers,
-      "size": args.size, "first_step_s": round(times[0], 3),
+      "size": args.size, "dtype": "float32", "first_step_s": round(times[0], 3),
       "step_s": round(statistics.median(times[1:]), 4) if len(times) > 1 else None,
       "peak_gb": round(peak / 2**30, 2),
       "device": torch.cuda.get_device_name() if gpu else "cpu",

@@ -61,6 +61,7 @@ def measure(args) -> dict:
   config.neighbors.num = args.neighbors
   config.compile = args.compile
   config.neighbors.evaluate = args.evaluate
+  config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                         dw_impl=args.depthwise_impl)
   search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
@@ -85,7 +86,8 @@ def measure(args) -> dict:
   return {
       "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
-      "batch": args.batch, "compile": search.fused and "fused" or "shared",
+      "batch": args.batch, "dtype": args.dtype,
+      "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors, "init_s": round(init_s, 2),
       "first_step_s": round(times[0], 2),
       "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,
@@ -108,6 +110,8 @@ def main(argv=None):
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="the supernet's compute dtype (config.search.dtype)")
   parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
   parser.add_argument("--channels", type=int, default=8)
   parser.add_argument("--layers", type=int, default=5)
@@ -129,7 +133,7 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "order", "neighbors", "compile", "evaluate", "depthwise_impl", "channels",
+            "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl", "channels",
             "layers", "size", "in_channels", "batch", "steps")]
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
     out = subprocess.run(child, capture_output=True, text=True, check=False,

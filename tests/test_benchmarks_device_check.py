@@ -68,7 +68,8 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
       return None, "timed out after 9 s"
     if "reference_step.py" in cmd[1]:
       return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
-              "order": "first", "neighbors": 1, "first_step_s": 3.0, "step_s": 1.5,
+              "order": "first", "neighbors": 1, "dtype": "float32", "first_step_s": 3.0,
+              "step_s": 1.5,
               "peak_gb": 0.5, "torch": "2.99", "threads": 2}, None
     return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
             "peak_rss_gb": 3.25, "device": "cpu"}, None
@@ -99,6 +100,31 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   assert rows[0]["peak_gb"] == 3.25 and rows[0]["step_s"] == 0.5
   assert "threads" not in rows[3] and rows[3]["step_s"] == 1.5
   assert rows[4]["error"] == "timed out after 9 s" and "step_s" not in rows[4]
+  assert {r["dtype"] for r in rows} == {"float32"}
+
+
+def test_bfloat16_rows_run_ours_in_bfloat16_and_write_their_own_file(tmp_path, monkeypatch):
+  commands = []
+
+  def fake_run(cmd, timeout, env=None):
+    del timeout, env
+    commands.append(cmd)
+    if "reference_step.py" in cmd[1]:
+      return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
+              "order": "first", "neighbors": 1, "dtype": "float32", "first_step_s": 3.0,
+              "step_s": 1.5, "peak_gb": 0.5, "torch": "2.99"}, None
+    return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
+            "peak_rss_gb": 3.25, "device": "cpu"}, None
+
+  monkeypatch.setattr(check, "_run", fake_run)
+  out = tmp_path / "results"
+  check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+              "--dtype=bfloat16", f"--output_dir={out}"])
+  assert all("--dtype=bfloat16" in cmd for cmd in commands if "search_step.py" in cmd[1])
+  (path,) = out.iterdir()
+  report = json.loads(path.read_text())
+  assert path.name == f"{report['device']}-bfloat16.json".replace(" ", "_")
+  assert [r["dtype"] for r in report["rows"]] == ["bfloat16"] * 3 + ["float32"] * 2
 
 
 def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():

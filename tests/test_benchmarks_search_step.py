@@ -29,7 +29,7 @@ def test_a_tiny_configuration_reports_every_field(algorithm, order, gradients, c
   assert row["neighbors"] == (2 if algorithm == "na_darts" else 1)
   assert row["supernet_gradients_per_step"] == gradients
   assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["peak_rss_gb"] > 0
-  assert row["device"] and "peak_device_gb" in row
+  assert row["device"] and "peak_device_gb" in row and row["dtype"] == "float32"
 
 
 def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):

@@ -37,10 +37,14 @@ def test_sampled_weights_are_one_hot_architectures_of_the_space(space_name):
   assert len(seen) > 40  # uniform sampling rarely repeats in spaces this large
 
 
-def test_train_step_is_sgd_on_the_sampled_architecture():
-  space = spaces.get_space("darts")
+def _one_step(dtype: str):
+  """One training step of a fresh trainer in ``dtype`` on a fixed batch: the trainer, the
+  batch, the parameters before the step, the new state, its metrics and the sampled
+  architecture's weights."""
   config = na_rs_quickstart.get_config().search
-  trainer = weight_sharing.WeightSharingTrainer(ToyArchModel(), space, config, 5)
+  config.dtype = dtype
+  trainer = weight_sharing.WeightSharingTrainer(ToyArchModel(), spaces.get_space("darts"),
+                                                config, 5)
   rng = np.random.default_rng(1)
   x = rng.normal(size=(6, 4)).astype(np.float32)
   y = rng.integers(0, 3, 6)
@@ -48,13 +52,18 @@ def test_train_step_is_sgd_on_the_sampled_architecture():
   params = jax.tree.map(jnp.copy, state.params)  # the step donates the state
   new, metrics = trainer.step(state, (x, y), np.random.default_rng(7))
   weights = trainer.sample_weights(np.random.default_rng(7))
+  return trainer, (x, y), params, new, metrics, weights
+
+
+def test_train_step_is_sgd_on_the_sampled_architecture():
+  trainer, (x, y), params, new, metrics, weights = _one_step("float32")
 
   def loss(p):
     logits = trainer.model.apply({"params": p}, x, weights, train=True)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), y])
 
   grads = jax.grad(loss)(params)
-  w = config.weights
+  w = trainer.config.weights
   norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
   scale = jnp.minimum(1.0, w.grad_clip / norm)
   expected = jax.tree.map(lambda p, g: p - w.lr * (scale * g + w.weight_decay * p), params,
@@ -66,17 +75,7 @@ def test_train_step_is_sgd_on_the_sampled_architecture():
 
 
 def test_train_step_in_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
-  space = spaces.get_space("darts")
-  config = na_rs_quickstart.get_config().search
-  config.dtype = "bfloat16"
-  trainer = weight_sharing.WeightSharingTrainer(ToyArchModel(), space, config, 5)
-  rng = np.random.default_rng(2)
-  x = rng.normal(size=(6, 4)).astype(np.float32)
-  y = rng.integers(0, 3, 6)
-  state = trainer.init(jax.random.key(0), jnp.asarray(x))
-  params = jax.tree.map(jnp.copy, state.params)  # the step donates the state
-  new, metrics = trainer.step(state, (x, y), np.random.default_rng(7))
-  weights = trainer.sample_weights(np.random.default_rng(7))
+  trainer, (x, y), params, new, metrics, weights = _one_step("bfloat16")
 
   def loss(dtype):
     cast = lambda a: jnp.asarray(a).astype(dtype)
