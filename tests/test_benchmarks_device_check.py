@@ -35,6 +35,25 @@ def _fake_reference(path):
   return str(path)
 
 
+def _recording_run(calls, reference_second_order_times_out=False):
+  """A stand-in for ``device_check._run`` that records ``(script, command, timeout, env)``
+  and answers as the two scripts would."""
+
+  def fake_run(cmd, timeout, env=None):
+    script = os.path.basename(cmd[1])
+    calls.append((script, cmd, timeout, env))
+    if script == "search_step.py":
+      return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
+              "peak_rss_gb": 3.25, "device": "cpu"}, None
+    if reference_second_order_times_out and "--order=second" in cmd:
+      return None, f"timed out after {timeout:.0f} s"
+    return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
+            "order": "first", "neighbors": 1, "dtype": "float32", "first_step_s": 3.0,
+            "step_s": 1.5, "peak_gb": 0.5, "torch": "2.99", "threads": 2}, None
+
+  return fake_run
+
+
 @pytest.mark.parametrize("module", [check, ref])
 def test_a_directory_that_is_not_the_reference_is_refused_with_the_fix(module, tmp_path,
                                                                        capsys):
@@ -59,27 +78,14 @@ def test_run_reads_the_last_json_line_and_reports_failures():
 
 
 def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch):
-  calls, envs = [], {}
-
-  def fake_run(cmd, timeout, env=None):
-    calls.append((os.path.basename(cmd[1]), timeout))
-    envs[os.path.basename(cmd[1])] = env
-    if "--order=second" in cmd and "reference_step.py" in cmd[1]:
-      return None, "timed out after 9 s"
-    if "reference_step.py" in cmd[1]:
-      return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
-              "order": "first", "neighbors": 1, "dtype": "float32", "first_step_s": 3.0,
-              "step_s": 1.5,
-              "peak_gb": 0.5, "torch": "2.99", "threads": 2}, None
-    return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
-            "peak_rss_gb": 3.25, "device": "cpu"}, None
-
-  monkeypatch.setattr(check, "_run", fake_run)
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls, True))
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--timeout=9", f"--output_dir={out}"])
   assert [c[0] for c in calls] == ["search_step.py"] * 3 + ["reference_step.py"] * 2
-  assert {c[1] for c in calls} == {9.0}
+  assert {c[2] for c in calls} == {9.0}
+  envs = {c[0]: c[3] for c in calls}
   # Our rows start as our programs do (huge pages where they help); the reference as is.
   expected = cli.huge_pages_environ(os.environ)
   assert envs["reference_step.py"] is None
@@ -104,23 +110,13 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
 
 
 def test_bfloat16_rows_run_ours_in_bfloat16_and_write_their_own_file(tmp_path, monkeypatch):
-  commands = []
-
-  def fake_run(cmd, timeout, env=None):
-    del timeout, env
-    commands.append(cmd)
-    if "reference_step.py" in cmd[1]:
-      return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
-              "order": "first", "neighbors": 1, "dtype": "float32", "first_step_s": 3.0,
-              "step_s": 1.5, "peak_gb": 0.5, "torch": "2.99"}, None
-    return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
-            "peak_rss_gb": 3.25, "device": "cpu"}, None
-
-  monkeypatch.setattr(check, "_run", fake_run)
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls))
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--dtype=bfloat16", f"--output_dir={out}"])
-  assert all("--dtype=bfloat16" in cmd for cmd in commands if "search_step.py" in cmd[1])
+  assert all("--dtype=bfloat16" in cmd for script, cmd, _, _ in calls
+             if script == "search_step.py")
   (path,) = out.iterdir()
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}-bfloat16.json".replace(" ", "_")
