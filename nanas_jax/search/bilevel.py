@@ -37,9 +37,9 @@ JAX 0.11.2, XLA's GPU compiler aborts on the fused step (``triton_tiling_propaga
 check failure) while the shared step runs. Both modes compute the same step (tested).
 
 Precision. ``config.dtype = 'bfloat16'`` runs the supernet's convolutions and matmuls in
-bfloat16 (`apply_supernet` casts the parameters, images and architecture
-weights on the way in and the logits back to float32); the state stays float32, and the
-BatchNorms reduce their statistics in float32.
+bfloat16 (`apply_supernet` casts the parameters, images and architecture weights on the
+way in and the logits back to float32); the state stays float32, and the BatchNorms
+reduce their statistics in float32.
 
 BatchNorm statistics are updated by the weight step only; the architecture step and the
 virtual step run in training mode (batch statistics) and discard their updates.
