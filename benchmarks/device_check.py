@@ -19,8 +19,8 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
 ``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``
 and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
-dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries ``error``
-instead of its numbers).
+dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries
+``error`` instead of its numbers).
 """
 
 from __future__ import annotations
@@ -104,12 +104,14 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
 
 
 def main(argv=None):
+  from nanas_jax.search.bilevel import COMPUTE_DTYPES  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reference", required=True, help="quark0/darts's cnn/ directory")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
   parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+  parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="our rows' compute dtype (the reference's is float32)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   args = parser.parse_args(argv)

@@ -101,6 +101,7 @@ def measure(args) -> dict:
 def main(argv=None):
   from nanas_jax import cli
   from nanas_jax.nn.functional import DEPTHWISE_IMPLS
+  from nanas_jax.search.bilevel import COMPUTE_DTYPES
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -110,7 +111,7 @@ def main(argv=None):
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+  parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="the supernet's compute dtype (config.search.dtype)")
   parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
   parser.add_argument("--channels", type=int, default=8)
