@@ -33,8 +33,10 @@ Config layout::
                      flatness_eval_batches, flatness_seed}
 
 Every value is checked before any data is read or anything compiled; errors name the field
-as this config spells it (``config.search.model.layers = ...``). The search's
-``parallel`` block starts the processes (the training's is then a no-op).
+as this config spells it (``config.search.model.layers = ...``). The training's data is
+then read and checked too (the dataset prepared, each split able to fill its batch), before
+the search starts, unless the training has already finished. The search's ``parallel``
+block starts the processes (the training's is then a no-op).
 """
 
 from __future__ import annotations
@@ -263,6 +265,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   stages: dict[str, dict[str, Any]] = {}
   t0 = time.time()
 
+  training_done = os.path.exists(os.path.join(train_dir, train_run.RESULTS_FILE))
+  if not training_done:
+    # The training's data now, not after a search of hours: a dataset not prepared, or a
+    # split too small for its batch, fails before anything runs.
+    _within("train", train_run.check_data, config.train)
+
   if os.path.exists(os.path.join(search_dir, "genotype.txt")):
     search = _read_json(os.path.join(search_dir, "genotype.json"))
     stages["search"] = {"status": "finished earlier", "seconds": None}
@@ -292,7 +300,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   train_config = config.train.copy_and_resolve_references()
   train_config.model.genotype = genotype
   t = time.time()
-  if os.path.exists(os.path.join(train_dir, train_run.RESULTS_FILE)):
+  if training_done:
     results = _read_json(os.path.join(train_dir, train_run.RESULTS_FILE))
     stages["train"] = {"status": "finished earlier", "seconds": None}
   else:

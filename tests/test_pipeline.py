@@ -121,6 +121,7 @@ def test_pipeline_searches_retrains_reports_and_skips_finished_stages(tmp_path, 
   # 4. With the report moved away, a rerun writes it again from the finished stages alone.
   os.rename(report_path, report_path + ".old")
   monkeypatch.setattr(train_run, "run_train", _fail("the training"))
+  monkeypatch.setattr(train_run, "check_data", _fail("the training's data check"))
   again = pipeline.run_pipeline(config, workdir)
   assert again["test_top1"] == result["test_top1"]
   rewritten = _read(report_path)
@@ -153,6 +154,25 @@ def test_a_bad_config_fails_before_anything_runs(tmp_path, monkeypatch, set_fiel
   set_field(config, path, value)
   workdir = tmp_path / "never"
   with pytest.raises(ValueError, match=message):
+    pipeline.run_pipeline(config, str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("data, error, message", [
+    # 40 digits at train_portion 0.5: a train split of 20 for a global batch of 32.
+    ({"max_examples": 40}, ValueError,
+     r"config\.train\.data\.batch_size = 32 is larger than the train split \(20 examples\)"),
+    ({"name": "cifar10", "data_dir": "NO_DATA"}, FileNotFoundError,
+     r"TFDS dataset 'cifar10' is not prepared in data_dir='.*no_data'"),
+])
+def test_the_training_data_is_checked_before_the_search(tmp_path, monkeypatch, data, error,
+                                                        message):
+  monkeypatch.setattr(pipeline.experiment, "run", _fail("the search"))
+  config = tiny_config()
+  for field, value in data.items():
+    config.train.data[field] = str(tmp_path / "no_data") if value == "NO_DATA" else value
+  workdir = tmp_path / "never"
+  with pytest.raises(error, match=message):
     pipeline.run_pipeline(config, str(workdir))
   assert not workdir.exists()
 

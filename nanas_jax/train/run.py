@@ -114,6 +114,15 @@ def resolve_genotype(model_config: ml_collections.ConfigDict):
     raise ValueError(f"config.model.genotype_file = {path!r} is invalid: {error}") from error
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Reads and checks the data `run_train` would train on, as it reads it: the dataset
+  prepared, each split able to fill a global batch that splits over the devices. For a
+  caller that trains later (the pipeline, before its search): a ValueError or
+  FileNotFoundError says what to fix before anything long has run. Nothing is kept."""
+  parallel.check_batch_size(config.data.batch_size, parallel.data_mesh())
+  loaders.load_train_streams(config.data, config.data.batch_size, config.seed)
+
+
 def _check_workdir(workdir: str, genotype) -> None:
   """Refuses a finished training, and a workdir started with another genotype."""
   results = os.path.join(workdir, RESULTS_FILE)
