@@ -37,12 +37,14 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
   the step a run starts from were written by a session whose state was lost: they move to
   ``<name>.superseded.jsonl`` before the run writes them again, so no step appears twice.
-  Only process 0 writes files.
+  TensorBoard events past that step move the same way, to event files in
+  ``superseded/`` (a run of that name in TensorBoard). Only process 0 writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -66,6 +68,7 @@ from nanas_jax.files import write_atomic
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 DAMAGED_PREFIX = "damaged-"
+SUPERSEDED_EVENTS_DIR = "superseded"
 # What the console line shows when the run names nothing else: the losses, the last
 # validation / test accuracy, the alpha entropy; keys a run does not have are skipped.
 DEFAULT_CONSOLE_KEYS = ("train_loss", "arch_loss", "loss", "val_accuracy", "test_top1",
@@ -166,6 +169,51 @@ def supersede_rows_after(path: str, step: int, steps_per_epoch: int) -> int:
       f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
     write_atomic(path, "".join(kept))
   return len(moved)
+
+
+def supersede_events_after(logdir: str, step: int) -> int:
+  """Moves the TensorBoard events of steps after ``step`` out of the event files directly
+  in ``logdir`` into files of the same names in ``logdir/superseded/`` (TensorBoard shows
+  them as a run of that name), as `supersede_rows_after` does for ``metrics.jsonl``: a run
+  restarting at ``step`` then draws each step once, and nothing readable is lost. A record
+  a kill cut short is unreadable, to TensorBoard too, and is dropped. Returns how many
+  events moved."""
+  # TensorFlow's own record reader and writer: TensorBoard reads what they write. Imported
+  # here, on a resume only (clu's writer has imported it by then).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  total = 0
+  for path in sorted(glob.glob(os.path.join(logdir, "*tfevents*"))):
+    if not os.path.isfile(path):
+      continue
+    kept, moved = [], []
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        raw = record.numpy()
+        (moved if event_pb2.Event.FromString(raw).step > step else kept).append(raw)
+    except tf.errors.DataLossError as error:  # a damaged record: what follows is unreadable
+      logging.warning("%s: %s; the events after it are dropped.", path, error)
+    if not moved:
+      continue
+    directory = os.path.join(logdir, SUPERSEDED_EVENTS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.basename(path)
+    target, copies = os.path.join(directory, name), 0
+    while os.path.exists(target):  # trimmed before, by a resume from a later step
+      copies += 1
+      target = os.path.join(directory, f"{name}.{copies}")
+    # The superseded copy first, then the trimmed file in one rename: an interruption in
+    # between leaves both copies, never neither.
+    with tf.io.TFRecordWriter(target) as writer:
+      for raw in moved:
+        writer.write(raw)
+    trimmed = os.path.join(logdir, f".{name}.trimmed")
+    with tf.io.TFRecordWriter(trimmed) as writer:
+      for raw in kept:
+        writer.write(raw)
+    os.replace(trimmed, path)
+    total += len(moved)
+  return total
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -502,8 +550,6 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
   log_every = config.get("log_every_steps", 1)
   checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), ckpt_cfg.get("keep", 3))
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  # TensorBoard only: the console gets `console_line`, not every metric.
-  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if main else None
   total = epochs * steps_per_epoch
 
   extra: dict[str, Any] = {}
@@ -521,8 +567,16 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         logging.info("%d row%s of %s past step %d (written by a session whose state was "
                      "lost) moved to %s.", moved, "s" if moved > 1 else "", name, step,
                      name[:-len(".jsonl")] + ".superseded.jsonl")
+    moved = supersede_events_after(workdir, step)
+    if moved:
+      logging.info("%d TensorBoard event%s past step %d (written by a session whose state "
+                   "was lost) moved to %s.", moved, "s" if moved > 1 else "", step,
+                   os.path.join(workdir, SUPERSEDED_EVENTS_DIR))
     if resumed_from is not None:
       append_jsonl(metrics_path, {"event": "resumed", "step": step})
+  # TensorBoard only (the console gets `console_line`, not every metric), in a new file
+  # after the old ones were trimmed.
+  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if main else None
 
   saved = {"step": resumed_from, "time": time.monotonic()}
 

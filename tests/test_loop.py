@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from nanas_jax import cli, loop, parallel
 
@@ -356,6 +358,48 @@ def test_rows_of_a_lost_session_are_superseded_not_duplicated(tmp_path):
   full, _ = run(tmp_path / "full")
   assert [r["loss"] for r in records(tmp_path) if "loss" in r] == pytest.approx(
       [r["loss"] for r in records(tmp_path / "full") if "loss" in r], rel=1e-6)
+  # TensorBoard, read as TensorBoard reads it: each step once, in order, with the values
+  # of metrics.jsonl; the lost session's steps 5 and 6 in the run "superseded".
+  drawn = tensorboard_values(tmp_path, "loss")
+  assert [s for s, _ in drawn] == list(range(1, STEPS * EPOCHS + 1))
+  assert [v for _, v in drawn] == pytest.approx(
+      [r["loss"] for r in records(tmp_path) if "loss" in r], rel=1e-6)
+  assert [s for s, _ in tensorboard_values(tmp_path / loop.SUPERSEDED_EVENTS_DIR, "loss")
+          ] == [5, 6]
+  assert [s for s, _ in tensorboard_values(tmp_path, "mean_loss")] == [4, 8, 12]
+
+
+def tensorboard_values(logdir, tag):
+  """``(step, value)`` of ``tag`` in the event files of ``logdir``, in the order
+  TensorBoard's loader reads them (orphaned-data purging off: what the files hold)."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE,
+      purge_orphaned_data=False)
+  accumulator.Reload()
+  return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+          for e in accumulator.Tensors(tag)]
+
+
+def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_parts(tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step in range(1, 9):
+      tf.summary.scalar("loss", step / 2, step=step)
+  writer.close()
+  # A record cut short by a kill: unreadable, dropped.
+  (path,) = glob.glob(str(tmp_path / "*tfevents*"))
+  with open(path, "ab") as f:
+    f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00cut")
+  assert loop.supersede_events_after(str(tmp_path), 6) == 2
+  assert loop.supersede_events_after(str(tmp_path), 6) == 0
+  assert loop.supersede_events_after(str(tmp_path), 3) == 3
+  assert tensorboard_values(tmp_path, "loss") == [(s, s / 2) for s in (1, 2, 3)]
+  superseded = tmp_path / loop.SUPERSEDED_EVENTS_DIR
+  name = os.path.basename(path)
+  assert sorted(os.listdir(superseded)) == [name, name + ".1"]
+  assert tensorboard_values(superseded, "loss") == [(s, s / 2) for s in (7, 8, 4, 5, 6)]
+  assert not glob.glob(str(tmp_path / ".*"))  # no temporary file left
 
 
 def test_the_console_line_shows_the_chosen_keys_once_known(tmp_path, caplog):
