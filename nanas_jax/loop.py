@@ -583,6 +583,10 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
   def save(state):
     if saved["step"] == step:
       return
+    # The events up to the checkpoint on disk before it: a run killed later resumes from
+    # it with TensorBoard complete to there, as metrics.jsonl (written line by line) is.
+    if writer is not None:
+      writer.flush()
     checkpoints.save(step, state, {"step": step, "epoch": step // steps_per_epoch,
                                    "batch": step % steps_per_epoch, "epoch_totals": totals,
                                    "extra": extra})

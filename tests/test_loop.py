@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
+from tensorboard_events import tensorboard_values
 
 from nanas_jax import cli, loop, parallel
 
@@ -367,17 +366,6 @@ def test_rows_of_a_lost_session_are_superseded_not_duplicated(tmp_path):
   assert [s for s, _ in tensorboard_values(tmp_path / loop.SUPERSEDED_EVENTS_DIR, "loss")
           ] == [5, 6]
   assert [s for s, _ in tensorboard_values(tmp_path, "mean_loss")] == [4, 8, 12]
-
-
-def tensorboard_values(logdir, tag):
-  """``(step, value)`` of ``tag`` in the event files of ``logdir``, in the order
-  TensorBoard's loader reads them (orphaned-data purging off: what the files hold)."""
-  accumulator = event_accumulator.EventAccumulator(
-      str(logdir), size_guidance=event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE,
-      purge_orphaned_data=False)
-  accumulator.Reload()
-  return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-          for e in accumulator.Tensors(tag)]
 
 
 def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_parts(tmp_path):

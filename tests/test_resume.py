@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from tensorboard_events import tensorboard_values
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 3 epochs x 8 steps of a 3-cell, C=4 DARTS supernet on 256 digits.
 STEPS, STEPS_PER_EPOCH = 24, 8
@@ -115,4 +117,8 @@ def test_killed_preempted_and_interrupted_searches_resume_to_the_uninterrupted_a
   assert {"event": "resumed", "step": interrupted_at} in events
   # Every step and every epoch once, whatever was written before each stop.
   assert logged_steps(workdir) == list(range(1, STEPS + 1))
+  # TensorBoard too draws every step once, the lost sessions' steps moved aside.
+  for run_dir in (workdir, tmp_path / "killed"):
+    assert [s for s, _ in tensorboard_values(run_dir, "train_loss")] == list(
+        range(1, STEPS + 1)), run_dir
   assert [e["epoch"] for e in events if "epoch" in e] == [1, 2, 3]
