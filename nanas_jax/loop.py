@@ -18,7 +18,11 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   have; on a CPU the final state is bitwise the same (tested). A checkpoint that fails to
   restore (a truncated or missing data file, an emptied metadata file) is reported in one
   line, moved aside to ``checkpoints/damaged-<step>`` (never deleted) and the next older
-  one is tried; when none restores the run stops with the choices. A checkpoint whose
+  one is tried; when none restores the run stops with the choices. On several processes
+  they all decide together (process 0 moves the checkpoint, the others wait; tested with
+  damage on the storage they share). A read failure that only some processes meet mid-way
+  through orbax's restore leaves them in different collectives: the job stops with an
+  error instead, and rerunning it retries. A checkpoint whose
   arrays have other shapes than the run's state is not damaged but from another config:
   the run stops and says so, moving nothing.
 - **Interruptions**: SIGTERM (what SLURM, Kubernetes and TPU maintenance send) and Ctrl-C

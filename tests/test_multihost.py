@@ -5,7 +5,8 @@ and its own half of every global batch (the 8-device test covers several devices
 Checks what multi-host must guarantee: the processes agree on alpha bit for bit (the
 search itself also asserts this before writing results), the mesh spans both, and only
 process 0 writes metrics and results while both take part in the checkpoints, those taken
-by time included.
+by time included; and, on the loop's toy run, that both set aside a damaged checkpoint
+together and resume from the one before it.
 """
 
 import json
@@ -15,7 +16,10 @@ import subprocess
 import sys
 import textwrap
 
-from nanas_jax import parallel
+import numpy as np
+import test_loop
+
+from nanas_jax import loop, parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,12 +55,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
+def run_two_processes(program: str, *args: str) -> list[dict]:
+  """Runs ``program`` as processes 0 and 1 of one job (arguments: the process id, the
+  coordinator's port, then ``args``); returns each one's last ``RESULT`` line as JSON."""
   port = str(free_port())
   env = {k: v for k, v in os.environ.items()
          if k not in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")}
   env["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(1)
-  procs = [subprocess.Popen([sys.executable, "-c", HOST, str(i), port, str(tmp_path)],
+  procs = [subprocess.Popen([sys.executable, "-c", program, str(i), port, *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = []
@@ -69,7 +75,11 @@ def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
   finally:
     for proc in procs:
       proc.kill()
-  first, second = outputs
+  return outputs
+
+
+def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
+  first, second = run_two_processes(HOST, str(tmp_path))
   assert first["processes"] == second["processes"] == 2
   assert first["devices"] == second["devices"] == 2
   assert first["local_devices"] == second["local_devices"] == 1
@@ -83,3 +93,47 @@ def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
   # Both processes saved at every step (a checkpoint only one process joins would hang);
   # the last 3 are kept.
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7", "8"]
+
+
+# The loop's toy run (tests/test_loop.py) on two processes: the first session saves
+# checkpoints 2, 3 and 4; checkpoint 4 is then damaged on the storage both read (as on a
+# pod's shared bucket), and the second session's processes must agree to set it aside
+# (process 0 moves it, the other waits) and resume together from 3.
+TOY = textwrap.dedent("""
+    import json, logging, sys
+    sys.path.insert(0, "tests")
+    import ml_collections, numpy as np
+    from nanas_jax import parallel
+    from test_loop import run
+
+    process_id, port, workdir, epochs = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    parallel.initialize(ml_collections.ConfigDict(dict(
+        distributed="on", coordinator_address="127.0.0.1:" + port, num_processes=2,
+        process_id=process_id)))
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("absl").addHandler(handler)
+    result, _ = run(workdir, epochs=int(epochs), every_steps=1)
+    print("RESULT " + json.dumps({"resumed_from": result.resumed_from,
+                                  "w": np.asarray(result.state["w"]).tolist(),
+                                  "warnings": warnings}))
+    """)
+
+
+def test_two_processes_agree_to_set_aside_a_damaged_checkpoint(tmp_path):
+  workdir = tmp_path / "toy"
+  first = run_two_processes(TOY, str(workdir), "1")
+  assert [out["resumed_from"] for out in first] == [None, None]
+  checkpoints = workdir / loop.CHECKPOINT_DIR
+  assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
+  test_loop.damage(str(checkpoints / "4"), "truncated data file")
+  second = run_two_processes(TOY, str(workdir), str(test_loop.EPOCHS))
+  for out in second:
+    assert out["resumed_from"] == 3
+    assert len(out["warnings"]) == 1 and "damaged-4" in out["warnings"][0], out["warnings"]
+  assert second[0]["w"] == second[1]["w"]
+  assert sorted(os.listdir(checkpoints)) == ["10", "11", "12", "damaged-4"]
+  # The global batches are one process's batch twice over: the run equals one process's.
+  full, _ = test_loop.run(tmp_path / "one")
+  np.testing.assert_allclose(second[0]["w"], np.asarray(full.state["w"]), rtol=1e-6)
