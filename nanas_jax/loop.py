@@ -23,10 +23,9 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   damage on the storage they share). A read failure that only some processes meet mid-way
   through orbax's restore leaves them in different collectives: the job stops with an
   error instead (measured: one process fails a barrier at once, the others when JAX's
-  coordination service times out, minutes later), and rerunning it retries. A
-  checkpoint whose
-  arrays have other shapes than the run's state is not damaged but from another config:
-  the run stops and says so, moving nothing.
+  coordination service times out, minutes later), and rerunning it retries. A checkpoint
+  whose arrays have other shapes than the run's state is not damaged but from another
+  config: the run stops and says so, moving nothing.
 - **Interruptions**: SIGTERM (what SLURM, Kubernetes and TPU maintenance send) and Ctrl-C
   (SIGINT) make the loop finish its step, save a checkpoint and raise `Preempted` (the
   programs exit with 128 + the signal: 143, 130). A second Ctrl-C stops the process at
