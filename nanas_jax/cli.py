@@ -16,8 +16,9 @@ errors, ``--debug``, Ctrl-C, a quiet start.
   action: the process ends even inside a long XLA compile or computation, where a Python
   handler would run only once it returns. The epoch loop (`nanas_jax.loop`) takes Ctrl-C
   over while it runs: it saves a checkpoint first.
-- **Quiet start**: `import_tensorflow_quietly` (programs that use TensorFlow call it
-  before anything imports it) imports TensorFlow with stderr closed, since TensorFlow 2.19
+- **Quiet start**: `import_tensorflow_quietly` (what needs TensorFlow calls it first: the
+  TensorBoard writer, the tfds and ImageNet pipelines, so a program that ends on a usage
+  error never loads it) imports TensorFlow with stderr closed, since TensorFlow 2.19
   and later print C++ INFO lines at import (a oneDNN notice, twice) whatever
   ``TF_CPP_MIN_LOG_LEVEL`` says (tensorflow/tensorflow#100442), and sets
   ``TF_CPP_MIN_LOG_LEVEL=1`` unless set, for the INFO lines that variable still governs;
@@ -70,6 +71,8 @@ def import_tensorflow_quietly() -> None:
   """Imports TensorFlow with file descriptor 2 on /dev/null (see the module docstring).
   A failed import is left to the module that needs TensorFlow, which then reports it with
   stderr back."""
+  if "tensorflow" in sys.modules:
+    return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   try:

@@ -457,6 +457,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.import_tensorflow_quietly()
   FLAGS = _define_flags()
   cli.run(main)

@@ -64,7 +64,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 
 from nanas_jax import cli
 from nanas_jax import parallel
@@ -176,6 +175,16 @@ def supersede_rows_after(path: str, step: int, steps_per_epoch: int) -> int:
   return len(moved)
 
 
+def tensorboard_writer(logdir: str):
+  """clu's asynchronous TensorBoard writer into ``logdir``. clu's writer imports
+  TensorFlow (7-8 s on a 2-core CPU), so it is imported here, quietly
+  (`cli.import_tensorflow_quietly`), when a run first writes metrics: a program that
+  stops on a usage error never loads TensorFlow."""
+  cli.import_tensorflow_quietly()
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
+
+
 def supersede_events_after(logdir: str, step: int) -> int:
   """Moves the TensorBoard events of steps after ``step`` out of the event files directly
   in ``logdir`` into files of the same names in ``logdir/superseded/`` (TensorBoard shows
@@ -183,8 +192,8 @@ def supersede_events_after(logdir: str, step: int) -> int:
   restarting at ``step`` then draws each step once, and nothing readable is lost. A record
   a kill cut short is unreadable, to TensorBoard too, and is dropped. Returns how many
   events moved."""
-  # TensorFlow's own record reader and writer: TensorBoard reads what they write. Imported
-  # here, on a resume only (clu's writer has imported it by then).
+  # TensorFlow's own record reader and writer: TensorBoard reads what they write.
+  cli.import_tensorflow_quietly()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   total = 0
@@ -581,7 +590,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
       append_jsonl(metrics_path, {"event": "resumed", "step": step})
   # TensorBoard only (the console gets `console_line`, not every metric), in a new file
   # after the old ones were trimmed.
-  writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if main else None
+  writer = tensorboard_writer(workdir) if main else None
 
   saved = {"step": resumed_from, "time": time.monotonic()}
 

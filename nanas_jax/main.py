@@ -25,8 +25,6 @@ if __name__ == "__main__":
   # script restarts in `cli.run`.
   cli.restart_with_huge_pages()
 
-# TensorFlow's start-up lines go before the modules below import it (`nanas_jax.cli`).
-cli.import_tensorflow_quietly()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from nanas_jax import config_check, loop, tasks
 # pylint: enable=g-import-not-at-top,wrong-import-position

@@ -7,19 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
+from tensorboard_events import tensorboard_values
 
 from nanas_jax import spaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tensorboard_scalars(workdir, tag):
-  """``{step: value}`` of a scalar in the workdir's TensorBoard event files."""
-  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
-  events.Reload()
-  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
 
 
 def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path):
@@ -74,7 +66,7 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
   steps = {r["step"]: r for r in map(json.loads,
                                      (workdir / "metrics.jsonl").read_text().splitlines())
            if "train_loss" in r}
-  assert tensorboard_scalars(workdir, "train_loss") == pytest.approx(
+  assert dict(tensorboard_values(workdir, "train_loss")) == pytest.approx(
       {s: r["train_loss"] for s, r in steps.items()}, rel=1e-6)
   # Rerunning into the same workdir must not overwrite the finished search.
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -112,12 +104,16 @@ def test_nas_bench_201_searches_run_end_to_end(tmp_path, config_file):
     assert summary["eval_examples"] == 200
 
 
-def test_missing_workdir_is_a_usage_error():
-  out = subprocess.run([sys.executable, "-m", "nanas_jax.main",
+def test_missing_workdir_is_a_usage_error_before_tensorflow_loads():
+  # -X importtime lists every module imported on stderr (the restart keeps the option).
+  out = subprocess.run([sys.executable, "-X", "importtime", "-m", "nanas_jax.main",
                         "--config=configs/quickstart.py"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
   assert out.returncode != 0
   assert "workdir" in out.stderr
+  imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert "jax" in imported and "tensorflow" not in imported
 
 
 def test_na_rs_on_a_nas_bench_201_table_file(tmp_path):

@@ -33,6 +33,8 @@ _READ_BATCH = 4096
 @functools.cache
 def _tensorflow_datasets():
   """Imports tensorflow_datasets with TensorFlow kept off every GPU."""
+  from nanas_jax import cli  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  cli.import_tensorflow_quietly()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # JAX owns the accelerators; TensorFlow only decodes images here and would otherwise
