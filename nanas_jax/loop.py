@@ -189,9 +189,9 @@ def supersede_events_after(logdir: str, step: int) -> int:
   """Moves the TensorBoard events of steps after ``step`` out of the event files directly
   in ``logdir`` into files of the same names in ``logdir/superseded/`` (TensorBoard shows
   them as a run of that name), as `supersede_rows_after` does for ``metrics.jsonl``: a run
-  restarting at ``step`` then draws each step once, and nothing readable is lost. A record
-  a kill cut short is unreadable, to TensorBoard too, and is dropped. Returns how many
-  events moved."""
+  restarting at ``step`` then draws each step once, and nothing readable is lost. A last
+  record a kill cut short is unreadable, to TensorBoard too, and is dropped; a file with
+  a damaged record inside is left as it is. Returns how many events moved."""
   # TensorFlow's own record reader and writer: TensorBoard reads what they write.
   cli.import_tensorflow_quietly()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
@@ -205,8 +205,10 @@ def supersede_events_after(logdir: str, step: int) -> int:
       for record in tf.data.TFRecordDataset(path):
         raw = record.numpy()
         (moved if event_pb2.Event.FromString(raw).step > step else kept).append(raw)
-    except tf.errors.DataLossError as error:  # a damaged record: what follows is unreadable
-      logging.warning("%s: %s; the events after it are dropped.", path, error)
+    except tf.errors.DataLossError as error:  # a damaged record inside the file
+      logging.warning("%s: %s; the file is left as it is (its steps after %d may show "
+                      "twice in TensorBoard).", path, _one_line(error), step)
+      continue
     if not moved:
       continue
     directory = os.path.join(logdir, SUPERSEDED_EVENTS_DIR)
@@ -221,7 +223,9 @@ def supersede_events_after(logdir: str, step: int) -> int:
     with tf.io.TFRecordWriter(target) as writer:
       for raw in moved:
         writer.write(raw)
-    trimmed = os.path.join(logdir, f".{name}.trimmed")
+    # Named so that TensorBoard, which reads every file with "tfevents" in its name, skips
+    # it while it is written.
+    trimmed = os.path.join(logdir, ".events-trimmed.tmp")
     with tf.io.TFRecordWriter(trimmed) as writer:
       for raw in kept:
         writer.write(raw)

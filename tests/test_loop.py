@@ -390,6 +390,27 @@ def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_part
   assert not glob.glob(str(tmp_path / ".*"))  # no temporary file left
 
 
+def test_an_event_file_damaged_inside_is_left_as_it_is(tmp_path, caplog):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  writer = tf.summary.create_file_writer(str(tmp_path))
+  with writer.as_default():
+    for step in range(1, 9):
+      tf.summary.scalar("loss", step / 2, step=step)
+  writer.close()
+  (path,) = glob.glob(str(tmp_path / "*tfevents*"))
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: a record's checksum fails
+    f.seek(0)
+    f.write(data)
+  with caplog.at_level(logging.WARNING):
+    assert loop.supersede_events_after(str(tmp_path), 3) == 0
+  with open(path, "rb") as f:
+    assert f.read() == data
+  assert not (tmp_path / loop.SUPERSEDED_EVENTS_DIR).exists()
+  assert "left as it is" in caplog.text
+
+
 def test_the_console_line_shows_the_chosen_keys_once_known(tmp_path, caplog):
   def step(state, batch):
     state, metrics = toy_step(state, batch)
