@@ -368,15 +368,21 @@ def test_rows_of_a_lost_session_are_superseded_not_duplicated(tmp_path):
   assert [s for s, _ in tensorboard_values(tmp_path, "mean_loss")] == [4, 8, 12]
 
 
-def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_parts(tmp_path):
+def write_losses(logdir):
+  """One event file in ``logdir``: ``loss`` = step / 2 at steps 1-8; returns its path."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  writer = tf.summary.create_file_writer(str(tmp_path))
+  writer = tf.summary.create_file_writer(str(logdir))
   with writer.as_default():
     for step in range(1, 9):
       tf.summary.scalar("loss", step / 2, step=step)
   writer.close()
+  (path,) = glob.glob(str(logdir / "*tfevents*"))
+  return path
+
+
+def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_parts(tmp_path):
+  path = write_losses(tmp_path)
   # A record cut short by a kill: unreadable, dropped.
-  (path,) = glob.glob(str(tmp_path / "*tfevents*"))
   with open(path, "ab") as f:
     f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00cut")
   assert loop.supersede_events_after(str(tmp_path), 6) == 2
@@ -391,13 +397,7 @@ def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_part
 
 
 def test_an_event_file_damaged_inside_is_left_as_it_is(tmp_path, caplog):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  writer = tf.summary.create_file_writer(str(tmp_path))
-  with writer.as_default():
-    for step in range(1, 9):
-      tf.summary.scalar("loss", step / 2, step=step)
-  writer.close()
-  (path,) = glob.glob(str(tmp_path / "*tfevents*"))
+  path = write_losses(tmp_path)
   with open(path, "r+b") as f:
     data = bytearray(f.read())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: a record's checksum fails
