@@ -269,7 +269,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if not training_done:
     # The training's data now, not after a search of hours: a dataset not prepared, or a
     # split too small for its batch, fails before anything runs.
-    _within("train", train_run.check_data, config.train)
+    _within("train", train_run.load_data, config.train)
 
   if os.path.exists(os.path.join(search_dir, "genotype.txt")):
     search = _read_json(os.path.join(search_dir, "genotype.json"))

@@ -121,7 +121,7 @@ def test_pipeline_searches_retrains_reports_and_skips_finished_stages(tmp_path, 
   # 4. With the report moved away, a rerun writes it again from the finished stages alone.
   os.rename(report_path, report_path + ".old")
   monkeypatch.setattr(train_run, "run_train", _fail("the training"))
-  monkeypatch.setattr(train_run, "check_data", _fail("the training's data check"))
+  monkeypatch.setattr(train_run, "load_data", _fail("the training's data check"))
   again = pipeline.run_pipeline(config, workdir)
   assert again["test_top1"] == result["test_top1"]
   rewritten = _read(report_path)

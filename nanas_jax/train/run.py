@@ -114,13 +114,15 @@ def resolve_genotype(model_config: ml_collections.ConfigDict):
     raise ValueError(f"config.model.genotype_file = {path!r} is invalid: {error}") from error
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """Reads and checks the data `run_train` would train on, as it reads it: the dataset
-  prepared, each split able to fill a global batch that splits over the devices. For a
-  caller that trains later (the pipeline, before its search): a ValueError or
-  FileNotFoundError says what to fix before anything long has run. Nothing is kept."""
-  parallel.check_batch_size(config.data.batch_size, parallel.data_mesh())
-  loaders.load_train_streams(config.data, config.data.batch_size, config.seed)
+def load_data(config: ml_collections.ConfigDict,
+              mesh=None) -> data_streams.TrainStreams:
+  """The streams `run_train` trains on, read and checked: the global batch split over the
+  devices of ``mesh`` (default: every device), the dataset prepared, each split able to
+  fill a batch. The pipeline calls it before its search too, so a ValueError or
+  FileNotFoundError says what to fix before anything long has run."""
+  parallel.check_batch_size(config.data.batch_size,
+                            parallel.data_mesh() if mesh is None else mesh)
+  return loaders.load_train_streams(config.data, config.data.batch_size, config.seed)
 
 
 def _check_workdir(workdir: str, genotype) -> None:
@@ -173,12 +175,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   parallel.initialize(config.get("parallel"))
   mesh = parallel.data_mesh()
   batch = config.data.batch_size
-  parallel.check_batch_size(batch, mesh)
   main = parallel.is_main_process()
   text = str(genotype)
 
   t0 = time.time()
-  streams = loaders.load_train_streams(config.data, batch, config.seed)
+  streams = load_data(config, mesh)
   # Written once every check has passed, the data's included.
   if main:
     os.makedirs(workdir, exist_ok=True)
