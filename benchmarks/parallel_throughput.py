@@ -35,7 +35,7 @@ scaling. Real scaling needs real devices: on a GPU or TPU machine the same
 command uses the first N accelerators (``jax.devices()[:N]``, no XLA flag), and
 ``JAX_PLATFORMS=cpu`` forces the fake CPU devices there. On a CPU every count also runs
 with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (see
-`SERIAL_SCHEDULER_FLAG`), so its step times are those of XLA's memory-minimising
+`nanas_jax.parallel.SERIAL_SCHEDULER_FLAG`), so its step times are those of XLA's memory-minimising
 schedule, not of the default one `benchmarks/search_step.py` measures.
 """
 
@@ -56,12 +56,6 @@ PRESETS = {
     # The DARTS search setting: 8 cells, C=16, CIFAR-sized inputs.
     "reference": dict(channels=16, layers=8, image="32x32x3"),
 }
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-# XLA's CPU scheduler that maximises concurrency lets independent all-reduces of one step
-# start in a different order on different fake devices; with 2 devices on 2 cores the step
-# then deadlocked (an XLA rendezvous timeout, the process aborted) in 4 of 6 runs with JAX
-# 0.10.2. The memory-minimising scheduler serialises them (0 of 3).
-SERIAL_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 # What the child processes receive, besides --devices and --child.
 CHILD_ARGS = ("algorithm", "order", "neighbors", "channels", "layers", "image", "batch",
               "steps", "seed")
@@ -210,15 +204,11 @@ def child_env(count: int, backend: str) -> dict[str, str]:
   collective schedule unless ``XLA_FLAGS`` chooses one, for every count alike so that
   all run the same schedule; elsewhere unchanged, the child takes the first ``count``
   real devices. Huge pages where `nanas_jax.cli`'s programs would have them."""
-  from nanas_jax import cli
+  from nanas_jax import cli, parallel
 
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)
   if backend == "cpu":
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith(DEVICE_COUNT_FLAG)]
-    if not any(f.startswith(SERIAL_SCHEDULER_FLAG) for f in flags):
-      flags.append(f"{SERIAL_SCHEDULER_FLAG}=false")
-    env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={count}"])
+    env["XLA_FLAGS"] = parallel.fake_cpu_devices_xla_flags(count, env.get("XLA_FLAGS", ""))
   return env
 
 

@@ -37,16 +37,30 @@ DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
-def fake_cpu_devices_xla_flags(count: int) -> str:
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA's CPU scheduler that maximises concurrency lets independent all-reduces of one step
+# start in a different order on different fake devices; with 2 devices on 2 cores the step
+# then deadlocked (an XLA rendezvous timeout, the process aborted) in 4 of 6 runs with JAX
+# 0.10.2 ("Termination timeout for all reduce"). The memory-minimising scheduler
+# serialises them (0 of 3). GPUs and TPUs are unaffected.
+SERIAL_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def fake_cpu_devices_xla_flags(count: int, flags: str | None = None) -> str:
   """``XLA_FLAGS`` that give a CPU process ``count`` host devices (tests, benchmarks); they
   must be in the environment before JAX starts its CPU backend.
 
-  They also turn off XLA:CPU's concurrency-optimised scheduler, which can start the
-  all-reduces of several host devices in different orders and deadlock (seen with 2 fake
-  devices: "Termination timeout for all reduce"). GPUs and TPUs are unaffected.
+  ``flags`` (by default this process's ``XLA_FLAGS``) are kept, less any device count of
+  their own, so that a child process gets the caller's other flags too. The serial
+  collective scheduler is added unless ``flags`` choose a scheduler (see
+  ``SERIAL_SCHEDULER_FLAG``).
   """
-  return (f"--xla_force_host_platform_device_count={count}"
-          " --xla_cpu_enable_concurrency_optimized_scheduler=false")
+  if flags is None:
+    flags = os.environ.get("XLA_FLAGS", "")
+  kept = [f for f in flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  if not any(f.startswith(SERIAL_SCHEDULER_FLAG) for f in kept):
+    kept.append(f"{SERIAL_SCHEDULER_FLAG}=false")
+  return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={count}"])
 
 
 def multi_process_environment() -> bool:

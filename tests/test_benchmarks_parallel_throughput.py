@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from nanas_jax import parallel
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEC = importlib.util.spec_from_file_location(
     "parallel_throughput", os.path.join(ROOT, "benchmarks", "parallel_throughput.py"))
@@ -28,10 +30,10 @@ def test_bad_command_lines_are_refused(argv):
 
 
 def test_child_env_sets_fake_cpu_devices_only_on_cpu(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {bench.DEVICE_COUNT_FLAG}=3")
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {parallel.DEVICE_COUNT_FLAG}=3")
   flags = bench.child_env(4, "cpu")["XLA_FLAGS"].split()
-  assert flags == ["--xla_dump_to=/tmp/x", f"{bench.SERIAL_SCHEDULER_FLAG}=false",
-                   f"{bench.DEVICE_COUNT_FLAG}=4"]
+  assert flags == ["--xla_dump_to=/tmp/x", f"{parallel.SERIAL_SCHEDULER_FLAG}=false",
+                   f"{parallel.DEVICE_COUNT_FLAG}=4"]
   assert bench.child_env(4, "gpu")["XLA_FLAGS"] == os.environ["XLA_FLAGS"]
 
 
@@ -45,9 +47,9 @@ def test_child_env_asks_for_huge_pages_as_our_programs_do(monkeypatch):
 
 
 def test_child_env_keeps_a_scheduler_the_user_chose(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", f"{bench.SERIAL_SCHEDULER_FLAG}=true")
+  monkeypatch.setenv("XLA_FLAGS", f"{parallel.SERIAL_SCHEDULER_FLAG}=true")
   flags = bench.child_env(2, "cpu")["XLA_FLAGS"].split()
-  assert flags == [f"{bench.SERIAL_SCHEDULER_FLAG}=true", f"{bench.DEVICE_COUNT_FLAG}=2"]
+  assert flags == [f"{parallel.SERIAL_SCHEDULER_FLAG}=true", f"{parallel.DEVICE_COUNT_FLAG}=2"]
 
 
 def test_speedup_efficiency_and_alpha_diff_against_the_base():

@@ -95,6 +95,16 @@ def test_batch_size_must_split_over_the_devices():
     parallel.check_batch_size(12, fake)
 
 
+def test_fake_device_flags_keep_the_other_flags_and_a_chosen_scheduler(monkeypatch):
+  count, serial = parallel.DEVICE_COUNT_FLAG, parallel.SERIAL_SCHEDULER_FLAG
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_to=/tmp/x {count}=3")
+  assert parallel.fake_cpu_devices_xla_flags(8).split() == [
+      "--xla_dump_to=/tmp/x", f"{serial}=false", f"{count}=8"]
+  assert parallel.fake_cpu_devices_xla_flags(2, f"{serial}=true").split() == [
+      f"{serial}=true", f"{count}=2"]
+  assert parallel.fake_cpu_devices_xla_flags(1, "") == f"{serial}=false {count}=1"
+
+
 EIGHT_DEVICES = textwrap.dedent("""
     import json, os, sys
     import jax, jax.numpy as jnp, numpy as np
