@@ -271,15 +271,22 @@ class BilevelSearch:
 
   # ------------------------------------------------------------------- arch gradients
   def _virtual_step(self, state: SearchState, alpha, train_x, train_y, grads_fn):
-    """DARTS's unrolled weights ``w - xi (mu m + g + wd w)`` at architecture ``alpha``."""
+    """DARTS's unrolled weights ``w - xi (mu m + g + wd w)`` at architecture ``alpha``.
+    With the shared compilation ``grads_fn`` is the weight step's compiled gradient and only
+    the update around it is compiled anew (inside one jit it was a second copy of the
+    supernet gradient to compile, as long as the first)."""
+    g = grads_fn(state.params, state.batch_stats, self._jitted(_softmax)(alpha), train_x,
+                 train_y)[3]
+    return self._jitted(self._unrolled_params)(state, g)
+
+  def _unrolled_params(self, state: SearchState, grad_params):
+    """``w - xi (mu m + g + wd w)`` for the parameter gradient ``g``."""
     wcfg = self.config.weights
     xi = self.lr_schedule(state.step)
-    g = grads_fn(state.params, state.batch_stats, jax.nn.softmax(alpha, -1), train_x,
-                 train_y)[3]
     momentum = momentum_buffer(state.weight_opt_state)
     return jax.tree.map(lambda w, gw, m: w - xi * (wcfg.momentum * m + gw
                                                    + wcfg.weight_decay * w),
-                        state.params, g, momentum)
+                        state.params, grad_params, momentum)
 
   def _second_order_exact(self, state: SearchState, train_batch, val_batch, key):
     """``jax.grad`` of the objective at the unrolled weights, through the virtual step."""
@@ -304,7 +311,7 @@ class BilevelSearch:
     if order == "second_exact":
       return self._jitted(self._second_order_exact)(state, train_batch, val_batch, key)
 
-    unrolled = self._jitted(self._virtual_step_shared)(state, *train_batch)
+    unrolled = self._virtual_step(state, state.alpha, *train_batch, self.grads)
     loss, aux, grad_w, grad_alpha = self.arch_value_and_grads(
         unrolled, state.batch_stats, state.alpha, *val_batch, key)
     plus, minus, r = self._jitted(_finite_difference_points)(state.params, grad_w)
@@ -314,9 +321,6 @@ class BilevelSearch:
     grad = self._jitted(self._finite_difference_hypergradient)(state, grad_alpha, plus,
                                                                minus, r)
     return grad, loss, aux
-
-  def _virtual_step_shared(self, state: SearchState, train_x, train_y):
-    return self._virtual_step(state, state.alpha, train_x, train_y, self.grads)
 
   def _finite_difference_hypergradient(self, state, grad_alpha, plus, minus, r):
     """``grad_alpha - xi * (grad_alpha L_train(w+) - grad_alpha L_train(w-)) / 2r``."""
