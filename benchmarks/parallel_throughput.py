@@ -35,8 +35,8 @@ scaling. Real scaling needs real devices: on a GPU or TPU machine the same
 command uses the first N accelerators (``jax.devices()[:N]``, no XLA flag), and
 ``JAX_PLATFORMS=cpu`` forces the fake CPU devices there. On a CPU every count also runs
 with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (see
-`nanas_jax.parallel.SERIAL_SCHEDULER_FLAG`), so its step times are those of XLA's memory-minimising
-schedule, not of the default one `benchmarks/search_step.py` measures.
+`nanas_jax.parallel.SERIAL_SCHEDULER_FLAG`), so its step times are those of XLA's
+memory-minimising schedule, not of the default one `benchmarks/search_step.py` measures.
 """
 
 from __future__ import annotations
