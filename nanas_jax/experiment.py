@@ -43,6 +43,8 @@ from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer
                                              validate_rs_config)
 
 FINAL_FILES = ("genotype.txt", "genotype.json")
+# The picture of the genotype after every epoch of a bilevel search.
+CELLS_DIR = "cells"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -178,6 +180,11 @@ def _paired_batches(streams, steps_per_epoch: int):
   return batches
 
 
+def epoch_picture(workdir: str, epoch: int) -> str:
+  """The picture of the genotype a search held at the end of ``epoch`` (1-based)."""
+  return os.path.join(workdir, CELLS_DIR, f"epoch_{epoch:03d}.png")
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``, data
   parallel over every device, resuming from the workdir's checkpoints."""
@@ -225,9 +232,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       loop.append_jsonl(os.path.join(workdir, "genotypes.jsonl"),
                         {"epoch": epoch + 1, "genotype": text, "val_accuracy": val_acc,
                          "alpha_entropy": entropy, "changed": changed})
-      os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
-      workdir_lib.write_cell_picture(space, genotype,
-                         os.path.join(workdir, "cells", f"epoch_{epoch + 1:03d}.png"))
+      os.makedirs(os.path.join(workdir, CELLS_DIR), exist_ok=True)
+      workdir_lib.write_cell_picture(
+          space, genotype, epoch_picture(workdir, epoch + 1),
+          same_as=None if changed else epoch_picture(workdir, epoch))
     if "best_val_accuracy" not in extra or val_acc > extra["best_val_accuracy"]:
       extra.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_genotype=text)
     extra.update(val_accuracy=val_acc, genotype=text, stable_epochs=stable)
@@ -264,7 +272,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   }
   if main:
     workdir_lib.save_supernet(workdir, parallel.to_host(state))
-    workdir_lib.write_cell_picture(space, final, os.path.join(workdir, "genotype.png"))
+    workdir_lib.write_cell_picture(
+        space, final, os.path.join(workdir, "genotype.png"),
+        same_as=(epoch_picture(workdir, config.search.epochs)
+                 if summary["genotype"] == extra["genotype"] else None))
     write_atomic(os.path.join(workdir, "genotype.txt"), space.format(final) + "\n")
     write_atomic(os.path.join(workdir, "genotype.json"), json.dumps(summary, indent=2) + "\n")
   summary["message"] = (

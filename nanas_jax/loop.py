@@ -35,10 +35,10 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   every process stop after the same step on SIGTERM; Ctrl-C keeps Python's default there.
 - **NaN / Inf**: a non-finite loss stops the run with `FloatingPointError` before anything
   is saved, so the last checkpoint is the last good state.
-- **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard (clu's
-  `SummaryWriter`, asynchronous) and ``metrics.jsonl``, and the console gets one line:
-  step, epoch, the run's ``console_keys`` that are known (from the step, else the last
-  epoch record, else what the run keeps), steps/s and the ETA. Epoch records go to the
+- **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard
+  (`nanas_jax.events`, without TensorFlow) and ``metrics.jsonl``, and the console gets
+  one line: step, epoch, the run's ``console_keys`` that are known (from the step, else
+  the last epoch record, else what the run keeps), steps/s and the ETA. Epoch records go to the
   same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
   the step a run starts from were written by a session whose state was lost: they move to
   ``<name>.superseded.jsonl`` before the run writes them again, so no step appears twice.
@@ -49,7 +49,6 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import signal
@@ -66,13 +65,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from nanas_jax import cli
+from nanas_jax import events
 from nanas_jax import parallel
 from nanas_jax.files import write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 DAMAGED_PREFIX = "damaged-"
-SUPERSEDED_EVENTS_DIR = "superseded"
 # What the console line shows when the run names nothing else: the losses, the last
 # validation / test accuracy, the alpha entropy; keys a run does not have are skipped.
 DEFAULT_CONSOLE_KEYS = ("train_loss", "arch_loss", "loss", "val_accuracy", "test_top1",
@@ -173,66 +172,6 @@ def supersede_rows_after(path: str, step: int, steps_per_epoch: int) -> int:
       f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
     write_atomic(path, "".join(kept))
   return len(moved)
-
-
-def tensorboard_writer(logdir: str):
-  """clu's asynchronous TensorBoard writer into ``logdir``. clu's writer imports
-  TensorFlow (7-8 s on a 2-core CPU), so it is imported here, quietly
-  (`cli.import_tensorflow_quietly`), when a run first writes metrics: a program that
-  stops on a usage error never loads TensorFlow."""
-  cli.import_tensorflow_quietly()
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
-
-
-def supersede_events_after(logdir: str, step: int) -> int:
-  """Moves the TensorBoard events of steps after ``step`` out of the event files directly
-  in ``logdir`` into files of the same names in ``logdir/superseded/`` (TensorBoard shows
-  them as a run of that name), as `supersede_rows_after` does for ``metrics.jsonl``: a run
-  restarting at ``step`` then draws each step once, and nothing readable is lost. A last
-  record a kill cut short is unreadable, to TensorBoard too, and is dropped; a file with
-  a damaged record inside is left as it is. Returns how many events moved."""
-  # TensorFlow's own record reader and writer: TensorBoard reads what they write.
-  cli.import_tensorflow_quietly()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  total = 0
-  for path in sorted(glob.glob(os.path.join(logdir, "*tfevents*"))):
-    if not os.path.isfile(path):
-      continue
-    kept, moved = [], []
-    try:
-      # In batches: one eager call per record would take minutes on a long run's file.
-      for batch in tf.data.TFRecordDataset(path).batch(1 << 14):
-        for raw in batch.numpy():
-          (moved if event_pb2.Event.FromString(raw).step > step else kept).append(raw)
-    except tf.errors.DataLossError as error:  # a damaged record inside the file
-      logging.warning("%s: %s; the file is left as it is (its steps after %d may show "
-                      "twice in TensorBoard).", path, _one_line(error), step)
-      continue
-    if not moved:
-      continue
-    directory = os.path.join(logdir, SUPERSEDED_EVENTS_DIR)
-    os.makedirs(directory, exist_ok=True)
-    name = os.path.basename(path)
-    target, copies = os.path.join(directory, name), 0
-    while os.path.exists(target):  # trimmed before, by a resume from a later step
-      copies += 1
-      target = os.path.join(directory, f"{name}.{copies}")
-    # The superseded copy first, then the trimmed file in one rename: an interruption in
-    # between leaves both copies, never neither.
-    with tf.io.TFRecordWriter(target) as writer:
-      for raw in moved:
-        writer.write(raw)
-    # Named so that TensorBoard, which reads every file with "tfevents" in its name, skips
-    # it while it is written.
-    trimmed = os.path.join(logdir, ".events-trimmed.tmp")
-    with tf.io.TFRecordWriter(trimmed) as writer:
-      for raw in kept:
-        writer.write(raw)
-    os.replace(trimmed, path)
-    total += len(moved)
-  return total
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -586,16 +525,16 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         logging.info("%d row%s of %s past step %d (written by a session whose state was "
                      "lost) moved to %s.", moved, "s" if moved > 1 else "", name, step,
                      name[:-len(".jsonl")] + ".superseded.jsonl")
-    moved = supersede_events_after(workdir, step)
+    moved = events.supersede_after(workdir, step)
     if moved:
       logging.info("%d TensorBoard event%s past step %d (written by a session whose state "
                    "was lost) moved to %s.", moved, "s" if moved > 1 else "", step,
-                   os.path.join(workdir, SUPERSEDED_EVENTS_DIR))
+                   os.path.join(workdir, events.SUPERSEDED_DIR))
     if resumed_from is not None:
       append_jsonl(metrics_path, {"event": "resumed", "step": step})
   # TensorBoard only (the console gets `console_line`, not every metric), in a new file
   # after the old ones were trimmed.
-  writer = tensorboard_writer(workdir) if main else None
+  writer = events.ScalarWriter(workdir) if main else None
 
   saved = {"step": resumed_from, "time": time.monotonic()}
 
@@ -703,7 +642,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
     checkpoints.wait()
     checkpoints.close()
     if writer is not None:
-      writer.flush()
+      writer.close()
   return LoopResult(state=state, extra=extra, resumed_from=resumed_from,
                     first_step_seconds=first_step_seconds)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from tensorboard_events import tensorboard_values
 
-from nanas_jax import cli, loop, parallel
+from nanas_jax import cli, events, loop, parallel
 
 STEPS, EPOCHS, BATCH = 4, 3, 8
 
@@ -363,52 +363,9 @@ def test_rows_of_a_lost_session_are_superseded_not_duplicated(tmp_path):
   assert [s for s, _ in drawn] == list(range(1, STEPS * EPOCHS + 1))
   assert [v for _, v in drawn] == pytest.approx(
       [r["loss"] for r in records(tmp_path) if "loss" in r], rel=1e-6)
-  assert [s for s, _ in tensorboard_values(tmp_path / loop.SUPERSEDED_EVENTS_DIR, "loss")
+  assert [s for s, _ in tensorboard_values(tmp_path / events.SUPERSEDED_DIR, "loss")
           ] == [5, 6]
   assert [s for s, _ in tensorboard_values(tmp_path, "mean_loss")] == [4, 8, 12]
-
-
-def write_losses(logdir):
-  """One event file in ``logdir``: ``loss`` = step / 2 at steps 1-8; returns its path."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  writer = tf.summary.create_file_writer(str(logdir))
-  with writer.as_default():
-    for step in range(1, 9):
-      tf.summary.scalar("loss", step / 2, step=step)
-  writer.close()
-  (path,) = glob.glob(str(logdir / "*tfevents*"))
-  return path
-
-
-def test_events_past_the_resume_step_are_moved_and_a_second_trim_keeps_both_parts(tmp_path):
-  path = write_losses(tmp_path)
-  # A record cut short by a kill: unreadable, dropped.
-  with open(path, "ab") as f:
-    f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00cut")
-  assert loop.supersede_events_after(str(tmp_path), 6) == 2
-  assert loop.supersede_events_after(str(tmp_path), 6) == 0
-  assert loop.supersede_events_after(str(tmp_path), 3) == 3
-  assert tensorboard_values(tmp_path, "loss") == [(s, s / 2) for s in (1, 2, 3)]
-  superseded = tmp_path / loop.SUPERSEDED_EVENTS_DIR
-  name = os.path.basename(path)
-  assert sorted(os.listdir(superseded)) == [name, name + ".1"]
-  assert tensorboard_values(superseded, "loss") == [(s, s / 2) for s in (7, 8, 4, 5, 6)]
-  assert not glob.glob(str(tmp_path / ".*"))  # no temporary file left
-
-
-def test_an_event_file_damaged_inside_is_left_as_it_is(tmp_path, caplog):
-  path = write_losses(tmp_path)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte: a record's checksum fails
-    f.seek(0)
-    f.write(data)
-  with caplog.at_level(logging.WARNING):
-    assert loop.supersede_events_after(str(tmp_path), 3) == 0
-  with open(path, "rb") as f:
-    assert f.read() == data
-  assert not (tmp_path / loop.SUPERSEDED_EVENTS_DIR).exists()
-  assert "left as it is" in caplog.text
 
 
 def test_the_console_line_shows_the_chosen_keys_once_known(tmp_path, caplog):
