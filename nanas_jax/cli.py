@@ -17,8 +17,8 @@ errors, ``--debug``, Ctrl-C, a quiet start.
   handler would run only once it returns. The epoch loop (`nanas_jax.loop`) takes Ctrl-C
   over while it runs: it saves a checkpoint first.
 - **Quiet start**: `import_tensorflow_quietly` (what needs TensorFlow calls it first: the
-  TensorBoard writer, the tfds and ImageNet pipelines, so a program that ends on a usage
-  error never loads it) imports TensorFlow with stderr closed, since TensorFlow 2.19
+  tfds and ImageNet pipelines, so a program that ends on a usage error, or searches the
+  digits, never loads it) imports TensorFlow with stderr closed, since TensorFlow 2.19
   and later print C++ INFO lines at import (a oneDNN notice, twice) whatever
   ``TF_CPP_MIN_LOG_LEVEL`` says (tensorflow/tensorflow#100442), and sets
   ``TF_CPP_MIN_LOG_LEVEL=1`` unless set, for the INFO lines that variable still governs;
