@@ -134,10 +134,11 @@ def supersede_after(logdir: str, step: int) -> int:
       logging.warning("%s: %s; the file is left as it is (its steps after %d may show "
                       "twice in TensorBoard).", path, error, step)
       continue
-    moved = [r for r in records if _step(r) > step]
+    kept, moved = [], []
+    for record in records:
+      (moved if _step(record) > step else kept).append(record)
     if not moved:
       continue
-    kept = [r for r in records if _step(r) <= step]
     directory = os.path.join(logdir, SUPERSEDED_DIR)
     os.makedirs(directory, exist_ok=True)
     name = os.path.basename(path)
