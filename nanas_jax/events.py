@@ -37,6 +37,8 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from nanas_jax.files import write_atomic
+
 SUPERSEDED_DIR = "superseded"
 # TensorBoard reads every file whose name contains "tfevents".
 FILE_PATTERN = "*tfevents*"
@@ -148,14 +150,9 @@ def supersede_after(logdir: str, step: int) -> int:
       target = os.path.join(directory, f"{name}.{copies}")
     # The superseded copy first, then the trimmed file in one rename: an interruption in
     # between leaves both copies, never neither. The records keep their framing, so
-    # nothing is encoded again.
-    with open(target, "xb") as f:
-      f.write(b"".join(moved))
-    # Named so that TensorBoard, which reads every file with "tfevents" in its name, skips
-    # it while it is written.
-    trimmed = os.path.join(logdir, ".events-trimmed.tmp")
-    with open(trimmed, "wb") as f:
-      f.write(b"".join(kept))
-    os.replace(trimmed, path)
+    # nothing is encoded again; `write_atomic`'s temporary names hold no "tfevents", so
+    # TensorBoard skips them while they are written.
+    write_atomic(target, b"".join(moved), replace=False)
+    write_atomic(path, b"".join(kept))
     total += len(moved)
   return total

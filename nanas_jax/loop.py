@@ -38,8 +38,8 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
 - **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard
   (`nanas_jax.events`, without TensorFlow) and ``metrics.jsonl``, and the console gets
   one line: step, epoch, the run's ``console_keys`` that are known (from the step, else
-  the last epoch record, else what the run keeps), steps/s and the ETA. Epoch records go to the
-  same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
+  the last epoch record, else what the run keeps), steps/s and the ETA. Epoch records go
+  to the same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
   the step a run starts from were written by a session whose state was lost: they move to
   ``<name>.superseded.jsonl`` before the run writes them again, so no step appears twice.
   TensorBoard events past that step move the same way, to event files in
