@@ -406,3 +406,22 @@ def test_batch_norm_of_bfloat16_reduces_in_float32():
   np.testing.assert_allclose(running_var, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
   want = (x64 - mean) / np.sqrt(var + F.BN_EPS)
   np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), want, rtol=0, atol=0.02)
+
+
+def test_running_stats_init_compiles_nothing_and_equals_jnp_full():
+  """The initialiser equals ``jnp.full`` (value, dtype, a device array, traceable) without
+  compiling a program: an eagerly initialised supernet calls it for every statistic."""
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    mean = F.running_stats_init(0)((3, 5, 7))
+    var = F.running_stats_init(1)((2, 11), jnp.bfloat16)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not [e for e in compiles if e.endswith("backend_compile_duration")]
+  for got, want in ((mean, jnp.zeros((3, 5, 7))), (var, jnp.ones((2, 11), jnp.bfloat16))):
+    assert isinstance(got, jax.Array) and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  traced = jax.jit(lambda: F.running_stats_init(1)((4,)))()
+  np.testing.assert_array_equal(np.asarray(traced), np.ones(4, np.float32))

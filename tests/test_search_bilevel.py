@@ -5,6 +5,7 @@ compile times short; the supernet itself is exercised end to end in test_experim
 and here only where the compute dtype meets its convolutions and BatchNorms.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -433,3 +434,17 @@ def test_bad_config_values_name_the_field(field, value, message):
   node[leaf] = value
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     bilevel.validate_search_config(config)
+
+
+def test_init_builds_the_optimizer_states_optax_builds_eagerly():
+  """`BilevelSearch.init` builds both optimizer states in one compiled program: they
+  equal optax's eager ``init`` of the same parameters and alpha, leaf for leaf (values,
+  dtypes, tree)."""
+  search = BilevelSearch(ToyArchModel(), SPACE, make_config(), steps_per_epoch=10)
+  (tx, _), _ = make_batches()
+  state = search.init(jax.random.key(0), jnp.asarray(tx))
+  for got, want in ((state.weight_opt_state, search.weight_tx.init(state.params)),
+                    (state.arch_opt_state, search.arch_tx.init(state.alpha))):
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal_dtypes(got, want)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(got))

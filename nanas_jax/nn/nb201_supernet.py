@@ -136,8 +136,8 @@ class _NB201EdgeGroup(nn.Module):
     e, c = self.num_edges, self.channels
     p = {"conv1x1": self.param("conv1x1", torch_uniform(c), (e, c, c)),
          "conv3x3": self.param("conv3x3", torch_uniform(9 * c), (e, 3, 3, c, c))}
-    mean = self.variable("batch_stats", "bn_mean", jnp.zeros, (e, 2, c))
-    var = self.variable("batch_stats", "bn_var", jnp.ones, (e, 2, c))
+    mean = self.variable("batch_stats", "bn_mean", F.running_stats_init(0), (e, 2, c))
+    var = self.variable("batch_stats", "bn_var", F.running_stats_init(1), (e, 2, c))
     return p, mean, var
 
   def check(self, xs: jax.Array, weights: jax.Array, lead: int) -> None:

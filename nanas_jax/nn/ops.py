@@ -38,8 +38,8 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    mean = self.variable("batch_stats", "mean", F.running_stats_init(0), (c,), jnp.float32)
+    var = self.variable("batch_stats", "var", F.running_stats_init(1), (c,), jnp.float32)
     scale = bias = None
     if self.affine:
       scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)

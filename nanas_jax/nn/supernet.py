@@ -79,7 +79,7 @@ def torch_uniform(fan_in: int):
 
     words = jax.random.key_data(key)
     if not isinstance(words, jax.core.Tracer):
-      return jnp.asarray(draw(words))
+      return jax.device_put(draw(words))  # `jnp.asarray` would compile a copy per shape
     return jax.pure_callback(draw, jax.ShapeDtypeStruct(shape, dtype), words)
 
   return init
@@ -174,8 +174,10 @@ class _EdgeGroup(nn.Module):
 
   def declare_stats(self) -> dict[str, tuple]:
     """The running statistics variables, ``{name: (mean, var)}``."""
-    return {name: (self.variable("batch_stats", f"{name}_mean", jnp.zeros, shape),
-                   self.variable("batch_stats", f"{name}_var", jnp.ones, shape))
+    return {name: (self.variable("batch_stats", f"{name}_mean", F.running_stats_init(0),
+                                 shape),
+                   self.variable("batch_stats", f"{name}_var", F.running_stats_init(1),
+                                 shape))
             for name, shape in self.bn_shapes().items()}
 
   def stats_values(self, variables):
@@ -336,8 +338,8 @@ class Preprocess(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c_in, c = x.shape[-1], self.channels
-    mean = self.variable("batch_stats", "bn_mean", jnp.zeros, (c,))
-    var = self.variable("batch_stats", "bn_var", jnp.ones, (c,))
+    mean = self.variable("batch_stats", "bn_mean", F.running_stats_init(0), (c,))
+    var = self.variable("batch_stats", "bn_var", F.running_stats_init(1), (c,))
     if self.reduce:
       kernels = (self.param("fr_a", torch_uniform(c_in), (c_in, c // 2)),
                  self.param("fr_b", torch_uniform(c_in), (c_in, c - c // 2)))

@@ -158,11 +158,13 @@ class BilevelSearch:
     variables = self.model.init(param_rng, sample_images[:1], jax.nn.softmax(alpha, -1),
                                 train=True)
     params = variables["params"]
+    # One small program instead of a zeros program per parameter shape (eagerly).
+    weight_opt_state, arch_opt_state = jax.jit(
+        lambda p, a: (self.weight_tx.init(p), self.arch_tx.init(a)))(params, alpha)
     return SearchState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), alpha=alpha,
-        weight_opt_state=self.weight_tx.init(params),
-        arch_opt_state=self.arch_tx.init(alpha), rng=state_rng)
+        weight_opt_state=weight_opt_state, arch_opt_state=arch_opt_state, rng=state_rng)
 
   # ------------------------------------------------------------------ the one gradient
   def apply_model(self, params, batch_stats, images, weights, train: bool):

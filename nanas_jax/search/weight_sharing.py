@@ -49,10 +49,11 @@ class WeightSharingTrainer:
     variables = self.model.init(param_rng, sample_images[:1], jax.nn.softmax(alpha, -1),
                                 train=True)
     params = variables["params"]
+    # One small program instead of a zeros program per parameter shape (eagerly).
+    weight_opt_state = jax.jit(self.weight_tx.init)(params)
     return SearchState(step=jnp.zeros((), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), alpha=alpha,
-                       weight_opt_state=self.weight_tx.init(params), arch_opt_state=(),
-                       rng=state_rng)
+                       weight_opt_state=weight_opt_state, arch_opt_state=(), rng=state_rng)
 
   def sample_weights(self, rng: np.random.Generator) -> np.ndarray:
     """One-hot weights of a uniformly sampled architecture of the space."""

@@ -298,7 +298,9 @@ class Trainer:
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=self.tx.init(params), rng=jax.random.key_data(state_key))
+                      # One program, not a zeros program per parameter shape.
+                      opt_state=jax.jit(self.tx.init)(params),
+                      rng=jax.random.key_data(state_key))
 
   def drop_path_prob(self, step: jax.Array) -> jax.Array:
     """The linear ramp ``drop_path_prob * epoch / epochs`` at ``step``."""
