@@ -425,3 +425,7 @@ def test_running_stats_init_compiles_nothing_and_equals_jnp_full():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   traced = jax.jit(lambda: F.running_stats_init(1)((4,)))()
   np.testing.assert_array_equal(np.asarray(traced), np.ones(4, np.float32))
+  # The default dtype is jnp.full's: JAX's default float, float64 under x64.
+  assert F.running_stats_init(0)((2,)).dtype == jnp.zeros(2).dtype == jnp.float32
+  with jax.enable_x64(True):
+    assert F.running_stats_init(0)((2,)).dtype == jnp.zeros(2).dtype == jnp.float64

@@ -349,12 +349,15 @@ BN_EPS = 1e-5
 
 
 def running_stats_init(value: float):
-  """Initialiser ``(shape, dtype=float32) -> array`` of BatchNorm running statistics filled
-  with ``value`` (0 for means, 1 for variances), built on the host: ``jnp.zeros`` and
-  ``jnp.ones`` compile a small program per shape when a network is initialised eagerly,
-  some 30 of them for the quick start's supernet (1.5 s on a 2-core CPU, in every run)."""
+  """Initialiser ``(shape, dtype=None) -> array`` of BatchNorm running statistics filled
+  with ``value`` (0 for means, 1 for variances), as ``jnp.full`` makes it (None: JAX's
+  default float, float64 under ``jax_enable_x64``) but built on the host: ``jnp.zeros``
+  and ``jnp.ones`` compile a small program per shape when a network is initialised
+  eagerly, some 30 of them for the quick start's supernet (1.5 s on a 2-core CPU, in
+  every run)."""
 
-  def init(shape, dtype=jnp.float32):
+  def init(shape, dtype=None):
+    dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
     return jax.device_put(np.full(shape, value, dtype))
 
   return init
