@@ -280,20 +280,21 @@ def _arrow_shrinks(start, end, rad: float) -> tuple[float, float]:
   clipping tests thousands of points against the boxes' Bezier outlines at every draw:
   2/3 of a picture's time.
   """
-  def crossing(inside, center):
-    # Bisection on the curve parameter; ``inside`` holds at the centre's end only.
-    lo, hi = (0.0, 0.5) if center is start else (1.0, 0.5)
+  def crossing(t_center: float) -> float:
+    # Bisection on the curve parameter, between the node's end of the curve (inside its
+    # box) and the middle (outside: nodes are apart).
+    center = _arc_point(start, end, rad, t_center)
+    inside, outside = t_center, 0.5
     for _ in range(30):
-      mid = (lo + hi) / 2
-      if _inside_node(_arc_point(start, end, rad, mid), center) == inside:
-        lo = mid
+      mid = (inside + outside) / 2
+      if _inside_node(_arc_point(start, end, rad, mid), center):
+        inside = mid
       else:
-        hi = mid
-    return math.dist(center, _arc_point(start, end, rad, lo))
+        outside = mid
+    return math.dist(center, _arc_point(start, end, rad, inside))
 
   points_per_unit = 72 * _INCHES_PER_UNIT
-  return tuple(crossing(True, center) * points_per_unit + _ARROW_GAP_POINTS
-               for center in (start, end))
+  return tuple(crossing(t) * points_per_unit + _ARROW_GAP_POINTS for t in (0.0, 1.0))
 
 
 def _node_label(name: str) -> str:
