@@ -19,13 +19,12 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   restore (a truncated or missing data file, an emptied metadata file) is reported in one
   line, moved aside to ``checkpoints/damaged-<step>`` (never deleted) and the next older
   one is tried; when none restores the run stops with the choices. On several processes
-  they all decide together (process 0 moves the checkpoint, the others wait; tested with
-  damage on the storage they share). A read failure that only some processes meet mid-way
-  through orbax's restore leaves them in different collectives: the job stops with an
-  error instead (measured: one process fails a barrier at once, the others when JAX's
-  coordination service times out, minutes later), and rerunning it retries. A checkpoint
-  whose arrays have other shapes than the run's state is not damaged but from another
-  config: the run stops and says so, moving nothing.
+  each reads alone and then they all decide together: a checkpoint that any process
+  failed to read is moved aside by process 0 while the others wait (tested with damage on
+  the storage they share, and with a read failure that only one process meets half-way
+  through orbax's restore). A checkpoint whose arrays have other shapes than the run's
+  state is not damaged but from another config: the run stops and says so, moving
+  nothing.
 - **Interruptions**: SIGTERM (what SLURM, Kubernetes and TPU maintenance send) and Ctrl-C
   (SIGINT) make the loop finish its step, save a checkpoint and raise `Preempted` (the
   programs exit with 128 + the signal: 143, 130). A second Ctrl-C stops the process at
@@ -250,6 +249,7 @@ class Checkpoints:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._reader = None  # built on the first restore (see `restore`)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -260,10 +260,23 @@ class Checkpoints:
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
     """The state saved at ``step``, with the structure, shardings and key types of
-    ``like``, and its metadata."""
+    ``like``, and its metadata.
+
+    Each process reads alone: the manager's restore ends in a barrier of all processes,
+    which a process whose read failed never reaches, so the others would wait there
+    while it waits in `restore_latest`'s vote. A reader whose only process is this one
+    has no barrier; the vote is the one place where the processes meet."""
+    if self._reader is None:
+      me = jax.process_index()
+      self._reader = ocp.Checkpointer(
+          ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                         meta=ocp.JsonCheckpointHandler()),
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(like))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    restored = self._reader.restore(
+        os.path.join(self.directory, str(step)), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return _data_to_keys(restored["state"], like), dict(restored["meta"])
 
   def _check_shapes(self, step: int, like: Any) -> None:
@@ -331,6 +344,8 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+    if self._reader is not None:
+      self._reader.close()
 
 
 # ------------------------------------------------------------------------ interruptions

@@ -6,7 +6,7 @@ Checks what multi-host must guarantee: the processes agree on alpha bit for bit 
 search itself also asserts this before writing results), the mesh spans both, and only
 process 0 writes metrics and results while both take part in the checkpoints, those taken
 by time included; and, on the loop's toy run, that both set aside a damaged checkpoint
-together and resume from the one before it.
+together, also one that only one of them fails to read, and resume from the one before.
 """
 
 import json
@@ -97,16 +97,29 @@ def test_two_processes_run_a_search_and_agree_on_alpha(tmp_path):
 
 # The loop's toy run (tests/test_loop.py) on two processes: the first session saves
 # checkpoints 2, 3 and 4; checkpoint 4 is then damaged on the storage both read (as on a
-# pod's shared bucket), and the second session's processes must agree to set it aside
-# (process 0 moves it, the other waits) and resume together from 3.
+# pod's shared bucket), and in the second session process 1 alone also fails to read
+# checkpoint 3 half-way through orbax's restore (as with a flaky local disk or cache).
+# The processes must agree to set both aside (process 0 moves them, the other waits) and
+# resume together from 2.
 TOY = textwrap.dedent("""
-    import json, logging, sys
+    import json, logging, os, sys
     sys.path.insert(0, "tests")
     import ml_collections, numpy as np
+    import orbax.checkpoint as ocp
     from nanas_jax import parallel
     from test_loop import run
 
     process_id, port, workdir, epochs = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    unreadable = sys.argv[5:]  # checkpoint steps that process 1 alone fails to read
+    if process_id == 1 and unreadable:
+      read_state = ocp.StandardCheckpointHandler.restore
+
+      def restore(self, directory, *args, **kwargs):
+        if os.path.basename(os.path.dirname(str(directory))) in unreadable:
+          raise OSError("simulated read failure on process 1 alone")
+        return read_state(self, directory, *args, **kwargs)
+
+      ocp.StandardCheckpointHandler.restore = restore
     parallel.initialize(ml_collections.ConfigDict(dict(
         distributed="on", coordinator_address="127.0.0.1:" + port, num_processes=2,
         process_id=process_id)))
@@ -128,12 +141,16 @@ def test_two_processes_agree_to_set_aside_a_damaged_checkpoint(tmp_path):
   checkpoints = workdir / loop.CHECKPOINT_DIR
   assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
   test_loop.damage(str(checkpoints / "4"), "truncated data file")
-  second = run_two_processes(TOY, str(workdir), str(test_loop.EPOCHS))
+  second = run_two_processes(TOY, str(workdir), str(test_loop.EPOCHS), "3")
   for out in second:
-    assert out["resumed_from"] == 3
-    assert len(out["warnings"]) == 1 and "damaged-4" in out["warnings"][0], out["warnings"]
+    assert out["resumed_from"] == 2
+    assert len(out["warnings"]) == 2, out["warnings"]
+    assert "damaged-4" in out["warnings"][0] and "damaged-3" in out["warnings"][1]
+  # Each process names its own reason: process 0 read checkpoint 3 whole.
+  assert "on another process" in second[0]["warnings"][1]
+  assert "simulated read failure" in second[1]["warnings"][1]
   assert second[0]["w"] == second[1]["w"]
-  assert sorted(os.listdir(checkpoints)) == ["10", "11", "12", "damaged-4"]
+  assert sorted(os.listdir(checkpoints)) == ["10", "11", "12", "damaged-3", "damaged-4"]
   # The global batches are one process's batch twice over: the run equals one process's.
   full, _ = test_loop.run(tmp_path / "one")
   np.testing.assert_allclose(second[0]["w"], np.asarray(full.state["w"]), rtol=1e-6)
