@@ -204,11 +204,12 @@ def test_depthwise_convs_gradients(stride):
     np.testing.assert_allclose(gx_scan, gx_want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["taps", "scan"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_taps_gradient_in_float64_over_batch_chunks(stride):
-  """'taps''s hand-written gradient at float64 precision against the numpy adjoint, two
-  leading axes, a batch of 8 (its kernel gradient sums two chunks of 4), every DARTS
-  kernel with the input shared."""
+def test_hand_written_gradients_in_float64(stride, impl):
+  """The hand-written gradients of 'taps' and 'scan' at float64 precision against the
+  numpy adjoint, two leading axes, a batch of 8 (the 'taps' kernel gradient sums two
+  chunks of 4), every DARTS kernel with the input shared."""
   with jax.enable_x64(True):
     rng = np.random.default_rng(11 + stride)
     lead, b, h, w, c = (2, 3), 8, 6, 7, 2
@@ -218,7 +219,7 @@ def test_taps_gradient_in_float64_over_batch_chunks(stride):
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     cot = rng.normal(size=lead + (len(kernels), b, ho, wo, c))
     gx, gk = jax.grad(lambda x, ks: jnp.sum(F.depthwise_convs(
-        x, ks, dilations, stride=stride, impl="taps") * cot), argnums=(0, 1))(x, kernels)
+        x, ks, dilations, stride=stride, impl=impl) * cot), argnums=(0, 1))(x, kernels)
     gx_want = np.zeros(x.shape)
     for i, (kernel, d) in enumerate(zip(kernels, dilations)):
       gx_i, gk_i = np_depthwise_grads(np.asarray(x)[:, :, 0], kernel, cot[:, :, i], stride,
@@ -228,17 +229,18 @@ def test_taps_gradient_in_float64_over_batch_chunks(stride):
     np.testing.assert_allclose(gx, gx_want, rtol=1e-10, atol=1e-10)
 
 
-def test_taps_kernel_gradient_in_bfloat16_sums_its_chunks_in_float32():
-  """bfloat16 inputs (``config.search.dtype``): the kernel gradient of 'taps' over 1024
-  examples (256 chunks) stays within bfloat16 rounding of the float64 adjoint of the same
-  values; summing the chunks in bfloat16 would drift by several percent."""
+@pytest.mark.parametrize("impl", ["taps", "scan"])
+def test_kernel_gradient_in_bfloat16_sums_in_float32(impl):
+  """bfloat16 inputs (``config.search.dtype``): the kernel gradient over 1024 examples
+  stays within bfloat16 rounding of the float64 adjoint of the same values. For 'taps'
+  the sum of its 256 chunks is the risk: in bfloat16 it would drift by several percent."""
   rng = np.random.default_rng(31)
   b, h, w, c = 1024, 4, 4, 2
   bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
   x, kernel = bf16(_rand(rng, 1, b, h, w, c)), bf16(_rand(rng, 3, 3, c))
   cot = bf16(_rand(rng, 1, b, h, w, c))
   grad = jax.grad(lambda k: jnp.sum(F.depthwise_convs(
-      x, [k], [1], impl="taps").astype(jnp.float32) * cot))(kernel)
+      x, [k], [1], impl=impl).astype(jnp.float32) * cot))(kernel)
   assert grad.dtype == jnp.bfloat16
   as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
   _, want = np_depthwise_grads(as64(x)[0], as64(kernel), as64(cot)[0], 1, 1)

@@ -11,9 +11,10 @@ rounding):
   XLA's CPU backend runs grouped convolutions through a slow generic path: a DARTS
   supernet step measured 6x slower);
 - ``'scan'``: a loop over the kernel taps, each a strided window of the input times the
-  tap's per-channel weights, one loop per kernel. The graph holds one tap per kernel
-  however large the kernels are (the shortest compile on a CPU), but every tap reads and
-  writes the whole accumulator: memory-bound;
+  tap's per-channel weights, one loop per kernel, with a hand-written gradient that is
+  one such loop too (`_tap_loop`). The graph holds one tap per kernel however large the
+  kernels are (the shortest compile on a CPU), but every tap reads and writes the whole
+  accumulator: memory-bound;
 - ``'taps'``: per kernel, the sum of its taps unrolled (one fused loop that reads the
   input from cache), with a hand-written gradient of the same kind
   (`depthwise_conv_taps`). Measured on a 2-core CPU, 8 edges' first-stage convs (C=16,
@@ -110,47 +111,106 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
 
 
 def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_out, lead):
-  """``'scan'`` implementation: per kernel, one loop over its taps, each a strided window
-  of the padded input times the tap's per-channel weights, added to the kernel's
-  accumulator. Unrolled, the 102 taps of a DARTS MixedOp made compile time grow with the
-  kernel sizes (2-3x slower here) and ran no faster; one loop over the taps of all
-  kernels, with the kernel's accumulator picked by a dynamic index, ran 1.3-1.9x slower
-  than a loop per kernel (measured on 8 edges' first-stage convs, C = 4..8) and compiled
-  about as fast."""
+  """``'scan'`` implementation: per kernel, one loop over its taps (`_tap_loop`).
+  Unrolled, the 102 taps of a DARTS MixedOp made compile time grow with the kernel sizes
+  (2-3x slower here) and ran no faster; one loop over the taps of all kernels, with the
+  kernel's accumulator picked by a dynamic index, ran 1.3-1.9x slower than a loop per
+  kernel (measured on 8 edges' first-stage convs, C = 4..8) and compiled about as
+  fast."""
   shared = xp.shape[lead] == 1
-  window = list(xp.shape)
-  del window[lead]
-  window[-3] = (h_out - 1) * stride + 1
-  window[-2] = (w_out - 1) * stride + 1
-  # Tap weights [*lead, C] broadcast over the batch and spatial axes.
-  bcast = (1,) * 3
   outs = []
   for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs)):
     xg = lax.index_in_dim(xp, 0 if shared else g, lead, keepdims=False)
     k = kernel.shape[-2]
-
-    def add_tap(acc, tap, xg=xg):
-      row, col, weights = tap
-      start = [0] * xg.ndim
-      start[-3], start[-2] = row, col
-      patch = lax.dynamic_slice(xg, start, window)
-      if stride > 1:
-        patch = patch[..., ::stride, ::stride, :]
-      w = weights.reshape(weights.shape[:-1] + bcast + weights.shape[-1:])
-      return acc + patch * w, None
-
     taps = jnp.moveaxis(kernel.reshape(kernel.shape[:lead] + (k * k,) + kernel.shape[-1:]),
                         lead, 0)
     rows = np.repeat(np.arange(k), k) * d + pad - need
     cols = np.tile(np.arange(k), k) * d + pad - need
-    # Rematerialised: saving each tap's window for the backward pass would hold k*k
-    # copies of the input (43 GB at the DARTS search size); a window is cheap to slice
-    # again.
-    acc, _ = lax.scan(jax.checkpoint(add_tap, prevent_cse=False),
-                      jnp.zeros(xg.shape[:-3] + (h_out, w_out, xg.shape[-1]), xg.dtype),
-                      (jnp.asarray(rows), jnp.asarray(cols), taps))
-    outs.append(acc)
+    outs.append(_tap_loop(xg, taps, (tuple(rows.tolist()), tuple(cols.tolist()), stride,
+                                     h_out, w_out)))
   return jnp.stack(outs, axis=lead)
+
+
+def _tap_window(x, row, col, geometry):
+  """``(start, size)`` of the window of the padded ``x[..., Hp, Wp, C]`` that the tap at
+  (traced) ``row, col`` reads, strides included."""
+  _, _, stride, h_out, w_out = geometry
+  start = [0] * x.ndim
+  start[-3], start[-2] = row, col
+  size = list(x.shape)
+  size[-3], size[-2] = (h_out - 1) * stride + 1, (w_out - 1) * stride + 1
+  return start, size
+
+
+def _per_channel(weights):
+  """Tap weights ``[*lead, C]`` broadcast over the batch and spatial axes."""
+  return weights.reshape(weights.shape[:-1] + (1, 1, 1) + weights.shape[-1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _tap_loop(xg, taps, geometry):
+  """``sum_t window_t(xg) * taps[t]`` for the padded input ``xg[*lead, B, Hp, Wp, C]`` and
+  ``taps[k * k, *lead, C]``, as a loop over the taps; ``geometry = (rows, cols, stride,
+  h_out, w_out)`` with each tap's window origin in ``rows``, ``cols``.
+
+  With a hand-written gradient, one loop over the taps as well, which keeps only ``xg``
+  and ``taps`` for the backward pass (saving each tap's window would hold k*k copies of
+  the input: 43 GB at the DARTS search size). JAX's own gradient of the loop, with the
+  windows rematerialised, adds every tap's input gradient as a zero-padded full-size
+  array and traces the loop several times over (its linearisation): this one writes
+  each tap's window in place, and a search process traces and lowers its supernet
+  gradients in about a third less time."""
+  rows, cols, stride, h_out, w_out = geometry
+
+  def add_tap(acc, tap):
+    row, col, weights = tap
+    start, size = _tap_window(xg, row, col, geometry)
+    patch = lax.dynamic_slice(xg, start, size)
+    if stride > 1:
+      patch = patch[..., ::stride, ::stride, :]
+    return acc + patch * _per_channel(weights), None
+
+  acc, _ = lax.scan(add_tap, jnp.zeros(xg.shape[:-3] + (h_out, w_out, xg.shape[-1]),
+                                       xg.dtype),
+                    (jnp.asarray(rows), jnp.asarray(cols), taps))
+  return acc
+
+
+def _tap_loop_fwd(xg, taps, geometry):
+  return _tap_loop(xg, taps, geometry), (xg, taps)
+
+
+def _tap_loop_bwd(geometry, residuals, g):
+  xg, taps = residuals
+  rows, cols, stride, _, _ = geometry
+  lead = taps.ndim - 2
+  axes = tuple(range(lead, lead + 3))
+  # Output (i, j) read the padded input at (row + stride i, col + stride j): the
+  # cotangent spread out by the stride covers the tap's window.
+  spread = [(0, 0, 0)] * (g.ndim - 3) + [(0, 0, stride - 1)] * 2 + [(0, 0, 0)]
+
+  def tap_grads(grad_x, tap):
+    row, col, weights = tap
+    start, size = _tap_window(xg, row, col, geometry)
+    patch = lax.dynamic_slice(xg, start, size)
+    if stride > 1:
+      patch = patch[..., ::stride, ::stride, :]
+    # Summed in float32 at least, whatever a backend's bfloat16 reduction keeps (XLA:CPU's
+    # is as accurate either way, measured).
+    grad_tap = jnp.sum(patch * g, axis=axes, dtype=jnp.promote_types(g.dtype, jnp.float32))
+    into = g * _per_channel(weights)
+    if stride > 1:
+      into = lax.pad(into, jnp.zeros((), into.dtype), spread)
+    grad_x = lax.dynamic_update_slice(grad_x, lax.dynamic_slice(grad_x, start, size) + into,
+                                      start)
+    return grad_x, grad_tap.astype(taps.dtype)
+
+  grad_x, grad_taps = lax.scan(tap_grads, jnp.zeros_like(xg),
+                               (jnp.asarray(rows), jnp.asarray(cols), taps))
+  return grad_x, grad_taps
+
+
+_tap_loop.defvjp(_tap_loop_fwd, _tap_loop_bwd)
 
 
 def _tap_windows(xp, k: int, geometry):
