@@ -131,15 +131,19 @@ def _depthwise_convs_scan(xp, kernels, dilations, needs, pad, stride, h_out, w_o
   return jnp.stack(outs, axis=lead)
 
 
-def _tap_window(x, row, col, geometry):
-  """``(start, size)`` of the window of the padded ``x[..., Hp, Wp, C]`` that the tap at
-  (traced) ``row, col`` reads, strides included."""
+def _tap_patch(x, row, col, geometry):
+  """The strided window ``[..., h_out, w_out, C]`` of the padded ``x[..., Hp, Wp, C]`` that
+  the tap at (traced) ``row, col`` reads, and the ``(start, size)`` of the unstrided
+  window it was taken from."""
   _, _, stride, h_out, w_out = geometry
   start = [0] * x.ndim
   start[-3], start[-2] = row, col
   size = list(x.shape)
   size[-3], size[-2] = (h_out - 1) * stride + 1, (w_out - 1) * stride + 1
-  return start, size
+  patch = lax.dynamic_slice(x, start, size)
+  if stride > 1:
+    patch = patch[..., ::stride, ::stride, :]
+  return patch, start, size
 
 
 def _per_channel(weights):
@@ -158,16 +162,13 @@ def _tap_loop(xg, taps, geometry):
   the input: 43 GB at the DARTS search size). JAX's own gradient of the loop, with the
   windows rematerialised, adds every tap's input gradient as a zero-padded full-size
   array and traces the loop several times over (its linearisation): this one writes
-  each tap's window in place, and a search process traces and lowers its supernet
-  gradients in about a third less time."""
-  rows, cols, stride, h_out, w_out = geometry
+  each tap's window in place. Measured at digits sizes: tracing and lowering a supernet
+  gradient about 20 % faster, the first step 2-9 % and the step 13-16 % (README)."""
+  rows, cols, _, h_out, w_out = geometry
 
   def add_tap(acc, tap):
     row, col, weights = tap
-    start, size = _tap_window(xg, row, col, geometry)
-    patch = lax.dynamic_slice(xg, start, size)
-    if stride > 1:
-      patch = patch[..., ::stride, ::stride, :]
+    patch, _, _ = _tap_patch(xg, row, col, geometry)
     return acc + patch * _per_channel(weights), None
 
   acc, _ = lax.scan(add_tap, jnp.zeros(xg.shape[:-3] + (h_out, w_out, xg.shape[-1]),
@@ -191,10 +192,7 @@ def _tap_loop_bwd(geometry, residuals, g):
 
   def tap_grads(grad_x, tap):
     row, col, weights = tap
-    start, size = _tap_window(xg, row, col, geometry)
-    patch = lax.dynamic_slice(xg, start, size)
-    if stride > 1:
-      patch = patch[..., ::stride, ::stride, :]
+    patch, start, size = _tap_patch(xg, row, col, geometry)
     # Summed in float32 at least, whatever a backend's bfloat16 reduction keeps (XLA:CPU's
     # is as accurate either way, measured).
     grad_tap = jnp.sum(patch * g, axis=axes, dtype=jnp.promote_types(g.dtype, jnp.float32))
