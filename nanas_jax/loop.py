@@ -240,6 +240,12 @@ def _process_zero_says(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
+def _item_handlers() -> dict[str, Any]:
+  """The handlers of a checkpoint's two items, for the manager that writes it and for the
+  reader of `Checkpoints.restore`: one layout."""
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 class Checkpoints:
   """Orbax checkpoints of ``{'state': pytree, 'meta': JSON}`` in ``directory``."""
 
@@ -247,8 +253,7 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+        item_handlers=_item_handlers())
     self._reader = None  # built on the first restore (see `restore`)
 
   def latest_step(self) -> int | None:
@@ -269,8 +274,7 @@ class Checkpoints:
     if self._reader is None:
       me = jax.process_index()
       self._reader = ocp.Checkpointer(
-          ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
-                                         meta=ocp.JsonCheckpointHandler()),
+          ocp.CompositeCheckpointHandler(**_item_handlers()),
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(like))
