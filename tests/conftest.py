@@ -26,16 +26,41 @@ if _CACHE_ENV not in os.environ:
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 
-# XLA:CPU's loop emitters compile the tests' small supernets (3 cells, C=4) about 28 %
-# faster than its default fusion emitters (the NA-DARTS second-order step 140 s against
-# 100 s, DARTS first order at batch 32 86 s against 63 s), with the same step time; at
-# quick-start sizes and above the two compile alike, so this is the tests' setting, not
-# the library's. The programs the tests start inherit it, and
-# `parallel.fake_cpu_devices_xla_flags` keeps it for those with several devices.
-_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters"
-_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if _FAST_COMPILE_FLAG not in _XLA_FLAGS:
-  os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} {_FAST_COMPILE_FLAG}=false".strip()
+# Two XLA:CPU settings for the tests only; the programs the tests start inherit them, and
+# `parallel.fake_cpu_devices_xla_flags` keeps them for those with several devices. Most
+# tests compile far longer than they run, and neither setting changes what a program
+# computes (the same HLO; LLVM's optimisation level has no fast-math), only how fast it is
+# compiled and runs:
+# - its loop emitters compile the tests' small supernets (3 cells, C=4) about 28 % faster
+#   than its default fusion emitters (the NA-DARTS second-order step 140 s against 100 s,
+#   DARTS first order at batch 32 86 s against 63 s), with the same step time; at
+#   quick-start sizes and above the two compile alike;
+# - LLVM at optimisation level 0 compiles about half as long as at the default level 3 and
+#   runs a step 2-5x slower: the whole suite took 19:05 against 29:11 with level 3
+#   (`pytest -n 2`, 2-core AMD EPYC). The tests whose programs run many steps ask for
+#   level 3 back (`optimized_env`).
+_LLVM_LEVEL = "--xla_backend_optimization_level"
+_TEST_FLAGS = {"--xla_cpu_use_fusion_emitters": "false", _LLVM_LEVEL: "0"}
+
+
+def _with_flags(flags: str, wanted: dict) -> str:
+  """``flags`` plus each of ``wanted``'s flags that ``flags`` does not set already."""
+  names = {flag.split("=", 1)[0] for flag in flags.split()}
+  return " ".join([*flags.split(), *(f"{name}={value}" for name, value in wanted.items()
+                                     if name not in names)])
+
+
+os.environ["XLA_FLAGS"] = _with_flags(os.environ.get("XLA_FLAGS", ""), _TEST_FLAGS)
+
+
+@pytest.fixture
+def optimized_env():
+  """This process's environment for a program that runs many steps: the tests' settings,
+  but LLVM at its default optimisation level, where a step runs 2-5x faster (the resume
+  test's search, 24 steps, took 50 s with a warm cache against 70 s at level 0)."""
+  flags = [flag for flag in os.environ["XLA_FLAGS"].split()
+           if flag.split("=", 1)[0] != _LLVM_LEVEL]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 def pytest_unconfigure(config):
