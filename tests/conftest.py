@@ -36,9 +36,9 @@ if _CACHE_ENV not in os.environ:
 #   DARTS first order at batch 32 86 s against 63 s), with the same step time; at
 #   quick-start sizes and above the two compile alike;
 # - LLVM at optimisation level 0 compiles about half as long as at the default level 3 and
-#   runs a step 2-5x slower: the whole suite took 19:05 against 29:11 with level 3
-#   (`pytest -n 2`, 2-core AMD EPYC). The tests whose programs run many steps ask for
-#   level 3 back (`optimized_env`).
+#   runs a step 2-5x slower: the whole suite took 19:05 against 29:11 with level 3 the day
+#   before (`pytest -n 2`, the same 2-core AMD EPYC type). The tests whose programs run
+#   many steps ask for level 3 back (`optimized_env`).
 _LLVM_LEVEL = "--xla_backend_optimization_level"
 _TEST_FLAGS = {"--xla_cpu_use_fusion_emitters": "false", _LLVM_LEVEL: "0"}
 
