@@ -22,9 +22,10 @@ def test_quickstart_command_runs_a_real_search_and_writes_the_genotype(tmp_path)
          "--config.search.epochs=2", "--config.data.max_examples=400",
          "--config.data.batch_size=32", "--config.search.neighbors.num=2",
          "--config.search.warmup_epochs=1"]
-  # Under the usual umask every result is readable by others.
+  # Under the usual umask every result is readable by others. (`umask=`, not a
+  # `preexec_fn`: that forks this multithreaded process and runs Python in the child.)
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                       preexec_fn=lambda: os.umask(0o022))
+                       umask=0o022)
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ("config.json", "genotype.txt", "genotype.json", "supernet.msgpack",
                "metrics.jsonl", "genotypes.jsonl", "genotype.png"):
