@@ -230,12 +230,11 @@ def _sum_of_taps(xp, kernel, geometry):
   """``sum over taps of window * tap weights``: unrolled, so XLA fuses it (with the
   padding that made ``xp``) into one loop that reads each input element from cache once
   per tap instead of from memory."""
-  lead = kernel.ndim - 3
   k = kernel.shape[-2]
   windows = _tap_windows(xp, k, geometry)
   acc = None
   for (r, c), window in zip(np.ndindex(k, k), windows):
-    w = kernel[..., r, c, :].reshape(kernel.shape[:lead] + (1, 1, 1, kernel.shape[-1]))
+    w = _per_channel(kernel[..., r, c, :])
     acc = window * w if acc is None else acc + window * w
   return acc
 
