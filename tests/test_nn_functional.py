@@ -352,6 +352,22 @@ def test_take_rows_equals_numpy_indexing_and_gathers_only_when_it_must(rows, ind
     F.take_rows(jnp.asarray(x), np.array([], int))
 
 
+@pytest.mark.parametrize("shape, axis", [((3, 2, 4, 5), 0), ((4, 2, 3, 1, 2), 1),
+                                         ((1, 6), 0), ((2, 3, 4), 2)])
+def test_sum_axis_is_numpy_sum_with_adds_not_a_reduce(shape, axis):
+  """`sum_axis` against numpy's float64 sum, its gradient against the broadcast
+  cotangent, and no reduce in its program (XLA:CPU would give a reduce to YNNPACK)."""
+  rng = np.random.default_rng(len(shape) * 10 + axis)
+  x = rng.normal(size=shape)
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(F.sum_axis(jnp.asarray(x), axis), x.sum(axis), rtol=1e-14)
+    cot = rng.normal(size=x.sum(axis).shape)
+    grad = jax.grad(lambda a: jnp.sum(F.sum_axis(a, axis) * cot))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, np.broadcast_to(np.expand_dims(cot, axis), shape))
+  jaxpr = str(jax.make_jaxpr(lambda a: F.sum_axis(a, axis))(x.astype(np.float32)))
+  assert "reduce_sum" not in jaxpr, jaxpr
+
+
 @pytest.mark.parametrize("lead", [0, 1, 2])
 def test_pointwise_conv_matches_einsum(lead):
   rng = np.random.default_rng(lead)

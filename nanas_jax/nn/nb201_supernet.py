@@ -213,7 +213,7 @@ class InnerEdges(_NB201EdgeGroup):
       new_mean = lax.dynamic_update_slice_in_dim(new_mean, m, first, 0)
       new_var = lax.dynamic_update_slice_in_dim(new_var, v, first, 0)
       first += i - 1
-      nodes.append(base[i - 1] + out.sum(axis=0))
+      nodes.append(base[i - 1] + F.sum_axis(out, 0))
     return jnp.stack(nodes), (new_mean, new_var)
 
   def _scanned(self, p, stats, base, weights, train):

@@ -256,7 +256,7 @@ def scan_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, train: 
     slot_weights = window(weights) * used[:, None].astype(weights.dtype)
     slot_stats = jax.tree.map(window, stats)
     out, new_slot_stats = edge_fn(slot_params, slot_stats, buffer, slot_weights)
-    node = base[i] + out.sum(axis=0)
+    node = base[i] + F.sum_axis(out, 0)
     if train:
       # The used slots' new statistics written back over the window.
       def write(old, old_slots, new_slots):
@@ -286,7 +286,7 @@ def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_
     take = lambda a: a[edges]
     out, node_stats = edge_fn(jax.tree.map(take, params), jax.tree.map(take, stats),
                               jnp.stack(nodes), take(weights))
-    nodes.append(base[i] + out.sum(axis=0))
+    nodes.append(base[i] + F.sum_axis(out, 0))
     new_stats.append(node_stats)
   return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
 
@@ -386,7 +386,7 @@ class SearchCell(nn.Module):
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
                     dw_impl, sources=(0, 1) * self.steps, name="inputs")(
                         jnp.stack([s0, s1]), weights[input_edges], train)
-    base = ys.reshape((self.steps, 2) + ys.shape[1:]).sum(axis=1)
+    base = F.sum_axis(ys.reshape((self.steps, 2) + ys.shape[1:]), 1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
                        name="inner")(base, weights[inner_edges], train)
