@@ -372,12 +372,46 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.einsum(f"{letters}bhwi,{letters}io->{letters}bhwo", x, kernel)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-  """3x3 max pooling, padding 1 (padded cells never win, as in PyTorch)."""
-  window = (1,) * (x.ndim - 3) + (3, 3, 1)
-  strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
+  """3x3 max pooling, padding 1 (padded cells never win, as in PyTorch): the maximum of
+  the 9 strided windows, unrolled like ``'taps'``, with a hand-written gradient that
+  sends each output's cotangent to the first (row-major) maximum of its window, as
+  PyTorch's backward does. XLA's own pooling (a ``reduce_window``, whose gradient is a
+  ``select_and_scatter``) took 195 ms forward and backward for two states of a search cell
+  (batch 64, 32x32, C=16) against 35 ms for this (2-core CPU): XLA:CPU runs both as
+  generic loops, where the windows here fuse into one elementwise loop each way."""
+  return functools.reduce(jnp.maximum, _max_pool_windows(x, stride))
+
+
+def _max_pool_windows(x, stride: int) -> list[jax.Array]:
+  """The 9 strided windows of ``x`` padded by 1 with -inf, in row-major order."""
   pads = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
-  return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
+  xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+  geometry = (0, 1, stride, output_size(x.shape[-3], stride),
+              output_size(x.shape[-2], stride))
+  return list(_tap_windows(xp, 3, geometry))
+
+
+def _max_pool_3x3_fwd(x, stride):
+  return max_pool_3x3(x, stride), x
+
+
+def _max_pool_3x3_bwd(stride, x, g):
+  # The maximum is recomputed (fused into the same loop) rather than kept: a residual
+  # the size of every pooled state saved nothing measurable.
+  windows, windows_vjp = jax.vjp(lambda x: _max_pool_windows(x, stride), x)
+  y = functools.reduce(jnp.maximum, windows)
+  taken = jnp.zeros(y.shape, bool)
+  grads = []
+  for window in windows:
+    first = (window == y) & ~taken
+    taken = taken | first
+    grads.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+  return windows_vjp(grads)
+
+
+max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
 
 
 def avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:

@@ -196,7 +196,7 @@ class MaxPool3x3(nn.Module):
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train
-    return nn.max_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)))
+    return F.max_pool_3x3(x, self.stride)
 
 
 class AvgPool3x3(nn.Module):
@@ -206,8 +206,7 @@ class AvgPool3x3(nn.Module):
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train
-    return nn.avg_pool(x, (3, 3), (self.stride, self.stride), ((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return F.avg_pool_3x3(x, self.stride)
 
 
 class Conv7x1_1x7(nn.Module):
