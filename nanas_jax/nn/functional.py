@@ -68,10 +68,11 @@ def output_size(size: int, stride: int) -> int:
   return (size - 1) // stride + 1
 
 
-def pad_spatial(x: jax.Array, pad: int) -> jax.Array:
-  """Zero-pads the two spatial axes (-3, -2) of an NHWC array by ``pad`` on each side."""
+def pad_spatial(x: jax.Array, pad: int, value: float = 0.0) -> jax.Array:
+  """Pads the two spatial axes (-3, -2) of an NHWC array by ``pad`` on each side with
+  ``value`` (zeros by default)."""
   widths = [(0, 0)] * (x.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)]
-  return jnp.pad(x, widths)
+  return jnp.pad(x, widths, constant_values=value)
 
 
 def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
@@ -264,11 +265,12 @@ def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int,
   return _sum_of_taps(xp, kernel, geometry)
 
 
-def _padded_with_geometry(x, k: int, dilation: int, stride: int):
-  """``x`` zero-padded for a ``k x k`` kernel, and the geometry of `_tap_windows`."""
+def _padded_with_geometry(x, k: int, dilation: int, stride: int, value: float = 0.0):
+  """``x`` padded with ``value`` (zeros by default) for a ``k x k`` kernel, and the
+  geometry of `_tap_windows`."""
   geometry = (0, dilation, stride, output_size(x.shape[-3], stride),
               output_size(x.shape[-2], stride))
-  return pad_spatial(x, dilation * (k - 1) // 2), geometry
+  return pad_spatial(x, dilation * (k - 1) // 2, value), geometry
 
 
 def _depthwise_conv_taps_fwd(x, kernel, dilation, stride):
@@ -386,10 +388,7 @@ def max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
 
 def _max_pool_windows(x, stride: int) -> list[jax.Array]:
   """The 9 strided windows of ``x`` padded by 1 with -inf, in row-major order."""
-  pads = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
-  xp = jnp.pad(x, pads, constant_values=-jnp.inf)
-  geometry = (0, 1, stride, output_size(x.shape[-3], stride),
-              output_size(x.shape[-2], stride))
+  xp, geometry = _padded_with_geometry(x, 3, 1, stride, -jnp.inf)
   return list(_tap_windows(xp, 3, geometry))
 
 
