@@ -136,6 +136,38 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
+
+# How many times a shared step traces the model's loss: once where the architecture side's
+# gradients have the weight step's shapes (their parameter-gradient-free version is
+# evaluated from the weight step's trace), once per gradient where the neighbors' split
+# batches give them shapes of their own.
+@pytest.mark.parametrize("algorithm,order,batch,traces", [
+    ("darts", "first", "full", 1), ("darts", "second_fd", "full", 1),
+    ("na_darts", "first", "full", 1), ("na_darts", "first", "split", 2),
+    ("na_darts", "second_fd", "split", 2)])
+def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorithm, order,
+                                                           batch, traces):
+  (tx, ty), (vx, vy) = make_batches()
+  kwargs = dict(num=2, kind="swap", batch=batch, evaluate="loop")
+  config = make_config(algorithm, order, **kwargs if algorithm == "na_darts" else {})
+  config.warmup_epochs = 0  # architecture steps from the first
+  search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
+  state = init_state(search, tx)
+  train_loss, calls = search.train_loss, []
+  monkeypatch.setattr(search, "train_loss", lambda *a: calls.append(a[3].shape) or
+                      train_loss(*a))
+  step = search.jit_step()
+  for _ in range(2):
+    state, _ = step(state, (tx, ty), (vx, vy))
+  assert len(calls) == traces, calls
+  # What the architecture side gets equals the parameter-gradient-free gradient traced on
+  # its own, at the weight step's shapes and at the split batches' (traced directly).
+  weights = jax.nn.softmax(state.alpha, -1)
+  for x, y in ((vx, vy), (vx[:4], vy[:4])):
+    args = (state.params, state.batch_stats, weights, x, y)
+    chex.assert_trees_all_close(search.weights_grad(*args),
+                                jax.jit(search.value_and_weights_grad)(*args),
+                                rtol=1e-6, atol=1e-7)
 def _matmul_operand_dtypes(jaxpr) -> set[str]:
   """The operand dtypes of every convolution and matmul in ``jaxpr`` and its sub-jaxprs
   (scans, custom gradients, nested jits)."""
