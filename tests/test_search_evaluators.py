@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from nanas_jax.search import evaluators
 from nanas_jax.search.evaluators import (CountingEvaluator, Evaluator, SupernetEvaluator,
                                          TabularEvaluator)
 from nanas_jax.spaces import get_space
@@ -265,6 +266,8 @@ def _direct_loss(model, variables, batches, codes, num_ops, train):
 @pytest.mark.parametrize('train', [True, False])
 def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   model, variables, batches = _toy_setup(NB201)
+  # The compiled functions are the process's, shared by evaluators of equal supernets.
+  evaluators._loss_and_hits_jit.clear_cache()
   evaluator = SupernetEvaluator(model, variables, NB201, batches, chunk_size=4, train=train)
   codes = ALL_NB201[np.random.default_rng(2).choice(len(ALL_NB201), 6, replace=False)]
   batched = evaluator(codes)
@@ -274,7 +277,14 @@ def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   np.testing.assert_allclose(singles, batched, rtol=1e-6)
   # Chunks of 4, the rest in powers of two: N = 6 is 4 + 2, N = 1 is 1; one compiled
   # function per (chunk size, batch shape).
-  assert evaluator._sums._cache_size() == 3 * len({x.shape for x, _ in batches})
+  compiled = 3 * len({x.shape for x, _ in batches})
+  assert evaluators._loss_and_hits_jit._cache_size() == compiled
+  # Another evaluator of an equal supernet (a new instance) compiles nothing of its own,
+  # and answers the same.
+  again = SupernetEvaluator(_toy_setup(NB201)[0], variables, NB201, batches, chunk_size=4,
+                            train=train)
+  np.testing.assert_array_equal(again(codes), batched)
+  assert evaluators._loss_and_hits_jit._cache_size() == compiled
 
 
 def test_chunk_sizes_cover_the_request_without_padding():

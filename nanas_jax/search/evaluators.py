@@ -350,6 +350,14 @@ def _loss_and_hits(model, train: bool, per_arch_stats: bool, params, batch_stats
   return jax.vmap(one, in_axes=(0, 0 if per_arch_stats else None))(weights, batch_stats)
 
 
+# Jitted once for the process, the model static (a Flax module hashes and compares by its
+# fields), not once per evaluator: the evaluators of a search, its flatness report and a
+# study's other runs evaluate equal supernets at the same shapes, and share the traces and
+# the compiled programs.
+_loss_and_hits_jit = jax.jit(_loss_and_hits, static_argnums=(0, 1, 2))
+_batch_stats_update_jit = jax.jit(_batch_stats_update, static_argnums=0)
+
+
 def _unpadded(batches, what: str) -> list[tuple[jax.Array, jax.Array]]:
   """``(images, labels)`` batches, the rows of ``(images, labels, mask)`` batches that the
   mask keeps: padding must enter neither the loss nor any BatchNorm statistics."""
@@ -418,9 +426,9 @@ class SupernetEvaluator:
     self.train = train and self.recalibration is None
     self.num_examples = sum(int(y.shape[0]) for _, y in batches)
     self.with_accuracy = with_accuracy
-    self._sums = jax.jit(functools.partial(_loss_and_hits, model, self.train,
-                                           self.recalibration is not None))
-    self._update = jax.jit(functools.partial(_batch_stats_update, model))
+    self._sums = functools.partial(_loss_and_hits_jit, model, self.train,
+                                   self.recalibration is not None)
+    self._update = functools.partial(_batch_stats_update_jit, model)
 
   def _chunk_metrics(self, codes: np.ndarray) -> tuple[jax.Array, jax.Array]:
     weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
