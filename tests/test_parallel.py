@@ -204,7 +204,7 @@ def run_on_eight_devices(*args) -> dict:
 # the architecture gradient over the neighbors), and DARTS is NA-DARTS's
 # one-identity-neighbor case of the same objective (test_search_objective.py).
 def test_eight_device_step_equals_one_device_step(tmp_path):
-  out = run_on_eight_devices("na_darts", "second_fd", 6, tmp_path)
+  out = run_on_eight_devices("na_darts", "second_fd", 3, tmp_path)
   assert out["devices"] == 8 and out["replicas"] == 8
   assert out["alpha_dtype"] == "float64"
   tol = 1e-12
