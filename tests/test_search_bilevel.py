@@ -136,7 +136,6 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
-
 # How many times a shared step traces the model's loss: once where the architecture side's
 # gradients have the weight step's shapes (their parameter-gradient-free version is
 # evaluated from the weight step's trace), once per gradient where the neighbors' split
