@@ -167,6 +167,8 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
     chex.assert_trees_all_close(search.weights_grad(*args),
                                 jax.jit(search.value_and_weights_grad)(*args),
                                 rtol=1e-6, atol=1e-7)
+
+
 def _matmul_operand_dtypes(jaxpr) -> set[str]:
   """The operand dtypes of every convolution and matmul in ``jaxpr`` and its sub-jaxprs
   (scans, custom gradients, nested jits)."""
