@@ -139,7 +139,7 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
 # How many times a shared step traces the model's loss: once where the architecture side's
 # gradients have the weight step's shapes (their parameter-gradient-free version is
 # evaluated from the weight step's trace), once per gradient where the neighbors' split
-# batches give them shapes of their own.
+# batches give them shapes of their own; a later search on an equal supernet, never.
 @pytest.mark.parametrize("algorithm,order,batch,traces", [
     ("darts", "first", "full", 1), ("darts", "second_fd", "full", 1),
     ("na_darts", "first", "full", 1), ("na_darts", "first", "split", 2),
@@ -150,15 +150,24 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
   kwargs = dict(num=2, kind="swap", batch=batch, evaluate="loop")
   config = make_config(algorithm, order, **kwargs if algorithm == "na_darts" else {})
   config.warmup_epochs = 0  # architecture steps from the first
+  bilevel._supernet_programs.cache_clear()  # no trace left by an earlier test
+  train_loss, calls = bilevel.supernet_train_loss, []
+  monkeypatch.setattr(bilevel, "supernet_train_loss",
+                      lambda *a: calls.append(a[5].shape) or train_loss(*a))
   search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
-  state = init_state(search, tx)
-  train_loss, calls = search.train_loss, []
-  monkeypatch.setattr(search, "train_loss", lambda *a: calls.append(a[3].shape) or
-                      train_loss(*a))
+  start = state = init_state(search, tx)
   step = search.jit_step()
   for _ in range(2):
     state, _ = step(state, (tx, ty), (vx, vy))
   assert len(calls) == traces, calls
+  # A second search on an equal supernet (a new module) traces no gradient again, and
+  # computes the same bits.
+  again = start
+  for _ in range(2):
+    again, _ = BilevelSearch(ToyArchModel(), SPACE, config, 10).jit_step()(
+        again, (tx, ty), (vx, vy))
+  assert len(calls) == traces, calls
+  chex.assert_trees_all_equal(again, state)
   # What the architecture side gets equals the parameter-gradient-free gradient traced on
   # its own, at the weight step's shapes and at the split batches' (traced directly).
   weights = jax.nn.softmax(state.alpha, -1)
@@ -167,6 +176,11 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
     chex.assert_trees_all_close(search.weights_grad(*args),
                                 jax.jit(search.value_and_weights_grad)(*args),
                                 rtol=1e-6, atol=1e-7)
+
+
+def test_an_unhashable_supernet_is_named_before_the_search():
+  with pytest.raises(TypeError, match=r"(?s)ToyArchModel must be hashable.*tuples, not lists"):
+    BilevelSearch(ToyArchModel(hidden=[5]), SPACE, make_config(), 10)
 
 
 def _matmul_operand_dtypes(jaxpr) -> set[str]:

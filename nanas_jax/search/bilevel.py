@@ -32,11 +32,13 @@ finite-difference point, each neighbor) compiles for minutes. Every use above is
 function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
 ``compile='shared'`` the step calls that one jitted function (compiled once; the
 architecture side's version without the parameter gradient, compiled once more, is
-evaluated from its trace instead of being traced again) and small jitted pieces around
-it. ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
-phases). ``'auto'`` is ``'shared'`` on every backend: on an H200 with JAX 0.11.2, XLA's
-GPU compiler aborts on the fused step (``triton_tiling_propagation.cc`` check failure)
-while the shared step runs. Both modes compute the same step (tested).
+evaluated from its trace instead of being traced again) and small jitted pieces around it.
+The supernet's programs are the process's, not the search's: every search on an equal
+supernet in the same compute dtype shares their traces and compiled code.
+``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
+phases). ``'auto'`` is ``'shared'`` on every backend: on an H200 with JAX 0.11.2, XLA's GPU
+compiler aborts on the fused step (``triton_tiling_propagation.cc`` check failure) while
+the shared step runs. Both modes compute the same step (tested).
 
 Precision. ``config.dtype = 'bfloat16'`` runs the supernet's convolutions and matmuls in
 bfloat16 (`apply_supernet` casts the parameters, images and architecture weights on the
@@ -49,6 +51,7 @@ virtual step run in training mode (batch statistics) and discard their updates.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -107,6 +110,93 @@ def apply_supernet(model, dtype, params, batch_stats, images, weights, train: bo
   return (logits if dtype is None else logits.astype(jnp.float32)), batch_stats
 
 
+def supernet_train_loss(model, dtype, params, batch_stats, weights, images, labels):
+  """Training-mode loss of ``model`` in ``dtype`` (`apply_supernet`) at architecture
+  weights ``weights``, with the logits and the BatchNorm statistics update:
+  ``(loss, (logits, new batch_stats))``."""
+  logits, new_stats = apply_supernet(model, dtype, params, batch_stats, images, weights,
+                                     train=True)
+  return cross_entropy(logits, labels), (logits, new_stats)
+
+
+def supernet_value_and_grads(model, dtype, params, batch_stats, weights, images, labels):
+  """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``."""
+  loss_fn = functools.partial(supernet_train_loss, model, dtype)
+  (loss, (logits, new_stats)), (grad_params, grad_weights) = jax.value_and_grad(
+      loss_fn, argnums=(0, 2), has_aux=True)(params, batch_stats, weights, images, labels)
+  return loss, logits, new_stats, grad_params, grad_weights
+
+
+def supernet_value_and_weights_grad(model, dtype, params, batch_stats, weights, images,
+                                    labels):
+  """``(loss, logits, d loss/d weights)``: what the architecture side needs (first order,
+  the finite-difference points), without the parameter gradient it would throw away
+  (about a third of a supernet gradient's work: no convolution kernel gradients)."""
+  loss_fn = functools.partial(supernet_train_loss, model, dtype)
+  (loss, (logits, _)), grad_weights = jax.value_and_grad(
+      loss_fn, argnums=2, has_aux=True)(params, batch_stats, weights, images, labels)
+  return loss, logits, grad_weights
+
+
+def _batch_stats_update(model, dtype, params, batch_stats, alpha, images):
+  """The running statistics one training-mode pass at ``softmax(alpha)`` leaves."""
+  return apply_supernet(model, dtype, params, batch_stats, images, jax.nn.softmax(alpha, -1),
+                        train=True)[1]
+
+
+def _evaluation_sums(model, dtype, params, batch_stats, alpha, images, labels, mask):
+  """``{'loss', 'correct', 'count'}`` summed over the rows where ``mask`` holds, at
+  ``softmax(alpha)`` in evaluation mode."""
+  logits, _ = apply_supernet(model, dtype, params, batch_stats, images,
+                             jax.nn.softmax(alpha, -1), train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  mask = mask.astype(losses.dtype)
+  return {"loss": jnp.sum(losses * mask),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+          "count": jnp.sum(mask)}
+
+
+class _SupernetPrograms:
+  """The jitted programs of one supernet in one compute dtype: its two gradients and its
+  two evaluation passes, compiled once per input shape.
+
+  They depend on nothing else, so every `BilevelSearch` of the process on an equal
+  supernet (a Flax module compares by its fields) shares them through
+  `_supernet_programs`: a study's second search, a resumed search, the tests' searches
+  trace none of them again."""
+
+  def __init__(self, model, dtype):
+    def bind(fn):
+      return jax.jit(functools.partial(fn, model, dtype))
+
+    self.value_and_grads = bind(supernet_value_and_grads)
+    self.value_and_weights_grad = bind(supernet_value_and_weights_grad)
+    self.batch_stats_update = bind(_batch_stats_update)
+    self.evaluation_sums = bind(_evaluation_sums)
+    self._derived: dict[Any, Callable] = {}
+
+  def weights_grad_from_full(self, *args):
+    """`value_and_weights_grad` evaluated from `value_and_grads`' trace at the shapes of
+    ``args`` (`_jaxpr_outputs`), which `value_and_grads` then reuses through jit's trace
+    cache; XLA drops the parameter gradient it does not return. For a step that needs both
+    at the same shapes: one trace of the supernet's forward and backward pass instead of
+    two (6.1 s against 0.6 s at quick-start size; the compiled program computes the same
+    bits)."""
+    signature = (jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
+    if signature not in self._derived:
+      loss, logits, _, _, grad_weights = range(5)
+      self._derived[signature] = _jaxpr_outputs(self.value_and_grads.trace(*args),
+                                                (loss, logits, grad_weights))
+    return self._derived[signature](*args)
+
+
+@functools.lru_cache(maxsize=8)
+def _supernet_programs(model, dtype) -> _SupernetPrograms:
+  """The process's `_SupernetPrograms` for ``model`` in ``dtype``; the 8 most recent
+  are kept (a search keeps its own alive as long as it lives)."""
+  return _SupernetPrograms(model, dtype)
+
+
 def _jaxpr_outputs(traced: jax.stages.Traced, picks: tuple[int, ...]) -> Callable:
   """A jitted function of ``traced``'s arguments returning its outputs ``picks`` (positions
   in its output tuple), evaluated from its jaxpr rather than traced anew: binding a
@@ -163,7 +253,13 @@ class BilevelSearch:
     self._weights_grad_from_full_trace = not (
         config.order == "first" and self.neighborhood.batch == "split"
         and self.neighborhood.size > 1)
-    self._weights_grad_fns: dict[Any, Callable] = {}
+    try:
+      self._programs = _supernet_programs(model, self.compute_dtype)
+    except TypeError as e:  # An unhashable field: jit needs the supernet as a static key.
+      raise TypeError(
+          f"The supernet {type(model).__name__} must be hashable: its compiled gradients "
+          f"are shared by equal supernets ({e}); give its fields hashable values "
+          "(tuples, not lists or dicts).") from e
 
   def _jitted(self, fn: Callable) -> Callable:
     """``fn`` itself when the step is fused (the outer jit traces it), else its cached
@@ -191,54 +287,36 @@ class BilevelSearch:
         weight_opt_state=weight_opt_state, arch_opt_state=arch_opt_state, rng=state_rng)
 
   # ------------------------------------------------------------------ the one gradient
-  def apply_model(self, params, batch_stats, images, weights, train: bool):
-    """`apply_supernet` in the configured compute dtype."""
-    return apply_supernet(self.model, self.compute_dtype, params, batch_stats, images,
-                          weights, train)
-
   def train_loss(self, params, batch_stats, weights, images, labels):
-    """Training-mode loss at architecture weights ``weights``, with the logits and the
-    BatchNorm statistics update."""
-    logits, new_stats = self.apply_model(params, batch_stats, images, weights, train=True)
-    return cross_entropy(logits, labels), (logits, new_stats)
+    """`supernet_train_loss` of this search's supernet."""
+    return supernet_train_loss(self.model, self.compute_dtype, params, batch_stats, weights,
+                               images, labels)
 
-  def value_and_grads(self, params, batch_stats, weights, images, labels):
-    """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``."""
-    (loss, (logits, new_stats)), (grad_params, grad_weights) = jax.value_and_grad(
-        self.train_loss, argnums=(0, 2), has_aux=True)(params, batch_stats, weights,
-                                                        images, labels)
-    return loss, logits, new_stats, grad_params, grad_weights
+  def value_and_grads(self, *args):
+    """`supernet_value_and_grads` of this search's supernet."""
+    return supernet_value_and_grads(self.model, self.compute_dtype, *args)
 
   def grads(self, *args):
     """`value_and_grads`: the supernet gradient the weight step and the virtual step call."""
-    return self._jitted(self.value_and_grads)(*args)
+    if self.fused:
+      return self.value_and_grads(*args)
+    return self._programs.value_and_grads(*args)
 
-  def value_and_weights_grad(self, params, batch_stats, weights, images, labels):
-    """``(loss, logits, d loss/d weights)``: what the architecture side needs (first
-    order, the finite-difference points), without the parameter gradient it would throw
-    away (about a third of a supernet gradient's work: no convolution kernel gradients)."""
-    (loss, (logits, _)), grad_weights = jax.value_and_grad(
-        self.train_loss, argnums=2, has_aux=True)(params, batch_stats, weights, images,
-                                                   labels)
-    return loss, logits, grad_weights
+  def value_and_weights_grad(self, *args):
+    """`supernet_value_and_weights_grad` of this search's supernet."""
+    return supernet_value_and_weights_grad(self.model, self.compute_dtype, *args)
 
   def weights_grad(self, *args):
     """`value_and_weights_grad`, compiled once per input shape.
 
     Where the step also needs `value_and_grads` at the same shapes (every order, except
     first-order neighbors on split batches), it is not traced again: it is evaluated from
-    `value_and_grads`' trace (`_jaxpr_outputs`), which `grads` then reuses, and XLA drops
-    the parameter gradient it does not return. One trace of the supernet's forward and
-    backward pass instead of two (6.1 s against 0.6 s at quick-start size; the compiled
-    program computes the same bits)."""
-    if self.fused or not self._weights_grad_from_full_trace:
-      return self._jitted(self.value_and_weights_grad)(*args)
-    signature = (jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
-    if signature not in self._weights_grad_fns:
-      full = self._jitted(self.value_and_grads).trace(*args)
-      loss, logits, _, _, grad_weights = range(5)
-      self._weights_grad_fns[signature] = _jaxpr_outputs(full, (loss, logits, grad_weights))
-    return self._weights_grad_fns[signature](*args)
+    `value_and_grads`' trace (`_SupernetPrograms.weights_grad_from_full`)."""
+    if self.fused:
+      return self.value_and_weights_grad(*args)
+    if self._weights_grad_from_full_trace:
+      return self._programs.weights_grad_from_full(*args)
+    return self._programs.value_and_weights_grad(*args)
 
   # ------------------------------------------------------------ architecture objective
   def _loss_and_accuracy(self, batch_stats):
@@ -461,29 +539,16 @@ class BilevelSearch:
     """Jitted ``(params, batch_stats, alpha, images) -> batch_stats``: one training-mode
     pass at ``softmax(alpha)`` and the running statistics it leaves (for BatchNorm
     recalibration, `nanas_jax.nn.recalibration`)."""
-
-    def update(params, batch_stats, alpha, images):
-      return self.apply_model(params, batch_stats, images, jax.nn.softmax(alpha, -1),
-                              train=True)[1]
-
-    return jax.jit(update)
+    return self._programs.batch_stats_update
 
   def eval_fn(self) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``(state, images, labels, mask) -> {'loss', 'correct', 'count'}``: sums over
     the rows where ``mask`` holds, of the supernet at ``softmax(alpha)`` in evaluation mode
     (running BatchNorm statistics). Sums, not per-example values, so a sharded batch
     reduces on the devices and every process reads the same three numbers."""
-
-    def evaluate(state: SearchState, images, labels, mask):
-      logits, _ = self.apply_model(state.params, state.batch_stats, images,
-                                   jax.nn.softmax(state.alpha, -1), train=False)
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      mask = mask.astype(losses.dtype)
-      return {"loss": jnp.sum(losses * mask),
-              "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-              "count": jnp.sum(mask)}
-
-    return jax.jit(evaluate)
+    sums = self._programs.evaluation_sums
+    return lambda state, images, labels, mask: sums(state.params, state.batch_stats,
+                                                     state.alpha, images, labels, mask)
 
 
 def alpha_entropy(alpha: jax.Array) -> jax.Array:
