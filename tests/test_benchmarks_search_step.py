@@ -1,11 +1,13 @@
-"""Tests of benchmarks/search_step.py: one tiny configuration measured in this process
-gives the fields that benchmarks/device_check.py reads, with its step counts (the timings
-themselves are run by hand, never asserted)."""
+"""Tests of benchmarks/search_step.py: one tiny configuration gives the fields that
+benchmarks/device_check.py reads, with its step counts, in a Python that has none of the
+packages the GPU machine lacks (the timings themselves are run by hand, never asserted)."""
 
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -16,20 +18,56 @@ bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)
 
 
+# What the GPU machine lacks (the device README): device_check.py and its rows must run
+# without them. ml_collections, which the configs need, travels there as a wheel.
+_NOT_ON_THE_GPU_MACHINE = ("tensorflow", "tensorflow_datasets", "clu")
+
+# Imports of those packages fail in the child, as they would there, before anything runs.
+_CHILD = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NotOnTheGpuMachine(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {missing!r}:
+          raise ImportError(name + " is not on the GPU machine")
+
+    sys.meta_path.insert(0, NotOnTheGpuMachine())
+    sys.path[:0] = [{root!r}, {benchmarks!r}]
+    import device_check, search_step
+    search_step.main({argv!r})
+    """)
+
+
 # One configuration: each compiles a supernet step (the second order's took 70 s here).
 @pytest.mark.parametrize("algorithm,order,gradients", [("na_darts", "first", 3)])
-def test_a_tiny_configuration_reports_every_field(algorithm, order, gradients, capsys,
-                                                  monkeypatch):
-  monkeypatch.setattr(sys, "path", [ROOT] + sys.path)
-  bench.main(["--child", f"--algorithm={algorithm}", f"--order={order}", "--neighbors=2",
-              "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1"])
-  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, order,
+                                                                     gradients):
+  argv = ["--child", f"--algorithm={algorithm}", f"--order={order}", "--neighbors=2",
+          "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1"]
+  code = _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
+                       benchmarks=os.path.join(ROOT, "benchmarks"), argv=argv)
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
   assert (row["algorithm"], row["order"], row["batch"], row["layers"]) == (
       algorithm, order, 4, 3)
   assert row["neighbors"] == (2 if algorithm == "na_darts" else 1)
   assert row["supernet_gradients_per_step"] == gradients
   assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["peak_rss_gb"] > 0
   assert row["device"] and "peak_device_gb" in row and row["dtype"] == "float32"
+
+
+def test_the_child_refuses_what_the_gpu_machine_lacks():
+  """The guard above is real: the same child fails on an import of each package."""
+  for name in _NOT_ON_THE_GPU_MACHINE:
+    code = _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
+                         benchmarks=os.path.join(ROOT, "benchmarks"), argv=[])
+    code = code.replace("import device_check, search_step", f"import {name}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode != 0
+    assert f"{name} is not on the GPU machine" in result.stderr
 
 
 def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):
