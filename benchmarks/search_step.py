@@ -11,8 +11,10 @@ Reported per configuration: ``init_s`` (building the state), ``first_step_s`` (c
 one step), ``step_s`` (median of the next steps), ``peak_rss_gb`` (the process's maximum
 resident set size, which on a CPU includes XLA's compiler memory), ``peak_device_gb``
 (accelerator memory, where reported), the number of supernet gradient evaluations per
-step, and the device. The children start with huge pages where `nanas_jax.cli`'s programs
-would (`cli.huge_pages_environ`; ``NANAS_HUGE_PAGES=0`` measures without).
+step, how many neighbors one vmapped pass evaluates (``neighbor_chunk``; None when they
+are evaluated one by one), and the device. The children start with huge pages where
+`nanas_jax.cli`'s programs would (`cli.huge_pages_environ`; ``NANAS_HUGE_PAGES=0``
+measures without).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def measure(args) -> dict:
   config.neighbors.num = args.neighbors
   config.compile = args.compile
   config.neighbors.evaluate = args.evaluate
+  if args.chunk is not None:
+    config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                         dw_impl=args.depthwise_impl)
@@ -88,7 +92,9 @@ def measure(args) -> dict:
       "channels": args.channels, "layers": args.layers, "size": args.size,
       "batch": args.batch, "dtype": args.dtype,
       "compile": search.fused and "fused" or "shared",
-      "vmap_neighbors": search.vmap_neighbors, "init_s": round(init_s, 2),
+      "vmap_neighbors": search.vmap_neighbors,
+      "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors else None,
+      "init_s": round(init_s, 2),
       "first_step_s": round(times[0], 2),
       "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,
       "supernet_gradients_per_step": grads_per_step,
@@ -111,6 +117,8 @@ def main(argv=None):
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
+  parser.add_argument("--chunk", type=int, help="neighbors per vmapped pass "
+                      "(config.search.neighbors.chunk; 0: all at once)")
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="the supernet's compute dtype (config.search.dtype)")
   parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
@@ -135,7 +143,8 @@ def main(argv=None):
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
             "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl", "channels",
-            "layers", "size", "in_channels", "batch", "steps")]
+            "layers", "size", "in_channels", "batch", "steps")] + (
+                [] if args.chunk is None else [f"--chunk={args.chunk}"])
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
     out = subprocess.run(child, capture_output=True, text=True, check=False,
                          env=cli.huge_pages_environ(os.environ))

@@ -121,4 +121,9 @@ def get_config():
   # 'vmap' evaluates the K neighbors in one batched call; 'loop' calls the shared compiled
   # gradient K times (no extra compile). 'auto': vmap on accelerators, loop on CPU.
   config.search.neighbors.evaluate = "auto"
+  # With 'vmap', how many neighbors one batched pass evaluates; the passes run one after
+  # the other, so the pass's memory grows with chunk, not with num. A neighbor's gradient
+  # (no parameter gradient) needs about half the weight step's memory, so a pair needs
+  # about as much as the weight step (the reference size: 4 at once 2.3x). 0: all at once.
+  config.search.neighbors.chunk = 2
   return config

@@ -43,7 +43,8 @@ _CHILD = textwrap.dedent("""
 def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, order,
                                                                      gradients):
   argv = ["--child", f"--algorithm={algorithm}", f"--order={order}", "--neighbors=2",
-          "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1"]
+          "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1",
+          "--evaluate=vmap", "--chunk=1"]
   code = _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
                        benchmarks=os.path.join(ROOT, "benchmarks"), argv=argv)
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -54,6 +55,7 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
       algorithm, order, 4, 3)
   assert row["neighbors"] == (2 if algorithm == "na_darts" else 1)
   assert row["supernet_gradients_per_step"] == gradients
+  assert row["vmap_neighbors"] and row["neighbor_chunk"] == 1
   assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["peak_rss_gb"] > 0
   assert row["device"] and "peak_device_gb" in row and row["dtype"] == "float32"
 

@@ -68,9 +68,12 @@ def direct_objective(search, state, alpha, x, y, key, num, kind="swap"):
   return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("evaluate", ["vmap", "loop"])
-def test_na_objective_and_gradients_equal_a_python_loop(evaluate):
-  config = make_config("na_darts", num=4, kind="swap", radius=1, evaluate=evaluate)
+# vmap over all 4 neighbors, over chunks of 2, over a chunk of 3 and the 1 left.
+@pytest.mark.parametrize("evaluate,chunk", [("vmap", 0), ("vmap", 2), ("vmap", 3),
+                                            ("loop", 0)])
+def test_na_objective_and_gradients_equal_a_python_loop(evaluate, chunk):
+  config = make_config("na_darts", num=4, kind="swap", radius=1, evaluate=evaluate,
+                       chunk=chunk)
   search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
   (tx, _), (vx, vy) = make_batches()
   state = init_state(search, tx)
@@ -87,6 +90,29 @@ def test_na_objective_and_gradients_equal_a_python_loop(evaluate):
       search, state.replace(params=p), state.alpha, vx, vy, key, 4))(state.params)
   for a, b in zip(jax.tree.leaves(grad_params), jax.tree.leaves(expected_params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_neighbors_hold_one_chunk_of_activations():
+  """With ``neighbors.chunk = 1`` the vmapped architecture side needs the temporary memory
+  of one neighbor's gradient (the oracle: that gradient compiled alone), where all four
+  at once need more (XLA's own account of the compiled programs' buffers)."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(256, 4)).astype(np.float32), rng.integers(0, 3, 256)
+
+  def temp_bytes(chunk):
+    config = make_config("na_darts", num=4, kind="swap", evaluate="vmap", chunk=chunk)
+    search = BilevelSearch(ToyArchModel(hidden=512), SPACE, config, steps_per_epoch=10)
+    state = init_state(search, x)
+    weights = jnp.stack([jax.nn.softmax(state.alpha, -1)] * 4)
+    args = (state.params, state.batch_stats, weights, x, y)
+    vmapped = jax.jit(search._vmapped_neighbor_grads_without_params).lower(*args)
+    single = search._programs.value_and_weights_grad.lower(*args[:2], weights[0], x, y)
+    return [p.compile().memory_analysis().temp_size_in_bytes for p in (vmapped, single)]
+
+  all_at_once, one = temp_bytes(0)
+  chunked, same_one = temp_bytes(1)
+  assert one == same_one
+  assert chunked <= 1.1 * one < all_at_once / 1.4
 
 
 def test_na_split_batch_gives_each_neighbor_its_slice():
@@ -466,6 +492,7 @@ def test_learning_rate_schedule_is_cosine_per_epoch():
     ("neighbors.kind", "flip", "config.search.neighbors.kind"),
     ("neighbors.aggregation", "median", "config.search.neighbors.aggregation"),
     ("neighbors.batch", "half", "config.search.neighbors.batch"),
+    ("neighbors.chunk", -1, "config.search.neighbors.chunk"),
     ("weights.lr", 0.0, "config.search.weights.lr"),
     ("warmup_epochs", 99, "config.search.warmup_epochs"),
     ("recalibrate_batches", -1, "config.search.recalibrate_batches"),

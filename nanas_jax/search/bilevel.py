@@ -10,12 +10,14 @@ T_k(softmax(alpha)))`` over K perturbations sampled afresh every step; DARTS is 
 one-neighbor identity case. This module decides how it is executed: the K evaluations run
 under ``jax.vmap`` over the K weight tensors (``evaluate='vmap'``) or as K calls of the one
 compiled supernet gradient (``evaluate='loop'``); both give the same numbers (a test
-checks it). ``neighbors.batch='split'`` (each neighbor on its own 1/K slice of the
-validation batch, the cost of one DARTS architecture step) is allowed with the ``mean``
-aggregate only: the mean of the slice losses estimates the mean neighbor loss over the
-data, as ``'full'`` does, except that BatchNorm (training mode) normalises each neighbor
-over B/K examples, as DARTS at batch B/K would; with ``max`` or ``softmax_tau`` the worst
-"neighbor" would partly be the hardest slice.
+checks it). Under vmap the K evaluations' activations are alive together, so
+``neighbors.chunk`` of them are vmapped at a time and the chunks run one after the other
+(``lax.map``): memory grows with the chunk, not with K. ``neighbors.batch='split'`` (each
+neighbor on its own 1/K slice of the validation batch, the cost of one DARTS architecture
+step) is allowed with the ``mean`` aggregate only: the mean of the slice losses estimates
+the mean neighbor loss over the data, as ``'full'`` does, except that BatchNorm (training
+mode) normalises each neighbor over B/K examples, as DARTS at batch B/K would; with
+``max`` or ``softmax_tau`` the worst "neighbor" would partly be the hardest slice.
 
 Orders of the architecture gradient:
 - ``first``: the gradient of the objective at the current weights.
@@ -245,6 +247,7 @@ class BilevelSearch:
     self.neighborhood = objective.Neighborhood.from_config(config)
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
+    self.neighbor_chunk = config.neighbors.get("chunk", 0)
     self.compute_dtype = compute_dtype(config)
     self._jit_cache: dict[Any, Callable] = {}
     # `weights_grad` shares `value_and_grads`' trace, except where the neighbors' split
@@ -346,6 +349,10 @@ class BilevelSearch:
             params, batch_stats, w, x, y), None
       return loss, accuracy(logits, y), grad_params, grad_weights
 
+    if 0 < self.neighbor_chunk < weights.shape[0]:
+      # Chunks of neighbors under vmap, one chunk after another: only one chunk's
+      # activations are alive at a time.
+      return jax.lax.map(lambda a: one(*a), (weights, xs, ys), batch_size=self.neighbor_chunk)
     return jax.vmap(one)(weights, xs, ys)
 
   def _architecture_weights(self, alpha, key):
@@ -622,6 +629,10 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
           "still measures the neighbors rather than the slices")
     check(nb.get("evaluate", "auto") in NEIGHBOR_EVALUATIONS, "neighbors.evaluate",
           nb.get("evaluate"), f"one of {NEIGHBOR_EVALUATIONS}")
+    chunk = nb.get("chunk", 0)
+    check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
+          "neighbors.chunk", chunk, "an integer >= 0: how many neighbors one batched pass "
+          "evaluates with neighbors.evaluate = 'vmap' (0: all of them at once)")
   w, a = config.weights, config.arch
   check(w.lr > 0, "weights.lr", w.lr, "> 0")
   check(0 <= w.lr_min <= w.lr, "weights.lr_min", w.lr_min, "in [0, weights.lr]")
