@@ -20,7 +20,8 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 ``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``
 and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
 dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries
-``error`` instead of its numbers).
+``error`` instead of its numbers; ours also carry ``neighbor_chunk``, the neighbors per
+vmapped pass, None where they run one by one).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
     return {**row, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
-          "device": result["device"]}
+          "neighbor_chunk": result["neighbor_chunk"], "device": result["device"]}
 
 
 def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
@@ -132,7 +133,8 @@ def main(argv=None):
   torch_version = next((r["torch"] for r in rows if "torch" in r), None)
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
-            "rows": [{k: r[k] for k in FIELDS + ("error",) if k in r} for r in rows]}
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "error") if k in r}
+                     for r in rows]}
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
   suffix = "" if args.dtype == "float32" else f"-{args.dtype}"

@@ -12,7 +12,7 @@ one step), ``step_s`` (median of the next steps), ``peak_rss_gb`` (the process's
 resident set size, which on a CPU includes XLA's compiler memory), ``peak_device_gb``
 (accelerator memory, where reported), the number of supernet gradient evaluations per
 step, how many neighbors one vmapped pass evaluates (``neighbor_chunk``; None when they
-are evaluated one by one), and the device. The children start with huge pages where
+are evaluated one by one, or there is one), and the device. The children start with huge pages where
 `nanas_jax.cli`'s programs would (`cli.huge_pages_environ`; ``NANAS_HUGE_PAGES=0``
 measures without).
 """
@@ -93,7 +93,7 @@ def measure(args) -> dict:
       "batch": args.batch, "dtype": args.dtype,
       "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors,
-      "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors else None,
+      "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
       "init_s": round(init_s, 2),
       "first_step_s": round(times[0], 2),
       "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,

@@ -43,8 +43,9 @@ def _recording_run(calls, reference_second_order_times_out=False):
     script = os.path.basename(cmd[1])
     calls.append((script, cmd, timeout, env))
     if script == "search_step.py":
+      chunk = 2 if "--algorithm=na_darts" in cmd else None
       return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
-              "peak_rss_gb": 3.25, "device": "cpu"}, None
+              "peak_rss_gb": 3.25, "neighbor_chunk": chunk, "device": "cpu"}, None
     if reference_second_order_times_out and "--order=second" in cmd:
       return None, f"timed out after {timeout:.0f} s"
     return {**check.PRESETS["small"], "impl": "pytorch_reference", "algorithm": "darts",
@@ -104,6 +105,7 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   small = check.PRESETS["small"]
   assert all(r["batch"] == small["batch"] and r["size"] == small["size"] for r in rows[:3])
   assert rows[0]["peak_gb"] == 3.25 and rows[0]["step_s"] == 0.5
+  assert [r["neighbor_chunk"] for r in rows[:3]] == [None, None, 2]
   assert "threads" not in rows[3] and rows[3]["step_s"] == 1.5
   assert rows[4]["error"] == "timed out after 9 s" and "step_s" not in rows[4]
   assert {r["dtype"] for r in rows} == {"float32"}
