@@ -125,5 +125,6 @@ def get_config():
   # the other, so the pass's memory grows with chunk, not with num. A neighbor's gradient
   # (no parameter gradient) needs about half the weight step's memory, so a pair needs
   # about as much as the weight step (the reference size: 4 at once 2.3x). 0: all at once.
+  # A chunk that does not divide num compiles a second, remainder-sized pass.
   config.search.neighbors.chunk = 2
   return config
