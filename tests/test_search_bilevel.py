@@ -164,16 +164,18 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
 
 # How many times a shared step traces the model's loss: once where the architecture side's
 # gradients have the weight step's shapes (their parameter-gradient-free version is
-# evaluated from the weight step's trace), once per gradient where the neighbors' split
-# batches give them shapes of their own; a later search on an equal supernet, never.
-@pytest.mark.parametrize("algorithm,order,batch,traces", [
-    ("darts", "first", "full", 1), ("darts", "second_fd", "full", 1),
-    ("na_darts", "first", "full", 1), ("na_darts", "first", "split", 2),
-    ("na_darts", "second_fd", "split", 2)])
+# evaluated from the weight step's trace, vmapped neighbors included), once per gradient
+# where the neighbors' split batches give them shapes of their own; a later search on an
+# equal supernet, never.
+@pytest.mark.parametrize("algorithm,order,batch,evaluate,traces", [
+    ("darts", "first", "full", "loop", 1), ("darts", "second_fd", "full", "loop", 1),
+    ("na_darts", "first", "full", "loop", 1), ("na_darts", "first", "split", "loop", 2),
+    ("na_darts", "second_fd", "split", "loop", 2), ("na_darts", "first", "full", "vmap", 1),
+    ("na_darts", "second_fd", "full", "vmap", 1), ("na_darts", "first", "split", "vmap", 2)])
 def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorithm, order,
-                                                           batch, traces):
+                                                           batch, evaluate, traces):
   (tx, ty), (vx, vy) = make_batches()
-  kwargs = dict(num=2, kind="swap", batch=batch, evaluate="loop")
+  kwargs = dict(num=2, kind="swap", batch=batch, evaluate=evaluate)
   config = make_config(algorithm, order, **kwargs if algorithm == "na_darts" else {})
   config.warmup_epochs = 0  # architecture steps from the first
   bilevel._supernet_programs.cache_clear()  # no trace left by an earlier test

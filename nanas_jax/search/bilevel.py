@@ -340,12 +340,13 @@ class BilevelSearch:
     xs = jnp.stack([b[0] for b in batches])
     ys = jnp.stack([b[1] for b in batches])
 
+    # The shared gradients, batched: vmap transforms their cached traces (the weight
+    # step's, where the shapes are the same) rather than tracing the supernet again.
     def one(w, x, y):
       if param_grads:
-        loss, logits, _, grad_params, grad_weights = self.value_and_grads(
-            params, batch_stats, w, x, y)
+        loss, logits, _, grad_params, grad_weights = self.grads(params, batch_stats, w, x, y)
       else:
-        (loss, logits, grad_weights), grad_params = self.value_and_weights_grad(
+        (loss, logits, grad_weights), grad_params = self.weights_grad(
             params, batch_stats, w, x, y), None
       return loss, accuracy(logits, y), grad_params, grad_weights
 
