@@ -34,7 +34,8 @@ finite-difference point, each neighbor) compiles for minutes. Every use above is
 function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
 ``compile='shared'`` the step calls that one jitted function (compiled once; the
 architecture side's version without the parameter gradient, compiled once more, is
-evaluated from its trace instead of being traced again) and small jitted pieces around it.
+evaluated from its trace instead of being traced again) and small jitted pieces around it;
+vmapped neighbors batch those same traced functions.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
