@@ -12,9 +12,9 @@ one step), ``step_s`` (median of the next steps), ``peak_rss_gb`` (the process's
 resident set size, which on a CPU includes XLA's compiler memory), ``peak_device_gb``
 (accelerator memory, where reported), the number of supernet gradient evaluations per
 step, how many neighbors one vmapped pass evaluates (``neighbor_chunk``; None when they
-are evaluated one by one, or there is one), and the device. The children start with huge pages where
-`nanas_jax.cli`'s programs would (`cli.huge_pages_environ`; ``NANAS_HUGE_PAGES=0``
-measures without).
+are evaluated one by one, or there is one), and the device. The children start with huge
+pages where `nanas_jax.cli`'s programs would (`cli.huge_pages_environ`;
+``NANAS_HUGE_PAGES=0`` measures without).
 """
 
 from __future__ import annotations
