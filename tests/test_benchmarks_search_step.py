@@ -33,9 +33,13 @@ _CHILD = textwrap.dedent("""
 
     sys.meta_path.insert(0, NotOnTheGpuMachine())
     sys.path[:0] = [{root!r}, {benchmarks!r}]
-    import device_check, search_step
-    search_step.main({argv!r})
     """)
+
+
+def _child_code(body: str) -> str:
+  """``body`` run after the guard, with the repository and benchmarks/ importable."""
+  return _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
+                       benchmarks=os.path.join(ROOT, "benchmarks")) + body
 
 
 # One configuration: each compiles a supernet step (the second order's took 70 s here).
@@ -45,8 +49,7 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
   argv = ["--child", f"--algorithm={algorithm}", f"--order={order}", "--neighbors=2",
           "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1",
           "--evaluate=vmap", "--chunk=1"]
-  code = _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
-                       benchmarks=os.path.join(ROOT, "benchmarks"), argv=argv)
+  code = _child_code(f"import device_check, search_step\nsearch_step.main({argv!r})\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -63,9 +66,7 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
 def test_the_child_refuses_what_the_gpu_machine_lacks():
   """The guard above is real: the same child fails on an import of each package."""
   for name in _NOT_ON_THE_GPU_MACHINE:
-    code = _CHILD.format(missing=set(_NOT_ON_THE_GPU_MACHINE), root=ROOT,
-                         benchmarks=os.path.join(ROOT, "benchmarks"), argv=[])
-    code = code.replace("import device_check, search_step", f"import {name}")
+    code = _child_code(f"import {name}\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=False)
     assert result.returncode != 0
