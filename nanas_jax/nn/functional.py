@@ -432,14 +432,21 @@ def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
   The second conv reads the odd rows and columns (PyTorch: a stride-2 conv of
   ``x[:, :, 1:, 1:]``). For an odd size the two paths differ in size and PyTorch fails at
   the concat; this raises a clear error instead.
+
+  The even and odd pixels are picked from a 2x2-blocked view (``[..., H/2, 2, W/2, 2,
+  C]``), not by stride-2 slices: XLA's GPU compiler (jaxlib 0.10.2, Hopper) aborts on a
+  stride-2 slice of a shared activation feeding a matmul (``triton_tiling_propagation.cc``
+  check failure in its Triton GEMM fusion), which the blocked view never forms.
   """
-  x = jax.nn.relu(x)
-  a = pointwise_conv(x[..., ::2, ::2, :], kernel_a)
-  b = pointwise_conv(x[..., 1::2, 1::2, :], kernel_b)
-  if a.shape != b.shape:
+  *_, h, w, _ = x.shape
+  if h % 2 or w % 2:
     raise ValueError(
-        f"FactorizedReduce needs an even spatial size, got {x.shape[-3:-1]}; "
+        f"FactorizedReduce needs an even spatial size, got {(h, w)}; "
         "choose an input size divisible by 4 (two reductions).")
+  x = jax.nn.relu(x)
+  blocks = x.reshape(x.shape[:-3] + (h // 2, 2, w // 2, 2, x.shape[-1]))
+  a = pointwise_conv(blocks[..., 0, :, 0, :], kernel_a)
+  b = pointwise_conv(blocks[..., 1, :, 1, :], kernel_b)
   return jnp.concatenate([a, b], axis=-1)
 
 

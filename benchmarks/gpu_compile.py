@@ -1,0 +1,211 @@
+"""The search step compiled by XLA's GPU compiler on a machine without a GPU (a benchmark,
+not a test): does XLA accept it, how long does it compile, how much GPU memory does XLA's
+buffer assignment give each program.
+
+  python benchmarks/gpu_compile.py --install          # XLA's CUDA compiler into .gpu-aot/
+  python benchmarks/gpu_compile.py --preset=reference --algorithm=na_darts --chunk=0
+
+JAX compiles ahead of time for a GPU that is described, not attached
+(`jax.experimental.topologies.get_topology_desc` with an XLA ``GpuTargetConfigProto``;
+``--target``, by default `benchmarks/gpu_targets/h200.txtpb`). The compiler is the CUDA
+PJRT plugin of the installed jaxlib's version (``jax-cuda12-plugin``, about 180 MB),
+installed by ``--install`` into its own folder (``--plugin_dir``, default ``.gpu-aot/``)
+rather than the environment: installed there, every JAX program of the environment would
+try to start CUDA. Nothing runs on a GPU: no autotuning, and no step times.
+
+Each configuration is compiled in its own subprocess, since XLA aborts the process on an
+internal check failure; a row that failed carries ``error`` (the check's message).
+Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
+programs), ``programs`` (with ``compile='shared'``, every distinct jitted program of one
+step: ``name``, ``compile_s``, ``gb``, its argument, output and temporary buffers less
+those aliased) and ``largest_program_gb`` (the step's largest program: a lower bound of
+its peak GPU memory, which adds what the host keeps alive between programs, a few MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_PLUGIN_DIR = os.path.join(ROOT, ".gpu-aot")
+DEFAULT_TARGET = os.path.join(HERE, "gpu_targets", "h200.txtpb")
+PRESETS = {
+    "reference": dict(channels=16, layers=8, size=32, batch=64),
+    "tiny": dict(channels=4, layers=3, size=8, batch=16),
+}
+
+
+def plugin_requirements(jax_version: str) -> list[str]:
+  """The CUDA compiler's packages for ``jax_version`` (they must match jaxlib exactly)."""
+  return [f"jax-cuda12-plugin=={jax_version}", f"jax-cuda12-pjrt=={jax_version}"]
+
+
+def install(plugin_dir: str) -> None:
+  """Installs the CUDA PJRT plugin of the installed jaxlib's version into ``plugin_dir``."""
+  import jax
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                  "--upgrade", "--target", plugin_dir, *plugin_requirements(jax.__version__)],
+                 check=True)
+
+
+def gpu_device(target: str):
+  """A compile-only device of the GPU that ``target`` (a GpuTargetConfigProto text file)
+  describes."""
+  from jax.experimental import topologies
+  with open(target) as f:
+    config = f.read()
+  return topologies.get_topology_desc("aot", "cuda", target_config=config,
+                                      topology="1x1x1").devices[0]
+
+
+def _program_gb(compiled) -> float:
+  m = compiled.memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return round(total / 2**30, 3)
+
+
+def step_programs(step, args) -> list[tuple[str, object]]:
+  """The distinct jitted programs one call of the unjitted ``step(*args)`` runs, as
+  ``(name, closed jaxpr)``: the top-level jit calls of its trace (the eager glue between
+  them, a scalar add or two, is left out)."""
+  import jax
+  closed = jax.make_jaxpr(step)(*args)
+  programs, seen = [], set()
+  for eqn in closed.jaxpr.eqns:
+    if eqn.primitive.name not in ("jit", "pjit"):
+      continue
+    key = (eqn.params["name"], tuple(str(v.aval) for v in eqn.invars))
+    if key not in seen:
+      seen.add(key)
+      programs.append((eqn.params["name"], eqn.params["jaxpr"]))
+  return programs
+
+
+def measure(args) -> dict:
+  """Compiles one configuration's step for the target GPU in this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.extend.core import jaxpr_as_fun
+  from jax.sharding import SingleDeviceSharding
+
+  from configs import quickstart
+  from nanas_jax import spaces
+  from nanas_jax.nn.supernet import SearchNetwork
+  from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
+
+  sharding = SingleDeviceSharding(gpu_device(args.target))
+  on_gpu = lambda tree: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+  config = quickstart.get_config().search
+  config.warmup_epochs = 0
+  config.algorithm, config.order = args.algorithm, args.order
+  config.neighbors.num = args.neighbors
+  config.compile = args.compile
+  # What 'auto' picks on a GPU (this process's default backend is the CPU).
+  config.neighbors.evaluate = "vmap"
+  if args.chunk is not None:
+    config.neighbors.chunk = args.chunk
+  config.dtype = args.dtype
+  model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
+                        dw_impl="conv")
+  search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
+  state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  batch = (jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
+           jax.ShapeDtypeStruct((args.batch,), jnp.int32))
+  k = neighbors_per_step(config)
+  row = {"algorithm": args.algorithm, "order": args.order, "neighbors": k,
+         "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
+         "channels": args.channels, "layers": args.layers, "size": args.size,
+         "batch": args.batch, "dtype": args.dtype, "compile": args.compile}
+  programs = []
+  if search.fused:
+    t = time.perf_counter()
+    compiled = jax.jit(search.step, donate_argnums=0).lower(
+        on_gpu(state), on_gpu(batch), on_gpu(batch)).compile()
+    programs.append({"name": "step", "compile_s": round(time.perf_counter() - t, 1),
+                     "gb": _program_gb(compiled)})
+  else:
+    for name, closed in step_programs(search.step, (state, batch, batch)):
+      t = time.perf_counter()
+      compiled = jax.jit(jaxpr_as_fun(closed)).lower(*on_gpu(closed.in_avals)).compile()
+      programs.append({"name": name, "compile_s": round(time.perf_counter() - t, 1),
+                       "gb": _program_gb(compiled)})
+  return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
+          "largest_program_gb": max(p["gb"] for p in programs), "programs": programs}
+
+
+def failure(stderr: str) -> str:
+  """What a child that died says of why: XLA's check failure where there is one."""
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  checks = [line.split("] ", 1)[-1] for line in lines if "Check failed" in line]
+  return (checks or lines or ["no output"])[-1][-500:]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--install", action="store_true",
+                      help="install XLA's CUDA compiler into --plugin_dir and stop")
+  parser.add_argument("--plugin_dir", default=DEFAULT_PLUGIN_DIR)
+  parser.add_argument("--target", default=DEFAULT_TARGET,
+                      help="the GPU, as an XLA GpuTargetConfigProto text file")
+  parser.add_argument("--preset", choices=sorted(PRESETS))
+  parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
+  parser.add_argument("--order", default="first", choices=["first", "second_fd"])
+  parser.add_argument("--neighbors", type=int, default=4)
+  parser.add_argument("--chunk", type=int, help="neighbors per vmapped pass "
+                      "(config.search.neighbors.chunk; 0: all at once)")
+  parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  for name, value in PRESETS["tiny"].items():
+    parser.add_argument(f"--{name}", type=int, default=value)
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--output", help="append the JSON results to this file")
+  preset = parser.parse_args(argv).preset
+  if preset:
+    parser.set_defaults(**PRESETS[preset])
+  args = parser.parse_args(argv)
+  if args.install:
+    install(args.plugin_dir)
+    return
+  if args.child:
+    print(json.dumps(measure(args)), flush=True)
+    return
+  if not os.path.isdir(os.path.join(args.plugin_dir, "jax_plugins")):
+    sys.exit(f"XLA's CUDA compiler is not in {args.plugin_dir}; install it first: "
+             f"python {os.path.relpath(__file__)} --install --plugin_dir={args.plugin_dir}")
+  if not os.path.isfile(args.target):
+    sys.exit(f"No GPU target file {args.target}; give --target=PATH to an XLA "
+             "GpuTargetConfigProto text file (see benchmarks/gpu_targets/).")
+  path = [args.plugin_dir, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+  algorithms = ["darts", "na_darts"] if args.algorithm == "both" else [args.algorithm]
+  for algorithm in algorithms:
+    child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
+        f"--{k}={getattr(args, k)}" for k in (
+            "target", "order", "neighbors", "compile", "dtype", *PRESETS["tiny"])] + (
+                [] if args.chunk is None else [f"--chunk={args.chunk}"])
+    out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
+    if out.returncode:
+      row = {"algorithm": algorithm, "order": args.order, "compile": args.compile,
+             **{k: getattr(args, k) for k in PRESETS["tiny"]}, "error": failure(out.stderr)}
+    else:
+      row = json.loads(out.stdout.strip().splitlines()[-1])
+    line = json.dumps({"target": os.path.basename(args.target), **row})
+    print(line, flush=True)
+    if args.output:
+      with open(args.output, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  main()

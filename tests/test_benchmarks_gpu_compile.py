@@ -1,0 +1,99 @@
+"""Tests of benchmarks/gpu_compile.py, and through it of the supernet on XLA's GPU
+compiler: with the CUDA compiler installed (`gpu_compile.py --install`, which the README's
+test command runs) the supernet is compiled for an H200 on this CPU machine."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from nanas_jax import spaces
+from nanas_jax.nn.supernet import SearchNetwork
+from nanas_jax.search.bilevel import BilevelSearch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    "gpu_compile", os.path.join(ROOT, "benchmarks", "gpu_compile.py"))
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+needs_the_cuda_compiler = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(bench.DEFAULT_PLUGIN_DIR, "jax_plugins")),
+    reason="XLA's CUDA compiler is not installed: python benchmarks/gpu_compile.py --install")
+
+
+@needs_the_cuda_compiler
+def test_the_supernet_compiles_for_an_h200_with_triton_gemms():
+  """Two reduction cells, the second after a reduction (its FactorizedReduce reads the
+  stem's activation at stride 2): XLA's GPU compiler aborted the process here, in its
+  Triton GEMM fusion (``triton_tiling_propagation.cc``), before the FactorizedReduce read
+  a 2x2-blocked view. XLA's argument buffer must hold exactly the program's inputs."""
+  code = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
+      import jax, numpy as np
+      from jax.sharding import SingleDeviceSharding
+      import gpu_compile
+      from nanas_jax.nn.supernet import SearchNetwork
+      sharding = SingleDeviceSharding(gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET))
+      model = SearchNetwork(num_classes=10, channels=2, layers=2, dw_impl="conv")
+      images = np.zeros((2, 8, 8, 3), np.float32)
+      weights = np.full((2, 14, 8), 1 / 8, np.float32)
+      variables = model.init(jax.random.key(0), images, weights, train=True)
+      forward = lambda v, w, x: model.apply(v, x, w, True, mutable=["batch_stats"])
+      args = (variables, weights, images)
+      compiled = jax.jit(forward).lower(*jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)).compile()
+      print(compiled.memory_analysis().argument_size_in_bytes,
+            sum(np.asarray(a).nbytes for a in jax.tree.leaves(args)))
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([bench.DEFAULT_PLUGIN_DIR, ROOT]))
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, check=False)
+  assert result.returncode == 0, bench.failure(result.stderr)
+  xla_bytes, input_bytes = map(int, result.stdout.split())
+  assert xla_bytes == input_bytes
+
+
+def test_a_dead_child_is_reported_by_its_check_failure():
+  stderr = ("I0000 cudart_stub.cc:31] Could not find cuda drivers\n"
+            "F1203 06:38:52.324381 1865 triton_tiling_propagation.cc:627] Check failed: "
+            "subdim_size_accumulator == dim_size (16 vs. 8) \n"
+            "*** Check failure stack trace: ***\n    @ 0x7f9caf1fe2a5 xla::Foo()\n")
+  assert bench.failure(stderr) == "Check failed: subdim_size_accumulator == dim_size (16 vs. 8) "
+  assert bench.failure("Traceback\nValueError: bad\n") == "ValueError: bad"
+
+
+def test_programs_are_listed_once_however_often_the_step_calls_them():
+  """The second order evaluates the architecture gradient at w+ and at w- with the same
+  program: the trace calls it twice, the list holds it once, as jit compiles it once."""
+  config = quickstart.get_config().search
+  config.order, config.compile, config.warmup_epochs = "second_fd", "shared", 0
+  search = BilevelSearch(SearchNetwork(num_classes=10, channels=2, layers=1),
+                         spaces.get_space("darts"), config, steps_per_epoch=10)
+  state = search.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+  batch = (np.zeros((2, 8, 8, 1), np.float32), np.zeros((2,), np.int32))
+  calls = [e.params["name"] for e in jax.make_jaxpr(search.step)(state, batch, batch).eqns
+           if e.primitive.name in ("jit", "pjit")]
+  names = [name for name, _ in bench.step_programs(search.step, (state, batch, batch))]
+  assert set(calls) == set(names)
+  # Two points of the finite difference, the same architecture-side program.
+  assert calls.count("outputs") == 2 and names.count("outputs") == 1
+
+
+def test_refuses_to_run_without_the_compiler(tmp_path):
+  with pytest.raises(SystemExit, match="--install"):
+    bench.main([f"--plugin_dir={tmp_path}"])
+
+
+@needs_the_cuda_compiler
+def test_refuses_a_missing_target(tmp_path):
+  with pytest.raises(SystemExit, match="GpuTargetConfigProto"):
+    bench.main([f"--target={tmp_path / 'nope.txtpb'}"])
