@@ -11,7 +11,8 @@ JAX compiles ahead of time for a GPU that is described, not attached
 PJRT plugin of the installed jaxlib's version (``jax-cuda12-plugin``, about 180 MB),
 installed by ``--install`` into its own folder (``--plugin_dir``, default ``.gpu-aot/``)
 rather than the environment: installed there, every JAX program of the environment would
-try to start CUDA. Nothing runs on a GPU: no autotuning, and no step times.
+try to start CUDA. Nothing runs on a GPU: no autotuning, and no step times. ``--output``
+appends each row as a JSON line (`benchmarks/results/h200_compile.jsonl`).
 
 Each configuration is compiled in its own subprocess, since XLA aborts the process on an
 internal check failure; a row that failed carries ``error`` (the check's message).
@@ -25,6 +26,7 @@ its peak GPU memory, which adds what the host keeps alive between programs, a fe
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -122,7 +124,7 @@ def measure(args) -> dict:
   batch = (jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
            jax.ShapeDtypeStruct((args.batch,), jnp.int32))
   k = neighbors_per_step(config)
-  row = {"algorithm": args.algorithm, "order": args.order, "neighbors": k,
+  row = {"jax": jax.__version__, "algorithm": args.algorithm, "order": args.order, "neighbors": k,
          "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile}
@@ -199,7 +201,8 @@ def main(argv=None):
              **{k: getattr(args, k) for k in PRESETS["tiny"]}, "error": failure(out.stderr)}
     else:
       row = json.loads(out.stdout.strip().splitlines()[-1])
-    line = json.dumps({"target": os.path.basename(args.target), **row})
+    line = json.dumps({"target": os.path.basename(args.target),
+                       "date": datetime.date.today().isoformat(), **row})
     print(line, flush=True)
     if args.output:
       with open(args.output, "a") as f:

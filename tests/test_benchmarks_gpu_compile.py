@@ -28,27 +28,58 @@ needs_the_cuda_compiler = pytest.mark.skipif(
     reason="XLA's CUDA compiler is not installed: python benchmarks/gpu_compile.py --install")
 
 
+# Built in the child: ``fn`` is jitted on ``args`` (numpy arrays and variables).
+_MODELS = {
+    # Two reduction cells, the second after a reduction (its FactorizedReduce reads the
+    # stem's activation at stride 2): XLA's GPU compiler aborted the process here, in its
+    # Triton GEMM fusion (``triton_tiling_propagation.cc``), before the FactorizedReduce
+    # read a 2x2-blocked view.
+    "supernet": """
+        from nanas_jax.nn.supernet import SearchNetwork
+        model = SearchNetwork(num_classes=10, channels=2, layers=2, dw_impl="conv")
+        images = np.zeros((2, 8, 8, 3), np.float32)
+        weights = np.full((2, 14, 8), 1 / 8, np.float32)
+        variables = model.init(jax.random.key(0), images, weights, train=True)
+        fn = lambda v, w, x: model.apply(v, x, w, True, mutable=["batch_stats"])
+        args = (variables, weights, images)
+        """,
+    # The network trained from scratch (DARTS_V2, auxiliary head, drop path): its
+    # training gradient.
+    "network": """
+        from nanas_jax.nn.networks import NetworkCIFAR
+        from nanas_jax.spaces import get_genotype
+        model = NetworkCIFAR(genotype=get_genotype("DARTS_V2"), C=4, num_classes=10,
+                             layers=3, auxiliary=True)
+        images = np.zeros((2, 16, 16, 3), np.float32)
+        variables = model.init(jax.random.key(0), images, train=False)
+
+        def loss(params, stats, x, key):
+          (logits, aux), _ = model.apply({"params": params, "batch_stats": stats}, x, True,
+                                         drop_path_prob=0.2, mutable=["batch_stats"],
+                                         rngs={"drop_path": jax.random.wrap_key_data(key)})
+          return (logits ** 2).sum() + (aux ** 2).sum()
+
+        fn = jax.grad(loss)
+        args = (variables["params"], variables["batch_stats"], images,
+                jax.random.key_data(jax.random.key(1)))
+        """,
+}
+
+
 @needs_the_cuda_compiler
-def test_the_supernet_compiles_for_an_h200_with_triton_gemms():
-  """Two reduction cells, the second after a reduction (its FactorizedReduce reads the
-  stem's activation at stride 2): XLA's GPU compiler aborted the process here, in its
-  Triton GEMM fusion (``triton_tiling_propagation.cc``), before the FactorizedReduce read
-  a 2x2-blocked view. XLA's argument buffer must hold exactly the program's inputs."""
+@pytest.mark.parametrize("model", sorted(_MODELS))
+def test_compiles_for_an_h200_with_triton_gemms(model):
+  """XLA's GPU compiler accepts the program, and its argument buffers hold exactly the
+  program's inputs."""
   code = textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
       import jax, numpy as np
       from jax.sharding import SingleDeviceSharding
       import gpu_compile
-      from nanas_jax.nn.supernet import SearchNetwork
       sharding = SingleDeviceSharding(gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET))
-      model = SearchNetwork(num_classes=10, channels=2, layers=2, dw_impl="conv")
-      images = np.zeros((2, 8, 8, 3), np.float32)
-      weights = np.full((2, 14, 8), 1 / 8, np.float32)
-      variables = model.init(jax.random.key(0), images, weights, train=True)
-      forward = lambda v, w, x: model.apply(v, x, w, True, mutable=["batch_stats"])
-      args = (variables, weights, images)
-      compiled = jax.jit(forward).lower(*jax.tree.map(
+      """) + textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
+      compiled = jax.jit(fn, keep_unused=True).lower(*jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)).compile()
       print(compiled.memory_analysis().argument_size_in_bytes,
             sum(np.asarray(a).nbytes for a in jax.tree.leaves(args)))

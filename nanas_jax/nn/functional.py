@@ -434,9 +434,10 @@ def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
   the concat; this raises a clear error instead.
 
   The even and odd pixels are picked from a 2x2-blocked view (``[..., H/2, 2, W/2, 2,
-  C]``), not by stride-2 slices: XLA's GPU compiler (jaxlib 0.10.2, Hopper) aborts on a
-  stride-2 slice of a shared activation feeding a matmul (``triton_tiling_propagation.cc``
-  check failure in its Triton GEMM fusion), which the blocked view never forms.
+  C]``), not by stride-2 slices: on the supernet, XLA's GPU compiler (jaxlib 0.10.2,
+  Hopper) aborted in its Triton GEMM fusion on those slices feeding the 1x1 convs' matmuls
+  (a ``triton_tiling_propagation.cc`` check failure; `benchmarks/gpu_compile.py` found it,
+  and tests/test_benchmarks_gpu_compile.py compiles the supernet for an H200).
   """
   *_, h, w, _ = x.shape
   if h % 2 or w % 2:

@@ -39,9 +39,12 @@ vmapped neighbors batch those same traced functions.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
-phases). ``'auto'`` is ``'shared'`` on every backend: on an H200 with JAX 0.11.2, XLA's GPU
-compiler aborts on the fused step (``triton_tiling_propagation.cc`` check failure) while
-the shared step runs. Both modes compute the same step (tested).
+phases). ``'auto'`` is ``'shared'`` on every backend. On an H200 with JAX 0.11.2, XLA's GPU
+compiler aborted on the fused step (a ``triton_tiling_propagation.cc`` check failure);
+the cause, found by compiling for an H200 on a CPU (`benchmarks/gpu_compile.py`), was
+the stride-2 slices feeding matmuls in `nanas_jax.nn.functional.factorized_reduce_convs`,
+and both modes now compile for it with jaxlib 0.10.2. Both modes compute the same step
+(tested).
 
 Precision. ``config.dtype = 'bfloat16'`` runs the supernet's convolutions and matmuls in
 bfloat16 (`apply_supernet` casts the parameters, images and architecture weights on the
