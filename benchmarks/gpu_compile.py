@@ -35,6 +35,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import search_step
+# pylint: enable=g-import-not-at-top,wrong-import-position
 DEFAULT_PLUGIN_DIR = os.path.join(ROOT, ".gpu-aot")
 DEFAULT_TARGET = os.path.join(HERE, "gpu_targets", "h200.txtpb")
 PRESETS = {
@@ -169,12 +173,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   for name, value in PRESETS["tiny"].items():
     parser.add_argument(f"--{name}", type=int, default=value)
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--output", help="append the JSON results to this file")
-  preset = parser.parse_args(argv).preset
-  if preset:
-    parser.set_defaults(**PRESETS[preset])
-  args = parser.parse_args(argv)
+  args = search_step.parse_with_preset(parser, PRESETS, argv)
   if args.install:
     install(args.plugin_dir)
     return

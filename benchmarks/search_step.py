@@ -104,6 +104,18 @@ def measure(args) -> dict:
   }
 
 
+def parse_with_preset(parser: argparse.ArgumentParser, presets: dict, argv=None):
+  """``parser``'s arguments plus ``--child`` (run one configuration in this process) and
+  ``--output``, parsed with the ``--preset``'s sizes where the command line does not set
+  them."""
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--output", help="append the JSON results to this file")
+  preset = parser.parse_args(argv).preset
+  if preset:
+    parser.set_defaults(**presets[preset])
+  return parser.parse_args(argv)
+
+
 def main(argv=None):
   from nanas_jax import cli
   from nanas_jax.nn.functional import DEPTHWISE_IMPLS
@@ -128,13 +140,7 @@ def main(argv=None):
   parser.add_argument("--in_channels", type=int, default=1)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--output", help="append the JSON results to this file")
-  preset = parser.parse_args(argv).preset
-  if preset:
-    # The preset's sizes, where the command line does not set them.
-    parser.set_defaults(**PRESETS[preset])
-  args = parser.parse_args(argv)
+  args = parse_with_preset(parser, PRESETS, argv)
   if args.child:
     print(json.dumps(measure(args)))
     return
