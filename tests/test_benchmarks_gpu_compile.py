@@ -1,6 +1,7 @@
-"""Tests of benchmarks/gpu_compile.py, and through it of the supernet on XLA's GPU
+"""Tests of benchmarks/gpu_compile.py, and through it of our networks on XLA's GPU
 compiler: with the CUDA compiler installed (`gpu_compile.py --install`, which the README's
-test command runs) the supernet is compiled for an H200 on this CPU machine."""
+test command runs) the supernet and the network trained from scratch are compiled for an
+H200 on this CPU machine."""
 
 import importlib.util
 import os
