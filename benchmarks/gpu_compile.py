@@ -47,16 +47,17 @@ PRESETS = {
 }
 
 
-def plugin_requirements(jax_version: str) -> list[str]:
-  """The CUDA compiler's packages for ``jax_version`` (they must match jaxlib exactly)."""
-  return [f"jax-cuda12-plugin=={jax_version}", f"jax-cuda12-pjrt=={jax_version}"]
+def plugin_requirements(jaxlib_version: str) -> list[str]:
+  """The CUDA compiler's packages for ``jaxlib_version`` (they must match jaxlib exactly,
+  whatever the version of jax itself)."""
+  return [f"jax-cuda12-plugin=={jaxlib_version}", f"jax-cuda12-pjrt=={jaxlib_version}"]
 
 
 def install(plugin_dir: str) -> None:
   """Installs the CUDA PJRT plugin of the installed jaxlib's version into ``plugin_dir``."""
-  import jax
+  import jaxlib
   subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                  "--upgrade", "--target", plugin_dir, *plugin_requirements(jax.__version__)],
+                  "--upgrade", "--target", plugin_dir, *plugin_requirements(jaxlib.__version__)],
                  check=True)
 
 
