@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -71,6 +72,21 @@ def gpu_device(target: str):
                                       topology="1x1x1").devices[0]
 
 
+def abstract_on(sharding, tree):
+  """``tree``'s arrays as shapes and dtypes placed by ``sharding`` (what ``lower`` takes
+  for a device that is not here)."""
+  import jax
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      tree)
+
+
+def compiler_environ(plugin_dir: str) -> dict[str, str]:
+  """This process's environment for a child that compiles for a GPU: JAX on the CPU, the
+  CUDA compiler in ``plugin_dir`` and this repository importable."""
+  path = [plugin_dir, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+
+
 def _program_gb(compiled) -> float:
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -108,9 +124,7 @@ def measure(args) -> dict:
   from nanas_jax.nn.supernet import SearchNetwork
   from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
 
-  sharding = SingleDeviceSharding(gpu_device(args.target))
-  on_gpu = lambda tree: jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+  on_gpu = functools.partial(abstract_on, SingleDeviceSharding(gpu_device(args.target)))
   config = quickstart.get_config().search
   config.warmup_epochs = 0
   config.algorithm, config.order = args.algorithm, args.order
@@ -187,8 +201,7 @@ def main(argv=None):
   if not os.path.isfile(args.target):
     sys.exit(f"No GPU target file {args.target}; give --target=PATH to an XLA "
              "GpuTargetConfigProto text file (see benchmarks/gpu_targets/).")
-  path = [args.plugin_dir, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+  env = compiler_environ(args.plugin_dir)
   algorithms = ["darts", "na_darts"] if args.algorithm == "both" else [args.algorithm]
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [

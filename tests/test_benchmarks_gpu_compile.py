@@ -80,15 +80,14 @@ def test_compiles_for_an_h200_with_triton_gemms(model):
       import gpu_compile
       sharding = SingleDeviceSharding(gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET))
       """) + textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
-      compiled = jax.jit(fn, keep_unused=True).lower(*jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)).compile()
+      compiled = jax.jit(fn, keep_unused=True).lower(
+          *gpu_compile.abstract_on(sharding, args)).compile()
       print(compiled.memory_analysis().argument_size_in_bytes,
             sum(np.asarray(a).nbytes for a in jax.tree.leaves(args)))
       """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([bench.DEFAULT_PLUGIN_DIR, ROOT]))
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, cwd=ROOT, check=False)
+                          env=bench.compiler_environ(bench.DEFAULT_PLUGIN_DIR), cwd=ROOT,
+                          check=False)
   assert result.returncode == 0, bench.failure(result.stderr)
   xla_bytes, input_bytes = map(int, result.stdout.split())
   assert xla_bytes == input_bytes
