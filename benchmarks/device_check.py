@@ -13,7 +13,10 @@ time limit so that the whole run ends in about 8 minutes on one GPU:
   nothing of it in this repository): first and second order.
 
 ``--dtype=bfloat16`` runs our rows in bfloat16 (``config.search.dtype``; the reference
-stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file.
+stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
+``--inner_impl=scan`` (or ``unroll``) runs our cells' inner nodes that way
+(``config.model.inner_impl``; 'auto' unrolls them on accelerators) and writes
+``<device>-scan.json``.
 
 Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
@@ -75,16 +78,16 @@ def _run(cmd: list[str], timeout: float,
 
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
-         timeout: float, dtype: str = "float32") -> dict:
+         timeout: float, dtype: str = "float32", inner_impl: str = "auto") -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
-         f"--steps={steps}", f"--dtype={dtype}"]
+         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"]
   # Started as `nanas_jax.cli`'s programs start: with huge pages where they help.
   result, error = _run(cmd, timeout, cli.huge_pages_environ(os.environ))
   row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
-         "neighbors": neighbors, "dtype": dtype}
+         "neighbors": neighbors, "dtype": dtype, "inner_impl": inner_impl}
   if error:
     return {**row, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
@@ -105,7 +108,10 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
 
 
 def main(argv=None):
-  from nanas_jax.search.bilevel import COMPUTE_DTYPES  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from nanas_jax.nn.supernet import INNER_IMPLS
+  from nanas_jax.search.bilevel import COMPUTE_DTYPES
+  # pylint: enable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reference", required=True, help="quark0/darts's cnn/ directory")
@@ -114,6 +120,9 @@ def main(argv=None):
   parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="our rows' compute dtype (the reference's is float32)")
+  parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
+                      help="our cells' inner nodes in a loop or unrolled "
+                      "(config.model.inner_impl)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   args = parser.parse_args(argv)
   try:
@@ -123,7 +132,8 @@ def main(argv=None):
   size = PRESETS[args.preset]
   rows = []
   for algorithm, order, k in OURS:
-    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout, args.dtype))
+    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout, args.dtype,
+                     args.inner_impl))
     print(json.dumps(rows[-1]), flush=True)
   for order in REFERENCE:
     rows.append(reference(args.reference, order, size, args.steps, args.timeout))
@@ -133,11 +143,12 @@ def main(argv=None):
   torch_version = next((r["torch"] for r in rows if "torch" in r), None)
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
-            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "error") if k in r}
-                     for r in rows]}
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "error")
+                      if k in r} for r in rows]}
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
-  suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+  suffix = "".join(f"-{value}" for value, default in (
+      (args.dtype, "float32"), (args.inner_impl, "auto")) if value != default)
   path = os.path.join(args.output_dir, f"{name}{suffix}.json")
   with open(path, "w") as f:
     f.write(json.dumps(report, indent=2) + "\n")

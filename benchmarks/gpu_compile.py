@@ -18,9 +18,12 @@ Each configuration is compiled in its own subprocess, since XLA aborts the proce
 internal check failure; a row that failed carries ``error`` (the check's message).
 Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
 programs), ``programs`` (with ``compile='shared'``, every distinct jitted program of one
-step: ``name``, ``compile_s``, ``gb``, its argument, output and temporary buffers less
-those aliased) and ``largest_program_gb`` (the step's largest program: a lower bound of
-its peak GPU memory, which adds what the host keeps alive between programs, a few MB).
+step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
+temporary buffers less those aliased, and its `kernel_counts`), ``largest_program_gb``
+(the step's largest program: a lower bound of its peak GPU memory, which adds what the
+host keeps alive between programs, a few MB), ``launches`` (the kernels and library calls
+one step launches), ``kernels`` and ``library_calls`` (summed over the programs: what XLA
+compiles, and what it autotunes on a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,21 +98,94 @@ def _program_gb(compiled) -> float:
   return round(total / 2**30, 3)
 
 
-def step_programs(step, args) -> list[tuple[str, object]]:
+# Opcodes of a GPU program's control computations (its entry, loop bodies and conditions)
+# that launch nothing: buffer plumbing and control flow, whose bodies are walked instead.
+_NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+                        "while", "call", "conditional", "after-all", "opt-barrier",
+                        "add-dependency"})
+# ``%name = SHAPE opcode(operands), attributes``: one instruction of HLO text.
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"(ENTRY )?%([\w.\-]+) .*\{$")
+
+
+def _without_names(text: str) -> str:
+  """An HLO text with its names and metadata left out: what two equal kernels share."""
+  text = re.sub(r", metadata=\{[^}]*\}", "", text)
+  return re.sub(r"%[\w.\-]+", "%", text)
+
+
+def kernel_counts(hlo: str) -> dict[str, int]:
+  """What one run of an optimised GPU program (``compiled.as_text()``) launches, and what
+  XLA compiles for it. ``launches``: kernels and library calls, each loop body counted its
+  known trip count times (and a conditional's largest branch); ``kernels``: the distinct
+  kernels XLA emits (fusions, copies: XLA compiles equal bodies on equal shapes once);
+  ``library_calls``: the distinct cuDNN
+  and cuBLAS calls, each autotuned on a GPU. A loop whose trip count XLA does not know
+  is an error: its launches cannot be counted."""
+  computations, entry, body = {}, None, None
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      body = computations[head.group(2)] = []
+      entry = head.group(2) if head.group(1) else entry
+    elif line == "}":
+      body = None
+    elif body is not None:
+      body.append(line)
+  if entry is None:
+    raise ValueError("no ENTRY computation: not the text of an HLO module")
+  kernels, library_calls = set(), set()
+
+  def launches(name: str) -> int:
+    count = 0
+    for line in computations[name]:
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      shape, opcode, rest = match.groups()
+      callee = lambda key: re.search(key + r"=%([\w.\-]+)", rest).group(1)
+      if opcode == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+        if trips is None:
+          raise ValueError(f"a loop without a known trip count: {line.strip()[:200]}")
+        count += int(trips.group(1)) * (launches(callee("body"))
+                                        + launches(callee("condition")))
+      elif opcode == "call":
+        count += launches(callee("to_apply"))
+      elif opcode == "conditional":
+        branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+        names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else
+                 [callee("true_computation"), callee("false_computation")])
+        count += max(launches(branch) for branch in names)
+      elif opcode not in _NO_LAUNCH:
+        count += 1
+        fused = re.search(r"calls=%([\w.\-]+)", rest)
+        if opcode == "custom-call":
+          library_calls.add(_without_names(shape + rest))
+        else:
+          kernels.add(_without_names("\n".join(
+              [shape, opcode] + (computations[fused.group(1)] if fused else [rest]))))
+    return count
+
+  total = launches(entry)
+  return {"launches": total, "kernels": len(kernels), "library_calls": len(library_calls)}
+
+
+def step_programs(step, args) -> list[tuple[str, object, int]]:
   """The distinct jitted programs one call of the unjitted ``step(*args)`` runs, as
-  ``(name, closed jaxpr)``: the top-level jit calls of its trace (the eager glue between
-  them, a scalar add or two, is left out)."""
+  ``(name, closed jaxpr, calls)``: the top-level jit calls of its trace (the eager glue
+  between them, a scalar add or two, is left out), each listed once, with how often the
+  step calls it."""
   import jax
   closed = jax.make_jaxpr(step)(*args)
-  programs, seen = [], set()
+  programs = {}
   for eqn in closed.jaxpr.eqns:
     if eqn.primitive.name not in ("jit", "pjit"):
       continue
     key = (eqn.params["name"], tuple(str(v.aval) for v in eqn.invars))
-    if key not in seen:
-      seen.add(key)
-      programs.append((eqn.params["name"], eqn.params["jaxpr"]))
-  return programs
+    name, jaxpr, calls = programs.get(key, (eqn.params["name"], eqn.params["jaxpr"], 0))
+    programs[key] = (name, jaxpr, calls + 1)
+  return list(programs.values())
 
 
 def measure(args) -> dict:
@@ -136,7 +213,7 @@ def measure(args) -> dict:
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
-                        dw_impl="conv")
+                        dw_impl="conv", inner_impl=args.inner_impl)
   search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
   state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -146,22 +223,29 @@ def measure(args) -> dict:
   row = {"jax": jax.__version__, "algorithm": args.algorithm, "order": args.order, "neighbors": k,
          "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
          "channels": args.channels, "layers": args.layers, "size": args.size,
-         "batch": args.batch, "dtype": args.dtype, "compile": args.compile}
+         "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
+         "inner_impl": args.inner_impl}
   programs = []
+
+  def add(name, compile_started, compiled, calls=1):
+    programs.append({"name": name, "compile_s": round(time.perf_counter() - compile_started, 1),
+                     "gb": _program_gb(compiled), "calls": calls,
+                     **kernel_counts(compiled.as_text())})
+
   if search.fused:
     t = time.perf_counter()
-    compiled = jax.jit(search.step, donate_argnums=0).lower(
-        on_gpu(state), on_gpu(batch), on_gpu(batch)).compile()
-    programs.append({"name": "step", "compile_s": round(time.perf_counter() - t, 1),
-                     "gb": _program_gb(compiled)})
+    add("step", t, jax.jit(search.step, donate_argnums=0).lower(
+        on_gpu(state), on_gpu(batch), on_gpu(batch)).compile())
   else:
-    for name, closed in step_programs(search.step, (state, batch, batch)):
+    for name, closed, calls in step_programs(search.step, (state, batch, batch)):
       t = time.perf_counter()
-      compiled = jax.jit(jaxpr_as_fun(closed)).lower(*on_gpu(closed.in_avals)).compile()
-      programs.append({"name": name, "compile_s": round(time.perf_counter() - t, 1),
-                       "gb": _program_gb(compiled)})
+      add(name, t, jax.jit(jaxpr_as_fun(closed)).lower(*on_gpu(closed.in_avals)).compile(),
+          calls)
   return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
-          "largest_program_gb": max(p["gb"] for p in programs), "programs": programs}
+          "largest_program_gb": max(p["gb"] for p in programs),
+          "launches": sum(p["calls"] * p["launches"] for p in programs),
+          "kernels": sum(p["kernels"] for p in programs),
+          "library_calls": sum(p["library_calls"] for p in programs), "programs": programs}
 
 
 def failure(stderr: str) -> str:
@@ -172,6 +256,8 @@ def failure(stderr: str) -> str:
 
 
 def main(argv=None):
+  from nanas_jax.nn.supernet import INNER_IMPLS
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--install", action="store_true",
                       help="install XLA's CUDA compiler into --plugin_dir and stop")
@@ -186,6 +272,8 @@ def main(argv=None):
                       "(config.search.neighbors.chunk; 0: all at once)")
   parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
+                      help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
   for name, value in PRESETS["tiny"].items():
     parser.add_argument(f"--{name}", type=int, default=value)
   args = search_step.parse_with_preset(parser, PRESETS, argv)
@@ -206,7 +294,8 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "target", "order", "neighbors", "compile", "dtype", *PRESETS["tiny"])] + (
+            "target", "order", "neighbors", "compile", "dtype", "inner_impl",
+            *PRESETS["tiny"])] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"])
     out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
     if out.returncode:

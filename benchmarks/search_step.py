@@ -67,7 +67,7 @@ def measure(args) -> dict:
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
-                        dw_impl=args.depthwise_impl)
+                        dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
   search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
   rng = np.random.default_rng(0)
   shape = (args.batch, args.size, args.size, args.in_channels)
@@ -90,7 +90,7 @@ def measure(args) -> dict:
   return {
       "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
-      "batch": args.batch, "dtype": args.dtype,
+      "batch": args.batch, "dtype": args.dtype, "inner_impl": args.inner_impl,
       "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors,
       "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
@@ -119,6 +119,7 @@ def parse_with_preset(parser: argparse.ArgumentParser, presets: dict, argv=None)
 def main(argv=None):
   from nanas_jax import cli
   from nanas_jax.nn.functional import DEPTHWISE_IMPLS
+  from nanas_jax.nn.supernet import INNER_IMPLS
   from nanas_jax.search.bilevel import COMPUTE_DTYPES
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,6 +135,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="the supernet's compute dtype (config.search.dtype)")
   parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
+  parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
+                      help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
   parser.add_argument("--channels", type=int, default=8)
   parser.add_argument("--layers", type=int, default=5)
   parser.add_argument("--size", type=int, default=8)
@@ -148,8 +151,8 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl", "channels",
-            "layers", "size", "in_channels", "batch", "steps")] + (
+            "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl",
+            "inner_impl", "channels", "layers", "size", "in_channels", "batch", "steps")] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"])
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
     out = subprocess.run(child, capture_output=True, text=True, check=False,

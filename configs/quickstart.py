@@ -74,6 +74,10 @@ def get_config():
   # 'auto': on a CPU 'taps' for CIFAR-sized batches and 'scan' for smaller ones (compile
   # time), 'conv' on accelerators; or one of them by name (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
+  # A DARTS cell's inner nodes: 'scan' (one loop body: the shortest compile), 'unroll'
+  # (exactly their edges: less work, memory and kernel launches), or 'auto': 'scan' with
+  # the 'scan' depthwise convs, else 'unroll' (nanas_jax.nn.supernet.resolve_inner_impl).
+  config.model.inner_impl = "auto"
 
   config.search = ml_collections.ConfigDict()
   config.search.algorithm = "na_darts"

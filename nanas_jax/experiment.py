@@ -34,6 +34,8 @@ from nanas_jax import workdir as workdir_lib
 from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
 from nanas_jax.nn import recalibration
+from nanas_jax.nn.functional import DEPTHWISE_IMPLS
+from nanas_jax.nn.supernet import INNER_IMPLS
 from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, neighbors_per_step,
                                       validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
@@ -81,6 +83,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.steps != 4:
     raise ValueError(f"config.model.steps = {config.model.steps}: the DARTS space has 4 "
                      "intermediate nodes per cell; use 4.")
+  for field, choices in (("depthwise_impl", DEPTHWISE_IMPLS), ("inner_impl", INNER_IMPLS)):
+    if config.model.get(field, "auto") not in choices:
+      raise ValueError(f"config.model.{field} = {config.model[field]!r} is invalid: use one "
+                       f"of {choices}.")
   _validate_batch(config)
 
 

@@ -65,7 +65,9 @@ def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
   return SearchNetwork(num_classes=num_classes, channels=config.channels,
                        layers=config.layers, steps=config.steps,
                        multiplier=config.multiplier, stem_multiplier=config.stem_multiplier,
-                       dw_impl=config.depthwise_impl)
+                       dw_impl=config.depthwise_impl,
+                       # Configs written before the field existed meant 'auto'.
+                       inner_impl=config.get("inner_impl", "auto"))
 
 
 def save_supernet(workdir: str, state) -> None:

@@ -111,18 +111,27 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   assert {r["dtype"] for r in rows} == {"float32"}
 
 
-def test_bfloat16_rows_run_ours_in_bfloat16_and_write_their_own_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, suffix", [
+    (["--dtype=bfloat16"], "-bfloat16"), (["--inner_impl=scan"], "-scan"),
+    (["--dtype=bfloat16", "--inner_impl=unroll"], "-bfloat16-unroll")])
+def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeypatch, flags,
+                                                               suffix):
+  """bfloat16 or another inner-node implementation: our rows run with the flag, the
+  reference's without (float32), and the report goes to a file of its own."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
-              "--dtype=bfloat16", f"--output_dir={out}"])
-  assert all("--dtype=bfloat16" in cmd for script, cmd, _, _ in calls
-             if script == "search_step.py")
+              *flags, f"--output_dir={out}"])
+  for script, cmd, _, _ in calls:
+    assert all((flag in cmd) == (script == "search_step.py") for flag in flags)
   (path,) = out.iterdir()
   report = json.loads(path.read_text())
-  assert path.name == f"{report['device']}-bfloat16.json".replace(" ", "_")
-  assert [r["dtype"] for r in report["rows"]] == ["bfloat16"] * 3 + ["float32"] * 2
+  assert path.name == f"{report['device']}{suffix}.json".replace(" ", "_")
+  dtype = "bfloat16" if "--dtype=bfloat16" in flags else "float32"
+  assert [r["dtype"] for r in report["rows"]] == [dtype] * 3 + ["float32"] * 2
+  inner = next((f.split("=")[1] for f in flags if f.startswith("--inner_impl")), "auto")
+  assert [r.get("inner_impl") for r in report["rows"]] == [inner] * 3 + [None] * 2
 
 
 def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():

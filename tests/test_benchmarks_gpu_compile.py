@@ -4,6 +4,7 @@ test command runs) the supernet and the network trained from scratch are compile
 H200 on this CPU machine."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -67,30 +68,112 @@ _MODELS = {
 }
 
 
+def _compiled_for_an_h200(code: str) -> str:
+  """The standard output of ``code`` run in a child that compiles for an H200 (``jax``,
+  ``np``, ``gpu_compile`` and ``on_gpu``, which places a tree's arrays on it, in scope)."""
+  preamble = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
+      import functools
+      import jax, numpy as np
+      from jax.sharding import SingleDeviceSharding
+      import gpu_compile
+      on_gpu = functools.partial(gpu_compile.abstract_on, SingleDeviceSharding(
+          gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET)))
+      """)
+  result = subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(code)],
+                          capture_output=True, text=True,
+                          env=bench.compiler_environ(bench.DEFAULT_PLUGIN_DIR), cwd=ROOT,
+                          check=False)
+  assert result.returncode == 0, bench.failure(result.stderr)
+  return result.stdout
+
+
 @needs_the_cuda_compiler
 @pytest.mark.parametrize("model", sorted(_MODELS))
 def test_compiles_for_an_h200_with_triton_gemms(model):
   """XLA's GPU compiler accepts the program, and its argument buffers hold exactly the
   program's inputs."""
-  code = textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
-      import jax, numpy as np
-      from jax.sharding import SingleDeviceSharding
-      import gpu_compile
-      sharding = SingleDeviceSharding(gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET))
-      """) + textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
-      compiled = jax.jit(fn, keep_unused=True).lower(
-          *gpu_compile.abstract_on(sharding, args)).compile()
+  stdout = _compiled_for_an_h200(textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
+      compiled = jax.jit(fn, keep_unused=True).lower(*on_gpu(args)).compile()
       print(compiled.memory_analysis().argument_size_in_bytes,
             sum(np.asarray(a).nbytes for a in jax.tree.leaves(args)))
-      """)
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=bench.compiler_environ(bench.DEFAULT_PLUGIN_DIR), cwd=ROOT,
-                          check=False)
-  assert result.returncode == 0, bench.failure(result.stderr)
-  xla_bytes, input_bytes = map(int, result.stdout.split())
+      """))
+  xla_bytes, input_bytes = map(int, stdout.split())
   assert xla_bytes == input_bytes
+
+
+@needs_the_cuda_compiler
+def test_kernel_launches_grow_with_a_loops_trip_count_and_kernels_do_not():
+  """A loop of n iterations compiled for an H200: its launches are an affine function of
+  n with a positive slope (each iteration launches its body's kernels), and the distinct
+  kernels and library calls are the same for every n (XLA compiles the body once)."""
+  stdout = _compiled_for_an_h200("""
+      import json
+      import jax.numpy as jnp
+      def loop(x, n):
+        return jax.lax.scan(lambda c, _: (jnp.sin(c) @ c + 1.0, None), x, None, length=n)[0]
+      x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+      for n in (3, 5, 9):
+        compiled = jax.jit(loop, static_argnums=1).lower(on_gpu(x), n).compile()
+        print(json.dumps(gpu_compile.kernel_counts(compiled.as_text())))
+      """)
+  counts = [json.loads(line) for line in stdout.splitlines()]
+  launches = [c["launches"] for c in counts]
+  assert launches[2] - launches[1] == 2 * (launches[1] - launches[0]) > 0
+  assert len({(c["kernels"], c["library_calls"]) for c in counts}) == 1
+  assert counts[0]["kernels"] + counts[0]["library_calls"] >= 2  # the sin, the matmul
+
+
+def test_kernel_counts_of_a_module_by_hand():
+  """A module written here: two fusions of equal bodies (one kernel), a library call and
+  a copy in a loop of 5 iterations whose condition launches a compare."""
+  hlo = textwrap.dedent("""\
+      HloModule by_hand
+
+      %fused_a (p: f32[4]) -> f32[4] {
+        %p = f32[4]{0} parameter(0)
+        ROOT %n = f32[4]{0} negate(%p), metadata={op_name="a"}
+      }
+
+      %fused_b (q: f32[4]) -> f32[4] {
+        %q = f32[4]{0} parameter(0)
+        ROOT %m = f32[4]{0} negate(%q), metadata={op_name="b"}
+      }
+
+      %body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+        %t = (s32[], f32[4]{0}) parameter(0)
+        %i = s32[] get-tuple-element(%t), index=0
+        %v = f32[4]{0} get-tuple-element(%t), index=1
+        %c = (f32[4]{0}, u8[0]{0}) custom-call(%v), custom_call_target="__cublas$gemm"
+        %g = f32[4]{0} get-tuple-element(%c), index=0
+        %k = f32[4]{0} copy(%g)
+        ROOT %r = (s32[], f32[4]{0}) tuple(%i, %k)
+      }
+
+      %cond (u: (s32[], f32[4])) -> pred[] {
+        %u = (s32[], f32[4]{0}) parameter(0)
+        %j = s32[] get-tuple-element(%u), index=0
+        %five = s32[] constant(5)
+        ROOT %lt = pred[] compare(%j, %five), direction=LT
+      }
+
+      ENTRY %main (x: f32[4]) -> (s32[], f32[4]) {
+        %x = f32[4]{0} parameter(0)
+        %f1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_a
+        %f2 = f32[4]{0} fusion(%f1), kind=kLoop, calls=%fused_b
+        %zero = s32[] constant(0)
+        %init = (s32[], f32[4]{0}) tuple(%zero, %f2)
+        ROOT %w = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"5"}}
+      }
+      """)
+  assert bench.kernel_counts(hlo) == {"launches": 2 + 5 * (2 + 1), "kernels": 3,
+                                      "library_calls": 1}
+  with pytest.raises(ValueError, match="known trip count"):
+    bench.kernel_counts(hlo.replace('"known_trip_count":{"n":"5"}', ""))
+  with pytest.raises(ValueError, match="ENTRY"):
+    bench.kernel_counts("HloModule nothing\n")
 
 
 def test_a_dead_child_is_reported_by_its_check_failure():
@@ -104,7 +187,8 @@ def test_a_dead_child_is_reported_by_its_check_failure():
 
 def test_programs_are_listed_once_however_often_the_step_calls_them():
   """The second order evaluates the architecture gradient at w+ and at w- with the same
-  program: the trace calls it twice, the list holds it once, as jit compiles it once."""
+  program: the trace calls it twice, the list holds it once, as jit compiles it once, and
+  says it runs twice a step."""
   config = quickstart.get_config().search
   config.order, config.compile, config.warmup_epochs = "second_fd", "shared", 0
   search = BilevelSearch(SearchNetwork(num_classes=10, channels=2, layers=1),
@@ -113,10 +197,12 @@ def test_programs_are_listed_once_however_often_the_step_calls_them():
   batch = (np.zeros((2, 8, 8, 1), np.float32), np.zeros((2,), np.int32))
   calls = [e.params["name"] for e in jax.make_jaxpr(search.step)(state, batch, batch).eqns
            if e.primitive.name in ("jit", "pjit")]
-  names = [name for name, _ in bench.step_programs(search.step, (state, batch, batch))]
+  programs = bench.step_programs(search.step, (state, batch, batch))
+  names = [name for name, _, _ in programs]
   assert set(calls) == set(names)
   # Two points of the finite difference, the same architecture-side program.
   assert calls.count("outputs") == 2 and names.count("outputs") == 1
+  assert {name: n for name, _, n in programs} == {name: calls.count(name) for name in names}
 
 
 def test_refuses_to_run_without_the_compiler(tmp_path):

@@ -64,6 +64,8 @@ def test_unknown_order_names_the_choices():
     ("search.neighbors.aggregation", "median", "config.search.neighbors.aggregation"),
     ("parallel.distributed", "maybe", "config.parallel.distributed"),
     ("checkpoint.keep", 0, "config.checkpoint.keep"),
+    ("model.depthwise_impl", "cudnn", r"config.model.depthwise_impl = 'cudnn'"),
+    ("model.inner_impl", "loop", r"config.model.inner_impl = 'loop' is invalid: use one"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_field(set_field, field, value, message):
   config = importlib.import_module("configs.na_darts_cifar10").get_config()

@@ -169,8 +169,8 @@ ORACLE_CASES = [
     ("random1", True, False, "scan"),
     ("random2", False, True, "scan"),
     ("random3", True, True, "scan"),
-    # 'taps' depthwise convs also unroll the inner nodes (outputs and every edge's
-    # running statistics checked the same way).
+    # 'taps' depthwise convs (like 'conv' above) unroll the inner nodes (outputs and every
+    # edge's running statistics checked the same way).
     ("ALL_OPS", False, False, "taps"),
     ("ALL_OPS", True, True, "taps"),
     ("random4", False, True, "taps"),
@@ -409,28 +409,46 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
   np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)
 
 
-def test_taps_cells_unroll_the_inner_nodes_and_compute_what_scanned_cells_compute():
-  """A cell with 'taps' depthwise convs (inner nodes unrolled) against the same cell with
-  'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture weights,
-  outputs and every edge's running statistics in training, and outputs in evaluation with
+@pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("conv", "auto"), ("conv", "scan")])
+def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
+  """A cell with 'taps' or 'conv' depthwise convs and its inner nodes unrolled ('auto':
+  no loop in its program) or in a loop (asked for) against the same cell with 'scan'
+  (inner nodes in a `lax.scan` with padded slots): at soft architecture weights, outputs
+  and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
   rng = np.random.default_rng(21)
   weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(14, NUM_OPS)), jnp.float32), -1)
   s0, s1 = _cell_inputs(True, seed=5)
-  cells = {impl: supernet.SearchCell(C, False, True, dw_impl=impl) for impl in ("scan", "taps")}
+  cells = {"scan": supernet.SearchCell(C, False, True, dw_impl="scan"),
+           impl: supernet.SearchCell(C, False, True, dw_impl=impl, inner_impl=inner)}
   variables = cells["scan"].init(jax.random.key(4), s0, s1, weights, train=True)
-  trained = {impl: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
-             for impl, cell in cells.items()}
-  np.testing.assert_allclose(trained["taps"][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
+  program = str(jax.make_jaxpr(lambda v: cells[impl].apply(
+      v, s0, s1, weights, train=True, mutable=["batch_stats"]))(variables))
+  assert (" scan[" in program) == (inner == "scan")
+  trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
+             for i, cell in cells.items()}
+  np.testing.assert_allclose(trained[impl][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-               trained["taps"][1], trained["scan"][1])
+               trained[impl][1], trained["scan"][1])
   stats = jax.tree.map(
       lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
       variables["batch_stats"])
-  evaluated = {impl: cell.apply({"params": variables["params"], "batch_stats": stats}, s0,
-                                s1, weights, train=False) for impl, cell in cells.items()}
-  np.testing.assert_allclose(evaluated["taps"], evaluated["scan"], atol=1e-4, rtol=1e-4)
+  evaluated = {i: cell.apply({"params": variables["params"], "batch_stats": stats}, s0,
+                             s1, weights, train=False) for i, cell in cells.items()}
+  np.testing.assert_allclose(evaluated[impl], evaluated["scan"], atol=1e-4, rtol=1e-4)
   assert float(jnp.std(evaluated["scan"])) > 0.1
+
+
+def test_inner_impl_auto_scans_with_the_scan_depthwise_convs_only():
+  assert [supernet.resolve_inner_impl("auto", dw) for dw in ("scan", "taps", "conv")] == [
+      "scan", "unroll", "unroll"]
+  for inner in ("scan", "unroll"):
+    assert {supernet.resolve_inner_impl(inner, dw) for dw in ("scan", "taps", "conv")} == {
+        inner}
+  model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, inner_impl="loop")
+  with pytest.raises(ValueError, match="Unknown inner_impl 'loop'"):
+    model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((2, 14, NUM_OPS)),
+               train=False)
 
 
 def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():

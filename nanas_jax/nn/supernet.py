@@ -13,11 +13,18 @@ The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedO
   cells);
 - ``inner``: the 6 edges between intermediate nodes run as one ``lax.scan`` over the nodes,
   each iteration evaluating a node's edges from a fixed-size buffer of earlier nodes
-  (unused slots weighted 0: 9 edge slots computed for 6 edges). With the ``'taps'``
-  depthwise convolutions (`functional`: CIFAR-sized searches on a CPU, where the step
-  outweighs the compile) the nodes are unrolled instead: one body per node, exactly its
-  edges (at B=64, C=16, 8 cells: 28.1 s a step instead of 30.3 s, first step 174 s
-  instead of 137 s).
+  (unused slots weighted 0: 9 edge slots computed for 6 edges), or unrolled: one body per
+  node, exactly its edges (``inner_impl``). ``'auto'`` scans with the ``'scan'``
+  depthwise convolutions only (`functional`: small searches on a CPU, where compile time
+  dominates) and unrolls with the others. On a CPU with ``'taps'`` (CIFAR-sized
+  searches, where the step outweighs the compile; at B=64, C=16, 8 cells: 28.1 s a step
+  instead of 30.3 s, first step 174 s instead of 137 s). On accelerators with ``'conv'``
+  (XLA's GPU compiler, H200, reference size, `benchmarks/gpu_compile.py`): the scan also
+  writes every iteration's saved activations into stacked buffers, a small kernel each,
+  and keeps those of the padded slots; the DARTS step launches 7,124 kernels unrolled
+  against 11,045 scanned, its largest program needs 6.1 GB against 9.2 GB, and the
+  inner edges do a third less work, for a compile about 1.6x as long (the HLO passes and
+  LLVM over three node bodies instead of one loop body).
 Within a body, operations that share work are fused: the first-stage depthwise convs of the
 sep/dil convs are one call (`functional.depthwise_convs`), their four
 pointwise convs one batched matmul, the second stage of the two sep convs likewise, and the
@@ -48,6 +55,8 @@ from jax import lax
 from nanas_jax.nn import functional as F
 from nanas_jax.nn.ops import BatchNorm
 from nanas_jax.spaces.darts import PRIMITIVES
+
+INNER_IMPLS = ("auto", "scan", "unroll")
 
 # Where each operation's weight sits along the last axis of the architecture weights: the
 # space's operation order (`spaces.darts.PRIMITIVES`, the reference's), not a copy of it.
@@ -291,9 +300,21 @@ def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_
   return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
 
 
+def resolve_inner_impl(inner_impl: str, dw_impl: str) -> str:
+  """How a cell evaluates its inner nodes: ``inner_impl``, or for ``'auto'`` a
+  `scan_inner_nodes` loop with the ``'scan'`` depthwise convs (``dw_impl``, resolved) and
+  `unroll_inner_nodes` with the others."""
+  if inner_impl not in INNER_IMPLS:
+    raise ValueError(f"Unknown inner_impl {inner_impl!r}; use one of {INNER_IMPLS}.")
+  if inner_impl != "auto":
+    return inner_impl
+  return "scan" if dw_impl == "scan" else "unroll"
+
+
 class InnerEdges(_EdgeGroup):
-  """The edges between intermediate nodes, evaluated as one loop over the nodes (unrolled
-  with ``'taps'`` depthwise convs: `unroll_inner_nodes`).
+  """The edges between intermediate nodes, evaluated as one loop over the nodes
+  (``inner_impl='scan'``) or unrolled (``'unroll'``: `unroll_inner_nodes`); ``'auto'``:
+  `resolve_inner_impl`.
 
   Edge ``k`` is the k-th pair ``(node i, source node j < i)`` in node-major order (for 4
   nodes: (1,0), (2,0), (2,1), (3,0), (3,1), (3,2)). Node ``i`` is ``base[i]`` (its input
@@ -306,6 +327,7 @@ class InnerEdges(_EdgeGroup):
   ``__call__(base[steps, B, H, W, C], weights[E, 8], train)`` -> nodes ``[steps, ...]``.
   """
   steps: int = 4
+  inner_impl: str = "auto"
 
   @nn.compact
   def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
@@ -322,7 +344,7 @@ class InnerEdges(_EdgeGroup):
     def edge_fn(q, st, xs, w):
       return mixed_edges(q, st, xs, w, 1, train, self.dw_impl)
 
-    if F.resolve_depthwise_impl(self.dw_impl) == "taps":
+    if resolve_inner_impl(self.inner_impl, F.resolve_depthwise_impl(self.dw_impl)) == "unroll":
       nodes, new_stats = unroll_inner_nodes(base, p, stats, weights, edge_fn)
     else:
       nodes, new_stats = scan_inner_nodes(base, p, stats, weights, train, edge_fn)
@@ -367,6 +389,7 @@ class SearchCell(nn.Module):
   steps: int = 4
   multiplier: int = 4
   dw_impl: str = "auto"
+  inner_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool):
@@ -389,7 +412,8 @@ class SearchCell(nn.Module):
     base = F.sum_axis(ys.reshape((self.steps, 2) + ys.shape[1:]), 1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
-                       name="inner")(base, weights[inner_edges], train)
+                       inner_impl=self.inner_impl, name="inner")(
+                           base, weights[inner_edges], train)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
 
@@ -398,7 +422,9 @@ class SearchNetwork(nn.Module):
 
   ``__call__(images[B, H, W, C_in], weights[2, num_edges, 8], train)`` -> logits. Index 0
   of ``weights`` is the normal cell, index 1 the reduction cell. Reduction cells sit at
-  ``layers // 3`` and ``2 * layers // 3`` and double the channels.
+  ``layers // 3`` and ``2 * layers // 3`` and double the channels. ``dw_impl``: the
+  depthwise convolutions (`functional.DEPTHWISE_IMPLS`); ``inner_impl``: the cells' inner
+  nodes in a loop or unrolled (`INNER_IMPLS`, `resolve_inner_impl`).
   """
   num_classes: int
   channels: int = 16
@@ -407,6 +433,7 @@ class SearchNetwork(nn.Module):
   multiplier: int = 4
   stem_multiplier: int = 3
   dw_impl: str = "auto"
+  inner_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
@@ -418,6 +445,7 @@ class SearchNetwork(nn.Module):
     c_curr = self.stem_multiplier * self.channels
     # One depthwise implementation for every cell, chosen from the input batch.
     dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(images.shape[:3]))
+    resolve_inner_impl(self.inner_impl, dw_impl)  # a bad name fails before anything runs
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
@@ -430,7 +458,7 @@ class SearchNetwork(nn.Module):
       if reduction:
         c_curr *= 2
       cell = SearchCell(c_curr, reduction, reduction_prev, self.steps, self.multiplier,
-                        dw_impl, name=f"cell{i}")
+                        dw_impl, self.inner_impl, name=f"cell{i}")
       s0, s1 = s1, cell(s0, s1, weights[1 if reduction else 0], train)
       reduction_prev = reduction
     features = jnp.mean(s1, axis=(1, 2))
