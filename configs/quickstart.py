@@ -125,10 +125,11 @@ def get_config():
   # 'vmap' evaluates the K neighbors in one batched call; 'loop' calls the shared compiled
   # gradient K times (no extra compile). 'auto': vmap on accelerators, loop on CPU.
   config.search.neighbors.evaluate = "auto"
-  # With 'vmap', how many neighbors one batched pass evaluates; the passes run one after
-  # the other, so the pass's memory grows with chunk, not with num. A neighbor's gradient
-  # (no parameter gradient) needs about half the weight step's memory, so a pair needs
-  # about as much as the weight step (the reference size: 4 at once 2.3x). 0: all at once.
-  # A chunk that does not divide num compiles a second, remainder-sized pass.
-  config.search.neighbors.chunk = 2
+  # With 'vmap', how many neighbors one batched pass evaluates (0: all at once); the passes
+  # run one after the other, so the pass's memory grows with chunk, not with num. XLA's GPU
+  # program at the reference size (benchmarks/gpu_compile.py, H200, inner nodes unrolled):
+  # K=4 all at once needs 1.37x DARTS's memory and launches 7,256 kernels a step (DARTS
+  # 7,124); in pairs 1.0x and 10,263 (the pairs run as a loop). A chunk that does not
+  # divide num compiles a second, remainder-sized pass.
+  config.search.neighbors.chunk = 0
   return config
