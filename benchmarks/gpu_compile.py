@@ -227,19 +227,19 @@ def measure(args) -> dict:
          "inner_impl": args.inner_impl}
   programs = []
 
-  def add(name, compile_started, compiled, calls=1):
-    programs.append({"name": name, "compile_s": round(time.perf_counter() - compile_started, 1),
+  def add(name, compile_program, calls=1):
+    t = time.perf_counter()
+    compiled = compile_program()
+    programs.append({"name": name, "compile_s": round(time.perf_counter() - t, 1),
                      "gb": _program_gb(compiled), "calls": calls,
                      **kernel_counts(compiled.as_text())})
 
   if search.fused:
-    t = time.perf_counter()
-    add("step", t, jax.jit(search.step, donate_argnums=0).lower(
+    add("step", lambda: jax.jit(search.step, donate_argnums=0).lower(
         on_gpu(state), on_gpu(batch), on_gpu(batch)).compile())
   else:
     for name, closed, calls in step_programs(search.step, (state, batch, batch)):
-      t = time.perf_counter()
-      add(name, t, jax.jit(jaxpr_as_fun(closed)).lower(*on_gpu(closed.in_avals)).compile(),
+      add(name, lambda c=closed: jax.jit(jaxpr_as_fun(c)).lower(*on_gpu(c.in_avals)).compile(),
           calls)
   return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
           "largest_program_gb": max(p["gb"] for p in programs),

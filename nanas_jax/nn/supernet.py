@@ -16,15 +16,16 @@ The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedO
   (unused slots weighted 0: 9 edge slots computed for 6 edges), or unrolled: one body per
   node, exactly its edges (``inner_impl``). ``'auto'`` scans with the ``'scan'``
   depthwise convolutions only (`functional`: small searches on a CPU, where compile time
-  dominates) and unrolls with the others. On a CPU with ``'taps'`` (CIFAR-sized
-  searches, where the step outweighs the compile; at B=64, C=16, 8 cells: 28.1 s a step
-  instead of 30.3 s, first step 174 s instead of 137 s). On accelerators with ``'conv'``
-  (XLA's GPU compiler, H200, reference size, `benchmarks/gpu_compile.py`): the scan also
-  writes every iteration's saved activations into stacked buffers, a small kernel each,
-  and keeps those of the padded slots; the DARTS step launches 7,124 kernels unrolled
-  against 11,045 scanned, its largest program needs 6.1 GB against 9.2 GB, and the
-  inner edges do a third less work, for a compile about 1.6x as long (the HLO passes and
-  LLVM over three node bodies instead of one loop body).
+  dominates) and unrolls with the others. Unrolling pays on a CPU with ``'taps'``
+  (CIFAR-sized searches, where the step outweighs the compile; at B=64, C=16, 8 cells:
+  28.1 s a step instead of 30.3 s, first step 174 s instead of 137 s); on accelerators, with
+  ``'conv'``, it is chosen for what XLA's GPU compiler shows (H200, reference size,
+  `benchmarks/gpu_compile.py`; the step itself is unmeasured on a GPU): there the scan also
+  writes every iteration's saved activations into stacked buffers, a small kernel each, and
+  keeps those of the padded slots; unrolled, the DARTS step launches 7,124 kernels instead
+  of 11,045, its largest program needs 6.1 GB instead of 9.2 GB and the inner edges do a
+  third less work, for a compile about 1.3x as long on a 2-core CPU (three node bodies for
+  XLA instead of one loop body).
 Within a body, operations that share work are fused: the first-stage depthwise convs of the
 sep/dil convs are one call (`functional.depthwise_convs`), their four
 pointwise convs one batched matmul, the second stage of the two sep convs likewise, and the
