@@ -84,6 +84,13 @@ def abstract_on(sharding, tree):
                       tree)
 
 
+def placer(target: str):
+  """``tree -> tree`` of shapes and dtypes on the GPU that ``target`` describes (`gpu_device`,
+  `abstract_on`)."""
+  from jax.sharding import SingleDeviceSharding
+  return functools.partial(abstract_on, SingleDeviceSharding(gpu_device(target)))
+
+
 def compiler_environ(plugin_dir: str) -> dict[str, str]:
   """This process's environment for a child that compiles for a GPU: JAX on the CPU, the
   CUDA compiler in ``plugin_dir`` and this repository importable."""
@@ -119,9 +126,8 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   XLA compiles for it. ``launches``: kernels and library calls, each loop body counted its
   known trip count times (and a conditional's largest branch); ``kernels``: the distinct
   kernels XLA emits (fusions, copies: XLA compiles equal bodies on equal shapes once);
-  ``library_calls``: the distinct cuDNN
-  and cuBLAS calls, each autotuned on a GPU. A loop whose trip count XLA does not know
-  is an error: its launches cannot be counted."""
+  ``library_calls``: the distinct cuDNN and cuBLAS calls, each autotuned on a GPU. A loop
+  whose trip count XLA does not know is an error: its launches cannot be counted."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
@@ -194,14 +200,13 @@ def measure(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from jax.extend.core import jaxpr_as_fun
-  from jax.sharding import SingleDeviceSharding
 
   from configs import quickstart
   from nanas_jax import spaces
   from nanas_jax.nn.supernet import SearchNetwork
   from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
 
-  on_gpu = functools.partial(abstract_on, SingleDeviceSharding(gpu_device(args.target)))
+  on_gpu = placer(args.target)
   config = quickstart.get_config().search
   config.warmup_epochs = 0
   config.algorithm, config.order = args.algorithm, args.order

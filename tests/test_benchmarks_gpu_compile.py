@@ -74,12 +74,9 @@ def _compiled_for_an_h200(code: str) -> str:
   preamble = textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
-      import functools
       import jax, numpy as np
-      from jax.sharding import SingleDeviceSharding
       import gpu_compile
-      on_gpu = functools.partial(gpu_compile.abstract_on, SingleDeviceSharding(
-          gpu_compile.gpu_device(gpu_compile.DEFAULT_TARGET)))
+      on_gpu = gpu_compile.placer(gpu_compile.DEFAULT_TARGET)
       """)
   result = subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(code)],
                           capture_output=True, text=True,
