@@ -384,12 +384,12 @@ def test_pointwise_conv_matches_einsum(lead):
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("lead", [0, 1, 2])
-def test_batch_norm_matches_numpy(lead):
+@pytest.mark.parametrize("lead, one_pass", list(itertools.product([0, 1, 2], [False, True])))
+def test_batch_norm_matches_numpy(lead, one_pass):
   rng = np.random.default_rng(10 + lead)
   lead_shape = (2, 3)[:lead]
   x = _rand(rng, *lead_shape, 4, 3, 5, 6) * 3.0 + 1.5
-  mean, var = F.batch_norm_stats(jnp.asarray(x), lead)
+  mean, var = F.batch_norm_stats(jnp.asarray(x), lead, one_pass)
   x64 = x.astype(np.float64)
   axes = tuple(range(lead, lead + 3))
   want_mean = x64.mean(axis=axes)
@@ -413,13 +413,81 @@ def test_batch_norm_matches_numpy(lead):
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
 
 
-def test_batch_norm_of_bfloat16_reduces_in_float32():
+def test_one_pass_batch_norm_stats_of_a_far_mean_keep_float32_precision():
+  """Channels whose mean is 1e4 standard deviations from zero: the one-pass statistics
+  (shifted by a value of the channel) against float64 numpy of the same float32 values.
+  The data is checked to be such that unshifted one-pass sums lose the variance."""
+  rng = np.random.default_rng(23)
+  x = (_rand(rng, 3, 16, 8, 8, 4) + np.array([1e4, -1e4, 3e3, 0.0], np.float32))
+  mean, var = F.batch_norm_stats(jnp.asarray(x), 1, one_pass=True)
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(mean, x64.mean(axis=(1, 2, 3)), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(var, x64.var(axis=(1, 2, 3)), rtol=1e-4)
+  xj = jnp.asarray(x)
+  unshifted = (jnp.mean(jnp.square(xj), axis=(1, 2, 3))
+               - jnp.square(jnp.mean(xj, axis=(1, 2, 3))))
+  assert np.max(np.abs(unshifted[:, 0] - x64[..., 0].var(axis=(1, 2, 3)))) > 0.1
+
+
+def test_one_pass_batch_norm_stats_of_a_constant_channel_is_exactly_zero_variance():
+  x = np.full((2, 8, 4, 4, 3), 0.7, np.float32)
+  x[..., 1] = np.float32(1e4 / 3)
+  mean, var = F.batch_norm_stats(jnp.asarray(x), 1, one_pass=True)
+  np.testing.assert_array_equal(var, np.zeros((2, 3), np.float32))
+  np.testing.assert_allclose(mean, x[:, 0, 0, 0], rtol=1e-7)
+
+
+@pytest.mark.parametrize("lead", [0, 1, 2])
+def test_one_pass_batch_norm_stats_gradient_is_the_two_pass_formulas_in_float64(lead):
+  """The hand-written gradient of the one-pass statistics against JAX's gradient of the
+  textbook two-pass mean and variance, both in float64, for random cotangents, and so is
+  its own gradient (a Hessian-vector product)."""
+  rng = np.random.default_rng(30 + lead)
+  shape = (2, 3)[:lead] + (4, 3, 5, 6)
+  axes = tuple(range(lead, lead + 3))
+  x = rng.normal(size=shape) * 2.0 + 0.5
+  cotangents = (rng.normal(size=shape[:lead] + (6,)), rng.normal(size=shape[:lead] + (6,)))
+
+  def two_pass(x):
+    mean = jnp.mean(x, axis=axes)
+    return mean, jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
+
+  with jax.enable_x64(True):
+    got, vjp = jax.vjp(lambda a: F.batch_norm_stats(a, lead, True), jnp.asarray(x))
+    want, want_vjp = jax.vjp(two_pass, jnp.asarray(x))
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(vjp(cotangents)[0], want_vjp(cotangents)[0],
+                               rtol=1e-12, atol=1e-14)
+    # Reverse over reverse (`second_exact` differentiates through a weight step).
+    direction = jnp.asarray(rng.normal(size=shape))
+    hvp = lambda f: jax.grad(lambda a: jnp.vdot(jax.grad(
+        lambda b: sum(jnp.vdot(o, c) for o, c in zip(f(b), cotangents)))(a), direction))
+    np.testing.assert_allclose(hvp(lambda b: F.batch_norm_stats(b, lead, True))(x),
+                               hvp(two_pass)(x), rtol=1e-10, atol=1e-12)
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  _, vjp16 = jax.vjp(lambda a: F.batch_norm_stats(a, lead, True), x16)
+  assert vjp16(tuple(jnp.asarray(c, jnp.float32) for c in cotangents))[0].dtype == jnp.bfloat16
+
+
+def test_batch_norm_stats_reduce_in_two_passes_on_a_cpu_by_default():
+  x = jnp.asarray(_rand(np.random.default_rng(24), 4, 3, 5, 6) + 2.0)
+  program = str(jax.make_jaxpr(lambda a: F.batch_norm_stats(a, 0))(x))
+  assert jax.default_backend() == "cpu" and "custom_vjp_call" not in program
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a: F.batch_norm_stats(a, 0, True))(x))
+  for got, want in zip(F.batch_norm_stats(x, 0), F.batch_norm_stats(x, 0, False)):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_batch_norm_of_bfloat16_reduces_in_float32(one_pass):
   """bfloat16 activations (``config.search.dtype``): the statistics are those of the
   bfloat16 values reduced in float32 (a bfloat16 mean is off by up to 2^-9 relative), the
   running statistics stay float32 and the output is bfloat16."""
   rng = np.random.default_rng(21)
   x = jnp.asarray(_rand(rng, 32, 8, 8, 3) * 3.0 + 1.5, jnp.bfloat16)
-  y, (running_mean, running_var) = F.batch_norm(x, (jnp.zeros(3), jnp.ones(3)), 0, True)
+  y, (running_mean, running_var) = F.batch_norm(x, (jnp.zeros(3), jnp.ones(3)), 0, True,
+                                                 one_pass=one_pass)
   x64 = np.asarray(x.astype(jnp.float32), np.float64)
   mean, var, n = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2)), 32 * 8 * 8
   assert y.dtype == jnp.bfloat16

@@ -425,6 +425,8 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   program = str(jax.make_jaxpr(lambda v: cells[impl].apply(
       v, s0, s1, weights, train=True, mutable=["batch_stats"]))(variables))
   assert (" scan[" in program) == (inner == "scan")
+  # The accelerators' cell reduces its BatchNorm statistics in one pass.
+  assert ("_batch_norm_stats_bwd" in program) == (impl == "conv")
   trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
              for i, cell in cells.items()}
   np.testing.assert_allclose(trained[impl][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
@@ -437,6 +439,12 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
                              s1, weights, train=False) for i, cell in cells.items()}
   np.testing.assert_allclose(evaluated[impl], evaluated["scan"], atol=1e-4, rtol=1e-4)
   assert float(jnp.std(evaluated["scan"])) > 0.1
+
+
+def test_one_pass_statistics_with_the_accelerators_depthwise_convs_only():
+  assert jax.default_backend() == "cpu"
+  assert [supernet.one_pass_statistics(dw) for dw in ("auto", "scan", "taps", "conv")] == [
+      False, False, False, True]
 
 
 def test_inner_impl_auto_scans_with_the_scan_depthwise_convs_only():

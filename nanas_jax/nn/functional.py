@@ -476,15 +476,68 @@ def running_stats_init(value: float):
   return init
 
 
-def batch_norm_stats(x: jax.Array, feature_lead: int) -> tuple[jax.Array, jax.Array]:
+def batch_norm_stats(x: jax.Array, feature_lead: int, one_pass: bool | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
   """Mean and biased variance of ``x[*lead, B, H, W, C]`` over (B, H, W) per lead and C,
   reduced in float32 at least (bfloat16 sums of thousands of values would lose the
-  statistics' low digits)."""
+  statistics' low digits).
+
+  Two passes over ``x`` (the mean, then the mean square about it) or, with ``one_pass``,
+  one (`batch_norm_stats_one_pass`). None: one pass on accelerators, two on a CPU, where
+  one pass made a DARTS search step slower (B=16, C=8, 5 cells, 32x32: 1.95 s against
+  1.60 s, first step 129 s against 113 s; 2-core CPU).
+  """
+  if one_pass is None:
+    one_pass = jax.default_backend() != "cpu"
+  if one_pass:
+    return batch_norm_stats_one_pass(x, feature_lead)
   axes = tuple(range(feature_lead, feature_lead + 3))
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(x, axis=axes)
   var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
   return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def batch_norm_stats_one_pass(x: jax.Array, feature_lead: int
+                              ) -> tuple[jax.Array, jax.Array]:
+  """`batch_norm_stats` in one pass over ``x``: the sums of ``d`` and ``d**2``, with
+  ``d = x - x[first pixel]`` per (lead, C), as Flax's ``use_fast_variance`` but shifted:
+  the shift is a value of the channel, so the cancellation in ``mean(d**2) - mean(d)**2``
+  is bounded by how far the mean lies from that value in standard deviations, not by the
+  mean's magnitude (a channel of mean 1e4 and deviation 1 keeps its variance to float32
+  rounding). On a GPU the two sums fuse into one reduction: XLA's program of the
+  reference-size DARTS step for an H200 launches 6,410 kernels against 7,124 with two
+  passes. The gradient is written out so that it keeps ``x`` alone: JAX's own would keep
+  ``d`` beside the ``x - mean`` the normalisation keeps (0.3 GB more at that size).
+  """
+  return _batch_norm_stats_fwd(x, feature_lead)[0]
+
+
+def _batch_norm_stats_fwd(x, feature_lead):
+  axes = tuple(range(feature_lead, feature_lead + 3))
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  shift = xf[(slice(None),) * feature_lead + (0, 0, 0)]
+  d = xf - jnp.expand_dims(shift, axes)
+  mean_d = jnp.mean(d, axis=axes)
+  # Rounding can leave a constant channel's variance a hair below zero.
+  var = jnp.maximum(jnp.mean(jnp.square(d), axis=axes) - jnp.square(mean_d), 0.0)
+  mean = shift + mean_d
+  return (mean, var), (x, mean)
+
+
+def _batch_norm_stats_bwd(feature_lead, residuals, grads):
+  """d mean / dx = 1/n and d var / dx = 2 (x - mean) / n, per (lead, C)."""
+  x, mean = residuals
+  g_mean, g_var = grads
+  axes = tuple(range(feature_lead, feature_lead + 3))
+  n = math.prod(x.shape[feature_lead:feature_lead + 3])
+  put = lambda a: jnp.expand_dims(a, axes)
+  gx = (put(g_mean) + 2.0 * put(g_var) * (x.astype(mean.dtype) - put(mean))) / n
+  return (gx.astype(x.dtype),)
+
+
+batch_norm_stats_one_pass.defvjp(_batch_norm_stats_fwd, _batch_norm_stats_bwd)
 
 
 def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
@@ -503,7 +556,7 @@ def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
 
 
 def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: int,
-               train: bool, scale=None, bias=None, sources=None
+               train: bool, scale=None, bias=None, sources=None, one_pass: bool | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """BatchNorm of ``x[*lead, B, H, W, C]`` with statistics per (lead, C): ``(y, stats)``.
 
@@ -515,13 +568,14 @@ def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: i
   ``sources`` (int ``[E]``): edges that read shared inputs. ``x`` then holds each distinct
   input once on axis 0, edge ``e`` normalises ``x[sources[e]]`` with its own running
   statistics, and the batch statistics are computed once per distinct input (edges
-  reading the same input have the same ones).
+  reading the same input have the same ones). ``one_pass``: how the batch statistics are
+  reduced (`batch_norm_stats`).
   """
   gather = (lambda a: a) if sources is None else (lambda a: take_rows(a, sources))
   if not train:
     mean, var = stats
     return batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias), stats
-  mean, var = (gather(m) for m in batch_norm_stats(x, feature_lead))
+  mean, var = (gather(m) for m in batch_norm_stats(x, feature_lead, one_pass))
   y = batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias)
   n = x.shape[feature_lead] * x.shape[feature_lead + 1] * x.shape[feature_lead + 2]
   running_mean, running_var = stats

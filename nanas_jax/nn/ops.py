@@ -32,8 +32,10 @@ class BatchNorm(nn.Module):
   """PyTorch's BatchNorm2d (`functional.batch_norm`: momentum 0.1, epsilon 1e-5, unbiased
   running variance) on NHWC inputs: batch statistics when ``train``, running statistics
   otherwise. Params ``scale``, ``bias`` (with ``affine``); statistics ``mean``, ``var`` in
-  the ``batch_stats`` collection (the names of Flax's BatchNorm)."""
+  the ``batch_stats`` collection (the names of Flax's BatchNorm). ``one_pass``: how the
+  batch statistics are reduced (`functional.batch_norm_stats`; None: by the backend)."""
   affine: bool = True
+  one_pass: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -44,7 +46,8 @@ class BatchNorm(nn.Module):
     if self.affine:
       scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
       bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    y, new = F.batch_norm(x, (mean.value, var.value), 0, train, scale, bias)
+    y, new = F.batch_norm(x, (mean.value, var.value), 0, train, scale, bias,
+                          one_pass=self.one_pass)
     if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
       mean.value, var.value = new
     return y

@@ -101,10 +101,20 @@ def cell_edges(steps: int) -> list[tuple[int, int]]:
 
 
 def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
-               train: bool, sources=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               train: bool, sources=None, one_pass: bool | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """The supernet's BatchNorm (affine=False, as the reference's MixedOp ops) of
   ``x[*lead, B, H, W, C]``, statistics per (lead, C): `functional.batch_norm`."""
-  return F.batch_norm(x, stats, lead, train, sources=sources)
+  return F.batch_norm(x, stats, lead, train, sources=sources, one_pass=one_pass)
+
+
+def one_pass_statistics(dw_impl: str) -> bool:
+  """Whether the supernet reduces its BatchNorm statistics in one pass
+  (`functional.batch_norm_stats`): with the accelerators' depthwise convs (``'conv'``,
+  what ``'auto'`` picks on a GPU or TPU). Read from the depthwise implementation rather
+  than the backend, so that a step compiled for a GPU on a CPU host
+  (`benchmarks/gpu_compile.py`) is the step a GPU runs."""
+  return F.resolve_depthwise_impl(dw_impl) == "conv"
 
 
 def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
@@ -122,9 +132,10 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   cell's 8 input edges read 2 states).
   """
   new_stats = {}
+  one_pass = one_pass_statistics(dw_impl)
 
   def bn(name, x, lead, shared=None):
-    y, new_stats[name] = batch_norm(x, lead, stats[name], train, sources=shared)
+    y, new_stats[name] = batch_norm(x, lead, stats[name], train, shared, one_pass)
     return y
 
   w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
@@ -354,9 +365,11 @@ class InnerEdges(_EdgeGroup):
 
 
 class Preprocess(nn.Module):
-  """ReLUConvBN 1x1 (or FactorizedReduce when the input is at twice the resolution)."""
+  """ReLUConvBN 1x1 (or FactorizedReduce when the input is at twice the resolution).
+  ``one_pass``: how its BatchNorm statistics are reduced (`one_pass_statistics`)."""
   channels: int
   reduce: bool
+  one_pass: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -376,7 +389,7 @@ class Preprocess(nn.Module):
       y = F.factorized_reduce_convs(x, *kernels)
     else:
       y = F.pointwise_conv(jax.nn.relu(x), kernel)
-    y, new = batch_norm(y, 0, (mean.value, var.value), train)
+    y, new = batch_norm(y, 0, (mean.value, var.value), train, one_pass=self.one_pass)
     if train and self.is_mutable_collection("batch_stats"):
       mean.value, var.value = new
     return y
@@ -402,8 +415,10 @@ class SearchCell(nn.Module):
     index = {edge: k for k, edge in enumerate(edges)}
     # 'auto' resolved once for the whole cell, from its input batch.
     dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(s1.shape[:3]))
-    s0 = Preprocess(self.channels, self.reduction_prev, name="preprocess0")(s0, train)
-    s1 = Preprocess(self.channels, False, name="preprocess1")(s1, train)
+    one_pass = one_pass_statistics(dw_impl)
+    s0 = Preprocess(self.channels, self.reduction_prev, one_pass, name="preprocess0")(
+        s0, train)
+    s1 = Preprocess(self.channels, False, one_pass, name="preprocess1")(s1, train)
 
     input_edges = np.array([index[(i, j)] for i in range(self.steps) for j in (0, 1)])
     # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
@@ -450,7 +465,7 @@ class SearchNetwork(nn.Module):
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
-    x = BatchNorm(name="stem_bn")(x, train)
+    x = BatchNorm(one_pass=one_pass_statistics(dw_impl), name="stem_bn")(x, train)
     s0 = s1 = x
     c_curr = self.channels
     reduction_prev = False
