@@ -24,7 +24,8 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
 dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries
 ``error`` instead of its numbers; ours also carry ``neighbor_chunk``, the neighbors per
-vmapped pass, None where they run one by one).
+vmapped pass, None where they run one by one), and ``goals``: the accelerator goals of
+the search step read from the rows (`goals`; they are stated at the reference preset).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ OURS = (("darts", "first", 1), ("darts", "second_fd", 1), ("na_darts", "first", 
 REFERENCE = ("first", "second")
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
           "dtype", "first_step_s", "step_s", "peak_gb")
+# Steps of a 50-epoch NA-DARTS CIFAR-10 search (configs/na_darts_cifar10.py): 390 an epoch,
+# the 25,000-image search half at batch 64 with the last partial batch dropped.
+SEARCH_STEPS = 50 * (25_000 // 64)
 
 
 def _last_json(text: str) -> dict:
@@ -107,6 +111,44 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
   return {k: result[k] for k in FIELDS} | {"torch": result["torch"]}
 
 
+def goals(rows: list[dict]) -> list[dict]:
+  """The search step's accelerator goals, read from the rows: each ``{goal, value,
+  at_most | at_least, met}``, ``value`` and ``met`` None where a row it needs failed. The
+  projection of a whole search counts its steps at the measured NA-DARTS step, not its
+  compile, evaluation or checkpoints."""
+
+  def row(impl, algorithm, order):
+    found = [r for r in rows if (r["impl"], r["algorithm"], r["order"]) == (
+        impl, algorithm, order) and "error" not in r]
+    return found[0] if found else None
+
+  def ratio(a, b, key):
+    return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
+
+  darts = row("nanas_jax", "darts", "first")
+  na_darts = row("nanas_jax", "na_darts", "first")
+  reference_first = row("pytorch_reference", "darts", "first")
+  ours = [r for r in rows if r["impl"] == "nanas_jax"]
+  first_steps = ([r["first_step_s"] for r in ours] if all("error" not in r for r in ours)
+                 else [])
+  table = [
+      ("DARTS first-order step (s)", darts and darts["step_s"], "at_most", 0.08),
+      ("PyTorch reference's first-order step / ours", ratio(reference_first, darts,
+                                                            "step_s"), "at_least", 3.0),
+      ("NA-DARTS K=4 step / DARTS's", ratio(na_darts, darts, "step_s"), "at_most", 2.0),
+      ("NA-DARTS K=4 peak memory / DARTS's", ratio(na_darts, darts, "peak_gb"),
+       "at_most", 2.0),
+      ("slowest first step (compile) of ours (s)", max(first_steps, default=None),
+       "at_most", 60.0),
+      (f"50-epoch NA-DARTS CIFAR-10 search, {SEARCH_STEPS:,} steps (hours)",
+       na_darts and SEARCH_STEPS * na_darts["step_s"] / 3600, "at_most", 1.0),
+  ]
+  return [{"goal": goal, "value": None if value is None else round(value, 4), bound: limit,
+           "met": None if value is None else (value <= limit if bound == "at_most"
+                                              else value >= limit)}
+          for goal, value, bound, limit in table]
+
+
 def main(argv=None):
   # pylint: disable=g-import-not-at-top
   from nanas_jax.nn.supernet import INNER_IMPLS
@@ -145,6 +187,9 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(), "preset": args.preset,
             "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "error")
                       if k in r} for r in rows]}
+  report["goals"] = goals(report["rows"])
+  for goal in report["goals"]:
+    print(json.dumps(goal), flush=True)
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
   suffix = "".join(f"-{value}" for value, default in (

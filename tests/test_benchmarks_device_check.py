@@ -1,7 +1,8 @@
 """Tests of benchmarks/device_check.py and benchmarks/reference_step.py: the command lines
 refuse a wrong reference path before anything runs, a row's subprocess result or failure
-becomes the documented row, the report file has the documented fields, and the PyTorch 0.3
-argument orders are translated to today's (the timings themselves are run by hand)."""
+becomes the documented row, the report file has the documented fields, the goals are read
+from the rows as worked out by hand, and the PyTorch 0.3 argument orders are translated to
+today's (the timings themselves are run by hand)."""
 
 import importlib.util
 import json
@@ -96,7 +97,8 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}.json".replace(" ", "_")
   assert report["preset"] == "small" and report["torch"] == "2.99"
-  assert set(report) == {"device", "jax", "torch", "date", "preset", "rows"}
+  assert set(report) == {"device", "jax", "torch", "date", "preset", "rows", "goals"}
+  assert report["goals"] == check.goals(report["rows"])
   rows = report["rows"]
   assert [(r["impl"], r["algorithm"], r["order"], r["neighbors"]) for r in rows] == [
       ("nanas_jax", "darts", "first", 1), ("nanas_jax", "darts", "second_fd", 1),
@@ -162,3 +164,45 @@ def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():
   assert x.sub_(other) == ("add_", other, 1.0)
   assert x.add(0.5) == ("add_", 0.5, 1.0)
   assert x.cuda() is x and module.cuda() is module
+
+
+def _row(impl, algorithm, order, **numbers):
+  return {"impl": impl, "algorithm": algorithm, "order": order, **numbers}
+
+
+def test_goals_are_read_from_the_rows():
+  """Each goal against its value worked out by hand; a failed row leaves the goals that
+  need it unmeasured (None), not met or missed."""
+  rows = [_row("nanas_jax", "darts", "first", first_step_s=50.0, step_s=0.05, peak_gb=2.0),
+          _row("nanas_jax", "darts", "second_fd", first_step_s=70.0, step_s=0.2, peak_gb=2.5),
+          _row("nanas_jax", "na_darts", "first", first_step_s=55.0, step_s=0.09, peak_gb=3.0),
+          _row("pytorch_reference", "darts", "first", first_step_s=3.0, step_s=0.2,
+               peak_gb=1.0),
+          _row("pytorch_reference", "darts", "second_fd", error="timed out after 150 s")]
+  got = {g["goal"]: g for g in check.goals(rows)}
+  hours = "50-epoch NA-DARTS CIFAR-10 search, 19,500 steps (hours)"
+  assert [(name, g["value"], g["met"]) for name, g in got.items()] == [
+      ("DARTS first-order step (s)", 0.05, True),
+      ("PyTorch reference's first-order step / ours", 4.0, True),
+      ("NA-DARTS K=4 step / DARTS's", 1.8, True),
+      ("NA-DARTS K=4 peak memory / DARTS's", 1.5, True),
+      ("slowest first step (compile) of ours (s)", 70.0, False),
+      (hours, 0.4875, True)]
+  assert got[hours]["at_most"] == 1.0
+  assert got["PyTorch reference's first-order step / ours"]["at_least"] == 3.0
+  rows[2] = _row("nanas_jax", "na_darts", "first", error="out of memory")
+  unmeasured = [g["goal"] for g in check.goals(rows) if g["value"] is None]
+  assert unmeasured == ["NA-DARTS K=4 step / DARTS's", "NA-DARTS K=4 peak memory / DARTS's",
+                        "slowest first step (compile) of ours (s)", hours]
+  assert all(g["met"] is None for g in check.goals(rows) if g["value"] is None)
+
+
+def test_the_projected_search_has_the_cifar10_configs_steps():
+  """`SEARCH_STEPS` against configs/na_darts_cifar10.py: its epochs, and its batches of the
+  weights' part of CIFAR-10's 50,000 training images (the last partial batch dropped)."""
+  from configs import na_darts_cifar10  # pylint: disable=g-import-not-at-top
+  from nanas_jax.data import base  # pylint: disable=g-import-not-at-top
+  config = na_darts_cifar10.get_config()
+  per_epoch = base.steps_per_epoch(base.split_point(50_000, config.data.train_portion),
+                                   config.data.batch_size)
+  assert check.SEARCH_STEPS == config.search.epochs * per_epoch == 19_500
