@@ -188,7 +188,8 @@ def step_programs(step, args) -> list[tuple[str, object, int]]:
   for eqn in closed.jaxpr.eqns:
     if eqn.primitive.name not in ("jit", "pjit"):
       continue
-    key = (eqn.params["name"], tuple(str(v.aval) for v in eqn.invars))
+    key = (eqn.params["name"], tuple(str(v.aval) for v in eqn.invars),
+           tuple(str(v.aval) for v in eqn.outvars))
     name, jaxpr, calls = programs.get(key, (eqn.params["name"], eqn.params["jaxpr"], 0))
     programs[key] = (name, jaxpr, calls + 1)
   return list(programs.values())

@@ -198,8 +198,17 @@ def test_programs_are_listed_once_however_often_the_step_calls_them():
   names = [name for name, _, _ in programs]
   assert set(calls) == set(names)
   # Two points of the finite difference, the same architecture-side program.
-  assert calls.count("outputs") == 2 and names.count("outputs") == 1
+  arch = "supernet_value_and_weights_grad"
+  assert calls.count(arch) == 2 and names.count(arch) == 1
   assert {name: n for name, _, n in programs} == {name: calls.count(name) for name in names}
+
+
+def test_programs_of_one_name_and_inputs_but_other_outputs_are_two():
+  twice = jax.jit(lambda x: x * 2)
+  both = jax.jit(lambda x: (x, x * 2))
+  programs = bench.step_programs(lambda x: (twice(x), both(x), twice(x)),
+                                 (np.zeros(3, np.float32),))
+  assert [(name, calls) for name, _, calls in programs] == [("<lambda>", 2), ("<lambda>", 1)]
 
 
 def test_refuses_to_run_without_the_compiler(tmp_path):

@@ -25,9 +25,11 @@ SPACE = spaces.get_space("darts")
 
 class ToyArchModel(nn.Module):
   """logits = tanh(sum_teo w[t,e,o] * x @ P[t,e,o]) @ V: smooth in params and weights, with
-  a cross term between them, so second-order terms are non-zero."""
+  a cross term between them, so second-order terms are non-zero. ``dw_impl`` computes
+  nothing: 'conv' makes the search treat it as a supernet on accelerators."""
   hidden: int = 5
   classes: int = 3
+  dw_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, weights, train):
@@ -204,6 +206,44 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
     chex.assert_trees_all_close(search.weights_grad(*args),
                                 jax.jit(search.value_and_weights_grad)(*args),
                                 rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dw_impl,algorithm,order,evaluate,params_only", [
+    ("auto", "darts", "first", "loop", False), ("conv", "darts", "first", "loop", True),
+    ("conv", "darts", "second_fd", "loop", False), ("conv", "darts", "second_exact", "loop", True),
+    ("conv", "na_darts", "first", "vmap", True), ("conv", "na_darts", "second_fd", "vmap", True),
+    ("conv", "na_darts", "second_fd", "loop", False)])
+def test_on_accelerators_the_weight_step_leaves_the_architecture_gradient_out(
+    dw_impl, algorithm, order, evaluate, params_only):
+  """With the accelerators' kernels the weight step's program returns no architecture
+  gradient, unless the step compiles the full gradient at its shapes anyway; the shared
+  step still equals the fused one (one program, where XLA drops what is unused), and the
+  gradient equals the full one's."""
+  (tx, ty), (vx, vy) = make_batches()
+  kwargs = dict(num=2, kind="swap", evaluate=evaluate) if algorithm == "na_darts" else {}
+  states, programs = [], None
+  for mode in ("shared", "fused"):
+    config = make_config(algorithm, order, **kwargs)
+    config.compile, config.warmup_epochs = mode, 0
+    search = BilevelSearch(ToyArchModel(dw_impl=dw_impl), SPACE, config, 10)
+    state = init_state(search, tx)
+    if mode == "shared":
+      programs = [e.params["name"] for e in jax.make_jaxpr(search.step)(
+          state, (tx, ty), (vx, vy)).eqns if e.primitive.name in ("jit", "pjit")]
+      args = (state.params, state.batch_stats, jax.nn.softmax(state.alpha, -1), tx, ty)
+      chex.assert_trees_all_close(search.weight_step_grads(*args), search.grads(*args)[:4],
+                                  rtol=1e-6, atol=1e-7)
+    step = search.jit_step()
+    for _ in range(2):
+      state, _ = step(state, (tx, ty), (vx, vy))
+    states.append(state)
+  assert ("supernet_value_and_params_grad" in programs) == params_only, programs
+  # The finite difference divides two gradients' rounding by its small step.
+  atol = 2e-6 if order == "second_fd" else 1e-7
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
 
 
 def test_an_unhashable_supernet_is_named_before_the_search():

@@ -67,6 +67,7 @@ import optax
 from jax.extend.core import jaxpr_as_fun
 
 from nanas_jax import neighborhood
+from nanas_jax.nn import functional as F
 from nanas_jax.search import objective
 from nanas_jax.search.state import (ARCH_SCHEDULES, SearchState, arch_optimizer, init_alpha,
                                     momentum_buffer, weight_lr_schedule, weight_optimizer)
@@ -188,12 +189,23 @@ class _SupernetPrograms:
     at the same shapes: one trace of the supernet's forward and backward pass instead of
     two (6.1 s against 0.6 s at quick-start size; the compiled program computes the same
     bits)."""
-    signature = (jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
-    if signature not in self._derived:
-      loss, logits, _, _, grad_weights = range(5)
-      self._derived[signature] = _jaxpr_outputs(self.value_and_grads.trace(*args),
-                                                (loss, logits, grad_weights))
-    return self._derived[signature](*args)
+    loss, logits, _, _, grad_weights = range(5)
+    return self._from_full((loss, logits, grad_weights), args,
+                           "supernet_value_and_weights_grad")
+
+  def params_grad_from_full(self, *args):
+    """``(loss, logits, new batch_stats, d loss/d params)`` evaluated from
+    `value_and_grads`' trace, as `weights_grad_from_full`: XLA drops the architecture
+    weights' gradient, a reduction over every operation's output on every edge."""
+    loss, logits, new_stats, grad_params, _ = range(5)
+    return self._from_full((loss, logits, new_stats, grad_params), args,
+                           "supernet_value_and_params_grad")
+
+  def _from_full(self, picks: tuple[int, ...], args, name: str):
+    key = (picks, jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
+    if key not in self._derived:
+      self._derived[key] = _jaxpr_outputs(self.value_and_grads.trace(*args), picks, name)
+    return self._derived[key](*args)
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,22 +215,31 @@ def _supernet_programs(model, dtype) -> _SupernetPrograms:
   return _SupernetPrograms(model, dtype)
 
 
-def _jaxpr_outputs(traced: jax.stages.Traced, picks: tuple[int, ...]) -> Callable:
+def _jaxpr_outputs(traced: jax.stages.Traced, picks: tuple[int, ...], name: str) -> Callable:
   """A jitted function of ``traced``'s arguments returning its outputs ``picks`` (positions
   in its output tuple), evaluated from its jaxpr rather than traced anew: binding a
   supernet gradient's equations again takes a tenth of tracing them through Flax and
-  autodiff, and XLA removes what the dropped outputs alone needed."""
+  autodiff, and XLA removes what the dropped outputs alone needed. ``name``: the
+  program's, in profiles and XLA's dumps."""
   closed = traced.jaxpr
 
   def outputs(*args):
     outs = jax.tree.unflatten(traced.out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
     return tuple(outs[i] for i in picks)
 
+  outputs.__name__ = outputs.__qualname__ = name
   return jax.jit(outputs)
 
 
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
+
+
+def _accelerator_kernels(model) -> bool:
+  """Whether ``model`` runs the accelerators' kernels: its depthwise convolutions are
+  ``'conv'`` (what ``'auto'`` picks on a GPU or TPU; a step compiled for a GPU on a CPU
+  host, `benchmarks/gpu_compile.py`, asks for them)."""
+  return F.resolve_depthwise_impl(getattr(model, "dw_impl", "auto")) == "conv"
 
 
 def _tree_axpy(a, x, y):
@@ -260,6 +281,17 @@ class BilevelSearch:
     self._weights_grad_from_full_trace = not (
         config.order == "first" and self.neighborhood.batch == "split"
         and self.neighborhood.size > 1)
+    # On accelerators the weight step's gradient leaves the architecture weights' gradient
+    # out (`weight_step_grads`), except where the step compiles the full gradient at the
+    # weight step's shapes anyway (the finite-difference order's gradient at the unrolled
+    # weights, on a full batch, unless the neighbors are vmapped): a third compiled
+    # program would cost more than it saves. On a CPU it keeps it: without it XLA:CPU's
+    # program made the DARTS step slower (B=16, C=8, 5 cells, 32x32: 1.82-1.95 s against
+    # 1.41-1.45 s), for a cause not found.
+    self._weight_step_full = not _accelerator_kernels(model) or (
+        config.order == "second_fd" and not (
+            self.neighborhood.size > 1
+            and (self.vmap_neighbors or self.neighborhood.batch == "split")))
     try:
       self._programs = _supernet_programs(model, self.compute_dtype)
     except TypeError as e:  # An unhashable field: jit needs the supernet as a static key.
@@ -304,10 +336,21 @@ class BilevelSearch:
     return supernet_value_and_grads(self.model, self.compute_dtype, *args)
 
   def grads(self, *args):
-    """`value_and_grads`: the supernet gradient the weight step and the virtual step call."""
+    """`value_and_grads`, both gradients: the finite-difference order's gradient at the
+    unrolled weights, NA-DARTS's neighbors in that order, and `weight_step_grads`' source."""
     if self.fused:
       return self.value_and_grads(*args)
     return self._programs.value_and_grads(*args)
+
+  def weight_step_grads(self, *args):
+    """``(loss, logits, new batch_stats, d loss/d params)``: the weight step's gradient
+    (and the virtual step's). On accelerators, where the step does not compile the full
+    one at these shapes anyway, XLA's program leaves the architecture weights' gradient
+    out: a reduction over every operation's output on every edge, 245 of the 3,286
+    kernels the reference-size DARTS weight step launches on an H200 (XLA's program)."""
+    if self.fused or self._weight_step_full:
+      return self.grads(*args)[:4]
+    return self._programs.params_grad_from_full(*args)
 
   def value_and_weights_grad(self, *args):
     """`supernet_value_and_weights_grad` of this search's supernet."""
@@ -441,7 +484,7 @@ class BilevelSearch:
     if order == "second_exact":
       return self._jitted(self._second_order_exact)(state, train_batch, val_batch, key)
 
-    unrolled = self._virtual_step(state, state.alpha, *train_batch, self.grads)
+    unrolled = self._virtual_step(state, state.alpha, *train_batch, self.weight_step_grads)
     loss, aux, grad_w, grad_alpha = self.arch_value_and_grads(
         unrolled, state.batch_stats, state.alpha, *val_batch, key)
     plus, minus, r = self._jitted(_finite_difference_points)(state.params, grad_w)
@@ -476,7 +519,7 @@ class BilevelSearch:
         state, train_batch, val_batch, key)
     alpha, arch_opt_state, weights = self._jitted(self._apply_arch_update)(
         grad_alpha, state.arch_opt_state, state.alpha)
-    train_loss, logits, batch_stats, grads, _ = self.grads(
+    train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
     params, weight_opt_state = self._jitted(self._apply_weight_update)(
         grads, state.weight_opt_state, state.params)
@@ -515,7 +558,7 @@ class BilevelSearch:
     The validation batch is not used."""
     del val_batch
     weights = self._jitted(_softmax)(state.alpha)
-    train_loss, logits, batch_stats, grads, _ = self.grads(
+    train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
     params, weight_opt_state = self._jitted(self._apply_weight_update)(
         grads, state.weight_opt_state, state.params)
