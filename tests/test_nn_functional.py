@@ -106,6 +106,14 @@ def test_resolve_depthwise_impl():
     F.depthwise_convs(jnp.zeros((1, 1, 4, 4, 2)), [jnp.zeros((3, 3, 2))], [1], impl="fast")
 
 
+def test_accelerator_kernels_are_the_conv_depthwise_convs():
+  assert jax.default_backend() == "cpu"
+  assert [F.accelerator_kernels(impl) for impl in ("auto", "scan", "taps", "conv")] == [
+      False, False, False, True]
+  with pytest.raises(ValueError, match="Unknown depthwise implementation 'dense'"):
+    F.accelerator_kernels("dense")
+
+
 def test_output_size_matches_pytorch_rule():
   for size, stride in itertools.product(range(1, 12), (1, 2)):
     for k, d in DW_CONFIGS:

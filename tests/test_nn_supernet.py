@@ -441,12 +441,6 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   assert float(jnp.std(evaluated["scan"])) > 0.1
 
 
-def test_one_pass_statistics_with_the_accelerators_depthwise_convs_only():
-  assert jax.default_backend() == "cpu"
-  assert [supernet.one_pass_statistics(dw) for dw in ("auto", "scan", "taps", "conv")] == [
-      False, False, False, True]
-
-
 def test_inner_impl_auto_scans_with_the_scan_depthwise_convs_only():
   assert [supernet.resolve_inner_impl("auto", dw) for dw in ("scan", "taps", "conv")] == [
       "scan", "unroll", "unroll"]

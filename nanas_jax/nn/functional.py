@@ -63,6 +63,15 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
   return "taps" if pixels is not None and pixels >= TAPS_MIN_PIXELS else "scan"
 
 
+def accelerator_kernels(impl: str) -> bool:
+  """Whether the depthwise implementation ``impl`` is the accelerators' (``'conv'``, what
+  ``'auto'`` picks on a GPU or TPU). The supernet and the search choose what suits an
+  accelerator by it rather than by the backend, so that a step compiled for a GPU on a
+  CPU host (`benchmarks/gpu_compile.py`, which asks for ``'conv'``) is the step a GPU
+  runs."""
+  return resolve_depthwise_impl(impl) == "conv"
+
+
 def output_size(size: int, stride: int) -> int:
   """Spatial size after a 'same'-padded window op with ``stride`` (PyTorch's ceil rule)."""
   return (size - 1) // stride + 1

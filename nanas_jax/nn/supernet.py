@@ -108,15 +108,6 @@ def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
   return F.batch_norm(x, stats, lead, train, sources=sources, one_pass=one_pass)
 
 
-def one_pass_statistics(dw_impl: str) -> bool:
-  """Whether the supernet reduces its BatchNorm statistics in one pass
-  (`functional.batch_norm_stats`): with the accelerators' depthwise convs (``'conv'``,
-  what ``'auto'`` picks on a GPU or TPU). Read from the depthwise implementation rather
-  than the backend, so that a step compiled for a GPU on a CPU host
-  (`benchmarks/gpu_compile.py`) is the step a GPU runs."""
-  return F.resolve_depthwise_impl(dw_impl) == "conv"
-
-
 def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
                 weights: jax.Array, stride: int, train: bool, dw_impl: str,
                 sources: np.ndarray | None = None):
@@ -132,7 +123,8 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   cell's 8 input edges read 2 states).
   """
   new_stats = {}
-  one_pass = one_pass_statistics(dw_impl)
+  # BatchNorm statistics in one pass with the accelerators' kernels (`F.batch_norm_stats`).
+  one_pass = F.accelerator_kernels(dw_impl)
 
   def bn(name, x, lead, shared=None):
     y, new_stats[name] = batch_norm(x, lead, stats[name], train, shared, one_pass)
@@ -366,7 +358,7 @@ class InnerEdges(_EdgeGroup):
 
 class Preprocess(nn.Module):
   """ReLUConvBN 1x1 (or FactorizedReduce when the input is at twice the resolution).
-  ``one_pass``: how its BatchNorm statistics are reduced (`one_pass_statistics`)."""
+  ``one_pass``: how its BatchNorm statistics are reduced (`F.batch_norm_stats`)."""
   channels: int
   reduce: bool
   one_pass: bool = False
@@ -415,7 +407,7 @@ class SearchCell(nn.Module):
     index = {edge: k for k, edge in enumerate(edges)}
     # 'auto' resolved once for the whole cell, from its input batch.
     dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(s1.shape[:3]))
-    one_pass = one_pass_statistics(dw_impl)
+    one_pass = F.accelerator_kernels(dw_impl)  # BatchNorm statistics in one pass
     s0 = Preprocess(self.channels, self.reduction_prev, one_pass, name="preprocess0")(
         s0, train)
     s1 = Preprocess(self.channels, False, one_pass, name="preprocess1")(s1, train)
@@ -465,7 +457,7 @@ class SearchNetwork(nn.Module):
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
-    x = BatchNorm(one_pass=one_pass_statistics(dw_impl), name="stem_bn")(x, train)
+    x = BatchNorm(one_pass=F.accelerator_kernels(dw_impl), name="stem_bn")(x, train)
     s0 = s1 = x
     c_curr = self.channels
     reduction_prev = False

@@ -235,13 +235,6 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _accelerator_kernels(model) -> bool:
-  """Whether ``model`` runs the accelerators' kernels: its depthwise convolutions are
-  ``'conv'`` (what ``'auto'`` picks on a GPU or TPU; a step compiled for a GPU on a CPU
-  host, `benchmarks/gpu_compile.py`, asks for them)."""
-  return F.resolve_depthwise_impl(getattr(model, "dw_impl", "auto")) == "conv"
-
-
 def _tree_axpy(a, x, y):
   """``a * x + y`` over pytrees."""
   return jax.tree.map(lambda u, v: a * u + v, x, y)
@@ -288,7 +281,7 @@ class BilevelSearch:
     # program would cost more than it saves. On a CPU it keeps it: without it XLA:CPU's
     # program made the DARTS step slower (B=16, C=8, 5 cells, 32x32: 1.82-1.95 s against
     # 1.41-1.45 s), for a cause not found.
-    self._weight_step_full = not _accelerator_kernels(model) or (
+    self._weight_step_full = not F.accelerator_kernels(getattr(model, "dw_impl", "auto")) or (
         config.order == "second_fd" and not (
             self.neighborhood.size > 1
             and (self.vmap_neighbors or self.neighborhood.batch == "split")))
