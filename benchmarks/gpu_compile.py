@@ -17,7 +17,9 @@ appends each row as a JSON line (`benchmarks/results/h200_compile.jsonl`).
 Each configuration is compiled in its own subprocess, since XLA aborts the process on an
 internal check failure; a row that failed carries ``error`` (the check's message).
 Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
-programs), ``programs`` (with ``compile='shared'``, every distinct jitted program of one
+programs), ``side_by_side_s`` (with ``compile='shared'``: the same programs compiled again
+from nothing, as the step's first call compiles them, one on a side thread),
+``programs`` (with ``compile='shared'``, every distinct jitted program of one
 step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
 temporary buffers less those aliased, and its `kernel_counts`), ``largest_program_gb``
 (the step's largest program: a lower bound of its peak GPU memory, which adds what the
@@ -29,6 +31,7 @@ compiles, and what it autotunes on a GPU).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import functools
 import json
@@ -37,6 +40,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -195,6 +199,22 @@ def step_programs(step, args) -> list[tuple[str, object, int]]:
   return list(programs.values())
 
 
+def side_by_side_s(lowerings: list[Callable], ahead: int) -> float:
+  """Seconds to lower and compile a step's programs (``lowerings``: a function that lowers
+  each) as the step's first call does (`BilevelSearch._compile_ahead`): program ``ahead``
+  (an index) on a side thread, started first, the others one after the other on this
+  thread."""
+  start = time.perf_counter()
+  side = concurrent.futures.ThreadPoolExecutor(1)
+  compiling = side.submit(lowerings[ahead]().compile)
+  for i, lower in enumerate(lowerings):
+    if i != ahead:
+      lower().compile()
+  compiling.result()
+  side.shutdown()
+  return round(time.perf_counter() - start, 1)
+
+
 def measure(args) -> dict:
   """Compiles one configuration's step for the target GPU in this process."""
   import jax
@@ -244,9 +264,17 @@ def measure(args) -> dict:
     add("step", lambda: jax.jit(search.step, donate_argnums=0).lower(
         on_gpu(state), on_gpu(batch), on_gpu(batch)).compile())
   else:
-    for name, closed, calls in step_programs(search.step, (state, batch, batch)):
-      add(name, lambda c=closed: jax.jit(jaxpr_as_fun(c)).lower(*on_gpu(c.in_avals)).compile(),
-          calls)
+    listed = step_programs(search.step, (state, batch, batch))
+    lowerings = [lambda c=closed: jax.jit(jaxpr_as_fun(c)).lower(*on_gpu(c.in_avals))
+                 for _, closed, _ in listed]
+    for (name, _, calls), lower in zip(listed, lowerings):
+      add(name, lambda lower=lower: lower().compile(), calls)
+    # The step needs the program it compiles ahead last: the last listed of its name.
+    ahead = search.program_compiled_ahead(
+        (state.params, state.batch_stats, state.alpha, *batch)).__name__
+    names = [name for name, _, _ in listed]
+    jax.clear_caches()  # Compiled again, from nothing.
+    row["side_by_side_s"] = side_by_side_s(lowerings, len(names) - 1 - names[::-1].index(ahead))
   return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
           "largest_program_gb": max(p["gb"] for p in programs),
           "launches": sum(p["calls"] * p["launches"] for p in programs),

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -220,3 +222,28 @@ def test_refuses_to_run_without_the_compiler(tmp_path):
 def test_refuses_a_missing_target(tmp_path):
   with pytest.raises(SystemExit, match="GpuTargetConfigProto"):
     bench.main([f"--target={tmp_path / 'nope.txtpb'}"])
+
+
+def test_side_by_side_compiles_one_program_on_a_side_thread_started_first():
+  """Three programs of 0.4 s each, the second compiled ahead: it is lowered first and
+  compiled on another thread, the others in order on this one; the wall time is about
+  two programs', not three."""
+  events = []
+
+  class Lowered:
+    def __init__(self, i):
+      self.i = i
+
+    def compile(self):
+      events.append(("compile", self.i, threading.current_thread() is threading.main_thread()))
+      time.sleep(0.4)
+
+  def lowering(i):
+    return lambda: events.append(("lower", i)) or Lowered(i)
+
+  seconds = bench.side_by_side_s([lowering(i) for i in range(3)], ahead=1)
+  assert events[0] == ("lower", 1)
+  assert ("compile", 1, False) in events
+  assert [e for e in events if e[0] == "compile" and e[2]] == [("compile", 0, True),
+                                                               ("compile", 2, True)]
+  assert 0.8 <= seconds < 1.2

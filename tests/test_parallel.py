@@ -187,9 +187,9 @@ EIGHT_DEVICES = textwrap.dedent("""
     """)
 
 
-def run_on_eight_devices(*args) -> dict:
+def run_on_eight_devices(script: str, *args) -> dict:
   env = dict(os.environ, XLA_FLAGS=parallel.fake_cpu_devices_xla_flags(8))
-  proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, *map(str, args)], cwd=ROOT,
+  proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -204,7 +204,7 @@ def run_on_eight_devices(*args) -> dict:
 # the architecture gradient over the neighbors), and DARTS is NA-DARTS's
 # one-identity-neighbor case of the same objective (test_search_objective.py).
 def test_eight_device_step_equals_one_device_step(tmp_path):
-  out = run_on_eight_devices("na_darts", "second_fd", 3, tmp_path)
+  out = run_on_eight_devices(EIGHT_DEVICES, "na_darts", "second_fd", 3, tmp_path)
   assert out["devices"] == 8 and out["replicas"] == 8
   assert out["alpha_dtype"] == "float64"
   tol = 1e-12
@@ -219,3 +219,51 @@ def test_eight_device_step_equals_one_device_step(tmp_path):
   assert out["more_alpha_diff"] <= tol
   assert "config.data.batch_size = 12 is not divisible by the 8 devices" in out["batch_error"]
   assert not out["bad_workdir_created"]
+
+
+# The bilevel test's toy supernet, with the accelerators' kernels, its batches sharded.
+COMPILE_AHEAD = textwrap.dedent("""
+    import collections, json, sys
+    sys.path.insert(0, "tests")
+    import jax
+    from nanas_jax import parallel
+    from nanas_jax.search import bilevel
+    from test_search_bilevel import (SPACE, ToyArchModel, init_state, make_batches,
+                                     make_config, record_compiles)
+
+    mesh = parallel.data_mesh()
+    (tx, ty), (vx, vy) = make_batches()
+    train, val = parallel.shard_batch((tx, ty), mesh), parallel.shard_batch((vx, vy), mesh)
+    out = {"devices": mesh.devices.size}
+    for ahead in (True, False):
+      jax.clear_caches()
+      bilevel._supernet_programs.cache_clear()
+      config = make_config("na_darts", "first", num=2, kind="swap", evaluate="vmap")
+      config.warmup_epochs = 0
+      search = bilevel.BilevelSearch(ToyArchModel(dw_impl="conv"), SPACE, config, 10)
+      search._ahead_enabled = ahead
+      step = search.jit_step()
+
+      def run(state=parallel.replicate(init_state(search, tx), mesh)):
+        for _ in range(2):
+          state, _ = step(state, train, val)
+        jax.block_until_ready(state)
+
+      compiles = record_compiles(run)
+      out[str(ahead)] = {"side": [name for name, thread in compiles if thread != "MainThread"],
+                         "counts": collections.Counter(name for name, _ in compiles)}
+    print("RESULT " + json.dumps(out))
+    """)
+
+
+def test_the_program_compiled_ahead_is_found_compiled_on_eight_devices():
+  """With a replicated state and sharded batches, the step's first call finds the program
+  its side thread compiled (jit's cache key includes the inputs' placements): it compiles
+  nothing twice."""
+  out = run_on_eight_devices(COMPILE_AHEAD)
+  assert out["devices"] == 8
+  assert out["True"]["side"] == ["jit(supernet_value_and_params_grad)"]
+  assert out["False"]["side"] == []
+  ahead, inline = out["True"]["counts"], out["False"]["counts"]
+  assert max(ahead.values()) == 1
+  assert {**inline, "jit(_softmax)": 1} == ahead

@@ -5,6 +5,10 @@ compile times short; the supernet itself is exercised end to end in test_experim
 and here only where the compute dtype meets its convolutions and BatchNorms.
 """
 
+import collections
+import threading
+import time
+
 import chex
 import flax.linen as nn
 import jax
@@ -244,6 +248,76 @@ def test_on_accelerators_the_weight_step_leaves_the_architecture_gradient_out(
     if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
       a, b = jax.random.key_data(a), jax.random.key_data(b)
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
+
+
+def record_compiles(fn):
+  """``fn()``'s XLA compiles, as ``(program, thread name)`` in the order they ended."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append((kwargs["fun_name"], threading.current_thread().name))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return compiles
+
+
+@pytest.mark.parametrize("algorithm,order,evaluate,ahead", [
+    ("darts", "first", "loop", "supernet_value_and_params_grad"),
+    ("darts", "second_fd", "loop", "supernet_value_and_weights_grad"),
+    ("na_darts", "first", "vmap", "supernet_value_and_params_grad")])
+def test_with_accelerator_kernels_the_first_step_compiles_a_program_on_a_side_thread(
+    algorithm, order, evaluate, ahead, monkeypatch):
+  """The step's first call on new inputs compiles the program it needs last on a side
+  thread, which the step then finds compiled: every supernet program is compiled as often
+  as without the side thread, and the steps compute the same bits. On the CPU's kernels
+  nothing is compiled ahead."""
+  compile_lowered = jax.stages.Lowered.compile
+
+  def late_on_a_side_thread(lowered, *args, **kwargs):
+    # The side thread starts late: the step must wait for it rather than compile the
+    # program itself (the toy's programs compile in milliseconds).
+    if threading.current_thread() is not threading.main_thread():
+      time.sleep(0.5)
+    return compile_lowered(lowered, *args, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", late_on_a_side_thread)
+  (tx, ty), (vx, vy) = make_batches()
+  kwargs = dict(num=2, kind="swap", evaluate=evaluate) if algorithm == "na_darts" else {}
+  config = make_config(algorithm, order, **kwargs)
+  config.warmup_epochs = 0
+  runs, counts = {}, {}
+  for mode in ("ahead", "inline", "cpu"):
+    # New supernet programs for each run. (Not `jax.clear_caches()`: it would make every
+    # later test of this process trace and load its programs again.)
+    bilevel._supernet_programs.cache_clear()
+    search = BilevelSearch(ToyArchModel(dw_impl="auto" if mode == "cpu" else "conv"), SPACE,
+                           config, 10)
+    assert search._ahead_enabled == (mode != "cpu")
+    search._ahead_enabled = mode == "ahead"
+    state = init_state(search, tx)
+    step = search.jit_step()
+    batches = [((tx, ty), (vx, vy))] * 2 + [((tx[:4], ty[:4]), (vx[:4], vy[:4]))]
+
+    def run(state=state):
+      for train, val in batches:
+        state, _ = step(state, train, val)
+      runs[mode] = jax.block_until_ready(state)
+
+    compiles = record_compiles(run)
+    counts[mode] = collections.Counter(name for name, _ in compiles
+                                       if name.startswith("jit(supernet_"))
+    # One compile ahead for each new batch shape, and none on the CPU's kernels.
+    side = [name for name, thread in compiles if thread != "MainThread"]
+    assert side == ([f"jit({ahead})"] * 2 if mode == "ahead" else []), compiles
+  assert counts["ahead"] == counts["inline"] and counts["ahead"][f"jit({ahead})"] == 2
+  chex.assert_trees_all_equal(jax.random.key_data(runs["ahead"].rng),
+                              jax.random.key_data(runs["inline"].rng))
+  chex.assert_trees_all_equal(runs["ahead"].replace(rng=None), runs["inline"].replace(rng=None))
 
 
 def test_an_unhashable_supernet_is_named_before_the_search():

@@ -35,7 +35,9 @@ function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
 ``compile='shared'`` the step calls that one jitted function (compiled once; the
 architecture side's version without the parameter gradient, compiled once more, is
 evaluated from its trace instead of being traced again) and small jitted pieces around it;
-vmapped neighbors batch those same traced functions.
+vmapped neighbors batch those same traced functions. With the accelerators' kernels a
+step's first call compiles its two supernet programs side by side: the one it needs last
+on a side thread (`BilevelSearch.program_compiled_ahead`), the others on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
@@ -57,6 +59,7 @@ virtual step run in training mode (batch statistics) and discard their updates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import Any, Callable
 
@@ -182,30 +185,31 @@ class _SupernetPrograms:
     self.evaluation_sums = bind(_evaluation_sums)
     self._derived: dict[Any, Callable] = {}
 
-  def weights_grad_from_full(self, *args):
-    """`value_and_weights_grad` evaluated from `value_and_grads`' trace at the shapes of
-    ``args`` (`_jaxpr_outputs`), which `value_and_grads` then reuses through jit's trace
-    cache; XLA drops the parameter gradient it does not return. For a step that needs both
-    at the same shapes: one trace of the supernet's forward and backward pass instead of
-    two (6.1 s against 0.6 s at quick-start size; the compiled program computes the same
-    bits)."""
+  def weights_grad_program(self, args) -> Callable:
+    """The jitted ``(loss, logits, d loss/d weights)`` at the shapes of ``args``:
+    `value_and_weights_grad` evaluated from `value_and_grads`' trace (`_jaxpr_outputs`),
+    which `value_and_grads` then reuses through jit's trace cache; XLA drops the parameter
+    gradient it does not return. For a step that needs both at the same shapes: one trace
+    of the supernet's forward and backward pass instead of two (6.1 s against 0.6 s at
+    quick-start size; the compiled program computes the same bits)."""
     loss, logits, _, _, grad_weights = range(5)
     return self._from_full((loss, logits, grad_weights), args,
                            "supernet_value_and_weights_grad")
 
-  def params_grad_from_full(self, *args):
-    """``(loss, logits, new batch_stats, d loss/d params)`` evaluated from
-    `value_and_grads`' trace, as `weights_grad_from_full`: XLA drops the architecture
-    weights' gradient, a reduction over every operation's output on every edge."""
+  def params_grad_program(self, args) -> Callable:
+    """The jitted ``(loss, logits, new batch_stats, d loss/d params)`` at the shapes of
+    ``args``, evaluated from `value_and_grads`' trace as `weights_grad_program`: XLA drops
+    the architecture weights' gradient, a reduction over every operation's output on
+    every edge."""
     loss, logits, new_stats, grad_params, _ = range(5)
     return self._from_full((loss, logits, new_stats, grad_params), args,
                            "supernet_value_and_params_grad")
 
-  def _from_full(self, picks: tuple[int, ...], args, name: str):
+  def _from_full(self, picks: tuple[int, ...], args, name: str) -> Callable:
     key = (picks, jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
     if key not in self._derived:
       self._derived[key] = _jaxpr_outputs(self.value_and_grads.trace(*args), picks, name)
-    return self._derived[key](*args)
+    return self._derived[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -268,6 +272,19 @@ class BilevelSearch:
     self.neighbor_chunk = config.neighbors.get("chunk", 0)
     self.compute_dtype = compute_dtype(config)
     self._jit_cache: dict[Any, Callable] = {}
+    accelerator = F.accelerator_kernels(getattr(model, "dw_impl", "auto"))
+    # With the accelerators' kernels a step's first call compiles two supernet programs
+    # side by side (`_compile_ahead`): XLA's GPU compiler spends much of a program's
+    # compile on one thread (the reference-size step's H200 programs, compiled on this
+    # project's 2-core CPU by `benchmarks/gpu_compile.py`: DARTS 117.6 s side by side
+    # against 146.5 s one after the other, NA-DARTS K=4 135.5 s against 184.9 s).
+    # XLA:CPU already compiles on every core: there the first step took as long
+    # (quick-start preset: 51-53 s against 51-59 s) and 1.1 GB more memory.
+    self._ahead_enabled = accelerator and not self.fused
+    # The program compiling on a side thread, and the inputs (shapes and placements) for
+    # which one was started.
+    self._ahead: tuple[Callable, concurrent.futures.Future] | None = None
+    self._ahead_inputs: set[Any] = set()
     # `weights_grad` shares `value_and_grads`' trace, except where the neighbors' split
     # batches give the first-order architecture step shapes of its own: the full gradient
     # is never needed at those shapes, and tracing it costs more than the smaller one.
@@ -281,7 +298,7 @@ class BilevelSearch:
     # program would cost more than it saves. On a CPU it keeps it: without it XLA:CPU's
     # program made the DARTS step slower (B=16, C=8, 5 cells, 32x32: 1.82-1.95 s against
     # 1.41-1.45 s), for a cause not found.
-    self._weight_step_full = not F.accelerator_kernels(getattr(model, "dw_impl", "auto")) or (
+    self._weight_step_full = not accelerator or (
         config.order == "second_fd" and not (
             self.neighborhood.size > 1
             and (self.vmap_neighbors or self.neighborhood.batch == "split")))
@@ -341,9 +358,15 @@ class BilevelSearch:
     one at these shapes anyway, XLA's program leaves the architecture weights' gradient
     out: a reduction over every operation's output on every edge, 245 of the 3,286
     kernels the reference-size DARTS weight step launches on an H200 (XLA's program)."""
-    if self.fused or self._weight_step_full:
-      return self.grads(*args)[:4]
-    return self._programs.params_grad_from_full(*args)
+    if self.fused:
+      return self.value_and_grads(*args)[:4]
+    return self._call(self._weight_step_program(args), args)[:4]
+
+  def _weight_step_program(self, args) -> Callable:
+    """The jitted program `weight_step_grads` calls at the shapes of ``args``."""
+    if self._weight_step_full:
+      return self._programs.value_and_grads
+    return self._programs.params_grad_program(args)
 
   def value_and_weights_grad(self, *args):
     """`supernet_value_and_weights_grad` of this search's supernet."""
@@ -354,12 +377,49 @@ class BilevelSearch:
 
     Where the step also needs `value_and_grads` at the same shapes (every order, except
     first-order neighbors on split batches), it is not traced again: it is evaluated from
-    `value_and_grads`' trace (`_SupernetPrograms.weights_grad_from_full`)."""
+    `value_and_grads`' trace (`_SupernetPrograms.weights_grad_program`)."""
     if self.fused:
       return self.value_and_weights_grad(*args)
+    return self._call(self._weights_grad_program(args), args)
+
+  def _weights_grad_program(self, args) -> Callable:
+    """The jitted program `weights_grad` calls at the shapes of ``args``."""
     if self._weights_grad_from_full_trace:
-      return self._programs.weights_grad_from_full(*args)
-    return self._programs.value_and_weights_grad(*args)
+      return self._programs.weights_grad_program(args)
+    return self._programs.value_and_weights_grad
+
+  # ----------------------------------------------------------- compiling side by side
+  def program_compiled_ahead(self, args) -> Callable:
+    """The supernet program a step's first call compiles on a side thread
+    (`_compile_ahead`), at the shapes of its arguments ``args`` (``params, batch_stats,
+    architecture weights, images, labels`` of a training batch): the one the step needs
+    last. That is the weight step's, or with the finite-difference order (whose virtual
+    step calls the weight step's program first) the finite-difference points' gradient."""
+    if self.config.order == "second_fd":
+      return self._weights_grad_program(args)
+    return self._weight_step_program(args)
+
+  def _compile_ahead(self, state: SearchState, train_batch) -> None:
+    """Starts compiling `program_compiled_ahead` on a side thread, while this thread goes
+    on to the architecture side and compiles its programs (XLA compiles outside Python's
+    lock). Its arguments are those the step will give it: the state's, the training batch
+    and architecture weights shaped and placed as ``softmax(alpha)``; where its compiled
+    program is in jit's caches already, compiling finds it there."""
+    args = (state.params, state.batch_stats, self._jitted(_softmax)(state.alpha),
+            *train_batch)
+    program = self.program_compiled_ahead(args)
+    lowered = program.lower(*args)  # Traced here: tracing holds Python's lock.
+    executor = concurrent.futures.ThreadPoolExecutor(1, "nanas_compile_ahead")
+    self._ahead = (program, executor.submit(lowered.compile))
+    executor.shutdown(wait=False)  # The thread ends with its compile.
+
+  def _call(self, program: Callable, args):
+    """``program(*args)``, once its compile ahead (`_compile_ahead`), if any, is done: a
+    call before would compile it a second time."""
+    if self._ahead is not None and self._ahead[0] is program:
+      (_, compiling), self._ahead = self._ahead, None
+      compiling.result()
+    return program(*args)
 
   # ------------------------------------------------------------ architecture objective
   def _loss_and_accuracy(self, batch_stats):
@@ -507,6 +567,13 @@ class BilevelSearch:
 
   def step(self, state: SearchState, train_batch, val_batch):
     """One architecture step then one weight step: ``(new state, metrics)``. Pure."""
+    if self._ahead_enabled and not isinstance(state.alpha, jax.core.Tracer):
+      # The first call on new inputs compiles the two supernet programs side by side.
+      inputs = tuple((x.shape, x.dtype, getattr(x, "sharding", None))
+                     for x in (state.alpha, *train_batch))
+      if inputs not in self._ahead_inputs:
+        self._ahead_inputs.add(inputs)
+        self._compile_ahead(state, train_batch)
     rng, key = self._jitted(jax.random.split)(state.rng)
     grad_alpha, arch_loss, (neighbor_losses, neighbor_accs) = self.arch_gradient(
         state, train_batch, val_batch, key)
