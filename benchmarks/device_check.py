@@ -24,8 +24,10 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
 dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries
 ``error`` instead of its numbers; ours also carry ``neighbor_chunk``, the neighbors per
-vmapped pass, None where they run one by one), and ``goals``: the accelerator goals of
-the search step read from the rows (`goals`; they are stated at the reference preset).
+vmapped pass, None where they run one by one, and ``xla_compile``, XLA's compile timers of
+every program that compiled for a second or more: `xla_compile_timers`), and ``goals``:
+the accelerator goals of the search step read from the rows (`goals`; they are stated at
+the reference preset).
 """
 
 from __future__ import annotations
@@ -66,19 +68,58 @@ def _last_json(text: str) -> dict:
   return json.loads(lines[-1])
 
 
+# XLA's own compile timers (its scoped logging timers, printed at verbosity 1 of the
+# compiler's file): a GPU program's HLO passes, which on a GPU include autotuning its cuDNN
+# convolutions and Triton GEMMs, and its backend (IR emission and the kernels' compiles);
+# on a CPU the same two stages, so that the script runs unchanged there.
+XLA_TIMERS_ENV = {"TF_CPP_MIN_LOG_LEVEL": "0",
+                  "TF_CPP_VMODULE": "gpu_compiler=1,cpu_compiler=1"}
+_XLA_TIMER = re.compile(
+    r"(?:GpuCompiler::RunHloPasses for (?P<gpu_passes>\S+)"
+    r"|GpuCompiler::RunBackend for (?P<gpu_backend>\S+)"
+    r"|Running HLO passes on \[(?P<cpu_passes>[^\]]+)\] for CPU"
+    r"|Compiling \[(?P<cpu_backend>[^\]]+)\] for CPU using JIT)"
+    r" time: .*?\((?P<us>\d+) us\)")
+# A line of absl/glog's log format: severity, date, time, thread, file:line.
+_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ [\w.\-]+:\d+\] ")
+
+
+def xla_compile_timers(stderr: str, min_s: float = 1.0) -> list[dict]:
+  """The programs XLA compiled for at least ``min_s`` seconds, longest first, from a
+  process's log with `XLA_TIMERS_ENV`: ``{program, hlo_passes_s, backend_s}`` (a program
+  compiled twice, its times summed)."""
+  times: dict[str, dict[str, float]] = {}
+  for match in _XLA_TIMER.finditer(stderr):
+    stage, program = next((k, v) for k, v in match.groupdict().items()
+                          if v is not None and k != "us")
+    key = "hlo_passes_s" if stage.endswith("passes") else "backend_s"
+    entry = times.setdefault(program, {"hlo_passes_s": 0.0, "backend_s": 0.0})
+    entry[key] += int(match.group("us")) / 1e6
+  rows = [{"program": program, **{k: round(v, 3) for k, v in entry.items()}}
+          for program, entry in times.items() if sum(entry.values()) >= min_s]
+  return sorted(rows, key=lambda r: -(r["hlo_passes_s"] + r["backend_s"]))
+
+
 def _run(cmd: list[str], timeout: float,
          env: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
+  """The last JSON line a command prints, or why there is none (a failure: the last line
+  of its error output that is not a log line). Where its log has XLA's compile timers
+  (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``."""
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                          env=env)
   except subprocess.TimeoutExpired:
     return None, f"timed out after {timeout:.0f} s"
   if out.returncode:
-    return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    lines = [line for line in out.stderr.strip().splitlines()
+             if line.strip() and not _LOG_LINE.match(line)]
+    return None, (lines or ["failed"])[-1][:300]
   try:
-    return _last_json(out.stdout), None
+    result = _last_json(out.stdout)
   except ValueError as error:
     return None, str(error)
+  timers = xla_compile_timers(out.stderr)
+  return ({**result, "xla_compile": timers} if timers else result), None
 
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
@@ -88,15 +129,18 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
          f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"]
-  # Started as `nanas_jax.cli`'s programs start: with huge pages where they help.
-  result, error = _run(cmd, timeout, cli.huge_pages_environ(os.environ))
+  # Started as `nanas_jax.cli`'s programs start (with huge pages where they help), XLA's
+  # compile timers logged.
+  env = cli.huge_pages_environ(os.environ) or dict(os.environ)
+  result, error = _run(cmd, timeout, {**env, **XLA_TIMERS_ENV})
   row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
          "neighbors": neighbors, "dtype": dtype, "inner_impl": inner_impl}
   if error:
     return {**row, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
-          "neighbor_chunk": result["neighbor_chunk"], "device": result["device"]}
+          "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
+          "xla_compile": result.get("xla_compile", [])}
 
 
 def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
@@ -185,7 +229,8 @@ def main(argv=None):
   torch_version = next((r["torch"] for r in rows if "torch" in r), None)
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
-            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "error")
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile",
+                                                 "error")
                       if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:

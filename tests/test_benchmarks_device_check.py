@@ -7,6 +7,7 @@ today's (the timings themselves are run by hand)."""
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -79,6 +80,74 @@ def test_run_reads_the_last_json_line_and_reports_failures():
   assert check._run(slow, timeout=1) == (None, "timed out after 1 s")
 
 
+# XLA's timer lines as its compilers print them (the GPU's from jaxlib 0.10.2's CUDA
+# compiler, compiling for an H200 here; the CPU's likewise), and lines that must not count.
+_LOG = """\
+I1203 16:38:45.167206   15295 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses for \
+jit_grad time: 16.6 s (16593620 us) (cumulative: 16.6 s, max: 16.6 s, #called: 1)
+I1203 16:38:48.037683   15325 nvptx_compiler.cc:520] NVPTXCompiler::CompileTargetBinary - \
+CompileToPtx for jit_grad time: 14.1 ms (14068 us) (cumulative: 14.1 ms, max: 14.1 ms, \
+#called: 1)
+I1203 16:39:28.100000   15295 gpu_compiler.cc:2300] GpuCompiler::RunBackend - IR emission \
+for jit_grad time: 42.4 s (42400000 us) (cumulative: 42.4 s, max: 42.4 s, #called: 1)
+I1203 16:39:32.300000   15295 gpu_compiler.cc:2310] GpuCompiler::RunBackend for jit_grad \
+time: 46.6 s (46600000 us) (cumulative: 46.6 s, max: 46.6 s, #called: 1)
+I1203 16:40:00.000000   15295 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses for \
+jit_update time: 0.5 s (500000 us) (cumulative: 17.1 s, max: 16.6 s, #called: 2)
+I1203 16:40:01.000000   15295 gpu_compiler.cc:2310] GpuCompiler::RunBackend for \
+jit_update time: 0.7 s (700000 us) (cumulative: 47.3 s, max: 46.6 s, #called: 2)
+I1203 16:40:02.000000   15295 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses for \
+jit_small time: 0.2 s (200000 us) (cumulative: 17.3 s, max: 16.6 s, #called: 3)
+I1203 16:44:14.707238   18338 cpu_compiler.cc:1269] Running HLO passes on [jit_host] for \
+CPU time: 1.35 s (1350000 us) (cumulative: 1.35 s, max: 1.35 s, #called: 1)
+I1203 16:44:14.714463   18338 cpu_compiler.cc:2094] Compiling [jit_host] for CPU using \
+JIT time: 7.17 s (7170000 us) (cumulative: 7.17 s, max: 7.17 s, #called: 1)
+I1203 16:45:00.000000   18338 cpu_compiler.cc:1269] Running HLO passes on [jit_host] for \
+CPU time: 0.65 s (650000 us) (cumulative: 2.0 s, max: 1.35 s, #called: 2)
+""".replace("\\\n", "")
+
+
+def test_xla_compile_timers_are_read_per_program_longest_first():
+  """Against the log above, summed by hand: HLO passes and the whole backend (not its IR
+  emission part, nor a kernel's PTX), a program compiled twice summed, the programs under
+  ``min_s`` left out."""
+  assert check.xla_compile_timers(_LOG) == [
+      {"program": "jit_grad", "hlo_passes_s": 16.594, "backend_s": 46.6},
+      {"program": "jit_host", "hlo_passes_s": 2.0, "backend_s": 7.17},
+      {"program": "jit_update", "hlo_passes_s": 0.5, "backend_s": 0.7}]
+  assert [r["program"] for r in check.xla_compile_timers(_LOG, min_s=0)][-1] == "jit_small"
+  assert check.xla_compile_timers("no timers here") == []
+
+
+def test_run_returns_xla_timers_and_a_failure_not_a_log_line():
+  """`_run` on children that print the log above: a result carries its timers; a failure
+  is the last line that is not a log line."""
+  log = f"import sys; sys.stderr.write({_LOG!r}); "
+  ok = [sys.executable, "-c", log + "print('{\"a\": 1}')"]
+  result, error = check._run(ok, timeout=60)
+  assert error is None and result["a"] == 1
+  assert result["xla_compile"] == check.xla_compile_timers(_LOG)
+  failed = [sys.executable, "-c", "import sys; sys.stderr.write('Out of memory\\n'); "
+            + log + "sys.exit(1)"]
+  assert check._run(failed, timeout=60) == (None, "Out of memory")
+
+
+def test_this_xla_prints_the_timers_that_are_read():
+  """A real compile on this machine's XLA with `XLA_TIMERS_ENV`: its program is found, and
+  XLA's two stages take no longer than the compile as timed around them."""
+  child = ("import json, time, jax, jax.numpy as jnp\n"
+           "f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) @ x.T, 0))\n"
+           "lowered = f.lower(jnp.ones((64, 64)))\n"
+           "t = time.perf_counter(); lowered.compile()\n"
+           "print(json.dumps({'compile_s': time.perf_counter() - t}))\n")
+  out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                       check=True, env={**os.environ, **check.XLA_TIMERS_ENV})
+  compile_s = json.loads(out.stdout.strip().splitlines()[-1])["compile_s"]
+  (timer,) = [t for t in check.xla_compile_timers(out.stderr, min_s=0)
+              if t["program"] == "jit__lambda"]
+  assert 0 < timer["hlo_passes_s"] + timer["backend_s"] <= compile_s + 0.1
+
+
 def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls, True))
@@ -88,11 +157,12 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   assert [c[0] for c in calls] == ["search_step.py"] * 3 + ["reference_step.py"] * 2
   assert {c[2] for c in calls} == {9.0}
   envs = {c[0]: c[3] for c in calls}
-  # Our rows start as our programs do (huge pages where they help); the reference as is.
-  expected = cli.huge_pages_environ(os.environ)
+  # Our rows start as our programs do (huge pages where they help), with XLA's compile
+  # timers logged; the reference as is.
+  expected = cli.huge_pages_environ(os.environ) or os.environ
   assert envs["reference_step.py"] is None
-  assert (envs["search_step.py"] or {}).get("GLIBC_TUNABLES") == (
-      (expected or {}).get("GLIBC_TUNABLES"))
+  assert envs["search_step.py"].get("GLIBC_TUNABLES") == expected.get("GLIBC_TUNABLES")
+  assert check.XLA_TIMERS_ENV.items() <= envs["search_step.py"].items()
   (path,) = out.iterdir()
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}.json".replace(" ", "_")
@@ -107,6 +177,7 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   small = check.PRESETS["small"]
   assert all(r["batch"] == small["batch"] and r["size"] == small["size"] for r in rows[:3])
   assert rows[0]["peak_gb"] == 3.25 and rows[0]["step_s"] == 0.5
+  assert [r["xla_compile"] for r in rows[:3]] == [[], [], []]  # none in the stand-in
   assert [r["neighbor_chunk"] for r in rows[:3]] == [None, None, 2]
   assert "threads" not in rows[3] and rows[3]["step_s"] == 1.5
   assert rows[4]["error"] == "timed out after 9 s" and "step_s" not in rows[4]
