@@ -270,8 +270,7 @@ def measure(args) -> dict:
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
     # The step needs the program it compiles ahead last: the last listed of its name.
-    ahead = search.program_compiled_ahead(
-        (state.params, state.batch_stats, state.alpha, *batch)).__name__
+    ahead = search.program_compiled_ahead().__name__
     names = [name for name, _, _ in listed]
     jax.clear_caches()  # Compiled again, from nothing.
     row["side_by_side_s"] = side_by_side_s(lowerings, len(names) - 1 - names[::-1].index(ahead))

@@ -320,6 +320,30 @@ def test_with_accelerator_kernels_the_first_step_compiles_a_program_on_a_side_th
   chex.assert_trees_all_equal(runs["ahead"].replace(rng=None), runs["inline"].replace(rng=None))
 
 
+def test_a_gradient_of_fewer_outputs_binds_the_full_trace_and_lowers_without_the_rest():
+  """The programs that return part of the full gradient's outputs bind its cached trace as
+  one equation, and JAX's lowering keeps only what their outputs need: the architecture
+  side's has as many matmuls as the parameter-gradient-free gradient traced on its own,
+  the weight step's fewer than the full gradient."""
+  programs = bilevel._supernet_programs(ToyArchModel(), jnp.float32)
+  search = BilevelSearch(ToyArchModel(), SPACE, make_config(), 10)
+  (tx, ty), _ = make_batches()
+  state = init_state(search, tx)
+  args = (state.params, state.batch_stats, jax.nn.softmax(state.alpha, -1), tx, ty)
+  for program in (programs.weights_grad_from_full, programs.params_grad_from_full):
+    (outer,) = jax.make_jaxpr(program)(*args).eqns
+    assert [(e.primitive.name, e.params["name"]) for e in outer.params["jaxpr"].eqns] == [
+        ("jit", "supernet_value_and_grads")]
+
+  def matmuls(program):
+    return program.lower(*args).as_text().count("stablehlo.dot_general")
+
+  full = matmuls(programs.value_and_grads)
+  assert matmuls(programs.weights_grad_from_full) == matmuls(
+      programs.value_and_weights_grad) < full
+  assert matmuls(programs.params_grad_from_full) < full
+
+
 def test_an_unhashable_supernet_is_named_before_the_search():
   with pytest.raises(TypeError, match=r"(?s)ToyArchModel must be hashable.*tuples, not lists"):
     BilevelSearch(ToyArchModel(hidden=[5]), SPACE, make_config(), 10)

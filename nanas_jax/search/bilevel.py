@@ -33,8 +33,9 @@ supernet's forward and backward pass once per use (architecture step, weight ste
 finite-difference point, each neighbor) compiles for minutes. Every use above is the same
 function, ``(params, weights, batch) -> (loss, d/dparams, d/dweights)``, so with
 ``compile='shared'`` the step calls that one jitted function (compiled once; the
-architecture side's version without the parameter gradient, compiled once more, is
-evaluated from its trace instead of being traced again) and small jitted pieces around it;
+architecture side's version without the parameter gradient, compiled once more, calls
+it inside its own jit, which finds its trace in jit's cache instead of tracing it again)
+and small jitted pieces around it;
 vmapped neighbors batch those same traced functions. With the accelerators' kernels a
 step's first call compiles its two supernet programs side by side: the one it needs last
 on a side thread (`BilevelSearch.program_compiled_ahead`), the others on the caller's.
@@ -67,7 +68,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.extend.core import jaxpr_as_fun
 
 from nanas_jax import neighborhood
 from nanas_jax.nn import functional as F
@@ -183,33 +183,19 @@ class _SupernetPrograms:
     self.value_and_weights_grad = bind(supernet_value_and_weights_grad)
     self.batch_stats_update = bind(_batch_stats_update)
     self.evaluation_sums = bind(_evaluation_sums)
-    self._derived: dict[Any, Callable] = {}
-
-  def weights_grad_program(self, args) -> Callable:
-    """The jitted ``(loss, logits, d loss/d weights)`` at the shapes of ``args``:
-    `value_and_weights_grad` evaluated from `value_and_grads`' trace (`_jaxpr_outputs`),
-    which `value_and_grads` then reuses through jit's trace cache; XLA drops the parameter
-    gradient it does not return. For a step that needs both at the same shapes: one trace
-    of the supernet's forward and backward pass instead of two (6.1 s against 0.6 s at
-    quick-start size; the compiled program computes the same bits)."""
-    loss, logits, _, _, grad_weights = range(5)
-    return self._from_full((loss, logits, grad_weights), args,
-                           "supernet_value_and_weights_grad")
-
-  def params_grad_program(self, args) -> Callable:
-    """The jitted ``(loss, logits, new batch_stats, d loss/d params)`` at the shapes of
-    ``args``, evaluated from `value_and_grads`' trace as `weights_grad_program`: XLA drops
-    the architecture weights' gradient, a reduction over every operation's output on
-    every edge."""
-    loss, logits, new_stats, grad_params, _ = range(5)
-    return self._from_full((loss, logits, new_stats, grad_params), args,
-                           "supernet_value_and_params_grad")
-
-  def _from_full(self, picks: tuple[int, ...], args, name: str) -> Callable:
-    key = (picks, jax.tree.structure(args), tuple(map(jax.typeof, jax.tree.leaves(args))))
-    if key not in self._derived:
-      self._derived[key] = _jaxpr_outputs(self.value_and_grads.trace(*args), picks, name)
-    return self._derived[key]
+    loss, logits, new_stats, grad_params, grad_weights = range(5)
+    # ``(loss, logits, d loss/d weights)``: `value_and_weights_grad` where the step also
+    # needs `value_and_grads` at the same shapes: one trace of the supernet's forward and
+    # backward pass instead of two.
+    self.weights_grad_from_full = _outputs_of(self.value_and_grads,
+                                              (loss, logits, grad_weights),
+                                              "supernet_value_and_weights_grad")
+    # ``(loss, logits, new batch_stats, d loss/d params)``, the same way: without the
+    # architecture weights' gradient, a reduction over every operation's output on every
+    # edge.
+    self.params_grad_from_full = _outputs_of(self.value_and_grads,
+                                             (loss, logits, new_stats, grad_params),
+                                             "supernet_value_and_params_grad")
 
 
 @functools.lru_cache(maxsize=8)
@@ -219,16 +205,16 @@ def _supernet_programs(model, dtype) -> _SupernetPrograms:
   return _SupernetPrograms(model, dtype)
 
 
-def _jaxpr_outputs(traced: jax.stages.Traced, picks: tuple[int, ...], name: str) -> Callable:
-  """A jitted function of ``traced``'s arguments returning its outputs ``picks`` (positions
-  in its output tuple), evaluated from its jaxpr rather than traced anew: binding a
-  supernet gradient's equations again takes a tenth of tracing them through Flax and
-  autodiff, and XLA removes what the dropped outputs alone needed. ``name``: the
-  program's, in profiles and XLA's dumps."""
-  closed = traced.jaxpr
+def _outputs_of(full: Callable, picks: tuple[int, ...], name: str) -> Callable:
+  """A jitted function of ``full``'s arguments returning its outputs ``picks`` (positions in
+  its output tuple). ``full`` is a jitted function called inside: its trace comes from
+  jit's cache, one equation in this function's trace, where binding its 20,000 traced
+  equations again took 1.3 s and more under `vmap` (the reference-size gradient); then
+  JAX's lowering drops what the other outputs alone need, and the compiled program
+  computes the same bits. ``name``: the program's, in profiles and XLA's dumps."""
 
   def outputs(*args):
-    outs = jax.tree.unflatten(traced.out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
+    outs = full(*args)
     return tuple(outs[i] for i in picks)
 
   outputs.__name__ = outputs.__qualname__ = name
@@ -362,13 +348,13 @@ class BilevelSearch:
     kernels the reference-size DARTS weight step launches on an H200 (XLA's program)."""
     if self.fused:
       return self.value_and_grads(*args)[:4]
-    return self._call(self._weight_step_program(args), args)[:4]
+    return self._call(self._weight_step_program(), args)[:4]
 
-  def _weight_step_program(self, args) -> Callable:
-    """The jitted program `weight_step_grads` calls at the shapes of ``args``."""
+  def _weight_step_program(self) -> Callable:
+    """The jitted program `weight_step_grads` calls."""
     if self._weight_step_full:
       return self._programs.value_and_grads
-    return self._programs.params_grad_program(args)
+    return self._programs.params_grad_from_full
 
   def value_and_weights_grad(self, *args):
     """`supernet_value_and_weights_grad` of this search's supernet."""
@@ -378,28 +364,27 @@ class BilevelSearch:
     """`value_and_weights_grad`, compiled once per input shape.
 
     Where the step also needs `value_and_grads` at the same shapes (every order, except
-    first-order neighbors on split batches), it is not traced again: it is evaluated from
-    `value_and_grads`' trace (`_SupernetPrograms.weights_grad_program`)."""
+    first-order neighbors on split batches), it is not traced again: its program calls
+    `value_and_grads`, whose trace jit keeps (`_SupernetPrograms.weights_grad_from_full`)."""
     if self.fused:
       return self.value_and_weights_grad(*args)
-    return self._call(self._weights_grad_program(args), args)
+    return self._call(self._weights_grad_program(), args)
 
-  def _weights_grad_program(self, args) -> Callable:
-    """The jitted program `weights_grad` calls at the shapes of ``args``."""
+  def _weights_grad_program(self) -> Callable:
+    """The jitted program `weights_grad` calls."""
     if self._weights_grad_from_full_trace:
-      return self._programs.weights_grad_program(args)
+      return self._programs.weights_grad_from_full
     return self._programs.value_and_weights_grad
 
   # ----------------------------------------------------------- compiling side by side
-  def program_compiled_ahead(self, args) -> Callable:
-    """The supernet program a step's first call compiles on a side thread
-    (`_compile_ahead`), at the shapes of its arguments ``args`` (``params, batch_stats,
-    architecture weights, images, labels`` of a training batch): the one the step needs
-    last. That is the weight step's, or with the finite-difference order (whose virtual
-    step calls the weight step's program first) the finite-difference points' gradient."""
+  def program_compiled_ahead(self) -> Callable:
+    """The jitted supernet program a step's first call compiles on a side thread
+    (`_compile_ahead`) at the shapes of a training batch: the one the step needs last.
+    That is the weight step's, or with the finite-difference order (whose virtual step
+    calls the weight step's program first) the finite-difference points' gradient."""
     if self.config.order == "second_fd":
-      return self._weights_grad_program(args)
-    return self._weight_step_program(args)
+      return self._weights_grad_program()
+    return self._weight_step_program()
 
   def _compile_ahead(self, state: SearchState, train_batch) -> None:
     """Starts compiling `program_compiled_ahead` on a side thread, while this thread goes
@@ -409,7 +394,7 @@ class BilevelSearch:
     program is in jit's caches already, compiling finds it there."""
     args = (state.params, state.batch_stats, self._jitted(_softmax)(state.alpha),
             *train_batch)
-    program = self.program_compiled_ahead(args)
+    program = self.program_compiled_ahead()
     lowered = program.lower(*args)  # Traced here: tracing holds Python's lock.
     executor = concurrent.futures.ThreadPoolExecutor(1, "nanas_compile_ahead")
     self._ahead = (program, executor.submit(lowered.compile))
