@@ -209,9 +209,9 @@ def _outputs_of(full: Callable, picks: tuple[int, ...], name: str) -> Callable:
   """A jitted function of ``full``'s arguments returning its outputs ``picks`` (positions in
   its output tuple). ``full`` is a jitted function called inside: its trace comes from
   jit's cache, one equation in this function's trace, where binding its 20,000 traced
-  equations again took 1.3 s and more under `vmap` (the reference-size gradient); then
-  JAX's lowering drops what the other outputs alone need, and the compiled program
-  computes the same bits. ``name``: the program's, in profiles and XLA's dumps."""
+  equations again took 1.3 s, and more under `vmap` (the reference-size gradient); then
+  JAX's lowering drops what the other outputs alone need. ``name``: the program's, in
+  profiles and XLA's dumps."""
 
   def outputs(*args):
     outs = full(*args)
