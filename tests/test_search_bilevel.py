@@ -325,8 +325,8 @@ def test_a_gradient_of_fewer_outputs_binds_the_full_trace_and_lowers_without_the
   one equation, and JAX's lowering keeps only what their outputs need: the architecture
   side's has as many matmuls as the parameter-gradient-free gradient traced on its own,
   the weight step's fewer than the full gradient."""
-  programs = bilevel._supernet_programs(ToyArchModel(), jnp.float32)
   search = BilevelSearch(ToyArchModel(), SPACE, make_config(), 10)
+  programs = search._programs
   (tx, ty), _ = make_batches()
   state = init_state(search, tx)
   args = (state.params, state.batch_stats, jax.nn.softmax(state.alpha, -1), tx, ty)
