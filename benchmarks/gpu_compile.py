@@ -18,7 +18,7 @@ Each configuration is compiled in its own subprocess, since XLA aborts the proce
 internal check failure; a row that failed carries ``error`` (the check's message).
 Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
 programs), ``side_by_side_s`` (with ``compile='shared'``: the same programs compiled again
-from nothing, as the step's first call compiles them, one on a side thread),
+from nothing, as the step's first call compiles them, three on side threads),
 ``programs`` (with ``compile='shared'``, every distinct jitted program of one
 step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
 temporary buffers less those aliased, and its `kernel_counts`), ``largest_program_gb``
@@ -199,18 +199,19 @@ def step_programs(step, args) -> list[tuple[str, object, int]]:
   return list(programs.values())
 
 
-def side_by_side_s(lowerings: list[Callable], ahead: int) -> float:
+def side_by_side_s(lowerings: list[Callable], ahead: list[int]) -> float:
   """Seconds to lower and compile a step's programs (``lowerings``: a function that lowers
-  each) as the step's first call does (`BilevelSearch._compile_ahead`): program ``ahead``
-  (an index) on a side thread, started first, the others one after the other on this
+  each) as the step's first call does (`BilevelSearch._compile_ahead`): programs ``ahead``
+  (indices) each on a side thread, started first, the others one after the other on this
   thread."""
   start = time.perf_counter()
-  side = concurrent.futures.ThreadPoolExecutor(1)
-  compiling = side.submit(lowerings[ahead]().compile)
+  side = concurrent.futures.ThreadPoolExecutor(len(ahead))
+  compiling = [side.submit(lowerings[i]().compile) for i in ahead]
   for i, lower in enumerate(lowerings):
-    if i != ahead:
+    if i not in ahead:
       lower().compile()
-  compiling.result()
+  for future in compiling:
+    future.result()
   side.shutdown()
   return round(time.perf_counter() - start, 1)
 
@@ -269,11 +270,12 @@ def measure(args) -> dict:
                  for _, closed, _ in listed]
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
-    # The step needs the program it compiles ahead last: the last listed of its name.
-    ahead = search.program_compiled_ahead().__name__
-    names = [name for name, _, _ in listed]
+    # The step needs the programs it compiles ahead last: the last listed of each name.
+    names = [name for name, _, _ in listed][::-1]
+    ahead = [len(names) - 1 - names.index(program.__name__)
+             for program in search.programs_compiled_ahead()]
     jax.clear_caches()  # Compiled again, from nothing.
-    row["side_by_side_s"] = side_by_side_s(lowerings, len(names) - 1 - names[::-1].index(ahead))
+    row["side_by_side_s"] = side_by_side_s(lowerings, ahead)
   return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
           "largest_program_gb": max(p["gb"] for p in programs),
           "launches": sum(p["calls"] * p["launches"] for p in programs),

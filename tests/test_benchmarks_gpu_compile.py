@@ -224,10 +224,10 @@ def test_refuses_a_missing_target(tmp_path):
     bench.main([f"--target={tmp_path / 'nope.txtpb'}"])
 
 
-def test_side_by_side_compiles_one_program_on_a_side_thread_started_first():
-  """Three programs of 0.4 s each, the second compiled ahead: it is lowered first and
-  compiled on another thread, the others in order on this one; the wall time is about
-  two programs', not three."""
+def test_side_by_side_compiles_programs_on_side_threads_started_first():
+  """Four programs of 0.4 s each, the second and the fourth compiled ahead: they are
+  lowered first and compiled on threads of their own, the others in order on this one;
+  the wall time is about two programs', not four."""
   events = []
 
   class Lowered:
@@ -241,9 +241,9 @@ def test_side_by_side_compiles_one_program_on_a_side_thread_started_first():
   def lowering(i):
     return lambda: events.append(("lower", i)) or Lowered(i)
 
-  seconds = bench.side_by_side_s([lowering(i) for i in range(3)], ahead=1)
-  assert events[0] == ("lower", 1)
-  assert ("compile", 1, False) in events
+  seconds = bench.side_by_side_s([lowering(i) for i in range(4)], ahead=[1, 3])
+  assert [e for e in events if e[0] == "lower"][:2] == [("lower", 1), ("lower", 3)]
+  assert ("compile", 1, False) in events and ("compile", 3, False) in events
   assert [e for e in events if e[0] == "compile" and e[2]] == [("compile", 0, True),
                                                                ("compile", 2, True)]
   assert 0.8 <= seconds < 1.2

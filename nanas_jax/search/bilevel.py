@@ -38,7 +38,8 @@ it inside its own jit, which finds its trace in jit's cache instead of tracing i
 and small jitted pieces around it;
 vmapped neighbors batch those same traced functions. With the accelerators' kernels a
 step's first call compiles its two supernet programs side by side: the one it needs last
-on a side thread (`BilevelSearch.program_compiled_ahead`), the others on the caller's.
+on a side thread (`BilevelSearch.program_compiled_ahead`), and the weight update and the
+metrics that follow it on side threads of their own, the others on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
@@ -221,6 +222,22 @@ def _outputs_of(full: Callable, picks: tuple[int, ...], name: str) -> Callable:
   return jax.jit(outputs)
 
 
+def _placed_like(inputs) -> Callable[..., jax.ShapeDtypeStruct]:
+  """``like(template, shape=None, dtype=None)``: a stand-in, for lowering, for an array a
+  step on ``inputs`` (a pytree) computes, of ``template``'s shape and dtype unless given.
+  It is placed as ``template`` where an input is committed to its devices: a program's
+  outputs are then committed (jit's cache key tells committed arrays from the others), and
+  on a data mesh replicated like the state or split like the batch, as ``template`` is."""
+  committed = any(getattr(x, "committed", False) for x in jax.tree.leaves(inputs))
+
+  def like(template, shape=None, dtype=None):
+    return jax.ShapeDtypeStruct(template.shape if shape is None else shape,
+                                template.dtype if dtype is None else dtype,
+                                sharding=template.sharding if committed else None)
+
+  return like
+
+
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
@@ -267,9 +284,9 @@ class BilevelSearch:
     # XLA:CPU already compiles on every core: there the first step took as long
     # (quick-start preset: 51-53 s against 51-59 s) and 1.1 GB more memory.
     self._ahead_enabled = accelerator and not self.fused
-    # The program compiling on a side thread, and the inputs (shapes and placements) for
-    # which one was started.
-    self._ahead: tuple[Callable, concurrent.futures.Future] | None = None
+    # The programs compiling on side threads, and the inputs (shapes and placements) for
+    # which they were started.
+    self._ahead: dict[Callable, concurrent.futures.Future] = {}
     self._ahead_inputs: set[Any] = set()
     # `weights_grad` shares `value_and_grads`' trace, except where the neighbors' split
     # batches give the first-order architecture step shapes of its own: the full gradient
@@ -386,25 +403,45 @@ class BilevelSearch:
       return self._weights_grad_program()
     return self._weight_step_program()
 
-  def _compile_ahead(self, state: SearchState, train_batch) -> None:
-    """Starts compiling `program_compiled_ahead` on a side thread, while this thread goes
+  def programs_compiled_ahead(self) -> tuple[Callable, ...]:
+    """Every jitted program a step's first call compiles on side threads, each on its
+    own: `program_compiled_ahead`, then the weight update and the metrics, which the step
+    calls after it (on the caller's thread they compiled after both supernet programs)."""
+    return (self.program_compiled_ahead(), self._jitted(self._apply_weight_update),
+            self._jitted(self._metrics))
+
+  def _compile_ahead(self, state: SearchState, train_batch, val_batch) -> None:
+    """Starts compiling `programs_compiled_ahead` on side threads, while this thread goes
     on to the architecture side and compiles its programs (XLA compiles outside Python's
-    lock). Its arguments are those the step will give it: the state's, the training batch
-    and architecture weights shaped and placed as ``softmax(alpha)``; where its compiled
-    program is in jit's caches already, compiling finds it there."""
-    args = (state.params, state.batch_stats, self._jitted(_softmax)(state.alpha),
-            *train_batch)
-    program = self.program_compiled_ahead()
-    lowered = program.lower(*args)  # Traced here: tracing holds Python's lock.
-    executor = concurrent.futures.ThreadPoolExecutor(1, "nanas_compile_ahead")
-    self._ahead = (program, executor.submit(lowered.compile))
-    executor.shutdown(wait=False)  # The thread ends with its compile.
+    lock). Their arguments are those the step will give them: the state's, the training
+    batch and architecture weights shaped and placed as ``softmax(alpha)``, and for the
+    step's own results (gradients, losses, logits) shapes placed as they will be
+    (`_placed_like`). Where a compiled program is in jit's caches already, compiling
+    finds it there."""
+    supernet, update, metrics = self.programs_compiled_ahead()
+    weights = self._jitted(_softmax)(state.alpha)
+    # Traced here: tracing holds Python's lock.
+    lowered = {supernet: supernet.lower(state.params, state.batch_stats, weights,
+                                        *train_batch)}
+    like = _placed_like((state, train_batch, val_batch))
+    grads = jax.tree.map(like, state.params)
+    scalar = like(state.step, dtype=jnp.float32)
+    k = self.neighborhood.size
+    logits = lowered[supernet].out_info[1]
+    lowered[update] = update.lower(grads, state.weight_opt_state, state.params)
+    lowered[metrics] = metrics.lower(
+        state.step, scalar, like(train_batch[1], logits.shape, logits.dtype), train_batch[1],
+        scalar, like(state.step, (k,), jnp.float32), like(state.step, (k,), jnp.float32),
+        like(state.alpha), grads, like(state.alpha))
+    executor = concurrent.futures.ThreadPoolExecutor(len(lowered), "nanas_compile_ahead")
+    self._ahead = {program: executor.submit(low.compile) for program, low in lowered.items()}
+    executor.shutdown(wait=False)  # The threads end with their compiles.
 
   def _call(self, program: Callable, args):
     """``program(*args)``, once its compile ahead (`_compile_ahead`), if any, is done: a
     call before would compile it a second time."""
-    if self._ahead is not None and self._ahead[0] is program:
-      (_, compiling), self._ahead = self._ahead, None
+    compiling = self._ahead.pop(program, None)
+    if compiling is not None:
       compiling.result()
     return program(*args)
 
@@ -560,7 +597,7 @@ class BilevelSearch:
                      for x in (state.alpha, *train_batch))
       if inputs not in self._ahead_inputs:
         self._ahead_inputs.add(inputs)
-        self._compile_ahead(state, train_batch)
+        self._compile_ahead(state, train_batch, val_batch)
     rng, key = self._jitted(jax.random.split)(state.rng)
     grad_alpha, arch_loss, (neighbor_losses, neighbor_accs) = self.arch_gradient(
         state, train_batch, val_batch, key)
@@ -568,11 +605,11 @@ class BilevelSearch:
         grad_alpha, state.arch_opt_state, state.alpha)
     train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
-    params, weight_opt_state = self._jitted(self._apply_weight_update)(
-        grads, state.weight_opt_state, state.params)
-    metrics = self._jitted(self._metrics)(
+    params, weight_opt_state = self._call(self._jitted(self._apply_weight_update),
+                                          (grads, state.weight_opt_state, state.params))
+    metrics = self._call(self._jitted(self._metrics), (
         state.step, train_loss, logits, train_batch[1], arch_loss, neighbor_losses,
-        neighbor_accs, grad_alpha, grads, alpha)
+        neighbor_accs, grad_alpha, grads, alpha))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               alpha=alpha, weight_opt_state=weight_opt_state,
                               arch_opt_state=arch_opt_state, rng=rng)
