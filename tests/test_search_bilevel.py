@@ -267,8 +267,11 @@ def record_compiles(fn):
 
 
 # The small programs a step's first call compiles ahead, and how often the test's batches
-# (two shapes) compile them: the metrics take logits of the batch's shape.
-AHEAD_SMALL_PROGRAMS = {"jit(_apply_weight_update)": 1, "jit(_metrics)": 2}
+# (two shapes) compile them: the metrics take logits of the batch's shape. (The key split
+# too, but its program is the process's: an earlier test may have compiled it.)
+AHEAD_SMALL_PROGRAMS = {"jit(_architecture_weights)": 1, "jit(_chain_to_alpha)": 1,
+                        "jit(_apply_arch_update)": 1, "jit(_apply_weight_update)": 1,
+                        "jit(_metrics)": 2}
 
 
 @pytest.mark.parametrize("algorithm,order,evaluate,ahead", [
@@ -277,10 +280,10 @@ AHEAD_SMALL_PROGRAMS = {"jit(_apply_weight_update)": 1, "jit(_metrics)": 2}
     ("na_darts", "first", "vmap", "supernet_value_and_params_grad")])
 def test_with_accelerator_kernels_the_first_step_compiles_a_program_on_a_side_thread(
     algorithm, order, evaluate, ahead, monkeypatch):
-  """The step's first call on new inputs compiles the supernet program it needs last, the
-  weight update and the metrics on side threads, which the step then finds compiled: every
-  program is compiled as often as without the side threads, and the steps compute the
-  same bits. On the CPU's kernels nothing is compiled ahead."""
+  """The step's first call on new inputs compiles the supernet program it needs last and
+  the small programs around the supernet programs on side threads, which the step then
+  finds compiled: every program is compiled as often as without the side threads, and the
+  steps compute the same bits. On the CPU's kernels nothing is compiled ahead."""
   compile_lowered = jax.stages.Lowered.compile
 
   def late_on_a_side_thread(lowered, *args, **kwargs):
@@ -319,7 +322,8 @@ def test_with_accelerator_kernels_the_first_step_compiles_a_program_on_a_side_th
         if name.startswith("jit(supernet_") or name in AHEAD_SMALL_PROGRAMS)
     # For each new batch shape the supernet program and the metrics (whose logits have
     # the batch's shape) compile ahead; the weight update once; none on the CPU's kernels.
-    side = collections.Counter(name for name, thread in compiles if thread != "MainThread")
+    side = collections.Counter(name for name, thread in compiles
+                               if thread != "MainThread" and name != "jit(split)")
     assert side == ({f"jit({ahead})": 2, **AHEAD_SMALL_PROGRAMS} if mode == "ahead" else {}), (
         compiles)
   assert counts["ahead"] == counts["inline"] and counts["ahead"][f"jit({ahead})"] == 2

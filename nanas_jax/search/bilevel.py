@@ -405,34 +405,56 @@ class BilevelSearch:
 
   def programs_compiled_ahead(self) -> tuple[Callable, ...]:
     """Every jitted program a step's first call compiles on side threads, each on its
-    own: `program_compiled_ahead`, then the weight update and the metrics, which the step
-    calls after it (on the caller's thread they compiled after both supernet programs)."""
-    return (self.program_compiled_ahead(), self._jitted(self._apply_weight_update),
-            self._jitted(self._metrics))
+    own: `program_compiled_ahead`, and the small programs around the two supernet
+    programs whose arguments are the state's or shaped like its arrays (the key split, the
+    architecture update, the weight update, the metrics; with an architecture side that
+    evaluates neighbors, their weights and the chain back to alpha). On the caller's
+    thread they compiled one after the other with the architecture side's supernet
+    program, which is left there."""
+    programs = [self.program_compiled_ahead(), self._jitted(jax.random.split)]
+    if self.config.order != "second_exact":  # Its architecture side is one program.
+      programs += [self._jitted(self._architecture_weights),
+                   self._jitted(self._chain_to_alpha)]
+    return (*programs, self._jitted(self._apply_arch_update),
+            self._jitted(self._apply_weight_update), self._jitted(self._metrics))
 
   def _compile_ahead(self, state: SearchState, train_batch, val_batch) -> None:
     """Starts compiling `programs_compiled_ahead` on side threads, while this thread goes
-    on to the architecture side and compiles its programs (XLA compiles outside Python's
-    lock). Their arguments are those the step will give them: the state's, the training
-    batch and architecture weights shaped and placed as ``softmax(alpha)``, and for the
-    step's own results (gradients, losses, logits) shapes placed as they will be
-    (`_placed_like`). Where a compiled program is in jit's caches already, compiling
-    finds it there."""
-    supernet, update, metrics = self.programs_compiled_ahead()
-    weights = self._jitted(_softmax)(state.alpha)
+    on to the architecture side and compiles its supernet program (XLA compiles outside
+    Python's lock). Their arguments are those the step will give them: the state's, the
+    training batch and architecture weights shaped and placed as ``softmax(alpha)``, and
+    for the step's own results (key, gradients, losses, logits) shapes placed as they
+    will be (`_placed_like`). Where a compiled program is in jit's caches already,
+    compiling finds it there."""
+    supernet, *small = self.programs_compiled_ahead()
     # Traced here: tracing holds Python's lock.
-    lowered = {supernet: supernet.lower(state.params, state.batch_stats, weights,
-                                        *train_batch)}
+    lowered = {supernet: supernet.lower(state.params, state.batch_stats,
+                                        self._jitted(_softmax)(state.alpha), *train_batch)}
     like = _placed_like((state, train_batch, val_batch))
-    grads = jax.tree.map(like, state.params)
-    scalar = like(state.step, dtype=jnp.float32)
     k = self.neighborhood.size
+    key, grads, losses = like(state.rng), jax.tree.map(like, state.params), like(
+        state.step, (k,), jnp.float32)
+    scalar = like(state.step, dtype=jnp.float32)
     logits = lowered[supernet].out_info[1]
-    lowered[update] = update.lower(grads, state.weight_opt_state, state.params)
-    lowered[metrics] = metrics.lower(
-        state.step, scalar, like(train_batch[1], logits.shape, logits.dtype), train_batch[1],
-        scalar, like(state.step, (k,), jnp.float32), like(state.step, (k,), jnp.float32),
-        like(state.alpha), grads, like(state.alpha))
+    # Stacked per neighbor with the finite-difference order, None with the first.
+    neighbor_grads = None if self.config.order == "first" else jax.tree.map(
+        lambda p: like(p, (k, *p.shape)), state.params)
+    arguments = {
+        self._jitted(jax.random.split): (state.rng,),
+        self._jitted(self._architecture_weights): (state.alpha, key),
+        self._jitted(self._chain_to_alpha): (
+            state.alpha, key, losses, neighbor_grads,
+            like(state.alpha, (k, *state.alpha.shape))),
+        self._jitted(self._apply_arch_update): (like(state.alpha), state.arch_opt_state,
+                                                state.alpha),
+        self._jitted(self._apply_weight_update): (grads, state.weight_opt_state,
+                                                  state.params),
+        self._jitted(self._metrics): (
+            state.step, scalar, like(train_batch[1], logits.shape, logits.dtype),
+            train_batch[1], scalar, losses, losses, like(state.alpha), grads,
+            like(state.alpha)),
+    }
+    lowered.update({program: program.lower(*arguments[program]) for program in small})
     executor = concurrent.futures.ThreadPoolExecutor(len(lowered), "nanas_compile_ahead")
     self._ahead = {program: executor.submit(low.compile) for program, low in lowered.items()}
     executor.shutdown(wait=False)  # The threads end with their compiles.
@@ -495,7 +517,7 @@ class BilevelSearch:
     needs it, the first order does not). The K neighbors are evaluated by the execution
     strategy (one vmapped call, or a shared compiled gradient K times) and chained back by
     `objective.chain_to_alpha`."""
-    weights = self._jitted(self._architecture_weights)(alpha, key)
+    weights = self._call(self._jitted(self._architecture_weights), (alpha, key))
     k = weights.shape[0]
     if self.vmap_neighbors and k > 1:
       vmapped = (self._vmapped_neighbor_grads_with_params if param_grads
@@ -509,8 +531,8 @@ class BilevelSearch:
               for i, (x, y) in enumerate(batches)]
       losses, accs, grad_params, grad_weights = self._jitted(_stack_outputs)(
           outs, [y for _, y in batches])
-    loss, grad_params, grad_alpha = self._jitted(self._chain_to_alpha)(
-        alpha, key, losses, grad_params, grad_weights)
+    loss, grad_params, grad_alpha = self._call(self._jitted(self._chain_to_alpha),
+                                               (alpha, key, losses, grad_params, grad_weights))
     return loss, (losses, accs), grad_params, grad_alpha
 
   def _vmapped_neighbor_grads_with_params(self, *args):
@@ -598,11 +620,11 @@ class BilevelSearch:
       if inputs not in self._ahead_inputs:
         self._ahead_inputs.add(inputs)
         self._compile_ahead(state, train_batch, val_batch)
-    rng, key = self._jitted(jax.random.split)(state.rng)
+    rng, key = self._call(self._jitted(jax.random.split), (state.rng,))
     grad_alpha, arch_loss, (neighbor_losses, neighbor_accs) = self.arch_gradient(
         state, train_batch, val_batch, key)
-    alpha, arch_opt_state, weights = self._jitted(self._apply_arch_update)(
-        grad_alpha, state.arch_opt_state, state.alpha)
+    alpha, arch_opt_state, weights = self._call(self._jitted(self._apply_arch_update),
+                                                (grad_alpha, state.arch_opt_state, state.alpha))
     train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
     params, weight_opt_state = self._call(self._jitted(self._apply_weight_update),
