@@ -3,6 +3,7 @@ definitions (PyTorch's 'same'-padded depthwise conv, pools, FactorizedReduce, Ba
 
 Everything runs eagerly at tiny sizes: XLA compiles slowly on the test machines."""
 
+import collections
 import itertools
 
 import jax
@@ -165,6 +166,24 @@ def test_depthwise_convs_matches_numpy(impl, stride, size):
       want = np_depthwise(x[:, i if g == n else 0], kernel, stride, d)
       np.testing.assert_allclose(got[:, i], want, atol=ATOL, rtol=RTOL,
                                  err_msg=f"G={g} kernel {i}")
+
+
+def test_conv_depthwise_convs_pad_inside_the_convolution():
+  """``'conv'`` hands each kernel's padding to the convolution: no pad of the input, and no
+  slices but those picking each kernel's input, forward or backward (a shared padded input
+  sliced per kernel cost XLA's GPU program a third of its distinct convolutions)."""
+  kernels = [jnp.zeros((2, k, k, 4)) for k, _ in DW_CONFIGS]
+  dilations = [d for _, d in DW_CONFIGS]
+  x = jnp.zeros((2, len(kernels), 3, 8, 8, 4))
+
+  def loss(x, kernels):
+    return F.depthwise_convs(x, kernels, dilations, stride=2, impl="conv").sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels)
+  primitives = collections.Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
+  assert primitives["conv_general_dilated"] == 3 * len(kernels)
+  assert primitives["pad"] == len(kernels)  # The transposes of the input picks' slices.
+  assert primitives["slice"] == len(kernels)
 
 
 def test_depthwise_convs_rejects_wrong_input_count():
