@@ -326,9 +326,10 @@ depthwise_conv_taps.defvjp(_depthwise_conv_taps_fwd, _depthwise_conv_taps_bwd)
 
 def _depthwise_conv_grouped(x, kernel, pad, stride, dilation, lead):
   """``'conv'`` implementation: leading kernel axes are folded into feature groups, and the
-  convolution pads by ``pad`` itself. (Padded once for all kernels and sliced per kernel,
-  each kernel added a slice and, in the gradient, a pad: 4 of the 20,000 operations the
-  reference-size supernet gradient traces, per kernel.)"""
+  convolution pads by ``pad`` itself. (An input padded once for the widest kernel and
+  sliced per kernel gave every kernel two slices, two pads in its gradient and inputs of
+  its own shape: XLA's H200 program of the reference-size DARTS step needed 6.12 GB
+  instead of 4.69 GB and autotuned 275 distinct library calls instead of 179.)"""
   k = kernel.shape[-2]
   lead_shape = kernel.shape[:lead]
   n = 1
