@@ -18,7 +18,8 @@ Each configuration is compiled in its own subprocess, since XLA aborts the proce
 internal check failure; a row that failed carries ``error`` (the check's message).
 Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
 programs), ``side_by_side_s`` (with ``compile='shared'``: the same programs compiled again
-from nothing, as the step's first call compiles them, three on side threads),
+from nothing, as the step's first call compiles them, those that
+`BilevelSearch.programs_compiled_ahead` lists on side threads),
 ``programs`` (with ``compile='shared'``, every distinct jitted program of one
 step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
 temporary buffers less those aliased, and its `kernel_counts`), ``largest_program_gb``

@@ -38,8 +38,9 @@ it inside its own jit, which finds its trace in jit's cache instead of tracing i
 and small jitted pieces around it;
 vmapped neighbors batch those same traced functions. With the accelerators' kernels a
 step's first call compiles its two supernet programs side by side: the one it needs last
-on a side thread (`BilevelSearch.program_compiled_ahead`), and the weight update and the
-metrics that follow it on side threads of their own, the others on the caller's.
+on a side thread (`BilevelSearch.program_compiled_ahead`), the small programs around
+them on side threads of their own (`BilevelSearch.programs_compiled_ahead`), and the
+architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
@@ -432,8 +433,9 @@ class BilevelSearch:
                                         self._jitted(_softmax)(state.alpha), *train_batch)}
     like = _placed_like((state, train_batch, val_batch))
     k = self.neighborhood.size
-    key, grads, losses = like(state.rng), jax.tree.map(like, state.params), like(
-        state.step, (k,), jnp.float32)
+    key = like(state.rng)
+    grads = jax.tree.map(like, state.params)
+    losses = like(state.step, (k,), jnp.float32)
     scalar = like(state.step, dtype=jnp.float32)
     logits = lowered[supernet].out_info[1]
     # Stacked per neighbor with the finite-difference order, None with the first.
