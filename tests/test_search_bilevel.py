@@ -6,6 +6,7 @@ and here only where the compute dtype meets its convolutions and BatchNorms.
 """
 
 import collections
+import math
 import threading
 import time
 
@@ -436,12 +437,18 @@ def test_na_darts_with_one_identity_neighbor_is_the_darts_step(order):
   np.testing.assert_allclose(ma["arch_loss"], mb["arch_loss"], rtol=1e-7)
 
 
+def float64_norm(tree) -> float:
+  """The global norm of ``tree``'s leaves, summed in float64 by numpy."""
+  return math.sqrt(sum(float((np.asarray(x, np.float64) ** 2).sum())
+                       for x in jax.tree.leaves(tree)))
+
+
 def test_first_order_step_matches_a_hand_written_step():
   (tx, ty), (vx, vy) = make_batches()
   config = make_config("darts", "first")
   search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
   state = init_state(search, tx)
-  new, _ = search.step(state, (tx, ty), (vx, vy))
+  new, metrics = search.step(state, (tx, ty), (vx, vy))
 
   def loss(params, alpha, x, y):
     logits = search.model.apply({"params": params}, x, jax.nn.softmax(alpha, -1), train=True)
@@ -458,6 +465,8 @@ def test_first_order_step_matches_a_hand_written_step():
   w = config.weights
   grads = jax.grad(loss)(state.params, alpha, tx, ty)
   norm = optax.tree.norm(grads)
+  # The metric is the norm before clipping (what PyTorch's clip_grad_norm_ returns).
+  np.testing.assert_allclose(metrics["weight_grad_norm"], float64_norm(grads), rtol=1e-6)
   scale = jnp.minimum(1.0, w.grad_clip / norm)
   expected = jax.tree.map(lambda p, g: p - w.lr * (scale * g + w.weight_decay * p),
                           state.params, grads)
@@ -554,6 +563,7 @@ def test_warmup_epochs_train_the_weights_only():
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
   assert "arch_loss" not in metrics and metrics["train_loss"] == pytest.approx(
       float(loss(state.params, tx, ty)), rel=1e-6)
+  np.testing.assert_allclose(metrics["weight_grad_norm"], float64_norm(grads), rtol=1e-6)
   second, _ = step(first, (tx, ty), (vx, vy))
   for s in (first, second):
     np.testing.assert_array_equal(s.alpha, state.alpha)
