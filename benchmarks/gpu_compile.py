@@ -26,7 +26,11 @@ temporary buffers less those aliased, and its `kernel_counts`), ``largest_progra
 (the step's largest program: a lower bound of its peak GPU memory, which adds what the
 host keeps alive between programs, a few MB), ``launches`` (the kernels and library calls
 one step launches), ``kernels`` and ``library_calls`` (summed over the programs: what XLA
-compiles, and what it autotunes on a GPU).
+compiles, and what it autotunes on a GPU), ``gb_moved`` (the GiB one step's launches read
+and write, `kernel_counts`) and ``traffic_ms`` (the time to move them at the target's
+memory bandwidth: what the step would take if every kernel ran at that bandwidth from
+device memory and launched at no cost; the cache and the arithmetic can make a kernel
+faster or slower than that).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import concurrent.futures
 import datetime
 import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -81,6 +86,16 @@ def gpu_device(target: str):
                                       topology="1x1x1").devices[0]
 
 
+def memory_bandwidth(target: str) -> float:
+  """The device memory bandwidth, in bytes a second, that ``target`` (a
+  GpuTargetConfigProto text file) gives."""
+  with open(target) as f:
+    found = re.search(r"^\s*memory_bandwidth:\s*(\d+)", f.read(), re.MULTILINE)
+  if found is None:
+    raise ValueError(f"{target} gives no gpu_device_info.memory_bandwidth")
+  return float(found.group(1))
+
+
 def abstract_on(sharding, tree):
   """``tree``'s arrays as shapes and dtypes placed by ``sharding`` (what ``lower`` takes
   for a device that is not here)."""
@@ -116,8 +131,10 @@ _NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "c
                         "while", "call", "conditional", "after-all", "opt-barrier",
                         "add-dependency"})
 # ``%name = SHAPE opcode(operands), attributes``: one instruction of HLO text.
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"(ENTRY )?%([\w.\-]+) .*\{$")
+# An array in an HLO shape, ``f32[64,32]{1,0}``: its element type and dimensions.
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 
 
 def _without_names(text: str) -> str:
@@ -126,13 +143,66 @@ def _without_names(text: str) -> str:
   return re.sub(r"%[\w.\-]+", "%", text)
 
 
-def kernel_counts(hlo: str) -> dict[str, int]:
+def _bytes(shape: str, scratch: bool = True) -> int:
+  """Bytes of the arrays in an HLO ``shape`` (a tuple's elements summed); without a library
+  call's ``scratch`` (its u8 workspace) if False."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype == "u8" and not scratch:
+      continue
+    bits = 8 if dtype == "pred" else int(dtype.lstrip("bfsu"))
+    total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+  return total
+
+
+def _split_operands(rest: str) -> tuple[str, str]:
+  """An instruction's text after ``opcode(``: its operands, and its attributes."""
+  depth = 0
+  for i, char in enumerate(rest):
+    if char in "({":
+      depth += 1
+    elif char in ")}":
+      if not depth:
+        return rest[:i], rest[i + 1:]
+      depth -= 1
+  return rest, ""
+
+
+def _fusion_reads(instructions) -> int:
+  """Bytes a fused computation reads: each parameter whole, or, where the fusion only
+  slices it (through bitcasts too), the slices, at most the whole."""
+  users = {}
+  for ins in instructions:
+    for operand in ins["operands"]:
+      users.setdefault(operand, []).append(ins)
+
+  def sliced(name: str) -> int | None:
+    """Bytes of the slices taken of ``name``, None if something else reads it."""
+    total = 0
+    for user in users.get(name, []):
+      if user["opcode"] in ("slice", "dynamic-slice") and user["operands"][0] == name:
+        total += _bytes(user["shape"])
+      elif user["opcode"] == "bitcast" and (through := sliced(user["name"])) is not None:
+        total += through
+      else:
+        return None
+    return total if users.get(name) else None
+
+  return sum(min(_bytes(ins["shape"]), sliced(ins["name"]) or _bytes(ins["shape"]))
+             for ins in instructions if ins["opcode"] == "parameter")
+
+
+def kernel_counts(hlo: str) -> dict[str, int | float]:
   """What one run of an optimised GPU program (``compiled.as_text()``) launches, and what
   XLA compiles for it. ``launches``: kernels and library calls, each loop body counted its
   known trip count times (and a conditional's largest branch); ``kernels``: the distinct
   kernels XLA emits (fusions, copies: XLA compiles equal bodies on equal shapes once);
-  ``library_calls``: the distinct cuDNN and cuBLAS calls, each autotuned on a GPU. A loop
-  whose trip count XLA does not know is an error: its launches cannot be counted."""
+  ``library_calls``: the distinct cuDNN and cuBLAS calls, each autotuned on a GPU;
+  ``gb_moved``: the GiB that the launches read and write in device memory, counted as
+  XLA's shapes say (a fusion reads each of its inputs once, or the slices it takes of
+  one, and writes its outputs; a library call reads its operands and writes its results,
+  less its scratch), as if no kernel found its input in the cache. A loop whose trip
+  count XLA does not know is an error: its launches cannot be counted."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
@@ -142,44 +212,58 @@ def kernel_counts(hlo: str) -> dict[str, int]:
     elif line == "}":
       body = None
     elif body is not None:
-      body.append(line)
+      match = _INSTRUCTION.match(line)
+      if match:
+        name, shape, opcode, rest = match.groups()
+        operands, attributes = _split_operands(rest)
+        body.append({"name": name, "shape": shape, "opcode": opcode, "line": line,
+                     "operands": re.findall(r"%[\w.\-]+", operands), "rest": rest,
+                     "attributes": attributes})
   if entry is None:
     raise ValueError("no ENTRY computation: not the text of an HLO module")
+  shapes = {ins["name"]: ins["shape"] for body in computations.values() for ins in body}
   kernels, library_calls = set(), set()
 
-  def launches(name: str) -> int:
-    count = 0
-    for line in computations[name]:
-      match = _INSTRUCTION.match(line)
-      if not match:
-        continue
-      shape, opcode, rest = match.groups()
-      callee = lambda key: re.search(key + r"=%([\w.\-]+)", rest).group(1)
+  def launches(name: str) -> tuple[int, int]:
+    """Launches and bytes moved of one run of computation ``name``."""
+    count = moved = 0
+    for ins in computations[name]:
+      opcode, attributes = ins["opcode"], ins["attributes"]
+      callee = lambda key: re.search(key + r"=%([\w.\-]+)", attributes).group(1)
       if opcode == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attributes)
         if trips is None:
-          raise ValueError(f"a loop without a known trip count: {line.strip()[:200]}")
-        count += int(trips.group(1)) * (launches(callee("body"))
-                                        + launches(callee("condition")))
+          raise ValueError(f"a loop without a known trip count: {ins['line'].strip()[:200]}")
+        loop = [launches(callee("body")), launches(callee("condition"))]
+        count += int(trips.group(1)) * sum(c for c, _ in loop)
+        moved += int(trips.group(1)) * sum(m for _, m in loop)
       elif opcode == "call":
-        count += launches(callee("to_apply"))
+        calls, bytes_ = launches(callee("to_apply"))
+        count, moved = count + calls, moved + bytes_
       elif opcode == "conditional":
-        branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+        branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
         names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else
                  [callee("true_computation"), callee("false_computation")])
-        count += max(launches(branch) for branch in names)
+        calls, bytes_ = max(launches(branch) for branch in names)
+        count, moved = count + calls, moved + bytes_
       elif opcode not in _NO_LAUNCH:
         count += 1
-        fused = re.search(r"calls=%([\w.\-]+)", rest)
+        fused = re.search(r"calls=%([\w.\-]+)", attributes)
         if opcode == "custom-call":
-          library_calls.add(_without_names(shape + rest))
+          library_calls.add(_without_names(ins["shape"] + ins["rest"]))
+          moved += _bytes(ins["shape"], scratch=False)
         else:
           kernels.add(_without_names("\n".join(
-              [shape, opcode] + (computations[fused.group(1)] if fused else [rest]))))
-    return count
+              [ins["shape"], opcode] + ([i["line"] for i in computations[fused.group(1)]]
+                                        if fused else [ins["rest"]]))))
+          moved += _bytes(ins["shape"])
+        moved += (_fusion_reads(computations[fused.group(1)]) if fused and opcode == "fusion"
+                  else sum(_bytes(shapes[o]) for o in ins["operands"]))
+    return count, moved
 
-  total = launches(entry)
-  return {"launches": total, "kernels": len(kernels), "library_calls": len(library_calls)}
+  total, moved = launches(entry)
+  return {"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
+          "gb_moved": round(moved / 2**30, 3)}
 
 
 def step_programs(step, args) -> list[tuple[str, object, int]]:
@@ -277,9 +361,12 @@ def measure(args) -> dict:
              for program in search.programs_compiled_ahead()]
     jax.clear_caches()  # Compiled again, from nothing.
     row["side_by_side_s"] = side_by_side_s(lowerings, ahead)
+  moved = sum(p["calls"] * p["gb_moved"] for p in programs)
   return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
           "largest_program_gb": max(p["gb"] for p in programs),
           "launches": sum(p["calls"] * p["launches"] for p in programs),
+          "gb_moved": round(moved, 3),
+          "traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
           "kernels": sum(p["kernels"] for p in programs),
           "library_calls": sum(p["library_calls"] for p in programs), "programs": programs}
 

@@ -167,12 +167,68 @@ def test_kernel_counts_of_a_module_by_hand():
 backend_config={"known_trip_count":{"n":"5"}}
       }
       """)
-  assert bench.kernel_counts(hlo) == {"launches": 2 + 5 * (2 + 1), "kernels": 3,
-                                      "library_calls": 1}
+  counts = bench.kernel_counts(hlo)
+  assert {k: counts[k] for k in ("launches", "kernels", "library_calls")} == {
+      "launches": 2 + 5 * (2 + 1), "kernels": 3, "library_calls": 1}
   with pytest.raises(ValueError, match="known trip count"):
     bench.kernel_counts(hlo.replace('"known_trip_count":{"n":"5"}', ""))
   with pytest.raises(ValueError, match="ENTRY"):
     bench.kernel_counts("HloModule nothing\n")
+
+
+def test_bytes_moved_of_a_module_by_hand():
+  """A fusion that reads a quarter of one input (a slice of a view) and all of another, and a
+  library call with a 1 GiB scratch buffer, each run twice by a loop: the fusion moves
+  64 + 4 + 64 MiB, the call 64 + 4 + 64 MiB; the whole input and the scratch are not
+  moved."""
+  n = 2**20
+  hlo = textwrap.dedent(f"""\
+      HloModule moved
+
+      %fused_slice (p: f32[{n},64], q: f32[{n}]) -> f32[{n},16] {{
+        %p = f32[{n},64]{{1,0}} parameter(0)
+        %v = f32[{n},4,16]{{2,1,0}} bitcast(%p)
+        %sv = f32[{n},1,16]{{2,1,0}} slice(%v), slice={{[0:{n}], [1:2], [0:16]}}
+        %s = f32[{n},16]{{1,0}} bitcast(%sv)
+        %q = f32[{n}]{{0}} parameter(1)
+        %b = f32[{n},16]{{1,0}} broadcast(%q), dimensions={{0}}
+        ROOT %a = f32[{n},16]{{1,0}} add(%s, %b)
+      }}
+
+      %body (t: (f32[{n},64], f32[{n}])) -> (f32[{n},64], f32[{n}]) {{
+        %t = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) parameter(0)
+        %x = f32[{n},64]{{1,0}} get-tuple-element(%t), index=0
+        %y = f32[{n}]{{0}} get-tuple-element(%t), index=1
+        %f = f32[{n},16]{{1,0}} fusion(%x, %y), kind=kLoop, calls=%fused_slice
+        %c = (f32[{n},16]{{1,0}}, u8[1073741824]{{0}}) custom-call(%f, %y), \
+custom_call_target="__cublas$gemm"
+        ROOT %r = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) tuple(%x, %y)
+      }}
+
+      %cond (u: (f32[{n},64], f32[{n}])) -> pred[] {{
+        %u = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) parameter(0)
+        ROOT %no = pred[] constant(false)
+      }}
+
+      ENTRY %main (x: f32[{n},64], y: f32[{n}]) -> (f32[{n},64], f32[{n}]) {{
+        %x = f32[{n},64]{{1,0}} parameter(0)
+        %y = f32[{n}]{{0}} parameter(1)
+        %init = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) tuple(%x, %y)
+        ROOT %w = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) while(%init), condition=%cond, \
+body=%body, backend_config={{"known_trip_count":{{"n":"2"}}}}
+      }}
+      """)
+  counts = bench.kernel_counts(hlo)
+  assert counts["launches"] == 4
+  assert counts["gb_moved"] == round(2 * 2 * (64 + 4 + 64) / 1024, 3)
+
+
+def test_memory_bandwidth_is_the_targets(tmp_path):
+  assert bench.memory_bandwidth(bench.DEFAULT_TARGET) == 4.8e12
+  target = tmp_path / "bare.txtpb"
+  target.write_text("gpu_device_info { core_count: 1 }\n")
+  with pytest.raises(ValueError, match="memory_bandwidth"):
+    bench.memory_bandwidth(str(target))
 
 
 def test_a_dead_child_is_reported_by_its_check_failure():
