@@ -168,28 +168,41 @@ def _split_operands(rest: str) -> tuple[str, str]:
   return rest, ""
 
 
+# Opcodes through which a fused computation's slice reads as small a part of an operand:
+# each output element reads the element(s) of its operands at one index.
+_ELEMENTWISE = frozenset({
+    "abs", "add", "and", "bitcast", "clamp", "compare", "convert", "copy", "cosine",
+    "divide", "exponential", "log", "logistic", "maximum", "minimum", "multiply", "negate",
+    "not", "or", "power", "reshape", "rsqrt", "select", "sign", "sine", "sqrt", "subtract",
+    "tanh", "transpose"})
+
+
 def _fusion_reads(instructions) -> int:
-  """Bytes a fused computation reads: each parameter whole, or, where the fusion only
-  slices it (through bitcasts too), the slices, at most the whole."""
-  users = {}
+  """Bytes a fused computation reads: each parameter whole, or, where the fusion reads it
+  only through slices (after element-wise operations, transposes or bitcasts too), the
+  part of it those slices take, at most the whole."""
+  users, shapes = {}, {}
   for ins in instructions:
+    shapes[ins["name"]] = ins["shape"]
     for operand in ins["operands"]:
       users.setdefault(operand, []).append(ins)
 
-  def sliced(name: str) -> int | None:
-    """Bytes of the slices taken of ``name``, None if something else reads it."""
-    total = 0
+  @functools.cache
+  def part(name: str) -> float:
+    """The fraction of ``name``'s elements the fusion reads."""
+    size = _bytes(shapes[name]) or 1
+    read = 0.0
     for user in users.get(name, []):
       if user["opcode"] in ("slice", "dynamic-slice") and user["operands"][0] == name:
-        total += _bytes(user["shape"])
-      elif user["opcode"] == "bitcast" and (through := sliced(user["name"])) is not None:
-        total += through
+        read += _bytes(user["shape"]) / size
+      elif user["opcode"] in _ELEMENTWISE and _bytes(user["shape"]) == size:
+        read += part(user["name"])
       else:
-        return None
-    return total if users.get(name) else None
+        return 1.0
+    return min(read, 1.0) if name in users else 1.0
 
-  return sum(min(_bytes(ins["shape"]), sliced(ins["name"]) or _bytes(ins["shape"]))
-             for ins in instructions if ins["opcode"] == "parameter")
+  return round(sum(_bytes(ins["shape"]) * part(ins["name"]) for ins in instructions
+                   if ins["opcode"] == "parameter"))
 
 
 def kernel_counts(hlo: str) -> dict[str, int | float]:
@@ -199,9 +212,9 @@ def kernel_counts(hlo: str) -> dict[str, int | float]:
   kernels XLA emits (fusions, copies: XLA compiles equal bodies on equal shapes once);
   ``library_calls``: the distinct cuDNN and cuBLAS calls, each autotuned on a GPU;
   ``gb_moved``: the GiB that the launches read and write in device memory, counted as
-  XLA's shapes say (a fusion reads each of its inputs once, or the slices it takes of
-  one, and writes its outputs; a library call reads its operands and writes its results,
-  less its scratch), as if no kernel found its input in the cache. A loop whose trip
+  XLA's shapes say (a fusion reads each of its inputs once, or the part its slices take
+  of one, `_fusion_reads`, and writes its outputs; a library call reads its operands and
+  writes its results, less its scratch), as if no kernel found its input in the cache. A loop whose trip
   count XLA does not know is an error: its launches cannot be counted."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():

@@ -177,10 +177,10 @@ backend_config={"known_trip_count":{"n":"5"}}
 
 
 def test_bytes_moved_of_a_module_by_hand():
-  """A fusion that reads a quarter of one input (a slice of a view) and all of another, and a
-  library call with a 1 GiB scratch buffer, each run twice by a loop: the fusion moves
-  64 + 4 + 64 MiB, the call 64 + 4 + 64 MiB; the whole input and the scratch are not
-  moved."""
+  """A fusion that reads a quarter of one input (a slice of its negated view) and all of
+  another, and a library call with a 1 GiB scratch buffer, each run twice by a loop: the
+  fusion moves 64 + 4 + 64 MiB, the call 64 + 4 + 64 MiB; the whole input and the scratch
+  are not moved."""
   n = 2**20
   hlo = textwrap.dedent(f"""\
       HloModule moved
@@ -188,7 +188,8 @@ def test_bytes_moved_of_a_module_by_hand():
       %fused_slice (p: f32[{n},64], q: f32[{n}]) -> f32[{n},16] {{
         %p = f32[{n},64]{{1,0}} parameter(0)
         %v = f32[{n},4,16]{{2,1,0}} bitcast(%p)
-        %sv = f32[{n},1,16]{{2,1,0}} slice(%v), slice={{[0:{n}], [1:2], [0:16]}}
+        %nv = f32[{n},4,16]{{2,1,0}} negate(%v)
+        %sv = f32[{n},1,16]{{2,1,0}} slice(%nv), slice={{[0:{n}], [1:2], [0:16]}}
         %s = f32[{n},16]{{1,0}} bitcast(%sv)
         %q = f32[{n}]{{0}} parameter(1)
         %b = f32[{n},16]{{1,0}} broadcast(%q), dimensions={{0}}
