@@ -143,14 +143,14 @@ def _without_names(text: str) -> str:
   return re.sub(r"%[\w.\-]+", "%", text)
 
 
-def _bytes(shape: str, scratch: bool = True) -> int:
+def _bytes(shape: str, scratch: bool = True, elements: bool = False) -> int:
   """Bytes of the arrays in an HLO ``shape`` (a tuple's elements summed); without a library
-  call's ``scratch`` (its u8 workspace) if False."""
+  call's ``scratch`` (its u8 workspace) if False; their elements if ``elements``."""
   total = 0
   for dtype, dims in _ARRAY.findall(shape):
     if dtype == "u8" and not scratch:
       continue
-    bits = 8 if dtype == "pred" else int(dtype.lstrip("bfsu"))
+    bits = 8 if dtype == "pred" or elements else int(dtype.lstrip("bfsu"))
     total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
   return total
 
@@ -190,12 +190,12 @@ def _fusion_reads(instructions) -> int:
   @functools.cache
   def part(name: str) -> float:
     """The fraction of ``name``'s elements the fusion reads."""
-    size = _bytes(shapes[name]) or 1
+    size = _bytes(shapes[name], elements=True) or 1
     read = 0.0
     for user in users.get(name, []):
       if user["opcode"] in ("slice", "dynamic-slice") and user["operands"][0] == name:
-        read += _bytes(user["shape"]) / size
-      elif user["opcode"] in _ELEMENTWISE and _bytes(user["shape"]) == size:
+        read += _bytes(user["shape"], elements=True) / size
+      elif user["opcode"] in _ELEMENTWISE and _bytes(user["shape"], elements=True) == size:
         read += part(user["name"])
       else:
         return 1.0
@@ -214,8 +214,9 @@ def kernel_counts(hlo: str) -> dict[str, int | float]:
   ``gb_moved``: the GiB that the launches read and write in device memory, counted as
   XLA's shapes say (a fusion reads each of its inputs once, or the part its slices take
   of one, `_fusion_reads`, and writes its outputs; a library call reads its operands and
-  writes its results, less its scratch), as if no kernel found its input in the cache. A loop whose trip
-  count XLA does not know is an error: its launches cannot be counted."""
+  writes its results, less its scratch), as if no kernel found its input in the cache.
+  A loop whose trip count XLA does not know is an error: its launches cannot be
+  counted."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)

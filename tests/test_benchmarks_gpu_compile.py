@@ -177,7 +177,7 @@ backend_config={"known_trip_count":{"n":"5"}}
 
 
 def test_bytes_moved_of_a_module_by_hand():
-  """A fusion that reads a quarter of one input (a slice of its negated view) and all of
+  """A fusion that reads a quarter of one input (a slice of its view in bfloat16) and all of
   another, and a library call with a 1 GiB scratch buffer, each run twice by a loop: the
   fusion moves 64 + 4 + 64 MiB, the call 64 + 4 + 64 MiB; the whole input and the scratch
   are not moved."""
@@ -188,9 +188,10 @@ def test_bytes_moved_of_a_module_by_hand():
       %fused_slice (p: f32[{n},64], q: f32[{n}]) -> f32[{n},16] {{
         %p = f32[{n},64]{{1,0}} parameter(0)
         %v = f32[{n},4,16]{{2,1,0}} bitcast(%p)
-        %nv = f32[{n},4,16]{{2,1,0}} negate(%v)
-        %sv = f32[{n},1,16]{{2,1,0}} slice(%nv), slice={{[0:{n}], [1:2], [0:16]}}
-        %s = f32[{n},16]{{1,0}} bitcast(%sv)
+        %nv = bf16[{n},4,16]{{2,1,0}} convert(%v)
+        %sv = bf16[{n},1,16]{{2,1,0}} slice(%nv), slice={{[0:{n}], [1:2], [0:16]}}
+        %sb = bf16[{n},16]{{1,0}} bitcast(%sv)
+        %s = f32[{n},16]{{1,0}} convert(%sb)
         %q = f32[{n}]{{0}} parameter(1)
         %b = f32[{n},16]{{1,0}} broadcast(%q), dimensions={{0}}
         ROOT %a = f32[{n},16]{{1,0}} add(%s, %b)
