@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from nanas_jax.nn import functional as F
-from nanas_jax.nn import networks, supernet
+from nanas_jax.nn import nb201_supernet, networks, supernet
 from nanas_jax.spaces import Genotype, get_genotype, get_space
+from jaxprs import all_eqns
 from supernet_weights import discrete_cell_params, edge_location, pool_batch_norm
 
 EPS = 1e-5
@@ -407,6 +408,45 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
                        train=False)
                for m, x in ((shared, distinct), (copies, distinct[np.array(sources)]))]
   np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", ["darts", "nb201"])
+def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
+  """bfloat16 operations (``config.search.dtype``): a group of MixedOps returns bfloat16,
+  and its gradient with respect to the architecture weights is summed in float32 (no
+  reduction of the gradient's program is bfloat16; before, the weights' gradients were
+  bfloat16 reductions over B, H, W and C) and equals, within the rounding of its
+  bfloat16 result, the float64 sum of the cotangent times each operation's output (the
+  group at one-hot weights, which returns that operation's bfloat16 output exactly)."""
+  rng = np.random.default_rng(13)
+  edges, ops = 3, {"darts": NUM_OPS, "nb201": len(nb201_supernet.NB201_OPS)}[group]
+  module = {"darts": supernet.MixedEdges(edges, C, 1, "conv"),
+            "nb201": nb201_supernet.InputEdges(edges, C)}[group]
+  bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  xs = bf16(rng.normal(size=(edges, 16, 8, 8, C)))
+  cot = bf16(rng.normal(size=(edges, 16, 8, 8, C)))
+  variables = module.init(jax.random.key(2), xs.astype(jnp.float32),
+                          jnp.zeros((edges, ops)), train=True)
+  params = jax.tree.map(bf16, variables["params"])
+
+  def mixed(weights):
+    return module.apply({"params": params, "batch_stats": variables["batch_stats"]}, xs,
+                        weights, train=True, mutable=["batch_stats"])[0]
+
+  def loss(weights):
+    return jnp.sum(mixed(weights).astype(jnp.float32) * cot.astype(jnp.float32))
+
+  weights = bf16(jax.nn.softmax(rng.normal(size=(edges, ops)), -1))
+  assert mixed(weights).dtype == jnp.bfloat16
+  program = jax.make_jaxpr(jax.grad(loss))(weights).jaxpr
+  assert {v.aval.dtype.name for eqn in all_eqns(program) if eqn.primitive.name == "reduce_sum"
+          for v in eqn.outvars} == {"float32"}
+  grad = jax.jit(jax.grad(loss))(weights)
+  as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  outputs = [as64(mixed(bf16(jax.nn.one_hot(jnp.full(edges, o), ops)))) for o in range(ops)]
+  want = np.stack([np.sum(out * as64(cot), axis=(1, 2, 3, 4)) for out in outputs], 1)
+  assert grad.dtype == jnp.bfloat16 and np.abs(want).max() > 1
+  np.testing.assert_allclose(as64(grad), want, rtol=2**-8, atol=1e-3 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("conv", "auto"), ("conv", "scan")])

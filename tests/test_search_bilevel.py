@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.extend import core as jax_core
 
 from configs import quickstart
 from nanas_jax import neighborhood, spaces
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search import bilevel
 from nanas_jax.search.bilevel import BilevelSearch
+from jaxprs import all_eqns
 
 SPACE = spaces.get_space("darts")
 
@@ -365,17 +365,8 @@ def test_an_unhashable_supernet_is_named_before_the_search():
 def _matmul_operand_dtypes(jaxpr) -> set[str]:
   """The operand dtypes of every convolution and matmul in ``jaxpr`` and its sub-jaxprs
   (scans, custom gradients, nested jits)."""
-  found = set()
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-      found.update(str(v.aval.dtype) for v in eqn.invars)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          found |= _matmul_operand_dtypes(sub.jaxpr)
-        elif isinstance(sub, jax_core.Jaxpr):
-          found |= _matmul_operand_dtypes(sub)
-  return found
+  return {str(v.aval.dtype) for eqn in all_eqns(jaxpr)
+          if eqn.primitive.name in ("conv_general_dilated", "dot_general") for v in eqn.invars}
 
 
 def test_bfloat16_compute_follows_the_float32_supernet_gradient():

@@ -116,14 +116,14 @@ def nb201_mixed_edges(p: dict[str, jax.Array], stats: tuple[jax.Array, jax.Array
   ``[E, B, H, W, C]``, and the updated statistics. ``none`` contributes exactly zero and is
   not computed.
   """
-  w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
+  w = F.mixing_weights(weights, xs.dtype)
   relu = jax.nn.relu(xs)
   convs = jnp.stack([F.pointwise_conv(relu, p["conv1x1"]),
                      edge_conv3x3(relu, p["conv3x3"], conv_impl)], axis=1)
   convs, new_stats = batch_norm(convs, 2, stats, train)
   out = (w[:, _SKIP] * xs + w[:, _CONV1] * convs[:, 0] + w[:, _CONV3] * convs[:, 1]
          + w[:, _POOL] * F.avg_pool_3x3(xs, 1))
-  return out, new_stats
+  return out.astype(xs.dtype), new_stats
 
 
 class _NB201EdgeGroup(nn.Module):

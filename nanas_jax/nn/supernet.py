@@ -130,7 +130,7 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
     y, new_stats[name] = batch_norm(x, lead, stats[name], train, shared, one_pass)
     return y
 
-  w = weights.reshape(weights.shape + (1, 1, 1, 1))  # broadcast over B, H, W, C
+  w = F.mixing_weights(weights, xs.dtype)
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
   pools = bn("pool_bn", pools, 2, shared=sources)
   if sources is not None:
@@ -153,7 +153,7 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
       [d for _, d in _STAGE2], impl=dw_impl)
   stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
   out = out + w[:, _SEP3] * stage2[:, 0] + w[:, _SEP5] * stage2[:, 1]
-  return out, new_stats
+  return out.astype(xs.dtype), new_stats
 
 
 class _EdgeGroup(nn.Module):
