@@ -241,3 +241,37 @@ def test_bad_input_raises_value_error():
   with pytest.raises(ValueError, match="even C_out"):
     jax.eval_shape(lambda: ops.FactorizedReduce(C, 5).init(
         jax.random.key(0), jnp.zeros((1, 4, 4, C)), True))
+
+
+def test_classifier_is_flax_dense_in_float32_and_sums_its_bias_gradient_in_float32():
+  """`ops.Classifier` against Flax's ``Dense`` (the oracle) in float32: the same
+  parameters, output and gradients, bit for bit. With bfloat16 inputs and parameters (the
+  search's ``config.dtype``), its output is float32 and its bias's gradient, a sum over
+  the batch, is the float64 sum of the output's cotangent within one bfloat16 rounding;
+  ``Dense``'s, a bfloat16 sum, misses that tolerance (checked, so the check can fail)."""
+  import flax.linen as nn
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(256, 32)).astype(np.float32)
+  cot = rng.normal(size=(256, 10)).astype(np.float32)
+  init = jax.nn.initializers.normal(0.5)
+  ours = ops.Classifier(10, init, init)
+  dense = nn.Dense(10, kernel_init=init, bias_init=init)
+
+  def value_and_grads(module, variables, x):
+    loss = lambda v, x: jnp.sum(module.apply(v, x).astype(jnp.float32) * cot)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
+
+  variables = ours.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(
+      np.shape, dense.init(jax.random.key(0), x))
+  for a, b in zip(jax.tree.leaves(value_and_grads(ours, variables, x)),
+                  jax.tree.leaves(value_and_grads(dense, variables, x))):
+    np.testing.assert_array_equal(a, b)
+  to_bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), tree)
+  want = cot.astype(np.float64).sum(0)
+  for module, close in ((ours, True), (dense, False)):
+    assert module.apply(to_bf16(variables), to_bf16(x)).dtype == (
+        jnp.float32 if close else jnp.bfloat16)
+    _, (grads, _) = value_and_grads(module, to_bf16(variables), to_bf16(x))
+    got = np.asarray(grads["params"]["bias"].astype(jnp.float32), np.float64)
+    assert np.allclose(got, want, rtol=2**-8, atol=0) == close

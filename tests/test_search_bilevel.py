@@ -20,6 +20,7 @@ import pytest
 
 from configs import quickstart
 from nanas_jax import neighborhood, spaces
+from nanas_jax.nn import nb201_supernet
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search import bilevel
 from nanas_jax.search.bilevel import BilevelSearch
@@ -397,6 +398,41 @@ def test_bfloat16_compute_follows_the_float32_supernet_gradient():
     assert cosine > 0.98 and abs(np.linalg.norm(a) / np.linalg.norm(b) - 1) < 0.05
   for a, b in zip(jax.tree.leaves(stats16), jax.tree.leaves(stats32)):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("network", ["darts", "nb201"])
+def test_bfloat16_supernet_gradient_sums_nothing_over_the_batch_in_bfloat16(network):
+  """The whole supernet's gradient (parameters and architecture weights) in bfloat16, as
+  `bilevel.apply_supernet` runs it: every reduction whose operands are bfloat16 sums
+  fewer terms than the batch has images (those left add a node's few edges or an input's
+  few readers); the sums over the batch (BatchNorm's, the MixedOps' weights', the
+  classifier bias's) are float32. Before, the classifier's bias gradient was a bfloat16
+  sum over the batch."""
+  batch = 16
+  model = {"darts": SearchNetwork(num_classes=10, channels=4, layers=3),
+           "nb201": nb201_supernet.SearchNetworkNB201(10, channels=4, cells_per_stage=1)}[
+               network]
+  space = spaces.get_space(network)
+  images = jnp.zeros((batch, 8, 8, 3))
+  weights = jnp.full(space.alpha_shape, 1 / len(space.ops))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, weights,
+                                                train=True))
+
+  def loss(params, weights, batch_stats):
+    logits, _ = bilevel.apply_supernet(model, jnp.bfloat16, params, batch_stats, images,
+                                       weights, True)
+    assert logits.dtype == jnp.float32
+    return jnp.sum(logits)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+      variables["params"], weights, variables["batch_stats"])
+  terms = collections.defaultdict(int)  # the most terms one reduction sums, per dtype
+  for eqn in all_eqns(jaxpr.jaxpr):
+    if eqn.primitive.name == "reduce_sum":
+      aval = eqn.invars[0].aval
+      count = math.prod(aval.shape[axis] for axis in eqn.params["axes"])
+      terms[aval.dtype.name] = max(terms[aval.dtype.name], count)
+  assert terms["float32"] >= batch * 8 * 8 and terms["bfloat16"] < batch
 
 
 def test_bfloat16_step_keeps_the_state_float32():

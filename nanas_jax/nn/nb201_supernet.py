@@ -61,7 +61,7 @@ import numpy as np
 from jax import lax
 
 from nanas_jax.nn import functional as F
-from nanas_jax.nn.ops import BatchNorm
+from nanas_jax.nn.ops import BatchNorm, Classifier
 from nanas_jax.nn.supernet import (batch_norm, scan_inner_nodes,
                                     torch_uniform)
 from nanas_jax.spaces.nb201 import NB201_OPS, NUM_NODES
@@ -328,5 +328,5 @@ class SearchNetworkNB201(nn.Module):
     x = jax.nn.relu(BatchNorm(name="lastact_bn")(x, train))
     features = jnp.mean(x, axis=(1, 2))
     fan_in = features.shape[-1]
-    return nn.Dense(self.num_classes, kernel_init=torch_uniform(fan_in),
-                    bias_init=torch_uniform(fan_in), name="classifier")(features)
+    return Classifier(self.num_classes, torch_uniform(fan_in), torch_uniform(fan_in),
+                      name="classifier")(features)

@@ -53,6 +53,24 @@ class BatchNorm(nn.Module):
     return y
 
 
+class Classifier(nn.Module):
+  """``nn.Dense`` (params ``kernel[C, features]``, ``bias``) whose output, bias add
+  included, is float32 at least: the matmul runs in the input's dtype, its result is cast
+  up, then the bias is added. The bias's gradient, a sum over the batch, is then a float32
+  sum; with Flax's ``Dense`` in bfloat16 (the search's ``config.dtype``) it was a
+  bfloat16 one. In float32 this is ``Dense``'s computation."""
+  features: int
+  kernel_init: Callable
+  bias_init: Callable
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return (x @ kernel).astype(acc) + bias.astype(acc)
+
+
 def conv(features: int, kernel: int | tuple[int, int], name: str, stride=1,
          padding: int | tuple[int, int] = 0, dilation: int = 1,
          groups: int = 1) -> nn.Conv:

@@ -54,7 +54,7 @@ import numpy as np
 from jax import lax
 
 from nanas_jax.nn import functional as F
-from nanas_jax.nn.ops import BatchNorm
+from nanas_jax.nn.ops import BatchNorm, Classifier
 from nanas_jax.spaces.darts import PRIMITIVES
 
 INNER_IMPLS = ("auto", "scan", "unroll")
@@ -471,8 +471,8 @@ class SearchNetwork(nn.Module):
       reduction_prev = reduction
     features = jnp.mean(s1, axis=(1, 2))
     fan_in = features.shape[-1]
-    return nn.Dense(self.num_classes, kernel_init=torch_uniform(fan_in),
-                    bias_init=torch_uniform(fan_in), name="classifier")(features)
+    return Classifier(self.num_classes, torch_uniform(fan_in), torch_uniform(fan_in),
+                      name="classifier")(features)
 
 
 def reduction_layers(layers: int) -> Sequence[int]:
