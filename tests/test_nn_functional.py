@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nanas_jax.nn import functional as F
+from jaxprs import all_eqns
 
 # float32 results against float64 oracles.
 ATOL = 1e-5
@@ -575,3 +576,34 @@ def test_running_stats_init_compiles_nothing_and_equals_jnp_full():
   assert F.running_stats_init(0)((2,)).dtype == jnp.zeros(2).dtype == jnp.float32
   with jax.enable_x64(True):
     assert F.running_stats_init(0)((2,)).dtype == jnp.zeros(2).dtype == jnp.float64
+
+
+def test_mixed_sum_and_its_written_out_gradient_in_float64():
+  """`F.mixed_sum` against the float64 numpy formula: the weighted sum, the weights'
+  gradient (per edge and operation, the sum of the output's gradient times the
+  operation's output) and each operation's gradient (its weight times the output's
+  gradient), at float64 precision. The weights' sums read the output's gradient through
+  an optimisation barrier, the fusion boundary that keeps XLA's GPU compiler from
+  emitting the node's gradient inside them; the operations' gradients do not."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(17)
+    edges, n = 3, 4
+    weights = rng.normal(size=(edges, n))
+    parts = tuple(rng.normal(size=(edges, 2, 3, 3, 2)) for _ in range(n))
+    cot = rng.normal(size=(edges, 2, 3, 3, 2))
+    loss = lambda w, ps: jnp.sum(F.mixed_sum(w, ps) * cot)
+    out = F.mixed_sum(jnp.asarray(weights), tuple(map(jnp.asarray, parts)))
+    gw, gparts = jax.grad(loss, argnums=(0, 1))(jnp.asarray(weights),
+                                               tuple(map(jnp.asarray, parts)))
+    want = sum(weights[:, k, None, None, None, None] * parts[k] for k in range(n))
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    gw_want = np.stack([np.sum(cot * part, axis=(1, 2, 3, 4)) for part in parts], axis=1)
+    np.testing.assert_allclose(gw, gw_want, rtol=1e-12, atol=1e-12)
+    for k in range(n):
+      np.testing.assert_allclose(gparts[k], weights[:, k, None, None, None, None] * cot,
+                                 rtol=1e-12, atol=1e-12)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(weights),
+                                                          tuple(map(jnp.asarray, parts)))
+    barriers = [eqn for eqn in all_eqns(jaxpr.jaxpr)
+                if eqn.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 1 and len(barriers[0].invars) == 1

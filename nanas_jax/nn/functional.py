@@ -364,20 +364,51 @@ def take_rows(x: jax.Array, indices) -> jax.Array:
   return x[idx]
 
 
-def mixing_weights(weights: jax.Array, dtype) -> jax.Array:
-  """A group of MixedOps' ``weights[E, n]`` as ``[E, n, 1, 1, 1, 1]`` (to broadcast over
-  an operation's ``[E, B, H, W, C]``), in float32 at least, for a weighted sum of
-  operations computed in ``dtype``; the caller casts the sum back to ``dtype``.
+@jax.custom_vjp
+def mixed_sum(weights: jax.Array, parts: tuple[jax.Array, ...]) -> jax.Array:
+  """A group of MixedOps' weighted sums: ``sum_k weights[:, k] * parts[k]`` for
+  ``weights[E, n]`` and ``n`` operation outputs ``parts[k][E, B, H, W, C]`` of one dtype,
+  added in float32 at least and returned in the parts' dtype.
 
-  The sum then adds in float32, and so does its gradient with respect to the weights, a
-  sum over B, H, W and C of each operation's output times the output's gradient. In
-  bfloat16 that reduction accumulated in bfloat16 on XLA's CPU and GPU backends alike:
-  the architecture gradient of 3 edges on 16 8x8 images, C=4, was off by up to 86 %
-  on this CPU, and XLA's GPU compiler emitted such reductions at up to 10x their float32
-  kernels' size (a 3-cell, C=4 architecture gradient compiled for an H200 in 145 s; in
-  16 s with this sum and BatchNorm's in float32)."""
-  acc = jnp.promote_types(dtype, jnp.float32)
-  return weights.astype(acc).reshape(weights.shape + (1, 1, 1, 1))
+  In float32 at least, so that the gradient with respect to the weights, for each edge and
+  operation a sum over B, H, W and C of the operation's output times the output's
+  gradient, is a float32 sum. In bfloat16 autodiff's transpose of the weights' broadcast
+  summed in bfloat16 on XLA's CPU and GPU backends alike: the architecture gradient of 3
+  edges on 16 8x8 images, C=4, was off by up to 86 % on this CPU.
+
+  The gradient is written out (`_mixed_sum_bwd`) so that those sums read the output's
+  gradient through an optimisation barrier, a fusion boundary. Without it XLA's GPU
+  compiler fused a group's weight sums, siblings that read that gradient, with the loop
+  that adds up the gradient of the node they came from (hundreds of operations: the pools'
+  gradients, pads, the other edges' terms), and emitted that loop inside the sums'
+  unrolled tiles. In bfloat16 at the reference size (B=64, C=16, 8 cells, 32x32) three
+  such kernels took 8 MB of LLVM IR each and one took 24 s to compile; the architecture
+  side's H200 program compiled in 86 s instead of 31 s with the barrier (float32: 33 s
+  instead of 30 s), on a 2-core CPU, for 1-2 % more bytes moved
+  (`benchmarks/gpu_compile.py`)."""
+  acc = jnp.promote_types(parts[0].dtype, jnp.float32)
+  w = weights.astype(acc).reshape(weights.shape + (1, 1, 1, 1))
+  terms = [w[:, k] * part.astype(acc) for k, part in enumerate(parts)]
+  return functools.reduce(jnp.add, terms).astype(parts[0].dtype)
+
+
+def _mixed_sum_fwd(weights, parts):
+  return mixed_sum(weights, parts), (weights, parts)
+
+
+def _mixed_sum_bwd(residuals, g):
+  weights, parts = residuals
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  w = weights.astype(acc).reshape(weights.shape + (1, 1, 1, 1))
+  g_acc = g.astype(acc)
+  parts_grad = tuple((w[:, k] * g_acc).astype(part.dtype) for k, part in enumerate(parts))
+  g_sums = lax.optimization_barrier(g).astype(acc)
+  weights_grad = jnp.stack([jnp.sum(g_sums * part.astype(acc), axis=(1, 2, 3, 4))
+                            for part in parts], axis=1)
+  return weights_grad.astype(weights.dtype), parts_grad
+
+
+mixed_sum.defvjp(_mixed_sum_fwd, _mixed_sum_bwd)
 
 
 def sum_axis(x: jax.Array, axis: int) -> jax.Array:

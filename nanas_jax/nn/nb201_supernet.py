@@ -73,8 +73,9 @@ INPUT_EDGES = tuple(k for k, (_, j) in enumerate(EDGES) if j == 0)  # (0, 1, 3)
 INNER_EDGES = tuple(k for k, (_, j) in enumerate(EDGES) if j > 0)  # (2, 4, 5)
 CONV_IMPLS = ("auto", "unroll", "vmap", "im2col")
 INNER_IMPLS = ("scan", "unroll")
-_SKIP, _CONV1, _CONV3, _POOL = (NB201_OPS.index(name) for name in (
-    "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"))
+# The operations `nb201_mixed_edges` weighs (``none`` is exactly zero), in its parts' order.
+_MIXED = np.array([NB201_OPS.index(name) for name in (
+    "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")])
 
 
 def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
@@ -116,14 +117,13 @@ def nb201_mixed_edges(p: dict[str, jax.Array], stats: tuple[jax.Array, jax.Array
   ``[E, B, H, W, C]``, and the updated statistics. ``none`` contributes exactly zero and is
   not computed.
   """
-  w = F.mixing_weights(weights, xs.dtype)
   relu = jax.nn.relu(xs)
   convs = jnp.stack([F.pointwise_conv(relu, p["conv1x1"]),
                      edge_conv3x3(relu, p["conv3x3"], conv_impl)], axis=1)
   convs, new_stats = batch_norm(convs, 2, stats, train)
-  out = (w[:, _SKIP] * xs + w[:, _CONV1] * convs[:, 0] + w[:, _CONV3] * convs[:, 1]
-         + w[:, _POOL] * F.avg_pool_3x3(xs, 1))
-  return out.astype(xs.dtype), new_stats
+  out = F.mixed_sum(weights[:, _MIXED],
+                    (xs, convs[:, 0], convs[:, 1], F.avg_pool_3x3(xs, 1)))
+  return out, new_stats
 
 
 class _NB201EdgeGroup(nn.Module):

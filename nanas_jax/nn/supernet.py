@@ -59,11 +59,12 @@ from nanas_jax.spaces.darts import PRIMITIVES
 
 INNER_IMPLS = ("auto", "scan", "unroll")
 
-# Where each operation's weight sits along the last axis of the architecture weights: the
-# space's operation order (`spaces.darts.PRIMITIVES`, the reference's), not a copy of it.
-(_MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5) = (PRIMITIVES.index(name) for name in (
-    "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-    "dil_conv_3x3", "dil_conv_5x5"))
+# Where the operations that `mixed_edges` weighs (``none`` is exactly zero) sit along the
+# last axis of the architecture weights, in its parts' order: the space's operation order
+# (`spaces.darts.PRIMITIVES`, the reference's), not a copy of it.
+_MIXED = np.array([PRIMITIVES.index(name) for name in (
+    "max_pool_3x3", "avg_pool_3x3", "skip_connect", "dil_conv_3x3", "dil_conv_5x5",
+    "sep_conv_3x3", "sep_conv_5x5")])
 # (kernel size, dilation) of the first depthwise conv of sep3, sep5, dil3, dil5, and of the
 # second depthwise conv of sep3, sep5.
 _STAGE1 = ((3, 1), (5, 1), (3, 2), (5, 2))
@@ -130,30 +131,27 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
     y, new_stats[name] = batch_norm(x, lead, stats[name], train, shared, one_pass)
     return y
 
-  w = F.mixing_weights(weights, xs.dtype)
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
   pools = bn("pool_bn", pools, 2, shared=sources)
   if sources is not None:
     xs = F.take_rows(xs, sources)
-  out = w[:, _MAX_POOL] * pools[:, 0] + w[:, _AVG_POOL] * pools[:, 1]
   if stride == 1:
-    out = out + w[:, _SKIP] * xs
+    skip = xs
   else:
-    fr = F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"])
-    out = out + w[:, _SKIP] * bn("fr_bn", fr, 1)
+    skip = bn("fr_bn", F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"]), 1)
 
   stage1 = F.depthwise_convs(
       jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
       [d for _, d in _STAGE1], stride=stride, impl=dw_impl)
   stage1 = bn("bn1", F.pointwise_conv(stage1, p["pw1"]), 2)
-  out = out + w[:, _DIL3] * stage1[:, 2] + w[:, _DIL5] * stage1[:, 3]
 
   stage2 = F.depthwise_convs(
       jax.nn.relu(stage1[:, :2]), [p[f"dw2_{i}"] for i in range(len(_STAGE2))],
       [d for _, d in _STAGE2], impl=dw_impl)
   stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
-  out = out + w[:, _SEP3] * stage2[:, 0] + w[:, _SEP5] * stage2[:, 1]
-  return out.astype(xs.dtype), new_stats
+  out = F.mixed_sum(weights[:, _MIXED], (pools[:, 0], pools[:, 1], skip, stage1[:, 2],
+                                         stage1[:, 3], stage2[:, 0], stage2[:, 1]))
+  return out, new_stats
 
 
 class _EdgeGroup(nn.Module):

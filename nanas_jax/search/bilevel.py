@@ -56,7 +56,7 @@ bfloat16 (`apply_supernet` casts the parameters, images and architecture weights
 way in and the logits back to float32); the state stays float32. Every sum over the
 batch's pixels runs in float32: convolutions and matmuls accumulate in float32 on their
 own, the BatchNorms reduce their statistics and normalise in float32, and the MixedOps
-weigh their operations in float32 (`nanas_jax.nn.functional.mixing_weights`) and the
+weigh their operations in float32 (`nanas_jax.nn.functional.mixed_sum`) and the
 classifier adds its bias in float32 (`nanas_jax.nn.ops.Classifier`), so the gradients of
 the BatchNorms' affine parameters, of the architecture weights and of the classifier's
 bias are float32 sums.
