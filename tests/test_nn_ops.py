@@ -1,5 +1,6 @@
-"""Tests of nanas_jax.nn.ops against PyTorch's size formulas and float64 numpy oracles."""
+"""Tests of nanas_jax.nn.ops against PyTorch's size formulas, float64 numpy oracles and Flax's Dense."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,7 +250,6 @@ def test_classifier_is_flax_dense_in_float32_and_sums_its_bias_gradient_in_float
   search's ``config.dtype``), its output is float32 and its bias's gradient, a sum over
   the batch, is the float64 sum of the output's cotangent within one bfloat16 rounding;
   ``Dense``'s, a bfloat16 sum, misses that tolerance (checked, so the check can fail)."""
-  import flax.linen as nn
   rng = np.random.default_rng(3)
   x = rng.normal(size=(256, 32)).astype(np.float32)
   cot = rng.normal(size=(256, 10)).astype(np.float32)
