@@ -1,4 +1,5 @@
-"""Tests of nanas_jax.nn.ops against PyTorch's size formulas, float64 numpy oracles and Flax's Dense."""
+"""Tests of nanas_jax.nn.ops against PyTorch's size formulas, float64 numpy oracles and
+Flax's Dense."""
 
 import flax.linen as nn
 import jax
