@@ -171,9 +171,9 @@ def _tap_loop(xg, taps, geometry):
   the input: 43 GB at the DARTS search size). JAX's own gradient of the loop, with the
   windows rematerialised, adds every tap's input gradient as a zero-padded full-size
   array and traces the loop several times over (its linearisation): this one writes
-  each tap's window in place. Measured at digits sizes (README): tracing and lowering a
-  supernet gradient about 20 % faster, the step 14-16 % (means of two runs), the first
-  step level (NA-DARTS) to 9 % faster (DARTS)."""
+  each tap's window in place. Measured at digits sizes (benchmarks/README.md): tracing
+  and lowering a supernet gradient about 20 % faster, the step 14-16 % (means of two
+  runs), the first step level (NA-DARTS) to 9 % faster (DARTS)."""
   rows, cols, _, h_out, w_out = geometry
 
   def add_tap(acc, tap):

@@ -308,7 +308,7 @@ class BilevelSearch:
     # program made the DARTS step slower (B=16, C=8, 5 cells, 32x32: 1.82-1.95 s against
     # 1.41-1.45 s): without the architecture gradient's reductions, which read an inner
     # node's cotangent, XLA:CPU recomputes that cotangent in every operation's backward
-    # pass (README, "The weight step without the architecture gradient").
+    # pass (benchmarks/README.md, "The weight step without the architecture gradient").
     self._weight_step_full = not accelerator or (
         config.order == "second_fd" and not (
             self.neighborhood.size > 1
