@@ -4,13 +4,20 @@ benchmark, not a test), beside the PyTorch reference on the same chip.
   python benchmarks/device_check.py --reference=PATH/TO/darts/cnn [--preset=reference]
   benchmarks/device_check.sh PATH/TO/darts/cnn                      # the same, on a GPU
 
-Rows, each in its own subprocess (its own compile, its own peak memory), each with a
-time limit so that the whole run ends in about 8 minutes on one GPU:
+Rows, each in its own subprocess (its own compile, its own peak memory):
 
 - ours (`search_step.py`): DARTS first order, DARTS second order (finite differences),
   NA-DARTS first order with K=4 neighbors;
 - the reference (`reference_step.py`, quark0/darts ``cnn/`` read from ``--reference``,
   nothing of it in this repository): first and second order.
+
+Each row has a time limit (``--timeout``), and the whole run a budget (``--budget``, 8
+minutes by default): a row gets at most what is left of it, and a row whose turn comes
+with less than `MIN_ROW_S` left is not started, so that the report is written within the
+budget even where compiles run long. The rows run cheapest and most needed first: the
+reference's two (seconds each, and the 3x goal reads its first order), DARTS first order,
+NA-DARTS, then DARTS second order, which only the compile goal reads; the report lists
+them in the order above.
 
 ``--dtype=bfloat16`` runs our rows in bfloat16 (``config.search.dtype``; the reference
 stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
@@ -34,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,6 +63,10 @@ PRESETS = {
 }
 OURS = (("darts", "first", 1), ("darts", "second_fd", 1), ("na_darts", "first", 4))
 REFERENCE = ("first", "second")
+# The order the rows run in, as indices into the report's rows (ours, then the reference's).
+RUN_ORDER = (3, 4, 0, 2, 1)
+# A row is not started with less of the budget left than this.
+MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
           "dtype", "first_step_s", "step_s", "peak_gb")
 # Steps of a 50-epoch NA-DARTS CIFAR-10 search (configs/na_darts_cifar10.py): 390 an epoch,
@@ -122,6 +135,20 @@ def _run(cmd: list[str], timeout: float,
   return ({**result, "xla_compile": timers} if timers else result), None
 
 
+def ours_fields(algorithm: str, order: str, neighbors: int, size: dict, dtype: str,
+                inner_impl: str) -> dict:
+  """What names one of our rows."""
+  return {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
+          "neighbors": neighbors, "dtype": dtype, "inner_impl": inner_impl}
+
+
+def reference_fields(order: str, size: dict) -> dict:
+  """What names one of the reference's rows."""
+  return {"impl": "pytorch_reference", "algorithm": "darts",
+          "order": "first" if order == "first" else "second_fd", "neighbors": 1, **size,
+          "dtype": "float32"}
+
+
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
          timeout: float, dtype: str = "float32", inner_impl: str = "auto") -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
@@ -133,8 +160,7 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
   # compile timers logged.
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)
   result, error = _run(cmd, timeout, {**env, **XLA_TIMERS_ENV})
-  row = {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
-         "neighbors": neighbors, "dtype": dtype, "inner_impl": inner_impl}
+  row = ours_fields(algorithm, order, neighbors, size, dtype, inner_impl)
   if error:
     return {**row, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
@@ -149,9 +175,7 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
          f"--layers={size['layers']}", f"--size={size['size']}", f"--steps={steps}"]
   result, error = _run(cmd, timeout)
   if error:
-    return {"impl": "pytorch_reference", "algorithm": "darts",
-            "order": "first" if order == "first" else "second_fd", "neighbors": 1, **size,
-            "dtype": "float32", "error": error}
+    return {**reference_fields(order, size), "error": error}
   return {k: result[k] for k in FIELDS} | {"torch": result["torch"]}
 
 
@@ -204,6 +228,8 @@ def main(argv=None):
   parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
   parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
+  parser.add_argument("--budget", type=float, default=480.0,
+                      help="seconds for the whole run (rows not started once it is spent)")
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="our rows' compute dtype (the reference's is float32)")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
@@ -215,15 +241,26 @@ def main(argv=None):
     args.reference = reference_step.check_reference(args.reference)
   except ValueError as error:
     parser.error(str(error))
+  if args.budget < MIN_ROW_S:
+    parser.error(f"--budget={args.budget:g} leaves no row time to run: give at least "
+                 f"{MIN_ROW_S:g} seconds (the default, 480, is the GPU run's 8 minutes)")
   size = PRESETS[args.preset]
-  rows = []
-  for algorithm, order, k in OURS:
-    rows.append(ours(algorithm, order, k, size, args.steps, args.timeout, args.dtype,
-                     args.inner_impl))
-    print(json.dumps(rows[-1]), flush=True)
-  for order in REFERENCE:
-    rows.append(reference(args.reference, order, size, args.steps, args.timeout))
-    print(json.dumps(rows[-1]), flush=True)
+  # Each row: what names it, and how to run it within a time limit.
+  jobs = [(ours_fields(algorithm, order, k, size, args.dtype, args.inner_impl),
+           functools.partial(ours, algorithm, order, k, size, args.steps,
+                             dtype=args.dtype, inner_impl=args.inner_impl))
+          for algorithm, order, k in OURS]
+  jobs += [(reference_fields(order, size),
+            functools.partial(reference, args.reference, order, size, args.steps))
+           for order in REFERENCE]
+  deadline = time.monotonic() + args.budget
+  rows = [None] * len(jobs)
+  for index in RUN_ORDER:
+    fields, run_row = jobs[index]
+    left = deadline - time.monotonic()
+    rows[index] = (run_row(timeout=min(args.timeout, left)) if left >= MIN_ROW_S else
+                   {**fields, "error": f"not run: the {args.budget:g} s budget was spent"})
+    print(json.dumps(rows[index]), flush=True)
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0].device_kind
   torch_version = next((r["torch"] for r in rows if "torch" in r), None)

@@ -154,7 +154,12 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--timeout=9", f"--output_dir={out}"])
-  assert [c[0] for c in calls] == ["search_step.py"] * 3 + ["reference_step.py"] * 2
+  # The reference's rows run first, then ours (DARTS, NA-DARTS, second order); the report
+  # keeps ours first.
+  assert [c[0] for c in calls] == ["reference_step.py"] * 2 + ["search_step.py"] * 3
+  assert [c[1][3:5] for c in calls[2:]] == [
+      ["--algorithm=darts", "--order=first"], ["--algorithm=na_darts", "--order=first"],
+      ["--algorithm=darts", "--order=second_fd"]]
   assert {c[2] for c in calls} == {9.0}
   envs = {c[0]: c[3] for c in calls}
   # Our rows start as our programs do (huge pages where they help), with XLA's compile
@@ -182,6 +187,49 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   assert "threads" not in rows[3] and rows[3]["step_s"] == 1.5
   assert rows[4]["error"] == "timed out after 9 s" and "step_s" not in rows[4]
   assert {r["dtype"] for r in rows} == {"float32"}
+
+
+def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
+                                                                       monkeypatch):
+  """Every row here runs to its time limit on a clock of the test's own: each gets the
+  smaller of --timeout and what is left of --budget, and a row whose turn comes with
+  less than MIN_ROW_S left is not started but reported."""
+  now = [1000.0]
+  calls = []
+  record = _recording_run(calls)
+
+  def run_to_the_limit(cmd, timeout, env=None):
+    now[0] += timeout
+    return record(cmd, timeout, env)
+
+  monkeypatch.setattr(check, "_run", run_to_the_limit)
+  monkeypatch.setattr(check, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+  out = tmp_path / "results"
+  check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+              "--timeout=150", "--budget=480", f"--output_dir={out}"])
+  # 480 s: the reference's two rows 150 s each, DARTS 150 s, NA-DARTS the 30 s left,
+  # the second order none.
+  assert [c[2] for c in calls] == [150.0, 150.0, 150.0, 30.0]
+  assert now[0] - 1000.0 == 480.0
+  (path,) = out.iterdir()
+  rows = json.loads(path.read_text())["rows"]
+  assert rows[1]["order"] == "second_fd" and rows[1]["impl"] == "nanas_jax"
+  assert rows[1]["error"] == "not run: the 480 s budget was spent"
+  assert "step_s" not in rows[1] and rows[1]["batch"] == check.PRESETS["small"]["batch"]
+  assert all("error" not in r for i, r in enumerate(rows) if i != 1)
+  assert sorted(check.RUN_ORDER) == list(range(len(check.OURS) + len(check.REFERENCE)))
+
+
+def test_a_budget_too_short_for_any_row_is_refused_before_anything_runs(tmp_path,
+                                                                        monkeypatch,
+                                                                        capsys):
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls))
+  with pytest.raises(SystemExit) as exit_info:
+    check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--budget=5"])
+  assert exit_info.value.code == 2 and not calls
+  assert "--budget=5 leaves no row time to run: give at least 10 seconds" in (
+      capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("flags, suffix", [
