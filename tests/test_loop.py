@@ -433,6 +433,28 @@ def test_only_the_closed_loop_callbacks_of_a_failed_restore_are_dropped(monkeypa
   assert seen == ["other", "x"]
 
 
+def test_the_callbacks_are_dropped_before_restore_latest_reads_anything(tmp_path,
+                                                                         monkeypatch):
+  """A failed read's late completions (the metadata read's too) can come before the
+  failure returns, so the hook is in place before the first read."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  checkpoints = loop.Checkpoints(str(tmp_path), keep=2)
+  state = make_state()
+  checkpoints.save(1, state, {"step": 1})
+  checkpoints.wait()
+  hooked = []
+  check_shapes = loop.Checkpoints._check_shapes  # pylint: disable=protected-access
+
+  def recording(self, step, like):
+    hooked.append(getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False))
+    return check_shapes(self, step, like)
+
+  monkeypatch.setattr(loop.Checkpoints, "_check_shapes", recording)
+  assert checkpoints.restore_latest(state)[2] == 1
+  checkpoints.close()
+  assert hooked == [True]
+
+
 def test_workdirs_that_cannot_hold_results_are_refused_with_the_fix(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
