@@ -11,6 +11,8 @@ the compile would have produced, so no result changes (`nanas_jax.cli.enable_com
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -34,13 +36,28 @@ if _CACHE_ENV not in os.environ:
 # - its loop emitters compile the tests' small supernets (3 cells, C=4) about 28 % faster
 #   than its default fusion emitters (the NA-DARTS second-order step 140 s against 100 s,
 #   DARTS first order at batch 32 86 s against 63 s), with the same step time; at
-#   quick-start sizes and above the two compile alike;
+#   quick-start sizes and above the two compile alike (jaxlib 0.11 has no loop emitters:
+#   there the flag is left out, `_known_to_xla`);
 # - LLVM at optimisation level 0 compiles about half as long as at the default level 3 and
 #   runs a step 2-5x slower: the whole suite took 19:05 against 29:11 with level 3 the day
 #   before (`pytest -n 2`, the same 2-core AMD EPYC type). The tests whose programs run
 #   many steps ask for level 3 back (`optimized_env`).
 _LLVM_LEVEL = "--xla_backend_optimization_level"
 _TEST_FLAGS = {"--xla_cpu_use_fusion_emitters": "false", _LLVM_LEVEL: "0"}
+# Set by the session's owner once it has chosen the flags; the workers inherit both.
+_CHOSEN_ENV = "NANAS_JAX_TEST_XLA_FLAGS_CHOSEN"
+
+
+def _known_to_xla(flags: dict) -> dict:
+  """The ``flags`` that this jaxlib's XLA accepts. XLA ends a process whose ``XLA_FLAGS``
+  names a flag it does not know, and its flags change between releases (jaxlib 0.11
+  removed the loop emitters and ``--xla_cpu_use_fusion_emitters`` with them), so each is
+  tried first in a child process of its own, side by side."""
+  children = {name: subprocess.Popen(
+      [sys.executable, "-c", "import jax; jax.devices()"],
+      env=dict(os.environ, XLA_FLAGS=f"{name}={value}"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, value in flags.items()}
+  return {name: flags[name] for name, child in children.items() if child.wait() == 0}
 
 
 def _with_flags(flags: str, wanted: dict) -> str:
@@ -50,7 +67,10 @@ def _with_flags(flags: str, wanted: dict) -> str:
                                      if name not in names)])
 
 
-os.environ["XLA_FLAGS"] = _with_flags(os.environ.get("XLA_FLAGS", ""), _TEST_FLAGS)
+if _CHOSEN_ENV not in os.environ:
+  os.environ[_CHOSEN_ENV] = "1"
+  os.environ["XLA_FLAGS"] = _with_flags(os.environ.get("XLA_FLAGS", ""),
+                                        _known_to_xla(_TEST_FLAGS))
 
 
 @pytest.fixture
