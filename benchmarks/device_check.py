@@ -11,10 +11,15 @@ Rows, each in its own subprocess (its own compile, its own peak memory):
 - the reference (`reference_step.py`, quark0/darts ``cnn/`` read from ``--reference``,
   nothing of it in this repository): first and second order.
 
-Each row has a time limit (``--timeout``), and the whole run a budget (``--budget``, 8
-minutes by default): a row gets at most what is left of it, and a row whose turn comes
-with less than `MIN_ROW_S` left is not started, so that the report is written within the
-budget even where compiles run long. The rows run cheapest and most needed first: the
+Each row has a time limit (``--timeout``, 300 s by default), and the whole run a budget
+(``--budget``, 8 minutes by default): a row gets at most what is left of it, and a row
+whose turn comes with less than `MIN_ROW_S` left is not started, so that the report is
+written within the budget even where compiles run long. The row limit is generous because
+the budget already bounds the run: on a CPU host, JAX 0.11.2's GPU compiler (the H200
+machine's) compiled our reference-size DARTS step 1.7x as long as 0.10.2's side by side,
+2.5x one program after another (its fusion autotuner compiles every fusion on its own
+first; `benchmarks/README.md`), so a first step there may pass 150 s, and a row stopped
+at its limit reports no step at all. The rows run cheapest and most needed first: the
 reference's two (seconds each, and the 3x goal reads its first order), DARTS first order,
 NA-DARTS, then DARTS second order, which only the compile goal reads; the report lists
 them in the order above.
@@ -27,9 +32,11 @@ stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
 
 Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
-``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``
-and ``rows`` of ``{impl, algorithm, order, neighbors, batch, channels, layers, size,
-dtype, first_step_s, step_s, peak_gb}`` (a row that failed or ran out of time carries
+``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``,
+``xla_flags`` (the ``XLA_FLAGS`` our rows ran under: set them in the environment to run
+them so; a run with any writes ``<device>-xla_flags.json``) and ``rows`` of ``{impl,
+algorithm, order, neighbors, batch, channels, layers, size, dtype, first_step_s, step_s,
+peak_gb}`` (a row that failed or ran out of time carries
 ``error`` instead of its numbers; ours also carry ``neighbor_chunk``, the neighbors per
 vmapped pass, None where they run one by one, and ``xla_compile``, XLA's compile timers of
 every program that compiled for a second or more: `xla_compile_timers`), and ``goals``:
@@ -227,7 +234,7 @@ def main(argv=None):
   parser.add_argument("--reference", required=True, help="quark0/darts's cnn/ directory")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
-  parser.add_argument("--timeout", type=float, default=150.0, help="seconds per row")
+  parser.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
   parser.add_argument("--budget", type=float, default=480.0,
                       help="seconds for the whole run (rows not started once it is spent)")
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
@@ -264,8 +271,10 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0].device_kind
   torch_version = next((r["torch"] for r in rows if "torch" in r), None)
+  xla_flags = os.environ.get("XLA_FLAGS", "")
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
+            "xla_flags": xla_flags,
             "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile",
                                                  "error")
                       if k in r} for r in rows]}
@@ -275,7 +284,8 @@ def main(argv=None):
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
   suffix = "".join(f"-{value}" for value, default in (
-      (args.dtype, "float32"), (args.inner_impl, "auto")) if value != default)
+      (args.dtype, "float32"), (args.inner_impl, "auto"),
+      ("xla_flags" if xla_flags else "", "")) if value != default)
   path = os.path.join(args.output_dir, f"{name}{suffix}.json")
   with open(path, "w") as f:
     f.write(json.dumps(report, indent=2) + "\n")

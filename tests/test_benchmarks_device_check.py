@@ -151,6 +151,7 @@ def test_this_xla_prints_the_timers_that_are_read():
 def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls, True))
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # as on the GPU machine
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--timeout=9", f"--output_dir={out}"])
@@ -172,7 +173,9 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}.json".replace(" ", "_")
   assert report["preset"] == "small" and report["torch"] == "2.99"
-  assert set(report) == {"device", "jax", "torch", "date", "preset", "rows", "goals"}
+  assert set(report) == {"device", "jax", "torch", "date", "preset", "xla_flags", "rows",
+                         "goals"}
+  assert report["xla_flags"] == ""
   assert report["goals"] == check.goals(report["rows"])
   rows = report["rows"]
   assert [(r["impl"], r["algorithm"], r["order"], r["neighbors"]) for r in rows] == [
@@ -241,6 +244,7 @@ def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeyp
   reference's without (float32), and the report goes to a file of its own."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               *flags, f"--output_dir={out}"])
@@ -253,6 +257,29 @@ def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeyp
   assert [r["dtype"] for r in report["rows"]] == [dtype] * 3 + ["float32"] * 2
   inner = next((f.split("=")[1] for f in flags if f.startswith("--inner_impl")), "auto")
   assert [r.get("inner_impl") for r in report["rows"]] == [inner] * 3 + [None] * 2
+
+
+def test_a_run_under_xla_flags_records_them_and_writes_a_file_of_its_own(tmp_path,
+                                                                          monkeypatch):
+  """Our rows inherit XLA_FLAGS (a compiler setting tried on the GPU, say); the report
+  names them and does not overwrite the default run's."""
+  flags = "--xla_gpu_experimental_enable_fusion_autotuner=false"
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls))
+  out = tmp_path / "results"
+  argv = [f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+          f"--output_dir={out}"]
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  check.main(argv)
+  (default,) = out.iterdir()
+  written = default.read_text()
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  check.main(argv)
+  assert {c[3]["XLA_FLAGS"] for c in calls[5:] if c[0] == "search_step.py"} == {flags}
+  (path,) = set(out.iterdir()) - {default}
+  report = json.loads(path.read_text())
+  assert path.name == f"{report['device']}-xla_flags.json".replace(" ", "_")
+  assert report["xla_flags"] == flags and default.read_text() == written
 
 
 def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():
