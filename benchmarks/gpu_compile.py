@@ -12,7 +12,8 @@ PJRT plugin of the installed jaxlib's version (``jax-cuda12-plugin``, about 180 
 installed by ``--install`` into its own folder (``--plugin_dir``, default ``.gpu-aot/``)
 rather than the environment: installed there, every JAX program of the environment would
 try to start CUDA. Nothing runs on a GPU: no autotuning, and no step times. ``--output``
-appends each row as a JSON line (`benchmarks/results/h200_compile.jsonl`).
+appends each row as a JSON line (`benchmarks/results/h200_compile.jsonl`); a row compiled
+under ``XLA_FLAGS`` carries them (``xla_flags``).
 
 Each configuration is compiled in its own subprocess, since XLA aborts the process on an
 internal check failure; a row that failed carries ``error`` (the check's message).
@@ -440,8 +441,10 @@ def main(argv=None):
              **{k: getattr(args, k) for k in PRESETS["tiny"]}, "error": failure(out.stderr)}
     else:
       row = json.loads(out.stdout.strip().splitlines()[-1])
+    # A row compiled under XLA_FLAGS (the children inherit them) says so.
+    flags = {"xla_flags": env["XLA_FLAGS"]} if env.get("XLA_FLAGS") else {}
     line = json.dumps({"target": os.path.basename(args.target),
-                       "date": datetime.date.today().isoformat(), **row})
+                       "date": datetime.date.today().isoformat(), **flags, **row})
     print(line, flush=True)
     if args.output:
       with open(args.output, "a") as f:

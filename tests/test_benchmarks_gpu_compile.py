@@ -276,6 +276,27 @@ def test_refuses_to_run_without_the_compiler(tmp_path):
     bench.main([f"--plugin_dir={tmp_path}"])
 
 
+@pytest.mark.parametrize("flags", ["", "--xla_gpu_enable_triton_gemm=false"])
+def test_a_row_compiled_under_xla_flags_carries_them(tmp_path, monkeypatch, capsys, flags):
+  """The children inherit XLA_FLAGS; the row says what they were (none: no field)."""
+  (tmp_path / "jax_plugins").mkdir()
+  seen = []
+
+  def fake_child(cmd, env, **kwargs):
+    del kwargs
+    seen.append(env.get("XLA_FLAGS", ""))
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"compile_s": 1.0}) + "\n")
+
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  monkeypatch.setattr(bench.subprocess, "run", fake_child)
+  output = tmp_path / "rows.jsonl"
+  bench.main([f"--plugin_dir={tmp_path}", "--algorithm=darts", f"--output={output}"])
+  (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+  assert seen == [flags] and row["compile_s"] == 1.0
+  assert row.get("xla_flags") == (flags or None)
+  assert json.loads(capsys.readouterr().out) == row
+
+
 @needs_the_cuda_compiler
 def test_refuses_a_missing_target(tmp_path):
   with pytest.raises(SystemExit, match="GpuTargetConfigProto"):
