@@ -24,6 +24,9 @@ reference's two (seconds each, and the 3x goal reads its first order), DARTS fir
 NA-DARTS, then DARTS second order, which only the compile goal reads; the report lists
 them in the order above.
 
+``--rows`` runs only the rows it names (`ROW_NAMES`; the others are reported as not run),
+so that one call can run a few rows under each of two compiler settings.
+
 ``--dtype=bfloat16`` runs our rows in bfloat16 (``config.search.dtype``; the reference
 stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
 ``--inner_impl=scan`` (or ``unroll``) runs our cells' inner nodes that way
@@ -72,6 +75,9 @@ OURS = (("darts", "first", 1), ("darts", "second_fd", 1), ("na_darts", "first", 
 REFERENCE = ("first", "second")
 # The order the rows run in, as indices into the report's rows (ours, then the reference's).
 RUN_ORDER = (3, 4, 0, 2, 1)
+# The rows' names for --rows, in the report's order.
+ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tuple(
+    f"reference_{order}" for order in REFERENCE)
 # A row is not started with less of the budget left than this.
 MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
@@ -242,8 +248,16 @@ def main(argv=None):
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="our cells' inner nodes in a loop or unrolled "
                       "(config.model.inner_impl)")
+  parser.add_argument("--rows", default=",".join(ROW_NAMES),
+                      help="the rows to run, comma-separated, of " + ", ".join(ROW_NAMES)
+                      + " (the others are reported as not run)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   args = parser.parse_args(argv)
+  selected = set(args.rows.split(","))
+  if not selected <= set(ROW_NAMES):
+    parser.error(f"--rows={args.rows}: no row is named "
+                 f"{', '.join(sorted(selected - set(ROW_NAMES)))}; choose among "
+                 f"{', '.join(ROW_NAMES)}")
   try:
     args.reference = reference_step.check_reference(args.reference)
   except ValueError as error:
@@ -265,8 +279,12 @@ def main(argv=None):
   for index in RUN_ORDER:
     fields, run_row = jobs[index]
     left = deadline - time.monotonic()
-    rows[index] = (run_row(timeout=min(args.timeout, left)) if left >= MIN_ROW_S else
-                   {**fields, "error": f"not run: the {args.budget:g} s budget was spent"})
+    if ROW_NAMES[index] not in selected:
+      rows[index] = {**fields, "error": "not run: not among --rows"}
+    elif left < MIN_ROW_S:
+      rows[index] = {**fields, "error": f"not run: the {args.budget:g} s budget was spent"}
+    else:
+      rows[index] = run_row(timeout=min(args.timeout, left))
     print(json.dumps(rows[index]), flush=True)
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0].device_kind

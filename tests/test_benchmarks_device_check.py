@@ -235,6 +235,43 @@ def test_a_budget_too_short_for_any_row_is_refused_before_anything_runs(tmp_path
       capsys.readouterr().err)
 
 
+def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_path,
+                                                                         monkeypatch):
+  """--rows: the rows named run in the usual order, the others are in the report unrun,
+  and the goals that need them are unmeasured."""
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls))
+  out = tmp_path / "results"
+  check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+              "--rows=na_darts_first,reference_first,darts_first", f"--output_dir={out}"])
+  assert [(c[0], c[1][3]) for c in calls] == [
+      ("reference_step.py", "--order=first"), ("search_step.py", "--algorithm=darts"),
+      ("search_step.py", "--algorithm=na_darts")]
+  (path,) = out.iterdir()
+  report = json.loads(path.read_text())
+  assert [r.get("error") for r in report["rows"]] == [
+      None, "not run: not among --rows", None, None, "not run: not among --rows"]
+  assert check.ROW_NAMES == ("darts_first", "darts_second_fd", "na_darts_first",
+                             "reference_first", "reference_second")
+  measured = {g["goal"] for g in report["goals"] if g["value"] is not None}
+  assert "slowest first step (compile) of ours (s)" not in measured
+  assert "PyTorch reference's first-order step / ours" in measured
+
+
+def test_a_row_name_that_does_not_exist_is_refused_before_anything_runs(tmp_path,
+                                                                        monkeypatch,
+                                                                        capsys):
+  calls = []
+  monkeypatch.setattr(check, "_run", _recording_run(calls))
+  with pytest.raises(SystemExit) as exit_info:
+    check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}",
+                "--rows=darts_first,darts_second"])
+  assert exit_info.value.code == 2 and not calls
+  assert ("--rows=darts_first,darts_second: no row is named darts_second; choose among "
+          "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second"
+          in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("flags, suffix", [
     (["--dtype=bfloat16"], "-bfloat16"), (["--inner_impl=scan"], "-scan"),
     (["--dtype=bfloat16", "--inner_impl=unroll"], "-bfloat16-unroll")])
