@@ -39,12 +39,13 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 ``xla_flags`` (the ``XLA_FLAGS`` our rows ran under: set them in the environment to run
 them so; a run with any writes ``<device>-xla_flags.json``) and ``rows`` of ``{impl,
 algorithm, order, neighbors, batch, channels, layers, size, dtype, first_step_s, step_s,
-peak_gb}`` (a row that failed or ran out of time carries
-``error`` instead of its numbers; ours also carry ``neighbor_chunk``, the neighbors per
-vmapped pass, None where they run one by one, and ``xla_compile``, XLA's compile timers of
-every program that compiled for a second or more: `xla_compile_timers`), and ``goals``:
-the accelerator goals of the search step read from the rows (`goals`; they are stated at
-the reference preset).
+peak_gb}`` (a row that failed or ran out of time carries ``error`` instead of its
+numbers; ours also carry ``neighbor_chunk``, the neighbors per vmapped pass, None where
+they run one by one, and ``xla_compile``, XLA's compile timers of every program that
+compiled for a second or more: `xla_compile_timers`; one of ours stopped at its limit
+keeps what it had measured by then, ``first_step_s`` where its first step had finished
+and ``xla_compile``), and ``goals``: the accelerator goals of the search step read from
+the rows (`goals`; they are stated at the reference preset).
 """
 
 from __future__ import annotations
@@ -87,11 +88,15 @@ FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layer
 SEARCH_STEPS = 50 * (25_000 // 64)
 
 
+def _json_lines(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
 def _last_json(text: str) -> dict:
-  lines = [line for line in text.splitlines() if line.startswith("{")]
+  lines = _json_lines(text)
   if not lines:
     raise ValueError("no result line")
-  return json.loads(lines[-1])
+  return lines[-1]
 
 
 # XLA's own compile timers (its scoped logging timers, printed at verbosity 1 of the
@@ -126,16 +131,29 @@ def xla_compile_timers(stderr: str, min_s: float = 1.0) -> list[dict]:
   return sorted(rows, key=lambda r: -(r["hlo_passes_s"] + r["backend_s"]))
 
 
+def _decoded(output: bytes | str | None) -> str:
+  """What a child stopped at its limit had written: `subprocess.TimeoutExpired` holds it
+  undecoded (bytes) even where the output was to be text, or None where there was none."""
+  return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def _run(cmd: list[str], timeout: float,
          env: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
   """The last JSON line a command prints, or why there is none (a failure: the last line
   of its error output that is not a log line). Where its log has XLA's compile timers
-  (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``."""
+  (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``. A command stopped at
+  its time limit returns what it printed by then beside the error: its JSON lines merged
+  (a row's progress, such as its first step's time) and the timers of the programs that
+  had compiled, or None where it printed neither."""
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                          env=env)
-  except subprocess.TimeoutExpired:
-    return None, f"timed out after {timeout:.0f} s"
+  except subprocess.TimeoutExpired as stopped:
+    partial = {k: v for line in _json_lines(_decoded(stopped.stdout))
+               for k, v in line.items()}
+    timers = xla_compile_timers(_decoded(stopped.stderr))
+    partial = {**partial, "xla_compile": timers} if timers else partial
+    return partial or None, f"timed out after {timeout:.0f} s"
   if out.returncode:
     lines = [line for line in out.stderr.strip().splitlines()
              if line.strip() and not _LOG_LINE.match(line)]
@@ -175,7 +193,10 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
   result, error = _run(cmd, timeout, {**env, **XLA_TIMERS_ENV})
   row = ours_fields(algorithm, order, neighbors, size, dtype, inner_impl)
   if error:
-    return {**row, "error": error}
+    # A row stopped at its limit keeps how far it got: its first step, where that had
+    # finished, and the compile timers of its programs that had compiled.
+    return {**row, **{k: v for k, v in (result or {}).items()
+                      if k in ("first_step_s", "xla_compile")}, "error": error}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],

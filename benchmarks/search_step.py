@@ -85,6 +85,10 @@ def measure(args) -> dict:
     state, metrics = step(state, train, val)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
+    if len(times) == 1:
+      # Progress, for a caller that stops this process at a time limit (device_check).
+      print(json.dumps({"init_s": round(init_s, 2), "first_step_s": round(times[0], 2)}),
+            flush=True)
   k = neighbors_per_step(config)
   grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
   return {

@@ -80,6 +80,32 @@ def test_run_reads_the_last_json_line_and_reports_failures():
   assert check._run(slow, timeout=1) == (None, "timed out after 1 s")
 
 
+def test_a_command_stopped_at_its_limit_returns_what_it_had_printed():
+  """Its JSON lines merged and its XLA timers (the log below), beside the error; nothing
+  where it printed neither (above)."""
+  child = (f"import sys, time; sys.stderr.write({_LOG!r}); sys.stderr.flush(); "
+           "print('{\"init_s\": 1.5, \"first_step_s\": 9.0}', flush=True); "
+           "print('{\"first_step_s\": 8.0}', flush=True); time.sleep(60)")
+  partial, error = check._run([sys.executable, "-c", child], timeout=3)
+  assert error == "timed out after 3 s"
+  assert partial == {"init_s": 1.5, "first_step_s": 8.0,
+                     "xla_compile": check.xla_compile_timers(_LOG)}
+
+
+def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(monkeypatch):
+  timers = [{"program": "jit_grad", "hlo_passes_s": 160.0, "backend_s": 13.0}]
+  stopped = {"init_s": 3.0, "first_step_s": 250.0, "xla_compile": timers}
+  monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
+      stopped, f"timed out after {timeout:.0f} s"))
+  row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
+  assert row["error"] == "timed out after 300 s"
+  assert row["first_step_s"] == 250.0 and row["xla_compile"] == timers
+  assert "step_s" not in row and "init_s" not in row
+  monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (None, "failed"))
+  row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
+  assert row["error"] == "failed" and "first_step_s" not in row
+
+
 # XLA's timer lines as its compilers print them (the GPU's from jaxlib 0.10.2's CUDA
 # compiler, compiling for an H200 here; the CPU's likewise), and lines that must not count.
 _LOG = """\
