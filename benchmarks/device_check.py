@@ -24,8 +24,12 @@ reference's two (seconds each, and the 3x goal reads its first order), DARTS fir
 NA-DARTS, then DARTS second order, which only the compile goal reads; the report lists
 them in the order above.
 
-``--rows`` runs only the rows it names (`ROW_NAMES`; the others are reported as not run),
-so that one call can run a few rows under each of two compiler settings.
+``--profile=DIR`` traces our rows' first steps with `jax.profiler` (a folder of DIR each,
+for TensorBoard), and they report ``first_step_events``, the trace's events that took the
+most time of their own (`search_step.profile_events`): where a first step's time goes,
+compiling, autotuning or running. ``--rows`` runs only the rows it names (`ROW_NAMES`;
+the others are reported as not run), so that one call can run a few rows under each of
+two compiler settings.
 
 ``--dtype=bfloat16`` runs our rows in bfloat16 (``config.search.dtype``; the reference
 stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
@@ -181,12 +185,15 @@ def reference_fields(order: str, size: dict) -> dict:
 
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
-         timeout: float, dtype: str = "float32", inner_impl: str = "auto") -> dict:
+         timeout: float, dtype: str = "float32", inner_impl: str = "auto",
+         profile: str | None = None) -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
-         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"]
+         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"] + (
+             [f"--profile={os.path.join(profile, f'{algorithm}_{order}')}"] if profile
+             else [])
   # Started as `nanas_jax.cli`'s programs start (with huge pages where they help), XLA's
   # compile timers logged.
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)
@@ -196,11 +203,14 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
     # A row stopped at its limit keeps how far it got: its first step, where that had
     # finished, and the compile timers of its programs that had compiled.
     return {**row, **{k: v for k, v in (result or {}).items()
-                      if k in ("first_step_s", "xla_compile")}, "error": error}
+                      if k in ("first_step_s", "first_step_events", "xla_compile")},
+            "error": error}
+  events = ({"first_step_events": result["first_step_events"]}
+            if "first_step_events" in result else {})
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
-          "xla_compile": result.get("xla_compile", [])}
+          "xla_compile": result.get("xla_compile", []), **events}
 
 
 def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
@@ -269,6 +279,9 @@ def main(argv=None):
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="our cells' inner nodes in a loop or unrolled "
                       "(config.model.inner_impl)")
+  parser.add_argument("--profile", help="trace each of our rows' first step with "
+                      "jax.profiler into a folder of this directory, and report its "
+                      "longest events (first_step_events)")
   parser.add_argument("--rows", default=",".join(ROW_NAMES),
                       help="the rows to run, comma-separated, of " + ", ".join(ROW_NAMES)
                       + " (the others are reported as not run)")
@@ -290,7 +303,8 @@ def main(argv=None):
   # Each row: what names it, and how to run it within a time limit.
   jobs = [(ours_fields(algorithm, order, k, size, args.dtype, args.inner_impl),
            functools.partial(ours, algorithm, order, k, size, args.steps,
-                             dtype=args.dtype, inner_impl=args.inner_impl))
+                             dtype=args.dtype, inner_impl=args.inner_impl,
+                             profile=args.profile))
           for algorithm, order, k in OURS]
   jobs += [(reference_fields(order, size),
             functools.partial(reference, args.reference, order, size, args.steps))
@@ -315,7 +329,7 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(), "preset": args.preset,
             "xla_flags": xla_flags,
             "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile",
-                                                 "error")
+                                                 "first_step_events", "error")
                       if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:

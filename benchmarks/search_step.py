@@ -14,12 +14,17 @@ resident set size, which on a CPU includes XLA's compiler memory), ``peak_device
 step, how many neighbors one vmapped pass evaluates (``neighbor_chunk``; None when they
 are evaluated one by one, or there is one), and the device. The children start with huge
 pages where `nanas_jax.cli`'s programs would (`cli.huge_pages_environ`;
-``NANAS_HUGE_PAGES=0`` measures without).
+``NANAS_HUGE_PAGES=0`` measures without). A child prints ``init_s`` and ``first_step_s``
+as soon as its first step is done, a line before its result, so that a caller that stops
+it at a time limit still has them. ``--profile=DIR`` traces the first step with
+`jax.profiler` (into DIR, for TensorBoard) and adds ``first_step_events``: the trace's
+events that took the most time of their own (`profile_events`).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -42,6 +47,39 @@ def _peak_device_gb(device):
   stats = device.memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else round(peak / 2**30, 2)
+
+
+def profile_events(log_dir: str, top: int = 25) -> list[dict]:
+  """The events of the newest `jax.profiler` trace under ``log_dir`` that took the most
+  time of their own, longest first: ``{plane, name, calls, s, self_s}``, ``s`` their
+  summed durations and ``self_s`` that less the events nested in them on the same thread
+  (or stream). XLA's own (compiling, autotuning, running a program, the CUDA calls and
+  kernels on a GPU) are what it shows where a first step's time goes."""
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+
+  path = max(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True),
+             key=os.path.getmtime)
+  totals = {}  # (plane, name) -> [calls, ns, self ns]
+  for plane in ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      enclosing = []  # (end_ns, key) of the events open at this point, innermost last
+      for start, duration, name in sorted(((e.start_ns, e.duration_ns, e.name)
+                                           for e in line.events),
+                                          key=lambda e: (e[0], -e[1])):
+        while enclosing and enclosing[-1][0] <= start:
+          enclosing.pop()
+        key = (plane.name, name)
+        entry = totals.setdefault(key, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += duration
+        entry[2] += duration
+        if enclosing:
+          end, parent = enclosing[-1]
+          totals[parent][2] -= min(duration, end - start)
+        enclosing.append((start + duration, key))
+  rows = sorted(totals.items(), key=lambda item: -item[1][2])[:top]
+  return [{"plane": plane, "name": name, "calls": calls, "s": round(ns / 1e9, 3),
+           "self_s": round(self_ns / 1e9, 3)} for (plane, name), (calls, ns, self_ns) in rows]
 
 
 def measure(args) -> dict:
@@ -78,17 +116,24 @@ def measure(args) -> dict:
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
   step = search.jit_step()
-  times = []
+  times, first = [], {}
   for _ in range(args.steps + 1):
     train, val = batch(), batch()
+    if args.profile and not times:
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0  # Python's frames would slow the trace down
+      jax.profiler.start_trace(args.profile, profiler_options=options)
     t = time.perf_counter()
     state, metrics = step(state, train, val)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
     if len(times) == 1:
+      first = {"init_s": round(init_s, 2), "first_step_s": round(times[0], 2)}
+      if args.profile:
+        jax.profiler.stop_trace()
+        first["first_step_events"] = profile_events(args.profile)
       # Progress, for a caller that stops this process at a time limit (device_check).
-      print(json.dumps({"init_s": round(init_s, 2), "first_step_s": round(times[0], 2)}),
-            flush=True)
+      print(json.dumps(first), flush=True)
   k = neighbors_per_step(config)
   grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
   return {
@@ -98,8 +143,7 @@ def measure(args) -> dict:
       "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors,
       "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
-      "init_s": round(init_s, 2),
-      "first_step_s": round(times[0], 2),
+      **first,
       "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,
       "supernet_gradients_per_step": grads_per_step,
       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -147,6 +191,8 @@ def main(argv=None):
   parser.add_argument("--in_channels", type=int, default=1)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+  parser.add_argument("--profile", help="trace the first step with jax.profiler into this "
+                      "directory (for TensorBoard) and report its longest events")
   args = parse_with_preset(parser, PRESETS, argv)
   if args.child:
     print(json.dumps(measure(args)))
@@ -157,7 +203,8 @@ def main(argv=None):
         f"--{k}={getattr(args, k)}" for k in (
             "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl",
             "inner_impl", "channels", "layers", "size", "in_channels", "batch", "steps")] + (
-                [] if args.chunk is None else [f"--chunk={args.chunk}"])
+                [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
+                    [f"--profile={args.profile}"] if args.profile else [])
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
     out = subprocess.run(child, capture_output=True, text=True, check=False,
                          env=cli.huge_pages_environ(os.environ))

@@ -106,6 +106,31 @@ def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(mo
   assert row["error"] == "failed" and "first_step_s" not in row
 
 
+def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monkeypatch):
+  """--profile: our rows run with a trace folder each and report its events; the
+  reference's rows are not traced."""
+  calls, record = [], None
+  events = [{"plane": "/host:CPU", "name": "compile", "calls": 1, "s": 9.0, "self_s": 9.0}]
+
+  def with_events(cmd, timeout, env=None):
+    result, error = record(cmd, timeout, env)
+    return ({**result, "first_step_events": events} if "search_step.py" in cmd[1]
+            else result), error
+
+  record = _recording_run(calls)
+  monkeypatch.setattr(check, "_run", with_events)
+  out = tmp_path / "results"
+  check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
+              f"--profile={tmp_path / 'traces'}", f"--output_dir={out}"])
+  profiles = [[a for a in c[1] if a.startswith("--profile=")] for c in calls]
+  assert profiles == [[], []] + [[f"--profile={tmp_path / 'traces' / name}"]
+                                 for name in ("darts_first", "na_darts_first",
+                                              "darts_second_fd")]
+  (path,) = out.iterdir()
+  rows = json.loads(path.read_text())["rows"]
+  assert [r.get("first_step_events") for r in rows] == [events] * 3 + [None] * 2
+
+
 # XLA's timer lines as its compilers print them (the GPU's from jaxlib 0.10.2's CUDA
 # compiler, compiling for an H200 here; the CPU's likewise), and lines that must not count.
 _LOG = """\

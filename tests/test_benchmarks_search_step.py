@@ -45,10 +45,10 @@ def _child_code(body: str) -> str:
 # One configuration: each compiles a supernet step (the second order's took 70 s here).
 @pytest.mark.parametrize("algorithm,order,gradients", [("na_darts", "first", 3)])
 def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, order,
-                                                                     gradients):
+                                                                     gradients, tmp_path):
   argv = ["--child", f"--algorithm={algorithm}", f"--order={order}", "--neighbors=2",
           "--channels=2", "--layers=3", "--size=8", "--batch=4", "--steps=1",
-          "--evaluate=vmap", "--chunk=1"]
+          "--evaluate=vmap", "--chunk=1", f"--profile={tmp_path}"]
   code = _child_code(f"import device_check, search_step\nsearch_step.main({argv!r})\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=False)
@@ -56,7 +56,13 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
   progress, row = map(json.loads, result.stdout.strip().splitlines())
   # The first step's line comes first, with the result's numbers, for a caller that stops
   # the child at a time limit.
-  assert progress == {k: row[k] for k in ("init_s", "first_step_s")}
+  assert progress == {k: row[k] for k in ("init_s", "first_step_s", "first_step_events")}
+  # The profile of the first step: XLA compiled the supernet in it, and no event's own
+  # time exceeds its whole.
+  events = row["first_step_events"]
+  assert any("Compile" in e["name"] for e in events)
+  assert all(0 <= e["self_s"] <= e["s"] and e["calls"] >= 1 for e in events)
+  assert list(tmp_path.glob("**/*.xplane.pb"))
   assert (row["algorithm"], row["order"], row["batch"], row["layers"]) == (
       algorithm, order, 4, 3)
   assert row["neighbors"] == (2 if algorithm == "na_darts" else 1)
@@ -82,3 +88,39 @@ def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):
   bench.main(["--child", "--preset=reference", "--algorithm=darts", "--channels=4"])
   assert (parsed["channels"], parsed["layers"], parsed["size"], parsed["batch"]) == (
       4, 8, 32, 64)
+
+
+def _trace(path, lines):
+  """A `jax.profiler` trace file of one plane: ``lines`` of ``(name, [(event, start_ns,
+  duration_ns)])``."""
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  names = sorted({event for _, events in lines for event, _, _ in events})
+  ids = {name: i + 1 for i, name in enumerate(names)}
+  text = 'planes { id: 1 name: "/host:CPU"\n'
+  for n, (line, events) in enumerate(lines):
+    text += f'lines {{ id: {n + 1} name: "{line}" timestamp_ns: 0\n'
+    text += "".join(f"events {{ metadata_id: {ids[e]} offset_ps: {start * 1000} "
+                    f"duration_ps: {duration * 1000} }}\n" for e, start, duration in events)
+    text += "}\n"
+  text += "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}\n'
+                  for name, i in ids.items()) + "}\n"
+  path.parent.mkdir(parents=True)
+  path.write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+
+
+def test_profile_events_are_each_events_own_time_worked_out_by_hand(tmp_path):
+  """A compile of 10 s holding autotuning of 3 s and 2 s (one of them holding a kernel of
+  1 s), then a run of 4.5 s; on a second thread a compile of 6 s: its own times by hand."""
+  _trace(tmp_path / "plugins" / "profile" / "run" / "host.xplane.pb", [
+      ("main", [("compile", 0, 10_000_000_000), ("autotune", 1_000_000_000, 3_000_000_000),
+                ("kernel", 2_000_000_000, 1_000_000_000),
+                ("autotune", 5_000_000_000, 2_000_000_000),
+                ("run", 10_000_000_000, 4_500_000_000)]),
+      ("compiler", [("compile", 1_000_000_000, 6_000_000_000)])])
+  events = bench.profile_events(str(tmp_path))
+  assert [(e["name"], e["calls"], e["s"], e["self_s"]) for e in events] == [
+      ("compile", 2, 16.0, 11.0), ("run", 1, 4.5, 4.5), ("autotune", 2, 5.0, 4.0),
+      ("kernel", 1, 1.0, 1.0)]
+  assert {e["plane"] for e in events} == {"/host:CPU"}
+  assert [e["name"] for e in bench.profile_events(str(tmp_path), top=2)] == [
+      "compile", "run"]
