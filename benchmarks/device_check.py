@@ -27,7 +27,8 @@ them in the order above.
 ``--profile=DIR`` traces our rows' first steps with `jax.profiler` (a folder of DIR each,
 for TensorBoard), and they report ``first_step_events``, the trace's events that took the
 most time of their own (`search_step.profile_events`): where a first step's time goes,
-compiling, autotuning or running. ``--rows`` runs only the rows it names (`ROW_NAMES`;
+compiling, autotuning or running (``profile_error`` instead, where the profiler could not
+run; the row is measured all the same). ``--rows`` runs only the rows it names (`ROW_NAMES`;
 the others are reported as not run), so that one call can run a few rows under each of
 two compiler settings.
 
@@ -203,10 +204,10 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
     # A row stopped at its limit keeps how far it got: its first step, where that had
     # finished, and the compile timers of its programs that had compiled.
     return {**row, **{k: v for k, v in (result or {}).items()
-                      if k in ("first_step_s", "first_step_events", "xla_compile")},
+                      if k in ("first_step_s", "first_step_events", "profile_error",
+                               "xla_compile")},
             "error": error}
-  events = ({"first_step_events": result["first_step_events"]}
-            if "first_step_events" in result else {})
+  events = {k: result[k] for k in ("first_step_events", "profile_error") if k in result}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
@@ -329,7 +330,8 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(), "preset": args.preset,
             "xla_flags": xla_flags,
             "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile",
-                                                 "first_step_events", "error")
+                                                 "first_step_events", "profile_error",
+                                                 "error")
                       if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:

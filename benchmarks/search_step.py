@@ -82,6 +82,33 @@ def profile_events(log_dir: str, top: int = 25) -> list[dict]:
            "self_s": round(self_ns / 1e9, 3)} for (plane, name), (calls, ns, self_ns) in rows]
 
 
+# A profiler that cannot start or read its trace (no CUPTI in a sandbox, say) must not cost
+# the measurement: the row then says why it has no profile.
+def start_profile(log_dir: str) -> dict:
+  """Starts a `jax.profiler` trace into ``log_dir``: ``{}``, or ``{'profile_error'}``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # Python's frames would slow the trace down
+  try:
+    jax.profiler.start_trace(log_dir, profiler_options=options)
+  except Exception as error:  # pylint: disable=broad-except
+    return {"profile_error": str(error)[:300]}
+  return {}
+
+
+def finish_profile(log_dir: str) -> dict:
+  """Stops the trace `start_profile` started: ``{'first_step_events'}`` (`profile_events`),
+  or ``{'profile_error'}``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    jax.profiler.stop_trace()
+    return {"first_step_events": profile_events(log_dir)}
+  except Exception as error:  # pylint: disable=broad-except
+    return {"profile_error": str(error)[:300]}
+
+
 def measure(args) -> dict:
   """Runs one configuration in this process and returns its numbers."""
   import jax
@@ -116,22 +143,19 @@ def measure(args) -> dict:
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
   step = search.jit_step()
-  times, first = [], {}
+  times, first = [], {"init_s": round(init_s, 2)}
   for _ in range(args.steps + 1):
     train, val = batch(), batch()
     if args.profile and not times:
-      options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0  # Python's frames would slow the trace down
-      jax.profiler.start_trace(args.profile, profiler_options=options)
+      first.update(start_profile(args.profile))
     t = time.perf_counter()
     state, metrics = step(state, train, val)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
     if len(times) == 1:
-      first = {"init_s": round(init_s, 2), "first_step_s": round(times[0], 2)}
-      if args.profile:
-        jax.profiler.stop_trace()
-        first["first_step_events"] = profile_events(args.profile)
+      first["first_step_s"] = round(times[0], 2)
+      if args.profile and "profile_error" not in first:
+        first.update(finish_profile(args.profile))
       # Progress, for a caller that stops this process at a time limit (device_check).
       print(json.dumps(first), flush=True)
   k = neighbors_per_step(config)

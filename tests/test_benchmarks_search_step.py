@@ -124,3 +124,15 @@ def test_profile_events_are_each_events_own_time_worked_out_by_hand(tmp_path):
   assert {e["plane"] for e in events} == {"/host:CPU"}
   assert [e["name"] for e in bench.profile_events(str(tmp_path), top=2)] == [
       "compile", "run"]
+
+
+def test_a_profile_that_cannot_start_or_finish_is_reported_not_raised(tmp_path):
+  """JAX's own refusals: a second trace while one runs, and stopping none."""
+  assert bench.start_profile(str(tmp_path / "a")) == {}
+  try:
+    refused = bench.start_profile(str(tmp_path / "b"))
+  finally:
+    finished = bench.finish_profile(str(tmp_path / "a"))
+  assert set(refused) == {"profile_error"} and refused["profile_error"]
+  assert set(finished) == {"first_step_events"}
+  assert set(bench.finish_profile(str(tmp_path / "a"))) == {"profile_error"}
