@@ -274,16 +274,20 @@ def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
   assert sorted(check.RUN_ORDER) == list(range(len(check.OURS) + len(check.REFERENCE)))
 
 
-def test_a_budget_too_short_for_any_row_is_refused_before_anything_runs(tmp_path,
-                                                                        monkeypatch,
-                                                                        capsys):
+@pytest.mark.parametrize("flag, message", [
+    ("--budget=5", "--budget=5 leaves no row time to run: give at least 10 seconds"),
+    ("--rows=darts_first,darts_second",
+     "--rows=darts_first,darts_second: no row is named darts_second; choose among "
+     "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second")])
+def test_arguments_no_run_can_use_are_refused_before_anything_runs(tmp_path, monkeypatch,
+                                                                  capsys, flag, message):
+  """A budget too short for any row; a row name that does not exist."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
   with pytest.raises(SystemExit) as exit_info:
-    check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--budget=5"])
+    check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", flag])
   assert exit_info.value.code == 2 and not calls
-  assert "--budget=5 leaves no row time to run: give at least 10 seconds" in (
-      capsys.readouterr().err)
+  assert message in capsys.readouterr().err
 
 
 def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_path,
@@ -307,20 +311,6 @@ def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_pat
   measured = {g["goal"] for g in report["goals"] if g["value"] is not None}
   assert "slowest first step (compile) of ours (s)" not in measured
   assert "PyTorch reference's first-order step / ours" in measured
-
-
-def test_a_row_name_that_does_not_exist_is_refused_before_anything_runs(tmp_path,
-                                                                        monkeypatch,
-                                                                        capsys):
-  calls = []
-  monkeypatch.setattr(check, "_run", _recording_run(calls))
-  with pytest.raises(SystemExit) as exit_info:
-    check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}",
-                "--rows=darts_first,darts_second"])
-  assert exit_info.value.code == 2 and not calls
-  assert ("--rows=darts_first,darts_second: no row is named darts_second; choose among "
-          "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second"
-          in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("flags, suffix", [
