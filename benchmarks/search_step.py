@@ -18,7 +18,8 @@ pages where `nanas_jax.cli`'s programs would (`cli.huge_pages_environ`;
 as soon as its first step is done, a line before its result, so that a caller that stops
 it at a time limit still has them. ``--profile=DIR`` traces the first step with
 `jax.profiler` (into DIR, for TensorBoard) and adds ``first_step_events``: the trace's
-events that took the most time of their own (`profile_events`).
+events that took the most time of their own (`profile_events`; ``profile_error`` instead
+where the profiler could not run).
 """
 
 from __future__ import annotations
