@@ -84,6 +84,8 @@ RUN_ORDER = (3, 4, 0, 2, 1)
 # The rows' names for --rows, in the report's order.
 ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tuple(
     f"reference_{order}" for order in REFERENCE)
+# What `search_step.py --profile` adds to one of our rows.
+PROFILE_FIELDS = ("first_step_events", "profile_error")
 # A row is not started with less of the budget left than this.
 MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
@@ -204,10 +206,9 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
     # A row stopped at its limit keeps how far it got: its first step, where that had
     # finished, and the compile timers of its programs that had compiled.
     return {**row, **{k: v for k, v in (result or {}).items()
-                      if k in ("first_step_s", "first_step_events", "profile_error",
-                               "xla_compile")},
+                      if k in ("first_step_s", "xla_compile") + PROFILE_FIELDS},
             "error": error}
-  events = {k: result[k] for k in ("first_step_events", "profile_error") if k in result}
+  events = {k: result[k] for k in PROFILE_FIELDS if k in result}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
@@ -329,10 +330,8 @@ def main(argv=None):
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
             "xla_flags": xla_flags,
-            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile",
-                                                 "first_step_events", "profile_error",
-                                                 "error")
-                      if k in r} for r in rows]}
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile")
+                      + PROFILE_FIELDS + ("error",) if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:
     print(json.dumps(goal), flush=True)

@@ -109,7 +109,8 @@ def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(mo
 def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monkeypatch):
   """--profile: our rows run with a trace folder each and report its events; the
   reference's rows are not traced."""
-  calls, record = [], None
+  calls = []
+  record = _recording_run(calls)
   events = [{"plane": "/host:CPU", "name": "compile", "calls": 1, "s": 9.0, "self_s": 9.0}]
 
   def with_events(cmd, timeout, env=None):
@@ -117,7 +118,6 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
     return ({**result, "first_step_events": events} if "search_step.py" in cmd[1]
             else result), error
 
-  record = _recording_run(calls)
   monkeypatch.setattr(check, "_run", with_events)
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
