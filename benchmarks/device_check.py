@@ -42,7 +42,9 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
 ``benchmarks/results/<device>.json``: ``device``, ``jax``, ``torch``, ``date``, ``preset``,
 ``xla_flags`` (the ``XLA_FLAGS`` our rows ran under: set them in the environment to run
-them so; a run with any writes ``<device>-xla_flags.json``) and ``rows`` of ``{impl,
+them so; a run with any writes ``<device>-xla_flags.json``; ``--name=NAME`` writes
+``<device>-NAME.json`` instead of any of these names, so that runs under two settings of
+the flags keep both) and ``rows`` of ``{impl,
 algorithm, order, neighbors, batch, channels, layers, size, dtype, first_step_s, step_s,
 peak_gb}`` (a row that failed or ran out of time carries ``error`` instead of its
 numbers; ours also carry ``neighbor_chunk``, the neighbors per vmapped pass, None where
@@ -288,7 +290,12 @@ def main(argv=None):
                       help="the rows to run, comma-separated, of " + ", ".join(ROW_NAMES)
                       + " (the others are reported as not run)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
+  parser.add_argument("--name", help="the report's file, <device>-NAME.json (by default "
+                      "named by the run's settings: dtype, inner_impl, XLA_FLAGS)")
   args = parser.parse_args(argv)
+  if args.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+    parser.error(f"--name={args.name!r} cannot name the report's file: use letters, "
+                 "digits, '.', '_' and '-'")
   selected = set(args.rows.split(","))
   if not selected <= set(ROW_NAMES):
     parser.error(f"--rows={args.rows}: no row is named "
@@ -337,7 +344,7 @@ def main(argv=None):
     print(json.dumps(goal), flush=True)
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
-  suffix = "".join(f"-{value}" for value, default in (
+  suffix = f"-{args.name}" if args.name else "".join(f"-{value}" for value, default in (
       (args.dtype, "float32"), (args.inner_impl, "auto"),
       ("xla_flags" if xla_flags else "", "")) if value != default)
   path = os.path.join(args.output_dir, f"{name}{suffix}.json")

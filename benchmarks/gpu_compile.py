@@ -27,11 +27,16 @@ temporary buffers less those aliased, and its `kernel_counts`), ``largest_progra
 (the step's largest program: a lower bound of its peak GPU memory, which adds what the
 host keeps alive between programs, a few MB), ``launches`` (the kernels and library calls
 one step launches), ``kernels`` and ``library_calls`` (summed over the programs: what XLA
-compiles, and what it autotunes on a GPU), ``gb_moved`` (the GiB one step's launches read
-and write, `kernel_counts`) and ``traffic_ms`` (the time to move them at the target's
-memory bandwidth: what the step would take if every kernel ran at that bandwidth from
-device memory and launched at no cost; the cache and the arithmetic can make a kernel
-faster or slower than that).
+compiles, and what it autotunes on a GPU where the programs compile side by side),
+``distinct_library_calls`` (the step's distinct library calls, `distinct_calls`: what it
+autotunes where they compile one after the other), ``gb_moved`` (the GiB one step's
+launches read and write, `kernel_counts`) and ``traffic_ms`` (the time to move them at
+the target's memory bandwidth: what the step would take if every kernel ran at that
+bandwidth from device memory and launched at no cost; the cache and the arithmetic can
+make a kernel faster or slower than that). ``--profile=DIR`` traces the first compile of
+every program with `jax.profiler` and reports ``compile_events``, its events that took the
+most time of their own (`search_step.profile_events`: XLA's passes, its code generation,
+``ptxas``), or ``profile_error``.
 """
 
 from __future__ import annotations
@@ -207,17 +212,24 @@ def _fusion_reads(instructions) -> int:
 
 
 def kernel_counts(hlo: str) -> dict[str, int | float]:
-  """What one run of an optimised GPU program (``compiled.as_text()``) launches, and what
-  XLA compiles for it. ``launches``: kernels and library calls, each loop body counted its
-  known trip count times (and a conditional's largest branch); ``kernels``: the distinct
-  kernels XLA emits (fusions, copies: XLA compiles equal bodies on equal shapes once);
-  ``library_calls``: the distinct cuDNN and cuBLAS calls, each autotuned on a GPU;
-  ``gb_moved``: the GiB that the launches read and write in device memory, counted as
-  XLA's shapes say (a fusion reads each of its inputs once, or the part its slices take
-  of one, `_fusion_reads`, and writes its outputs; a library call reads its operands and
-  writes its results, less its scratch), as if no kernel found its input in the cache.
-  A loop whose trip count XLA does not know is an error: its launches cannot be
-  counted."""
+  """`program_counts`' counts alone."""
+  return program_counts(hlo)[0]
+
+
+def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
+  """``(counts, library calls)``: what one run of an optimised GPU program
+  (``compiled.as_text()``) launches, and what XLA compiles for it. ``launches``: kernels
+  and library calls, each loop body counted its known trip count times (and a
+  conditional's largest branch); ``kernels``: the distinct kernels XLA emits (fusions,
+  copies: XLA compiles equal bodies on equal shapes once); ``library_calls``: the
+  distinct cuDNN and cuBLAS calls, each autotuned on a GPU; ``gb_moved``: the GiB that
+  the launches read and write in device memory, counted as XLA's shapes say (a fusion
+  reads each of its inputs once, or the part its slices take of one, `_fusion_reads`,
+  and writes its outputs; a library call reads its operands and writes its results, less
+  its scratch), as if no kernel found its input in the cache. A loop whose trip count
+  XLA does not know is an error: its launches cannot be counted. The library calls come
+  back too, each as its instruction's text without names and with its operands' shapes,
+  so that those of several programs can be told apart (`distinct_calls`)."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
@@ -265,7 +277,10 @@ def kernel_counts(hlo: str) -> dict[str, int | float]:
         count += 1
         fused = re.search(r"calls=%([\w.\-]+)", attributes)
         if opcode == "custom-call":
-          library_calls.add(_without_names(ins["shape"] + ins["rest"]))
+          # What XLA autotunes a call for: its operands' shapes too (a GEMM's output
+          # does not say how long a dimension it contracts).
+          library_calls.add(_without_names(" ".join(
+              [ins["shape"], *(shapes[o] for o in ins["operands"]), ins["rest"]])))
           moved += _bytes(ins["shape"], scratch=False)
         else:
           kernels.add(_without_names("\n".join(
@@ -277,8 +292,16 @@ def kernel_counts(hlo: str) -> dict[str, int | float]:
     return count, moved
 
   total, moved = launches(entry)
-  return {"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
-          "gb_moved": round(moved / 2**30, 3)}
+  return ({"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
+           "gb_moved": round(moved / 2**30, 3)}, frozenset(library_calls))
+
+
+def distinct_calls(programs_calls) -> int:
+  """The distinct library calls of several programs (`program_counts`' second value of
+  each). XLA keeps its autotuning results for the rest of the process, so programs
+  compiled one after the other autotune a call they share once; compiled side by side,
+  each may autotune it."""
+  return len(frozenset().union(*programs_calls))
 
 
 def step_programs(step, args) -> list[tuple[str, object, int]]:
@@ -352,14 +375,18 @@ def measure(args) -> dict:
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
          "inner_impl": args.inner_impl}
-  programs = []
+  programs, calls_of = [], []
 
   def add(name, compile_program, calls=1):
     t = time.perf_counter()
     compiled = compile_program()
+    counts, library_calls = program_counts(compiled.as_text())
     programs.append({"name": name, "compile_s": round(time.perf_counter() - t, 1),
-                     "gb": _program_gb(compiled), "calls": calls,
-                     **kernel_counts(compiled.as_text())})
+                     "gb": _program_gb(compiled), "calls": calls, **counts})
+    calls_of.append(library_calls)
+
+  if args.profile:
+    row.update(search_step.start_profile(args.profile))
 
   if search.fused:
     add("step", lambda: jax.jit(search.step, donate_argnums=0).lower(
@@ -370,6 +397,12 @@ def measure(args) -> dict:
                  for _, closed, _ in listed]
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
+  if args.profile and "profile_error" not in row:
+    profiled = search_step.finish_profile(args.profile)
+    if "first_step_events" in profiled:  # Here the events of compiling every program once.
+      profiled = {"compile_events": profiled["first_step_events"]}
+    row.update(profiled)
+  if not search.fused:
     # The step needs the programs it compiles ahead last: the last listed of each name.
     names = [name for name, _, _ in listed][::-1]
     ahead = [len(names) - 1 - names.index(program.__name__)
@@ -383,7 +416,8 @@ def measure(args) -> dict:
           "gb_moved": round(moved, 3),
           "traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
           "kernels": sum(p["kernels"] for p in programs),
-          "library_calls": sum(p["library_calls"] for p in programs), "programs": programs}
+          "library_calls": sum(p["library_calls"] for p in programs),
+          "distinct_library_calls": distinct_calls(calls_of), "programs": programs}
 
 
 def failure(stderr: str) -> str:
@@ -412,6 +446,9 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
+  parser.add_argument("--profile", help="trace the compile of every program (once each, "
+                      "one after the other) with jax.profiler into this directory, and "
+                      "report its longest events (compile_events)")
   for name, value in PRESETS["tiny"].items():
     parser.add_argument(f"--{name}", type=int, default=value)
   args = search_step.parse_with_preset(parser, PRESETS, argv)
@@ -434,7 +471,8 @@ def main(argv=None):
         f"--{k}={getattr(args, k)}" for k in (
             "target", "order", "neighbors", "compile", "dtype", "inner_impl",
             *PRESETS["tiny"])] + (
-                [] if args.chunk is None else [f"--chunk={args.chunk}"])
+                [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
+                    [f"--profile={args.profile}"] if args.profile else [])
     out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
       row = {"algorithm": algorithm, "order": args.order, "compile": args.compile,

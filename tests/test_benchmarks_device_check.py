@@ -278,10 +278,12 @@ def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
     ("--budget=5", "--budget=5 leaves no row time to run: give at least 10 seconds"),
     ("--rows=darts_first,darts_second",
      "--rows=darts_first,darts_second: no row is named darts_second; choose among "
-     "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second")])
+     "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second"),
+    ("--name=../up", "--name='../up' cannot name the report's file: use letters, digits")])
 def test_arguments_no_run_can_use_are_refused_before_anything_runs(tmp_path, monkeypatch,
                                                                   capsys, flag, message):
-  """A budget too short for any row; a row name that does not exist."""
+  """A budget too short for any row; a row name that does not exist; a report name that
+  is not a file's."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
   with pytest.raises(SystemExit) as exit_info:
@@ -358,6 +360,14 @@ def test_a_run_under_xla_flags_records_them_and_writes_a_file_of_its_own(tmp_pat
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}-xla_flags.json".replace(" ", "_")
   assert report["xla_flags"] == flags and default.read_text() == written
+  # Under other flags, named: a third file, the two others kept.
+  flagged = path.read_text()
+  monkeypatch.setenv("XLA_FLAGS", flags + " --xla_gpu_autotune_level=0")
+  check.main(argv + ["--name=autotune_off"])
+  (named,) = set(out.iterdir()) - {default, path}
+  assert named.name == f"{report['device']}-autotune_off.json".replace(" ", "_")
+  assert json.loads(named.read_text())["xla_flags"].endswith("--xla_gpu_autotune_level=0")
+  assert default.read_text() == written and path.read_text() == flagged
 
 
 def test_old_argument_orders_become_todays_and_cuda_is_a_no_op_without_a_gpu():

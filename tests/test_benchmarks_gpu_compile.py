@@ -176,6 +176,46 @@ backend_config={"known_trip_count":{"n":"5"}}
     bench.kernel_counts("HloModule nothing\n")
 
 
+def test_library_calls_shared_by_two_programs_count_once_among_distinct_calls():
+  """Two modules written here: each calls a GEMM of the same shapes (other names and
+  metadata, the same call to autotune) and one of its own; a program's calls are its
+  distinct ones (a repeated call counts once)."""
+  def module(own_n: int, repeats: int) -> str:
+    calls = "\n".join(
+        f'  %g{i} = (f32[8,8]{{1,0}}, s8[64]{{0}}) custom-call(%x, %x), '
+        f'custom_call_target="__cublas$lt$matmul", metadata={{op_name="g{i}_{own_n}"}}'
+        for i in range(repeats))
+    return textwrap.dedent(f"""\
+        HloModule m{own_n}
+
+        ENTRY %main (x: f32[8,8]) -> f32[{own_n},8] {{
+          %x = f32[8,8]{{1,0}} parameter(0)
+        """) + calls + textwrap.dedent(f"""
+          %c = (f32[{own_n},8]{{1,0}}, u8[0]{{0}}) custom-call(%x), window={{size=3x3}}, \
+        custom_call_target="__cudnn$convForward"
+          ROOT %r = f32[{own_n},8]{{1,0}} get-tuple-element(%c), index=0
+        }}
+        """)
+
+  (first, first_calls), (second, second_calls) = (
+      bench.program_counts(module(2, repeats=1)), bench.program_counts(module(4, repeats=3)))
+  assert first["library_calls"] == second["library_calls"] == 2
+  assert first["launches"] == 2 and second["launches"] == 4
+  assert len(first_calls & second_calls) == 1
+  assert bench.distinct_calls([first_calls, second_calls]) == 3
+  assert bench.distinct_calls([first_calls, first_calls]) == 2
+  assert bench.distinct_calls([]) == 0
+  # The same output from operands of other shapes (a longer contraction): another call.
+  longer = module(2, repeats=1).replace(
+      "%x, %x), custom_call_target", "%y, %y), custom_call_target").replace(
+      "ENTRY %main (x: f32[8,8])", "ENTRY %main (x: f32[8,8], y: f32[8,16])").replace(
+      "  %x = f32[8,8]{1,0} parameter(0)\n",
+      "  %x = f32[8,8]{1,0} parameter(0)\n  %y = f32[8,16]{1,0} parameter(1)\n")
+  longer_counts, longer_calls = bench.program_counts(longer)
+  assert longer_counts["library_calls"] == 2 and "f32[8,16]" in longer
+  assert bench.distinct_calls([first_calls, longer_calls]) == 3
+
+
 def test_bytes_moved_of_a_module_by_hand():
   """A fusion that reads a quarter of one input (a slice of its view in bfloat16) and all of
   another, and a library call with a 1 GiB scratch buffer, each run twice by a loop: the
@@ -295,6 +335,22 @@ def test_a_row_compiled_under_xla_flags_carries_them(tmp_path, monkeypatch, caps
   assert seen == [flags] and row["compile_s"] == 1.0
   assert row.get("xla_flags") == (flags or None)
   assert json.loads(capsys.readouterr().out) == row
+
+
+def test_the_children_are_given_the_profile_directory(tmp_path, monkeypatch):
+  (tmp_path / "jax_plugins").mkdir()
+  commands = []
+
+  def fake_child(cmd, env, **kwargs):
+    del env, kwargs
+    commands.append(cmd)
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"compile_s": 1.0}) + "\n")
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_child)
+  bench.main([f"--plugin_dir={tmp_path}", f"--profile={tmp_path / 'traces'}"])
+  bench.main([f"--plugin_dir={tmp_path}", "--algorithm=darts"])
+  assert [[a for a in cmd if a.startswith("--profile")] for cmd in commands] == [
+      [f"--profile={tmp_path / 'traces'}"]] * 2 + [[]]
 
 
 @needs_the_cuda_compiler
