@@ -23,14 +23,14 @@ from nothing, as the step's first call compiles them, those that
 `BilevelSearch.programs_compiled_ahead` lists on side threads),
 ``programs`` (with ``compile='shared'``, every distinct jitted program of one
 step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
-temporary buffers less those aliased, and its `kernel_counts`), ``largest_program_gb``
+temporary buffers less those aliased, and its `program_counts`), ``largest_program_gb``
 (the step's largest program: a lower bound of its peak GPU memory, which adds what the
 host keeps alive between programs, a few MB), ``launches`` (the kernels and library calls
 one step launches), ``kernels`` and ``library_calls`` (summed over the programs: what XLA
 compiles, and what it autotunes on a GPU where the programs compile side by side),
 ``distinct_library_calls`` (the step's distinct library calls, `distinct_calls`: what it
 autotunes where they compile one after the other), ``gb_moved`` (the GiB one step's
-launches read and write, `kernel_counts`) and ``traffic_ms`` (the time to move them at
+launches read and write, `program_counts`) and ``traffic_ms`` (the time to move them at
 the target's memory bandwidth: what the step would take if every kernel ran at that
 bandwidth from device memory and launched at no cost; the cache and the arithmetic can
 make a kernel faster or slower than that). ``--profile=DIR`` traces the first compile of
@@ -209,11 +209,6 @@ def _fusion_reads(instructions) -> int:
 
   return round(sum(_bytes(ins["shape"]) * part(ins["name"]) for ins in instructions
                    if ins["opcode"] == "parameter"))
-
-
-def kernel_counts(hlo: str) -> dict[str, int | float]:
-  """`program_counts`' counts alone."""
-  return program_counts(hlo)[0]
 
 
 def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:

@@ -115,7 +115,7 @@ def test_kernel_launches_grow_with_a_loops_trip_count_and_kernels_do_not():
       x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
       for n in (3, 5, 9):
         compiled = jax.jit(loop, static_argnums=1).lower(on_gpu(x), n).compile()
-        print(json.dumps(gpu_compile.kernel_counts(compiled.as_text())))
+        print(json.dumps(gpu_compile.program_counts(compiled.as_text())[0]))
       """)
   counts = [json.loads(line) for line in stdout.splitlines()]
   launches = [c["launches"] for c in counts]
@@ -124,7 +124,7 @@ def test_kernel_launches_grow_with_a_loops_trip_count_and_kernels_do_not():
   assert counts[0]["kernels"] + counts[0]["library_calls"] >= 2  # the sin, the matmul
 
 
-def test_kernel_counts_of_a_module_by_hand():
+def test_program_counts_of_a_module_by_hand():
   """A module written here: two fusions of equal bodies (one kernel), a library call and
   a copy in a loop of 5 iterations whose condition launches a compare."""
   hlo = textwrap.dedent("""\
@@ -167,13 +167,13 @@ def test_kernel_counts_of_a_module_by_hand():
 backend_config={"known_trip_count":{"n":"5"}}
       }
       """)
-  counts = bench.kernel_counts(hlo)
+  counts, _ = bench.program_counts(hlo)
   assert {k: counts[k] for k in ("launches", "kernels", "library_calls")} == {
       "launches": 2 + 5 * (2 + 1), "kernels": 3, "library_calls": 1}
   with pytest.raises(ValueError, match="known trip count"):
-    bench.kernel_counts(hlo.replace('"known_trip_count":{"n":"5"}', ""))
+    bench.program_counts(hlo.replace('"known_trip_count":{"n":"5"}', ""))
   with pytest.raises(ValueError, match="ENTRY"):
-    bench.kernel_counts("HloModule nothing\n")
+    bench.program_counts("HloModule nothing\n")
 
 
 def test_library_calls_shared_by_two_programs_count_once_among_distinct_calls():
@@ -260,7 +260,7 @@ custom_call_target="__cublas$gemm"
 body=%body, backend_config={{"known_trip_count":{{"n":"2"}}}}
       }}
       """)
-  counts = bench.kernel_counts(hlo)
+  counts, _ = bench.program_counts(hlo)
   assert counts["launches"] == 4
   assert counts["gb_moved"] == round(2 * 2 * (64 + 4 + 64) / 1024, 3)
 
