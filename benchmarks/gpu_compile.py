@@ -393,10 +393,7 @@ def measure(args) -> dict:
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
   if args.profile and "profile_error" not in row:
-    profiled = search_step.finish_profile(args.profile)
-    if "first_step_events" in profiled:  # Here the events of compiling every program once.
-      profiled = {"compile_events": profiled["first_step_events"]}
-    row.update(profiled)
+    row.update(search_step.finish_profile(args.profile, "compile_events"))
   if not search.fused:
     # The step needs the programs it compiles ahead last: the last listed of each name.
     names = [name for name, _, _ in listed][::-1]

@@ -98,14 +98,14 @@ def start_profile(log_dir: str) -> dict:
   return {}
 
 
-def finish_profile(log_dir: str) -> dict:
-  """Stops the trace `start_profile` started: ``{'first_step_events'}`` (`profile_events`),
-  or ``{'profile_error'}``."""
+def finish_profile(log_dir: str, field: str = "first_step_events") -> dict:
+  """Stops the trace `start_profile` started: ``{field: profile_events}``, or
+  ``{'profile_error'}``."""
   import jax  # pylint: disable=g-import-not-at-top
 
   try:
     jax.profiler.stop_trace()
-    return {"first_step_events": profile_events(log_dir)}
+    return {field: profile_events(log_dir)}
   except Exception as error:  # pylint: disable=broad-except
     return {"profile_error": str(error)[:300]}
 
