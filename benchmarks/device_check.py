@@ -28,7 +28,10 @@ them in the order above.
 for TensorBoard), and they report ``first_step_events``, the trace's events that took the
 most time of their own (`search_step.profile_events`): where a first step's time goes,
 compiling, autotuning or running (``profile_error`` instead, where the profiler could not
-run; the row is measured all the same). ``--rows`` runs only the rows it names (`ROW_NAMES`;
+run; the row is measured all the same); and, from one more step traced after the timed
+ones, where a compiled step's time goes: ``step_events``, ``step_kinds`` (its events
+summed by kind: on a GPU its kernels, cuDNN's and cuBLAS's among them) and
+``traced_step_s``. ``--rows`` runs only the rows it names (`ROW_NAMES`;
 the others are reported as not run), so that one call can run a few rows under each of
 two compiler settings.
 
@@ -87,7 +90,8 @@ RUN_ORDER = (3, 4, 0, 2, 1)
 ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tuple(
     f"reference_{order}" for order in REFERENCE)
 # What `search_step.py --profile` adds to one of our rows.
-PROFILE_FIELDS = ("first_step_events", "profile_error")
+PROFILE_FIELDS = ("first_step_events", "step_events", "step_kinds", "traced_step_s",
+                  "profile_error")
 # A row is not started with less of the budget left than this.
 MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
@@ -206,9 +210,10 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
   row = ours_fields(algorithm, order, neighbors, size, dtype, inner_impl)
   if error:
     # A row stopped at its limit keeps how far it got: its first step, where that had
-    # finished, and the compile timers of its programs that had compiled.
+    # finished, its step time, where it was tracing one step more, and the compile timers
+    # of its programs that had compiled.
     return {**row, **{k: v for k, v in (result or {}).items()
-                      if k in ("first_step_s", "xla_compile") + PROFILE_FIELDS},
+                      if k in ("first_step_s", "step_s", "xla_compile") + PROFILE_FIELDS},
             "error": error}
   events = {k: result[k] for k in PROFILE_FIELDS if k in result}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
@@ -283,9 +288,10 @@ def main(argv=None):
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="our cells' inner nodes in a loop or unrolled "
                       "(config.model.inner_impl)")
-  parser.add_argument("--profile", help="trace each of our rows' first step with "
-                      "jax.profiler into a folder of this directory, and report its "
-                      "longest events (first_step_events)")
+  parser.add_argument("--profile", help="trace each of our rows' first step and one "
+                      "step after the timed ones with jax.profiler into a folder of this "
+                      "directory, and report their longest events (first_step_events, "
+                      "step_events, step_kinds)")
   parser.add_argument("--rows", default=",".join(ROW_NAMES),
                       help="the rows to run, comma-separated, of " + ", ".join(ROW_NAMES)
                       + " (the others are reported as not run)")

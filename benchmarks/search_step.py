@@ -15,11 +15,16 @@ step, how many neighbors one vmapped pass evaluates (``neighbor_chunk``; None wh
 are evaluated one by one, or there is one), and the device. The children start with huge
 pages where `nanas_jax.cli`'s programs would (`cli.huge_pages_environ`;
 ``NANAS_HUGE_PAGES=0`` measures without). A child prints ``init_s`` and ``first_step_s``
-as soon as its first step is done, a line before its result, so that a caller that stops
-it at a time limit still has them. ``--profile=DIR`` traces the first step with
+as soon as its first step is done, a line before its result (and with ``--profile``,
+``step_s`` before it traces a step more), so that a caller that stops it at a time limit
+still has them. ``--profile=DIR`` traces the first step with
 `jax.profiler` (into DIR, for TensorBoard) and adds ``first_step_events``: the trace's
 events that took the most time of their own (`profile_events`; ``profile_error`` instead
-where the profiler could not run).
+where the profiler could not run). It then traces one more step after the timed ones
+(into DIR/steady) and adds where a step's time goes once compiled: ``step_events``, its
+events the same way, ``step_kinds``, those summed by kind (`event_kind`: XLA's fusions,
+convolutions, library calls; on a GPU its kernels), and ``traced_step_s``, that step's
+time under the profiler.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -50,12 +56,44 @@ def _peak_device_gb(device):
   return None if peak is None else round(peak / 2**30, 2)
 
 
-def profile_events(log_dir: str, top: int = 25) -> list[dict]:
+# An HLO instruction's name is its kind and a number XLA gave it ("fusion.12",
+# "cudnn-conv-bw-filter.3"; a GPU kernel's "loop_add_fusion_7"), also when nested.
+_INSTRUCTION_NUMBER = re.compile(r"(?:[._]\d+)+$")
+
+
+def event_kind(name: str) -> str:
+  """What a trace event is, without the number that tells one HLO instruction of a kind
+  from the others: ``'multiply_add_fusion.23'`` -> ``'multiply_add_fusion'``."""
+  return _INSTRUCTION_NUMBER.sub("", name)
+
+
+# XLA's GPU runtime annotates each thunk "Thunk:#hlo_op=NAME#" (TraceMe's key=value
+# encoding); a GPU kernel's event carries the annotations open at its launch, outermost
+# first, in one statistic, where the host's thunk event has ``hlo_op`` on its own.
+_HLO_OP = re.compile(r"hlo_op=([^#,]+)")
+
+
+def _hlo_op(event) -> str | None:
+  """The HLO instruction a trace event ran for, where the trace says (a GPU kernel's, its
+  innermost annotation's)."""
+  for name, value in event.stats:
+    if name == "hlo_op":
+      return value
+    if isinstance(value, str) and "hlo_op=" in value:
+      return _HLO_OP.findall(value)[-1]
+  return None
+
+
+def profile_events(log_dir: str, top: int = 25, by_kind: bool = False) -> list[dict]:
   """The events of the newest `jax.profiler` trace under ``log_dir`` that took the most
   time of their own, longest first: ``{plane, name, calls, s, self_s}``, ``s`` their
   summed durations and ``self_s`` that less the events nested in them on the same thread
   (or stream). XLA's own (compiling, autotuning, running a program, the CUDA calls and
-  kernels on a GPU) are what it shows where a first step's time goes."""
+  kernels on a GPU) are what it shows where a first step's time goes. ``by_kind``: the
+  events of each `event_kind` summed, ``name`` the kind (how a program's time splits
+  between fusions, convolutions and library calls, which one at a time are too many), of
+  the HLO instruction that launched the event where the trace names it (`_hlo_op`: a
+  cuDNN kernel is then a ``cudnn-conv-bw-filter``), else of the event's own name."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
 
   path = max(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True),
@@ -64,9 +102,9 @@ def profile_events(log_dir: str, top: int = 25) -> list[dict]:
   for plane in ProfileData.from_file(path).planes:
     for line in plane.lines:
       enclosing = []  # (end_ns, key) of the events open at this point, innermost last
-      for start, duration, name in sorted(((e.start_ns, e.duration_ns, e.name)
-                                           for e in line.events),
-                                          key=lambda e: (e[0], -e[1])):
+      named = ((e.start_ns, e.duration_ns, event_kind(_hlo_op(e) or e.name) if by_kind
+                else e.name) for e in line.events)
+      for start, duration, name in sorted(named, key=lambda e: (e[0], -e[1])):
         while enclosing and enclosing[-1][0] <= start:
           enclosing.pop()
         key = (plane.name, name)
@@ -98,13 +136,17 @@ def start_profile(log_dir: str) -> dict:
   return {}
 
 
-def finish_profile(log_dir: str, field: str = "first_step_events") -> dict:
-  """Stops the trace `start_profile` started: ``{field: profile_events}``, or
-  ``{'profile_error'}``."""
+def finish_profile(log_dir: str, field: str = "first_step_events",
+                   kinds_field: str | None = None) -> dict:
+  """Stops the trace `start_profile` started: ``{field: profile_events}`` (and with
+  ``kinds_field``, under it, the events summed by kind), or ``{'profile_error'}``."""
   import jax  # pylint: disable=g-import-not-at-top
 
   try:
     jax.profiler.stop_trace()
+    if kinds_field:
+      return {field: profile_events(log_dir),
+              kinds_field: profile_events(log_dir, by_kind=True)}
     return {field: profile_events(log_dir)}
   except Exception as error:  # pylint: disable=broad-except
     return {"profile_error": str(error)[:300]}
@@ -159,6 +201,20 @@ def measure(args) -> dict:
         first.update(finish_profile(args.profile))
       # Progress, for a caller that stops this process at a time limit (device_check).
       print(json.dumps(first), flush=True)
+  step_s = round(statistics.median(times[1:]), 3) if len(times) > 1 else None
+  steady = {}
+  if args.profile and "profile_error" not in first:
+    # One more step, traced, after the timed ones: the profiler's cost stays out of them,
+    # and a caller that stops this process while it traces has them already.
+    print(json.dumps({"step_s": step_s}), flush=True)
+    log_dir = os.path.join(args.profile, "steady")
+    steady.update(start_profile(log_dir))
+    if not steady:
+      t = time.perf_counter()
+      state, metrics = step(state, batch(), batch())
+      jax.block_until_ready((state, metrics))
+      steady["traced_step_s"] = round(time.perf_counter() - t, 3)
+      steady.update(finish_profile(log_dir, "step_events", "step_kinds"))
   k = neighbors_per_step(config)
   grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
   return {
@@ -168,8 +224,8 @@ def measure(args) -> dict:
       "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors,
       "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
-      **first,
-      "step_s": round(statistics.median(times[1:]), 3) if len(times) > 1 else None,
+      **first, **steady,
+      "step_s": step_s,
       "supernet_gradients_per_step": grads_per_step,
       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
       "peak_device_gb": _peak_device_gb(jax.devices()[0]),

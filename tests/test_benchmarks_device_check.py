@@ -101,6 +101,11 @@ def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(mo
   assert row["error"] == "timed out after 300 s"
   assert row["first_step_s"] == 250.0 and row["xla_compile"] == timers
   assert "step_s" not in row and "init_s" not in row
+  # Stopped while it traced a step more after the timed ones: their time is kept.
+  monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
+      {**stopped, "step_s": 0.5}, f"timed out after {timeout:.0f} s"))
+  row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
+  assert (row["first_step_s"], row["step_s"]) == (250.0, 0.5) and "error" in row
   monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (None, "failed"))
   row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
   assert row["error"] == "failed" and "first_step_s" not in row
@@ -112,11 +117,12 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
   calls = []
   record = _recording_run(calls)
   events = [{"plane": "/host:CPU", "name": "compile", "calls": 1, "s": 9.0, "self_s": 9.0}]
+  steady = {"step_events": events[:1], "step_kinds": events[:1], "traced_step_s": 0.5}
 
   def with_events(cmd, timeout, env=None):
     result, error = record(cmd, timeout, env)
-    return ({**result, "first_step_events": events} if "search_step.py" in cmd[1]
-            else result), error
+    return ({**result, "first_step_events": events, **steady}
+            if "search_step.py" in cmd[1] else result), error
 
   monkeypatch.setattr(check, "_run", with_events)
   out = tmp_path / "results"
@@ -129,6 +135,7 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
   (path,) = out.iterdir()
   rows = json.loads(path.read_text())["rows"]
   assert [r.get("first_step_events") for r in rows] == [events] * 3 + [None] * 2
+  assert [{k: r[k] for k in steady if k in r} for r in rows] == [steady] * 3 + [{}] * 2
 
 
 # XLA's timer lines as its compilers print them (the GPU's from jaxlib 0.10.2's CUDA

@@ -53,16 +53,27 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  progress, row = map(json.loads, result.stdout.strip().splitlines())
-  # The first step's line comes first, with the result's numbers, for a caller that stops
-  # the child at a time limit.
+  progress, timed, row = map(json.loads, result.stdout.strip().splitlines())
+  # The first step's line comes first, then the timed steps' before the step traced after
+  # them, with the result's numbers, for a caller that stops the child at a time limit.
   assert progress == {k: row[k] for k in ("init_s", "first_step_s", "first_step_events")}
+  assert timed == {"step_s": row["step_s"]}
   # The profile of the first step: XLA compiled the supernet in it, and no event's own
   # time exceeds its whole.
   events = row["first_step_events"]
   assert any("Compile" in e["name"] for e in events)
   assert all(0 <= e["self_s"] <= e["s"] and e["calls"] >= 1 for e in events)
   assert list(tmp_path.glob("**/*.xplane.pb"))
+  # One more step traced, compiled already: XLA compiles nothing in it, and its programs'
+  # instructions, summed by kind, are among its events.
+  assert list((tmp_path / "steady").glob("**/*.xplane.pb"))
+  steady = row["step_events"] + row["step_kinds"]
+  assert steady and not any("ompile" in e["name"] for e in steady)
+  assert all(0 <= e["self_s"] <= e["s"] and e["calls"] >= 1 for e in steady)
+  kinds = {e["name"] for e in row["step_kinds"]}
+  assert any(bench.event_kind(e["name"]) in kinds and e["name"] not in kinds
+             for e in row["step_events"])
+  assert row["traced_step_s"] > 0
   assert (row["algorithm"], row["order"], row["batch"], row["layers"]) == (
       algorithm, order, 4, 3)
   assert row["neighbors"] == (2 if algorithm == "na_darts" else 1)
@@ -92,18 +103,26 @@ def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):
 
 def _trace(path, lines):
   """A `jax.profiler` trace file of one plane: ``lines`` of ``(name, [(event, start_ns,
-  duration_ns)])``."""
+  duration_ns[, {statistic: text}])])``."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  names = sorted({event for _, events in lines for event, _, _ in events})
+  names = sorted({event[0] for _, events in lines for event in events})
   ids = {name: i + 1 for i, name in enumerate(names)}
+  stat_names = sorted({stat for _, events in lines for *_, stats in events
+                       if isinstance(stats, dict) for stat in stats})
+  stat_ids = {name: i + 1 for i, name in enumerate(stat_names)}
   text = 'planes { id: 1 name: "/host:CPU"\n'
   for n, (line, events) in enumerate(lines):
     text += f'lines {{ id: {n + 1} name: "{line}" timestamp_ns: 0\n'
-    text += "".join(f"events {{ metadata_id: {ids[e]} offset_ps: {start * 1000} "
-                    f"duration_ps: {duration * 1000} }}\n" for e, start, duration in events)
+    for e, start, duration, *stats in events:
+      text += (f"events {{ metadata_id: {ids[e]} offset_ps: {start * 1000} "
+               f"duration_ps: {duration * 1000} ")
+      text += "".join(f'stats {{ metadata_id: {stat_ids[k]} str_value: "{v}" }} '
+                      for k, v in (stats[0] if stats else {}).items()) + "}\n"
     text += "}\n"
   text += "".join(f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}\n'
-                  for name, i in ids.items()) + "}\n"
+                  for name, i in ids.items())
+  text += "".join(f'stat_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}\n'
+                  for name, i in stat_ids.items()) + "}\n"
   path.parent.mkdir(parents=True)
   path.write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
 
@@ -124,6 +143,36 @@ def test_profile_events_are_each_events_own_time_worked_out_by_hand(tmp_path):
   assert {e["plane"] for e in events} == {"/host:CPU"}
   assert [e["name"] for e in bench.profile_events(str(tmp_path), top=2)] == [
       "compile", "run"]
+
+
+def test_events_by_kind_sum_each_kinds_instructions_worked_out_by_hand(tmp_path):
+  """Three fusions and two GPU kernels of one kind each, a convolution, a cuDNN kernel
+  whose annotations say it ran for another convolution, a host thunk that names its
+  instruction, and a program run holding them (times in ms): each kind's calls, durations
+  and own times summed by hand."""
+  ms = 1_000_000
+  _trace(tmp_path / "plugins" / "profile" / "run" / "host.xplane.pb", [
+      ("main", [("run", 0, 100 * ms), ("multiply_add_fusion.3", 0, 10 * ms),
+                ("multiply_add_fusion.17", 20 * ms, 30 * ms),
+                ("cudnn-conv-bw-filter.2", 50 * ms, 40 * ms),
+                ("loop_add_fusion_4", 90 * ms, 5 * ms)]),
+      ("stream", [("multiply_add_fusion.3", 0, 20 * ms),
+                  ("loop_add_fusion_12", 30 * ms, 7 * ms),
+                  ("sm90_xmma_wgrad_kernel", 40 * ms, 9 * ms, {
+                      "kernel_annotation": "XlaModule:#hlo_module=jit_g,program_id=2#::"
+                                           "Thunk:#hlo_op=cudnn-conv-bw-filter.7#"}),
+                  ("Thunk", 50 * ms, 1 * ms, {"hlo_op": "fusion.2"})])])
+  kinds = bench.profile_events(str(tmp_path), by_kind=True)
+  assert [(e["name"], e["calls"], round(e["s"] * 1e3), round(e["self_s"] * 1e3))
+          for e in kinds] == [
+              ("multiply_add_fusion", 3, 60, 60), ("cudnn-conv-bw-filter", 2, 49, 49),
+              ("run", 1, 100, 15), ("loop_add_fusion", 2, 12, 12), ("fusion", 1, 1, 1)]
+  # One at a time, the kernel keeps its own name.
+  assert ("sm90_xmma_wgrad_kernel", 1) in [
+      (e["name"], e["calls"]) for e in bench.profile_events(str(tmp_path))]
+  assert [bench.event_kind(n) for n in ("fusion", "fusion.1.2", "sm90_xmma_align4",
+                                        "PjitFunction(f)")] == [
+      "fusion", "fusion", "sm90_xmma_align4", "PjitFunction(f)"]
 
 
 def test_a_profile_that_cannot_start_or_finish_is_reported_not_raised(tmp_path):
