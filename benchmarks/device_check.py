@@ -53,9 +53,10 @@ peak_gb}`` (a row that failed or ran out of time carries ``error`` instead of it
 numbers; ours also carry ``neighbor_chunk``, the neighbors per vmapped pass, None where
 they run one by one, and ``xla_compile``, XLA's compile timers of every program that
 compiled for a second or more: `xla_compile_timers`; one of ours stopped at its limit
-keeps what it had measured by then, ``first_step_s`` where its first step had finished
-and ``xla_compile``), and ``goals``: the accelerator goals of the search step read from
-the rows (`goals`; they are stated at the reference preset).
+keeps what it had measured by then, ``first_step_s`` where its first step had finished,
+``step_s`` where it was tracing a step after the timed ones, and ``xla_compile``), and
+``goals``: the accelerator goals of the search step read from the rows (`goals`; they are
+stated at the reference preset).
 """
 
 from __future__ import annotations

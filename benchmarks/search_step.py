@@ -84,7 +84,11 @@ def _hlo_op(event) -> str | None:
   return None
 
 
-def profile_events(log_dir: str, top: int = 25, by_kind: bool = False) -> list[dict]:
+# How many events a profile reports.
+TOP_EVENTS = 25
+
+
+def profile_events(log_dir: str, top: int = TOP_EVENTS, by_kind: bool = False) -> list[dict]:
   """The events of the newest `jax.profiler` trace under ``log_dir`` that took the most
   time of their own, longest first: ``{plane, name, calls, s, self_s}``, ``s`` their
   summed durations and ``self_s`` that less the events nested in them on the same thread
@@ -94,12 +98,22 @@ def profile_events(log_dir: str, top: int = 25, by_kind: bool = False) -> list[d
   between fusions, convolutions and library calls, which one at a time are too many), of
   the HLO instruction that launched the event where the trace names it (`_hlo_op`: a
   cuDNN kernel is then a ``cudnn-conv-bw-filter``), else of the event's own name."""
+  return _ranked_events(_newest_trace(log_dir), top, by_kind)
+
+
+def _newest_trace(log_dir: str):
+  """The newest `jax.profiler` trace under ``log_dir``, read."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
 
   path = max(glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True),
              key=os.path.getmtime)
+  return ProfileData.from_file(path)
+
+
+def _ranked_events(trace, top: int, by_kind: bool) -> list[dict]:
+  """`profile_events` of a trace already read."""
   totals = {}  # (plane, name) -> [calls, ns, self ns]
-  for plane in ProfileData.from_file(path).planes:
+  for plane in trace.planes:
     for line in plane.lines:
       enclosing = []  # (end_ns, key) of the events open at this point, innermost last
       named = ((e.start_ns, e.duration_ns, event_kind(_hlo_op(e) or e.name) if by_kind
@@ -144,10 +158,11 @@ def finish_profile(log_dir: str, field: str = "first_step_events",
 
   try:
     jax.profiler.stop_trace()
+    trace = _newest_trace(log_dir)  # read once, ranked once or twice
+    events = {field: _ranked_events(trace, TOP_EVENTS, by_kind=False)}
     if kinds_field:
-      return {field: profile_events(log_dir),
-              kinds_field: profile_events(log_dir, by_kind=True)}
-    return {field: profile_events(log_dir)}
+      events[kinds_field] = _ranked_events(trace, TOP_EVENTS, by_kind=True)
+    return events
   except Exception as error:  # pylint: disable=broad-except
     return {"profile_error": str(error)[:300]}
 
@@ -272,8 +287,9 @@ def main(argv=None):
   parser.add_argument("--in_channels", type=int, default=1)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-  parser.add_argument("--profile", help="trace the first step with jax.profiler into this "
-                      "directory (for TensorBoard) and report its longest events")
+  parser.add_argument("--profile", help="trace the first step, and one step after the "
+                      "timed ones, with jax.profiler into this directory (for TensorBoard) "
+                      "and report their longest events")
   args = parse_with_preset(parser, PRESETS, argv)
   if args.child:
     print(json.dumps(measure(args)))
