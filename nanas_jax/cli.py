@@ -35,6 +35,7 @@ errors, ``--debug``, Ctrl-C, a quiet start.
 
 from __future__ import annotations
 
+import importlib
 import logging as std_logging
 import os
 import signal
@@ -77,7 +78,7 @@ def import_tensorflow_quietly() -> None:
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)
-    import tensorflow  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import
+    importlib.import_module("tensorflow")
   except Exception:  # pylint: disable=broad-except
     pass
   finally:

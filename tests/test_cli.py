@@ -1,6 +1,6 @@
 """Tests of the command-line plumbing: clipped messages, which errors are the user's, and a
 program's exit status and output for a user error, a bug, --debug and a bad flag; the
-persistent compilation cache a program turns on."""
+persistent compilation cache a program turns on; TensorFlow imported quietly."""
 
 import os
 import subprocess
@@ -224,3 +224,20 @@ def test_a_program_restarts_once_with_huge_pages_and_gets_them(tmp_path):
   out = subprocess.run([sys.executable, "-c", _RESTART_PROBE, cli.THP_MODE_FILE], env=env,
                        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
   assert out.stdout.splitlines()[-1] == "huge_mb 0"
+
+
+def test_tensorflow_is_imported_without_its_info_lines():
+  """TensorFlow prints C++ INFO lines (a oneDNN notice, CPU features) imported plainly; imported
+  through `import_tensorflow_quietly`, it is loaded and stderr stays empty. Both imports
+  run side by side, each in a fresh process (an import happens once per process)."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  quiet = ("import sys; from nanas_jax import cli; cli.import_tensorflow_quietly(); "
+           "print('tensorflow' in sys.modules)")
+  procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for code in ("import tensorflow", quiet)]
+  (_, plain_err), (quiet_out, quiet_err) = (p.communicate(timeout=300) for p in procs)
+  assert plain_err.strip(), ("TensorFlow no longer prints anything at import: the quiet "
+                             "import may no longer be needed.")
+  assert quiet_out.strip() == "True"
+  assert quiet_err == ""

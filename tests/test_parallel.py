@@ -1,5 +1,5 @@
-"""Tests of the data-parallel helpers, and of the bilevel step on 8 (fake CPU) devices
-against the same step on one device.
+"""Tests of the data-parallel helpers, and of the bilevel step and BatchNorm recalibration
+on 8 (fake CPU) devices against the same on one device.
 
 The 8-device checks run in a subprocess: the device count is fixed when JAX starts
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), and this test process already
@@ -270,3 +270,62 @@ def test_the_program_compiled_ahead_is_found_compiled_on_eight_devices():
   ahead, inline = out["True"]["counts"], out["False"]["counts"]
   assert max(ahead.values()) == 1
   assert {**inline, "jit(_softmax)": 1} == ahead
+
+
+# BatchNorm recalibration as the search's end of epoch runs it: a replicated network, the
+# calibration batches sharded over the devices.
+RECALIBRATION = textwrap.dedent("""
+    import json
+    import flax.linen as nn
+    import jax, numpy as np
+    from nanas_jax import parallel
+    from nanas_jax.nn import ops
+    from nanas_jax.nn.recalibration import average_batch_statistics
+
+    class ConvBatchNorm(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return ops.BatchNorm(name="bn")(nn.Conv(3, (3, 3), name="conv")(x), True)
+
+    model = ConvBatchNorm()
+    rng = np.random.default_rng(0)
+    # Each device's rows drawn around a mean of their own: statistics reduced per device
+    # and averaged would differ from the global batch's.
+    images = [(rng.normal(size=(16, 4, 4, 2)) + np.repeat(np.arange(8.0), 2)[:, None, None,
+               None]).astype(np.float32) for _ in range(3)]
+    variables = model.init(jax.random.key(0), images[0])
+
+    @jax.jit
+    def update(variables, stats, x):
+      return model.apply({"params": variables["params"], "batch_stats": stats}, x,
+                         mutable=["batch_stats"])[1]["batch_stats"]
+
+    def recalibrate(variables, batches):
+      return average_batch_statistics(lambda zeros, x: update(variables, zeros, x),
+                                      variables["batch_stats"], batches)
+
+    one = recalibrate(variables, [(x,) for x in images])
+    mesh = parallel.data_mesh()
+    eight = recalibrate(parallel.replicate(variables, mesh),
+                        [parallel.shard_batch((x,), mesh) for x in images])
+    per_device = recalibrate(variables, [(x[i:i + 2],) for x in images for i in range(0, 16, 2)])
+    pairs = list(zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
+    print("RESULT " + json.dumps({
+        "devices": mesh.devices.size,
+        "diff": max(float(np.abs(np.asarray(a) - parallel.to_host(b)).max()) for a, b in pairs),
+        "per_device_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                               for a, b in zip(jax.tree.leaves(one),
+                                               jax.tree.leaves(per_device))),
+        "specs": sorted({str(b.sharding.spec) for _, b in pairs})}))
+    """)
+
+
+def test_recalibration_on_eight_devices_equals_one_device():
+  """The statistics of batches sharded over 8 devices are the whole batches' (not the
+  mean of each device's rows'), and come back replicated, as the evaluation after them
+  needs."""
+  out = run_on_eight_devices(RECALIBRATION)
+  assert out["devices"] == 8
+  assert out["diff"] <= 1e-5
+  assert out["per_device_diff"] > 1.0
+  assert out["specs"] == ["P()"]
