@@ -47,14 +47,19 @@ Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and 
 ``xla_flags`` (the ``XLA_FLAGS`` our rows ran under: set them in the environment to run
 them so; a run with any writes ``<device>-xla_flags.json``; ``--name=NAME`` writes
 ``<device>-NAME.json`` instead of any of these names, so that runs under two settings of
-the flags keep both) and ``rows`` of ``{impl,
+the flags keep both), ``environment`` (JAX's account of the machine,
+`jax.print_environment_info`: on a GPU with nvidia-smi's, the driver and CUDA versions),
+``packages`` (the versions of JAX, its CUDA plugin, NVIDIA's libraries, flax, optax,
+torch and numpy: `packages`) and ``rows`` of ``{impl,
 algorithm, order, neighbors, batch, channels, layers, size, dtype, first_step_s, step_s,
 peak_gb}`` (a row that failed or ran out of time carries ``error`` instead of its
 numbers; ours also carry ``neighbor_chunk``, the neighbors per vmapped pass, None where
 they run one by one, and ``xla_compile``, XLA's compile timers of every program that
-compiled for a second or more: `xla_compile_timers`; one of ours stopped at its limit
-keeps what it had measured by then, ``first_step_s`` where its first step had finished,
-``step_s`` where it was tracing a step after the timed ones, and ``xla_compile``), and
+compiled for a second or more: `xla_compile_timers`, and ``log_warnings``, its log's
+distinct warning and error lines, counted: `log_warnings`; one of ours stopped at its
+limit keeps what it had measured by then, ``first_step_s`` where its first step had
+finished, ``step_s`` where it was tracing a step after the timed ones, ``xla_compile``
+and ``log_warnings``), and
 ``goals``: the accelerator goals of the search step read from the rows (`goals`; they are
 stated at the reference preset).
 """
@@ -64,6 +69,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -90,6 +96,8 @@ RUN_ORDER = (3, 4, 0, 2, 1)
 # The rows' names for --rows, in the report's order.
 ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tuple(
     f"reference_{order}" for order in REFERENCE)
+# What one of our rows keeps of its process's log (`_log_fields`).
+LOG_FIELDS = ("xla_compile", "log_warnings")
 # What `search_step.py --profile` adds to one of our rows.
 PROFILE_FIELDS = ("first_step_events", "step_events", "step_kinds", "traced_step_s",
                   "profile_error")
@@ -145,6 +153,28 @@ def xla_compile_timers(stderr: str, min_s: float = 1.0) -> list[dict]:
   return sorted(rows, key=lambda r: -(r["hlo_passes_s"] + r["backend_s"]))
 
 
+def log_warnings(stderr: str, limit: int = 20) -> list[dict]:
+  """The distinct warnings and errors of a process's log (its absl/glog lines of severity
+  W, E or F), in the order first seen: ``{message, count}``, the message without the
+  line's prefix, cut to 300 characters; the first ``limit`` of them. XLA and the CUDA
+  libraries say there what slows a program without failing it (PTX left to the driver to
+  compile, an algorithm that fell back), which the compile timers do not show."""
+  counts: dict[str, int] = {}
+  for line in stderr.splitlines():
+    match = _LOG_LINE.match(line)
+    if match and line[0] in "WEF":
+      message = line[match.end():].strip()[:300]
+      if message in counts or len(counts) < limit:
+        counts[message] = counts.get(message, 0) + 1
+  return [{"message": message, "count": count} for message, count in counts.items()]
+
+
+def _log_fields(stderr: str) -> dict:
+  """What a row keeps of its process's log: `LOG_FIELDS`, those it has."""
+  fields = {"xla_compile": xla_compile_timers(stderr), "log_warnings": log_warnings(stderr)}
+  return {k: v for k, v in fields.items() if v}
+
+
 def _decoded(output: bytes | str | None) -> str:
   """What a child stopped at its limit had written: `subprocess.TimeoutExpired` holds it
   undecoded (bytes) even where the output was to be text, or None where there was none."""
@@ -155,7 +185,8 @@ def _run(cmd: list[str], timeout: float,
          env: dict[str, str] | None = None) -> tuple[dict | None, str | None]:
   """The last JSON line a command prints, or why there is none (a failure: the last line
   of its error output that is not a log line). Where its log has XLA's compile timers
-  (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``. A command stopped at
+  (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``, and its log's warnings
+  and errors as ``log_warnings`` (`log_warnings`). A command stopped at
   its time limit returns what it printed by then beside the error: its JSON lines merged
   (a row's progress, such as its first step's time) and the timers of the programs that
   had compiled, or None where it printed neither."""
@@ -165,8 +196,7 @@ def _run(cmd: list[str], timeout: float,
   except subprocess.TimeoutExpired as stopped:
     partial = {k: v for line in _json_lines(_decoded(stopped.stdout))
                for k, v in line.items()}
-    timers = xla_compile_timers(_decoded(stopped.stderr))
-    partial = {**partial, "xla_compile": timers} if timers else partial
+    partial = {**partial, **_log_fields(_decoded(stopped.stderr))}
     return partial or None, f"timed out after {timeout:.0f} s"
   if out.returncode:
     lines = [line for line in out.stderr.strip().splitlines()
@@ -176,8 +206,7 @@ def _run(cmd: list[str], timeout: float,
     result = _last_json(out.stdout)
   except ValueError as error:
     return None, str(error)
-  timers = xla_compile_timers(out.stderr)
-  return ({**result, "xla_compile": timers} if timers else result), None
+  return {**result, **_log_fields(out.stderr)}, None
 
 
 def ours_fields(algorithm: str, order: str, neighbors: int, size: dict, dtype: str,
@@ -214,13 +243,13 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
     # finished, its step time, where it was tracing one step more, and the compile timers
     # of its programs that had compiled.
     return {**row, **{k: v for k, v in (result or {}).items()
-                      if k in ("first_step_s", "step_s", "xla_compile") + PROFILE_FIELDS},
+                      if k in ("first_step_s", "step_s") + LOG_FIELDS + PROFILE_FIELDS},
             "error": error}
   events = {k: result[k] for k in PROFILE_FIELDS if k in result}
   return {**row, "first_step_s": result["first_step_s"], "step_s": result["step_s"],
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
-          "xla_compile": result.get("xla_compile", []), **events}
+          **{k: result.get(k, []) for k in LOG_FIELDS}, **events}
 
 
 def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
@@ -231,6 +260,22 @@ def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> 
   if error:
     return {**reference_fields(order, size), "error": error}
   return {k: result[k] for k in FIELDS} | {"torch": result["torch"]}
+
+
+# The installed distributions a report lists: the ones its programs run on.
+_PACKAGES = re.compile(r"jax.*|nvidia-.*|flax|optax|torch|numpy")
+
+
+def packages() -> dict[str, str]:
+  """The versions of the installed distributions the rows ran on (JAX and its CUDA
+  plugin, NVIDIA's libraries: cuDNN, cuBLAS, the CUDA runtime, ...; flax, optax, torch,
+  numpy), by name."""
+  found = {}
+  for dist in importlib.metadata.distributions():
+    name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+    if _PACKAGES.fullmatch(name):
+      found[name] = dist.version
+  return dict(sorted(found.items()))
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -344,7 +389,10 @@ def main(argv=None):
   report = {"device": device, "jax": jax.__version__, "torch": torch_version,
             "date": datetime.date.today().isoformat(), "preset": args.preset,
             "xla_flags": xla_flags,
-            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl", "xla_compile")
+            # The machine: JAX's account of it (nvidia-smi's on a GPU: driver, CUDA).
+            "environment": jax.print_environment_info(return_string=True).splitlines(),
+            "packages": packages(),
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl") + LOG_FIELDS
                       + PROFILE_FIELDS + ("error",) if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from nanas_jax import cli
@@ -94,12 +95,15 @@ def test_a_command_stopped_at_its_limit_returns_what_it_had_printed():
 
 def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(monkeypatch):
   timers = [{"program": "jit_grad", "hlo_passes_s": 160.0, "backend_s": 13.0}]
-  stopped = {"init_s": 3.0, "first_step_s": 250.0, "xla_compile": timers}
+  warnings = [{"message": "Falling back to the CUDA driver", "count": 1}]
+  stopped = {"init_s": 3.0, "first_step_s": 250.0, "xla_compile": timers,
+             "log_warnings": warnings}
   monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
       stopped, f"timed out after {timeout:.0f} s"))
   row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
   assert row["error"] == "timed out after 300 s"
   assert row["first_step_s"] == 250.0 and row["xla_compile"] == timers
+  assert row["log_warnings"] == warnings
   assert "step_s" not in row and "init_s" not in row
   # Stopped while it traced a step more after the timed ones: their time is kept.
   monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
@@ -177,6 +181,32 @@ def test_xla_compile_timers_are_read_per_program_longest_first():
   assert check.xla_compile_timers("no timers here") == []
 
 
+# Warnings and errors in absl/glog's format (one of them in the format of lines logged
+# before absl's logging starts), among lines that must not count: an info line, a line in
+# no log format that starts with W.
+_WARNINGS = """\
+I1204 19:02:10.000001   15295 gpu_compiler.cc:2152] Compiling jit_grad
+W1204 19:02:11.000001   15295 nvptx_compiler.cc:800] Falling back to the CUDA driver for \
+PTX compilation; ptxas does not support CC 9.0
+W1204 19:02:12.000001   15296 nvptx_compiler.cc:800] Falling back to the CUDA driver for \
+PTX compilation; ptxas does not support CC 9.0
+E0000 00:00:1796422025.267631   20788 cuda_dnn.cc:100] Could not create cudnn handle
+Warning: no log format
+W1204 19:02:14.000001   15295 autotuner.cc:90] %s
+""".replace("\\\n", "") % ("x" * 400)
+
+
+def test_log_warnings_are_the_distinct_warning_and_error_lines_counted():
+  ptx = ("Falling back to the CUDA driver for PTX compilation; ptxas does not support CC "
+         "9.0")
+  assert check.log_warnings(_WARNINGS) == [
+      {"message": ptx, "count": 2}, {"message": "Could not create cudnn handle", "count": 1},
+      {"message": "x" * 300, "count": 1}]
+  # The first ``limit`` messages, each still counted in full.
+  assert check.log_warnings(_WARNINGS, limit=1) == [{"message": ptx, "count": 2}]
+  assert check.log_warnings(_LOG) == []
+
+
 def test_run_returns_xla_timers_and_a_failure_not_a_log_line():
   """`_run` on children that print the log above: a result carries its timers; a failure
   is the last line that is not a log line."""
@@ -185,6 +215,11 @@ def test_run_returns_xla_timers_and_a_failure_not_a_log_line():
   result, error = check._run(ok, timeout=60)
   assert error is None and result["a"] == 1
   assert result["xla_compile"] == check.xla_compile_timers(_LOG)
+  assert "log_warnings" not in result
+  warned = [sys.executable, "-c", f"import sys; sys.stderr.write({_WARNINGS!r}); "
+            "print('{\"a\": 1}')"]
+  result, error = check._run(warned, timeout=60)
+  assert error is None and result["log_warnings"] == check.log_warnings(_WARNINGS)
   failed = [sys.executable, "-c", "import sys; sys.stderr.write('Out of memory\\n'); "
             + log + "sys.exit(1)"]
   assert check._run(failed, timeout=60) == (None, "Out of memory")
@@ -231,8 +266,12 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}.json".replace(" ", "_")
   assert report["preset"] == "small" and report["torch"] == "2.99"
-  assert set(report) == {"device", "jax", "torch", "date", "preset", "xla_flags", "rows",
-                         "goals"}
+  assert set(report) == {"device", "jax", "torch", "date", "preset", "xla_flags",
+                         "environment", "packages", "rows", "goals"}
+  import jax  # pylint: disable=import-outside-toplevel
+  assert report["environment"][0] == f"jax:    {jax.__version__}"
+  assert report["packages"]["jax"] == jax.__version__
+  assert report["packages"]["numpy"] == np.__version__
   assert report["xla_flags"] == ""
   assert report["goals"] == check.goals(report["rows"])
   rows = report["rows"]
