@@ -27,7 +27,9 @@ them in the order above.
 ``--profile=DIR`` traces our rows' first steps with `jax.profiler` (a folder of DIR each,
 for TensorBoard), and they report ``first_step_events``, the trace's events that took the
 most time of their own (`search_step.profile_events`): where a first step's time goes,
-compiling, autotuning or running (``profile_error`` instead, where the profiler could not
+compiling, autotuning or running, and ``first_step_kinds``, the same summed by kind (on a
+GPU the first run of each kind of instruction: cuDNN builds its convolutions' execution
+plans at their first run) (``profile_error`` instead, where the profiler could not
 run; the row is measured all the same); and, from one more step traced after the timed
 ones, where a compiled step's time goes: ``step_events``, ``step_kinds`` (its events
 summed by kind: on a GPU its kernels, cuDNN's and cuBLAS's among them) and
@@ -99,8 +101,8 @@ ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tupl
 # What one of our rows keeps of its process's log (`_log_fields`).
 LOG_FIELDS = ("xla_compile", "log_warnings")
 # What `search_step.py --profile` adds to one of our rows.
-PROFILE_FIELDS = ("first_step_events", "step_events", "step_kinds", "traced_step_s",
-                  "profile_error")
+PROFILE_FIELDS = ("first_step_events", "first_step_kinds", "step_events", "step_kinds",
+                  "traced_step_s", "profile_error")
 # A row is not started with less of the budget left than this.
 MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",

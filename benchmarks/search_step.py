@@ -20,8 +20,10 @@ as soon as its first step is done, a line before its result (and with ``--profil
 still has them. ``--profile=DIR`` traces the first step with
 `jax.profiler` (into DIR, for TensorBoard) and adds ``first_step_events``: the trace's
 events that took the most time of their own (`profile_events`; ``profile_error`` instead
-where the profiler could not run). It then traces one more step after the timed ones
-(into DIR/steady) and adds where a step's time goes once compiled: ``step_events``, its
+where the profiler could not run), and ``first_step_kinds``, those summed by kind (below:
+on a GPU, the first run of each kind of instruction, cuDNN's convolutions among them,
+whose execution plans cuDNN builds then). It then traces one more step after the timed
+ones (into DIR/steady) and adds where a step's time goes once compiled: ``step_events``, its
 events the same way, ``step_kinds``, those summed by kind (`event_kind`: XLA's fusions,
 convolutions, library calls; on a GPU its kernels), and ``traced_step_s``, that step's
 time under the profiler.
@@ -213,7 +215,7 @@ def measure(args) -> dict:
     if len(times) == 1:
       first["first_step_s"] = round(times[0], 2)
       if args.profile and "profile_error" not in first:
-        first.update(finish_profile(args.profile))
+        first.update(finish_profile(args.profile, "first_step_events", "first_step_kinds"))
       # Progress, for a caller that stops this process at a time limit (device_check).
       print(json.dumps(first), flush=True)
   step_s = round(statistics.median(times[1:]), 3) if len(times) > 1 else None

@@ -125,7 +125,7 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
 
   def with_events(cmd, timeout, env=None):
     result, error = record(cmd, timeout, env)
-    return ({**result, "first_step_events": events, **steady}
+    return ({**result, "first_step_events": events, "first_step_kinds": events, **steady}
             if "search_step.py" in cmd[1] else result), error
 
   monkeypatch.setattr(check, "_run", with_events)
@@ -139,6 +139,7 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
   (path,) = out.iterdir()
   rows = json.loads(path.read_text())["rows"]
   assert [r.get("first_step_events") for r in rows] == [events] * 3 + [None] * 2
+  assert [r.get("first_step_kinds") for r in rows] == [events] * 3 + [None] * 2
   assert [{k: r[k] for k in steady if k in r} for r in rows] == [steady] * 3 + [{}] * 2
 
 

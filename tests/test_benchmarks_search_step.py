@@ -56,13 +56,21 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
   progress, timed, row = map(json.loads, result.stdout.strip().splitlines())
   # The first step's line comes first, then the timed steps' before the step traced after
   # them, with the result's numbers, for a caller that stops the child at a time limit.
-  assert progress == {k: row[k] for k in ("init_s", "first_step_s", "first_step_events")}
+  assert progress == {k: row[k] for k in ("init_s", "first_step_s", "first_step_events",
+                                          "first_step_kinds")}
   assert timed == {"step_s": row["step_s"]}
   # The profile of the first step: XLA compiled the supernet in it, and no event's own
   # time exceeds its whole.
   events = row["first_step_events"]
   assert any("Compile" in e["name"] for e in events)
   assert all(0 <= e["self_s"] <= e["s"] and e["calls"] >= 1 for e in events)
+  # The same summed by kind: no more kinds than events, each kind's time at least that
+  # of any one of its events.
+  kinds = {e["name"]: e for e in row["first_step_kinds"]}
+  assert kinds and all(0 <= e["self_s"] <= e["s"] for e in kinds.values())
+  for event in events:
+    kind = kinds.get(bench.event_kind(event["name"]))
+    assert kind is None or kind["self_s"] >= event["self_s"] - 1e-3
   assert list(tmp_path.glob("**/*.xplane.pb"))
   # One more step traced, compiled already: XLA compiles nothing in it, and its programs'
   # instructions, summed by kind, are among its events.
