@@ -27,9 +27,9 @@ them in the order above.
 ``--profile=DIR`` traces our rows' first steps with `jax.profiler` (a folder of DIR each,
 for TensorBoard), and they report ``first_step_events``, the trace's events that took the
 most time of their own (`search_step.profile_events`): where a first step's time goes,
-compiling, autotuning or running, and ``first_step_kinds``, the same summed by kind (on a
-GPU the first run of each kind of instruction: cuDNN builds its convolutions' execution
-plans at their first run) (``profile_error`` instead, where the profiler could not
+compiling, autotuning or running, and ``first_step_kinds``, the same summed by kind, on a
+GPU the first run of each kind of instruction, where cuDNN builds its convolutions'
+execution plans (``profile_error`` instead, where the profiler could not
 run; the row is measured all the same); and, from one more step traced after the timed
 ones, where a compiled step's time goes: ``step_events``, ``step_kinds`` (its events
 summed by kind: on a GPU its kernels, cuDNN's and cuBLAS's among them) and
@@ -173,8 +173,8 @@ def log_warnings(stderr: str, limit: int = 20) -> list[dict]:
 
 def _log_fields(stderr: str) -> dict:
   """What a row keeps of its process's log: `LOG_FIELDS`, those it has."""
-  fields = {"xla_compile": xla_compile_timers(stderr), "log_warnings": log_warnings(stderr)}
-  return {k: v for k, v in fields.items() if v}
+  fields = zip(LOG_FIELDS, (xla_compile_timers(stderr), log_warnings(stderr)))
+  return {k: v for k, v in fields if v}
 
 
 def _decoded(output: bytes | str | None) -> str:
@@ -190,8 +190,8 @@ def _run(cmd: list[str], timeout: float,
   (`XLA_TIMERS_ENV`), the result carries them as ``xla_compile``, and its log's warnings
   and errors as ``log_warnings`` (`log_warnings`). A command stopped at
   its time limit returns what it printed by then beside the error: its JSON lines merged
-  (a row's progress, such as its first step's time) and the timers of the programs that
-  had compiled, or None where it printed neither."""
+  (a row's progress, such as its first step's time), the timers of the programs that
+  had compiled and the warnings so far, or None where it printed none of these."""
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                          env=env)
