@@ -30,7 +30,10 @@ most time of their own (`search_step.profile_events`): where a first step's time
 compiling, autotuning or running, and ``first_step_kinds``, the same summed by kind, on a
 GPU the first run of each kind of instruction, where cuDNN builds its convolutions'
 execution plans (``profile_error`` instead, where the profiler could not
-run; the row is measured all the same); and, from one more step traced after the timed
+run; the row is measured all the same; a first step still running `PROFILE_MARGIN_S`
+before the row's limit has its trace cut there and reported, with
+``first_step_trace_cut_s``, so that a row stopped at its limit still says where its first
+step went); and, from one more step traced after the timed
 ones, where a compiled step's time goes: ``step_events``, ``step_kinds`` (its events
 summed by kind: on a GPU its kernels, cuDNN's and cuBLAS's among them) and
 ``traced_step_s``. ``--rows`` runs only the rows it names (`ROW_NAMES`;
@@ -101,8 +104,12 @@ ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tupl
 # What one of our rows keeps of its process's log (`_log_fields`).
 LOG_FIELDS = ("xla_compile", "log_warnings")
 # What `search_step.py --profile` adds to one of our rows.
-PROFILE_FIELDS = ("first_step_events", "first_step_kinds", "step_events", "step_kinds",
-                  "traced_step_s", "profile_error")
+PROFILE_FIELDS = ("first_step_events", "first_step_kinds", "first_step_trace_cut_s",
+                  "step_events", "step_kinds", "traced_step_s", "profile_error")
+# A profiled row's first-step trace is cut this long before the row's time limit if the
+# step still runs (`search_step.FirstStepTrace`): time to stop the trace, read it and print
+# its events (at most half the limit).
+PROFILE_MARGIN_S = 30.0
 # A row is not started with less of the budget left than this.
 MIN_ROW_S = 10.0
 FIELDS = ("impl", "algorithm", "order", "neighbors", "batch", "channels", "layers", "size",
@@ -232,9 +239,11 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
-         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"] + (
-             [f"--profile={os.path.join(profile, f'{algorithm}_{order}')}"] if profile
-             else [])
+         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"]
+  if profile:
+    until = time.time() + max(timeout - PROFILE_MARGIN_S, timeout / 2)
+    cmd += [f"--profile={os.path.join(profile, f'{algorithm}_{order}')}",
+            f"--profile_until={until:.1f}"]
   # Started as `nanas_jax.cli`'s programs start (with huge pages where they help), XLA's
   # compile timers logged.
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)

@@ -22,11 +22,12 @@ still has them. ``--profile=DIR`` traces the first step with
 events that took the most time of their own (`profile_events`; ``profile_error`` instead
 where the profiler could not run), and ``first_step_kinds``, those summed by kind (below:
 on a GPU, the first run of each kind of instruction, cuDNN's convolutions among them,
-whose execution plans cuDNN builds then). It then traces one more step after the timed
-ones (into DIR/steady) and adds where a step's time goes once compiled: ``step_events``, its
-events the same way, ``step_kinds``, those summed by kind (`event_kind`: XLA's fusions,
-convolutions, library calls; on a GPU its kernels), and ``traced_step_s``, that step's
-time under the profiler.
+whose execution plans cuDNN builds then); ``--profile_until=T`` cuts that trace at the
+time T if the step still runs, and prints what it holds (`FirstStepTrace`). It then traces
+one more step after the timed ones (into DIR/steady) and adds where a step's time goes
+once compiled: ``step_events``, its events the same way, ``step_kinds``, those summed by
+kind (`event_kind`: XLA's fusions, convolutions, library calls; on a GPU its kernels),
+and ``traced_step_s``, that step's time under the profiler.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 PRESETS = {
@@ -169,6 +171,57 @@ def finish_profile(log_dir: str, field: str = "first_step_events",
     return {"profile_error": str(error)[:300]}
 
 
+class FirstStepTrace:
+  """The first step's trace (`start_profile`, `finish_profile`), cut short at the wall-clock
+  time ``until`` (seconds since the epoch; None: never) if the step is still running
+  then: its events so far (those that had ended: a compile or a program's run still in
+  progress is not among them, the steps inside it that had ended are) are printed at once
+  as a JSON line, with ``first_step_trace_cut_s``, how far into the step the trace was
+  cut. A caller that stops this process at a time limit (device_check) so still learns
+  where a first step that outlasts the limit spent its time."""
+
+  def __init__(self, log_dir: str, until: float | None):
+    self.log_dir, self.until = log_dir, until
+    self.fields = {}  # what the trace reports
+    self._lock = threading.Lock()
+    self._open = False
+    self._started = None
+    self._timer = None
+
+  def start(self):
+    """Starts the trace (`fields` says ``profile_error`` where it could not)."""
+    self.fields = start_profile(self.log_dir)
+    self._open = not self.fields
+    self._started = time.perf_counter()
+    if self._open and self.until is not None:
+      # A daemon thread: JAX releases the GIL while it compiles and runs a program.
+      self._timer = threading.Timer(max(0.0, self.until - time.time()), self._stop,
+                                    kwargs={"cut": True})
+      self._timer.daemon = True
+      self._timer.start()
+
+  def _stop(self, cut: bool):
+    """Stops the trace if it is still open, into `fields`; ``cut``: the step is still
+    running, so the fields are printed now (under the lock, whole lines)."""
+    with self._lock:
+      if not self._open:
+        return
+      self._open = False
+      elapsed = round(time.perf_counter() - self._started, 2)
+      self.fields.update(finish_profile(self.log_dir, "first_step_events",
+                                        "first_step_kinds"))
+      if cut:
+        self.fields["first_step_trace_cut_s"] = elapsed
+        print(json.dumps(self.fields), flush=True)
+
+  def finish(self) -> dict:
+    """Stops the trace when the step is done (unless it was cut): its fields."""
+    if self._timer is not None:
+      self._timer.cancel()
+    self._stop(cut=False)
+    return self.fields
+
+
 def measure(args) -> dict:
   """Runs one configuration in this process and returns its numbers."""
   import jax
@@ -204,18 +257,19 @@ def measure(args) -> dict:
   init_s = time.perf_counter() - t
   step = search.jit_step()
   times, first = [], {"init_s": round(init_s, 2)}
+  trace = FirstStepTrace(args.profile, args.profile_until) if args.profile else None
   for _ in range(args.steps + 1):
     train, val = batch(), batch()
-    if args.profile and not times:
-      first.update(start_profile(args.profile))
+    if trace and not times:
+      trace.start()
     t = time.perf_counter()
     state, metrics = step(state, train, val)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
     if len(times) == 1:
       first["first_step_s"] = round(times[0], 2)
-      if args.profile and "profile_error" not in first:
-        first.update(finish_profile(args.profile, "first_step_events", "first_step_kinds"))
+      if trace:
+        first.update(trace.finish())
       # Progress, for a caller that stops this process at a time limit (device_check).
       print(json.dumps(first), flush=True)
   step_s = round(statistics.median(times[1:]), 3) if len(times) > 1 else None
@@ -292,6 +346,10 @@ def main(argv=None):
   parser.add_argument("--profile", help="trace the first step, and one step after the "
                       "timed ones, with jax.profiler into this directory (for TensorBoard) "
                       "and report their longest events")
+  parser.add_argument("--profile_until", type=float, help="with --profile: cut the first "
+                      "step's trace at this time (seconds since the epoch) if the step is "
+                      "still running, and print its events so far (for a caller that stops "
+                      "this process at a time limit)")
   args = parse_with_preset(parser, PRESETS, argv)
   if args.child:
     print(json.dumps(measure(args)))

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -96,14 +97,18 @@ def test_a_command_stopped_at_its_limit_returns_what_it_had_printed():
 def test_one_of_our_rows_stopped_at_its_limit_keeps_its_first_step_and_timers(monkeypatch):
   timers = [{"program": "jit_grad", "hlo_passes_s": 160.0, "backend_s": 13.0}]
   warnings = [{"message": "Falling back to the CUDA driver", "count": 1}]
+  # Its first step's trace, cut before the limit while the step still ran.
+  cut = {"first_step_events": [{"plane": "/host:CPU", "name": "Thunk", "calls": 379,
+                                "s": 46.0, "self_s": 46.0}], "first_step_trace_cut_s": 215.0}
   stopped = {"init_s": 3.0, "first_step_s": 250.0, "xla_compile": timers,
-             "log_warnings": warnings}
+             "log_warnings": warnings, **cut}
   monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
       stopped, f"timed out after {timeout:.0f} s"))
   row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=300)
   assert row["error"] == "timed out after 300 s"
   assert row["first_step_s"] == 250.0 and row["xla_compile"] == timers
   assert row["log_warnings"] == warnings
+  assert {k: row[k] for k in cut} == cut
   assert "step_s" not in row and "init_s" not in row
   # Stopped while it traced a step more after the timed ones: their time is kept.
   monkeypatch.setattr(check, "_run", lambda cmd, timeout, env=None: (
@@ -130,12 +135,23 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
 
   monkeypatch.setattr(check, "_run", with_events)
   out = tmp_path / "results"
+  start = time.time()
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
-              f"--profile={tmp_path / 'traces'}", f"--output_dir={out}"])
+              f"--profile={tmp_path / 'traces'}", f"--output_dir={out}", "--timeout=200"])
   profiles = [[a for a in c[1] if a.startswith("--profile=")] for c in calls]
   assert profiles == [[], []] + [[f"--profile={tmp_path / 'traces' / name}"]
                                  for name in ("darts_first", "na_darts_first",
                                               "darts_second_fd")]
+  # Each first step's trace is cut, if it still runs, PROFILE_MARGIN_S before the row's
+  # limit (200 s from its start); half the limit where that is less.
+  cuts = [float(a.split("=")[1]) for c in calls[2:] for a in c[1]
+          if a.startswith("--profile_until=")]
+  assert len(cuts) == 3
+  assert all(start + 170 - 1 <= cut <= time.time() + 170 + 1 for cut in cuts)
+  row = check.ours("darts", "first", 1, check.PRESETS["small"], 5, timeout=40,
+                   profile=str(tmp_path / "short"))
+  (cut,) = [float(a.split("=")[1]) for a in calls[-1][1] if a.startswith("--profile_until=")]
+  assert abs(cut - (time.time() + 20)) < 2 and "first_step_events" in row
   (path,) = out.iterdir()
   rows = json.loads(path.read_text())["rows"]
   assert [r.get("first_step_events") for r in rows] == [events] * 3 + [None] * 2

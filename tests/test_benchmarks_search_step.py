@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -193,3 +194,34 @@ def test_a_profile_that_cannot_start_or_finish_is_reported_not_raised(tmp_path):
   assert set(refused) == {"profile_error"} and refused["profile_error"]
   assert set(finished) == {"first_step_events"}
   assert set(bench.finish_profile(str(tmp_path / "a"))) == {"profile_error"}
+
+
+def test_a_first_step_trace_is_cut_at_its_time_and_printed_at_once(tmp_path, capsys):
+  """A 'first step' (a compile, then 2.5 s of waiting) outlasts the trace's end, 0.8 s
+  after its start: the trace is cut then, from the timer's thread, its events so far
+  (the compile, done by then) printed as one JSON line while the step still runs; the
+  step's end stops nothing more. A trace whose time does not come first ends with the
+  step, uncut."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  trace = bench.FirstStepTrace(str(tmp_path / "cut"), until=time.time() + 0.8)
+  trace.start()
+  jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(8)).compile()
+  time.sleep(2.5)
+  printed = capsys.readouterr().out
+  fields = trace.finish()
+  assert json.loads(printed) == fields
+  # Counted from the trace's start, which comes a little after ``until`` was set.
+  assert 0.5 <= fields["first_step_trace_cut_s"] < 2.0
+  assert any("ompile" in e["name"] for e in fields["first_step_events"])
+  assert {e["name"] for e in fields["first_step_kinds"]} >= {
+      bench.event_kind(e["name"]) for e in fields["first_step_events"]}
+  assert capsys.readouterr().out == ""
+  whole = bench.FirstStepTrace(str(tmp_path / "whole"), until=time.time() + 60)
+  whole.start()
+  jax.jit(lambda x: jnp.cos(x) * 3).lower(jnp.ones(8)).compile()
+  fields = whole.finish()
+  assert "first_step_trace_cut_s" not in fields and fields["first_step_events"]
+  time.sleep(0.1)
+  assert capsys.readouterr().out == ""
