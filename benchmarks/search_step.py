@@ -361,7 +361,9 @@ def main(argv=None):
             "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl",
             "inner_impl", "channels", "layers", "size", "in_channels", "batch", "steps")] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
-                    [f"--profile={args.profile}"] if args.profile else [])
+                    [f"--profile={args.profile}"] if args.profile else []) + (
+                        [] if args.profile_until is None
+                        else [f"--profile_until={args.profile_until}"])
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.
     out = subprocess.run(child, capture_output=True, text=True, check=False,
                          env=cli.huge_pages_environ(os.environ))
