@@ -358,7 +358,7 @@ def measure(args) -> dict:
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
-                        dw_impl="conv", inner_impl=args.inner_impl)
+                        dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
   search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
   state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -369,7 +369,7 @@ def measure(args) -> dict:
          "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
-         "inner_impl": args.inner_impl}
+         "depthwise_impl": args.depthwise_impl, "inner_impl": args.inner_impl}
   programs, calls_of = [], []
 
   def add(name, compile_program, calls=1):
@@ -420,6 +420,7 @@ def failure(stderr: str) -> str:
 
 
 def main(argv=None):
+  from nanas_jax.nn.functional import ACCELERATOR_IMPLS
   from nanas_jax.nn.supernet import INNER_IMPLS
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -436,6 +437,9 @@ def main(argv=None):
                       "(config.search.neighbors.chunk; 0: all at once)")
   parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--depthwise_impl", default="conv", choices=ACCELERATOR_IMPLS,
+                      help="the depthwise convolutions: cuDNN's grouped convolutions, or "
+                      "sums of taps that XLA fuses (config.model.depthwise_impl)")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
   parser.add_argument("--profile", help="trace the compile of every program (once each, "
@@ -461,7 +465,7 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "target", "order", "neighbors", "compile", "dtype", "inner_impl",
+            "target", "order", "neighbors", "compile", "dtype", "depthwise_impl", "inner_impl",
             *PRESETS["tiny"])] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
                     [f"--profile={args.profile}"] if args.profile else [])

@@ -291,8 +291,8 @@ def measure(args) -> dict:
   return {
       "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
-      "batch": args.batch, "dtype": args.dtype, "inner_impl": args.inner_impl,
-      "compile": search.fused and "fused" or "shared",
+      "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
+      "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": search.vmap_neighbors,
       "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
       **first, **steady,

@@ -72,7 +72,8 @@ def get_config():
   config.model.multiplier = 4
   config.model.stem_multiplier = 3
   # 'auto': on a CPU 'taps' for CIFAR-sized batches and 'scan' for smaller ones (compile
-  # time), 'conv' on accelerators; or one of them by name (nanas_jax.nn.functional).
+  # time), 'conv' on accelerators (cuDNN's grouped convolutions; 'taps_fused' is the
+  # accelerators' other, without cuDNN); or one of them by name (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
   # A DARTS cell's inner nodes: 'scan' (one loop body: the shortest compile), 'unroll'
   # (exactly their edges: less work, memory and kernel launches), or 'auto': 'scan' with

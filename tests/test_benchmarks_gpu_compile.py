@@ -89,6 +89,37 @@ def _compiled_for_an_h200(code: str) -> str:
 
 
 @needs_the_cuda_compiler
+def test_taps_fused_leaves_cudnn_only_the_stems_convolution():
+  """The supernet's training gradient compiled for an H200: with 'conv' every depthwise
+  convolution is a cuDNN call (forward, and its gradients); with 'taps_fused' the only
+  cuDNN convolutions left are the stem's (forward and filter gradient: its input is
+  data), and no loop either (what XLA autotunes and cuDNN plans at a first run)."""
+  stdout = _compiled_for_an_h200("""
+      import re
+      from nanas_jax.nn.supernet import SearchNetwork
+      images = np.zeros((2, 8, 8, 3), np.float32)
+      weights = np.full((2, 14, 8), 1 / 8, np.float32)
+      for impl in ("conv", "taps_fused"):
+        model = SearchNetwork(num_classes=10, channels=2, layers=2, dw_impl=impl)
+        variables = model.init(jax.random.key(0), images, weights, train=True)
+
+        def loss(params, w, x):
+          logits, _ = model.apply({**variables, "params": params}, x, w, True,
+                                  mutable=["batch_stats"])
+          return (logits ** 2).sum()
+
+        args = (variables["params"], weights, images)
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*on_gpu(args)).compile().as_text()
+        print(impl, len(re.findall(r'custom_call_target="__cudnn[$]conv', text)),
+              len(re.findall(r" while[(]", text)))
+      """)
+  counts = {impl: (int(convs), int(loops)) for impl, convs, loops in
+            (line.split() for line in stdout.splitlines())}
+  assert counts["taps_fused"] == (2, 0)
+  assert counts["conv"][0] > 20  # The control: every depthwise convolution is cuDNN's.
+
+
+@needs_the_cuda_compiler
 @pytest.mark.parametrize("model", sorted(_MODELS))
 def test_compiles_for_an_h200_with_triton_gemms(model):
   """XLA's GPU compiler accepts the program, and its argument buffers hold exactly the

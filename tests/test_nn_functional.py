@@ -94,7 +94,7 @@ def np_pool(x, stride, kind):
 # Depthwise convolutions.
 
 def test_resolve_depthwise_impl():
-  for impl in ("taps", "scan", "conv"):
+  for impl in ("taps", "scan", "conv", "taps_fused"):
     assert F.resolve_depthwise_impl(impl, pixels=10**6) == impl
   cpu = jax.default_backend() == "cpu"
   # On a CPU, 'taps' from TAPS_MIN_PIXELS input pixels (batch x height x width) on.
@@ -108,10 +108,10 @@ def test_resolve_depthwise_impl():
     F.depthwise_convs(jnp.zeros((1, 1, 4, 4, 2)), [jnp.zeros((3, 3, 2))], [1], impl="fast")
 
 
-def test_accelerator_kernels_are_the_conv_depthwise_convs():
+def test_accelerator_kernels_are_the_conv_and_taps_fused_depthwise_convs():
   assert jax.default_backend() == "cpu"
-  assert [F.accelerator_kernels(impl) for impl in ("auto", "scan", "taps", "conv")] == [
-      False, False, False, True]
+  assert [F.accelerator_kernels(impl) for impl in (
+      "auto", "scan", "taps", "conv", "taps_fused")] == [False, False, False, True, True]
   with pytest.raises(ValueError, match="Unknown depthwise implementation 'dense'"):
     F.accelerator_kernels("dense")
 
@@ -123,12 +123,15 @@ def test_output_size_matches_pytorch_rule():
                                                         d * (k - 1) // 2)
 
 
-@pytest.mark.parametrize("impl", ["taps", "scan", "conv"])
+IMPLS = ("scan", "conv", "taps", "taps_fused")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   """`depthwise_convs` with a single kernel, per edge of a leading axis and without one."""
-  rng = np.random.default_rng([stride, *size, ("scan", "conv", "taps").index(impl)])
+  rng = np.random.default_rng([stride, *size, IMPLS.index(impl)])
   h, w = size
   e, b, c = 2, 3, 4
   for k, d in DW_CONFIGS:
@@ -146,11 +149,11 @@ def test_one_depthwise_conv_matches_numpy(impl, stride, size):
   np.testing.assert_allclose(got, np_depthwise(x, kernel, stride, 2), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("impl", ["taps", "scan", "conv"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 def test_depthwise_convs_matches_numpy(impl, stride, size):
-  rng = np.random.default_rng([stride, *size, ("scan", "conv", "taps").index(impl), 1])
+  rng = np.random.default_rng([stride, *size, IMPLS.index(impl), 1])
   h, w = size
   e, b, c = 2, 3, 4
   n = len(DW_CONFIGS)
@@ -187,6 +190,29 @@ def test_conv_depthwise_convs_pad_inside_the_convolution():
   assert primitives["slice"] == len(kernels)
 
 
+def test_taps_fused_calls_no_convolution_and_loops_over_nothing():
+  """``'taps_fused'``, forward and backward, holds no convolution (nothing for cuDNN on a
+  GPU) and no loop (its kernel gradient is one reduction a kernel, where ``'taps'`` loops
+  over chunks of the batch)."""
+  kernels = [jnp.zeros((2, k, k, 4)) for k, _ in DW_CONFIGS]
+  dilations = [d for _, d in DW_CONFIGS]
+  x = jnp.zeros((2, 1, 8, 8, 8, 4))
+
+  def primitives(impl):
+    def loss(x, kernels):
+      return F.depthwise_convs(x, kernels, dilations, stride=2, impl=impl).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels)
+    return collections.Counter(eqn.primitive.name for eqn in all_eqns(jaxpr.jaxpr))
+
+  fused, chunked = primitives("taps_fused"), primitives("taps")
+  assert fused["conv_general_dilated"] == 0 and fused["scan"] == fused["while"] == 0
+  # One sum a kernel gradient, and the loss's.
+  assert fused["reduce_sum"] == len(kernels) + 1
+  # The control: 'taps' loops over the batch, a loop a kernel, a sum a tap in each.
+  assert chunked["scan"] == len(kernels)
+  assert chunked["reduce_sum"] > fused["reduce_sum"]
+
+
 def test_depthwise_convs_rejects_wrong_input_count():
   kernels = [jnp.zeros((2, 3, 3, 4))] * 3
   with pytest.raises(ValueError, match="3 kernels need 1 or 3 inputs"):
@@ -195,9 +221,9 @@ def test_depthwise_convs_rejects_wrong_input_count():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_convs_gradients(stride):
-  """Gradients of a random linear functional: 'taps' == 'scan' == 'conv' == the numpy
-  adjoint ('taps' has a hand-written gradient; the batch of 3 makes its kernel
-  gradient loop over 3 chunks)."""
+  """Gradients of a random linear functional: 'taps' == 'scan' == 'conv' == 'taps_fused'
+  == the numpy adjoint ('taps' has a hand-written gradient; the batch of 3 makes its
+  kernel gradient loop over 3 chunks; 'taps_fused' sums it over the batch at once)."""
   rng = np.random.default_rng(7 + stride)
   e, b, h, w, c = 2, 3, 7, 6, 3
   n = len(DW_CONFIGS)
@@ -213,9 +239,9 @@ def test_depthwise_convs_gradients(stride):
       return jnp.sum(y * cot)
 
     grads = {impl: jax.grad(loss, argnums=(0, 1))(x, kernels, impl)
-             for impl in ("taps", "scan", "conv")}
+             for impl in IMPLS}
     gx_scan, gk_scan = grads["scan"]
-    for other in ("taps", "conv"):
+    for other in ("taps", "conv", "taps_fused"):
       gx_other, gk_other = grads[other]
       np.testing.assert_allclose(gx_scan, gx_other, atol=1e-4, rtol=1e-5, err_msg=other)
       for i in range(n):
@@ -232,10 +258,11 @@ def test_depthwise_convs_gradients(stride):
     np.testing.assert_allclose(gx_scan, gx_want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["taps", "scan"])
+@pytest.mark.parametrize("impl", ["taps", "scan", "taps_fused"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_hand_written_gradients_in_float64(stride, impl):
-  """The hand-written gradients of 'taps' and 'scan' at float64 precision against the
+  """The hand-written gradients of 'taps', 'scan' and 'taps_fused' at float64 precision
+  against the
   numpy adjoint, two leading axes, a batch of 8 (the 'taps' kernel gradient sums two
   chunks of 4), every DARTS kernel with the input shared."""
   with jax.enable_x64(True):
@@ -257,7 +284,7 @@ def test_hand_written_gradients_in_float64(stride, impl):
     np.testing.assert_allclose(gx, gx_want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["taps", "scan"])
+@pytest.mark.parametrize("impl", ["taps", "scan", "taps_fused"])
 def test_kernel_gradient_in_bfloat16_sums_in_float32(impl):
   """bfloat16 inputs (``config.search.dtype``): the kernel gradient over 1024 examples
   stays within bfloat16 rounding of the float64 adjoint of the same values. For 'taps'

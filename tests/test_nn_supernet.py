@@ -176,6 +176,9 @@ ORACLE_CASES = [
     ("ALL_OPS", True, True, "taps"),
     ("random4", False, True, "taps"),
     ("random5", True, False, "taps"),
+    # 'taps_fused', the accelerators' taps.
+    ("ALL_OPS", True, False, "taps_fused"),
+    ("random6", False, True, "taps_fused"),
 ]
 
 
@@ -449,11 +452,13 @@ def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
   np.testing.assert_allclose(as64(grad), want, rtol=2**-8, atol=1e-3 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("conv", "auto"), ("conv", "scan")])
+@pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("conv", "auto"), ("conv", "scan"),
+                                         ("taps_fused", "auto")])
 def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
-  """A cell with 'taps' or 'conv' depthwise convs and its inner nodes unrolled ('auto':
-  no loop in its program) or in a loop (asked for) against the same cell with 'scan'
-  (inner nodes in a `lax.scan` with padded slots): at soft architecture weights, outputs
+  """A cell with 'taps', 'conv' or 'taps_fused' depthwise convs and its inner nodes
+  unrolled ('auto': no loop in its program) or in a loop (asked for) against the same
+  cell with 'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture
+  weights, outputs
   and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
   rng = np.random.default_rng(21)
@@ -466,7 +471,7 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
       v, s0, s1, weights, train=True, mutable=["batch_stats"]))(variables))
   assert (" scan[" in program) == (inner == "scan")
   # The accelerators' cell reduces its BatchNorm statistics in one pass.
-  assert ("_batch_norm_stats_bwd" in program) == (impl == "conv")
+  assert ("_batch_norm_stats_bwd" in program) == F.accelerator_kernels(impl)
   trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
              for i, cell in cells.items()}
   np.testing.assert_allclose(trained[impl][0], trained["scan"][0], atol=1e-4, rtol=1e-4)

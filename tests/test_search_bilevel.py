@@ -218,7 +218,8 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
     ("auto", "darts", "first", "loop", False), ("conv", "darts", "first", "loop", True),
     ("conv", "darts", "second_fd", "loop", False), ("conv", "darts", "second_exact", "loop", True),
     ("conv", "na_darts", "first", "vmap", True), ("conv", "na_darts", "second_fd", "vmap", True),
-    ("conv", "na_darts", "second_fd", "loop", False)])
+    ("conv", "na_darts", "second_fd", "loop", False),
+    ("taps_fused", "darts", "first", "loop", True)])
 def test_on_accelerators_the_weight_step_leaves_the_architecture_gradient_out(
     dw_impl, algorithm, order, evaluate, params_only):
   """With the accelerators' kernels the weight step's program returns no architecture

@@ -21,7 +21,15 @@ rounding):
   batch 64, 32x32, forward and backward): 0.4 s against 1.4 s for ``'scan'`` and 0.7 s
   for the C x C diagonal kernels of XLA:CPU's dense convolution (the ``'dense'``
   implementation of an earlier version, slower than ``'taps'`` at every size measured,
-  and gone); the graph holds every tap, so it compiles slower than ``'scan'``.
+  and gone); the graph holds every tap, so it compiles slower than ``'scan'``;
+- ``'taps_fused'``: ``'taps'`` with its kernel gradient one reduction over the whole
+  batch instead of a loop over chunks that stay in a CPU's cache: for accelerators,
+  where it leaves the depthwise convolutions no cuDNN call, so none to autotune and no
+  execution plan to build at a program's first run. Compiled for an H200
+  by JAX 0.11.2 (reference-size DARTS step, on a 2-core CPU host), it launches 4,084
+  kernels a step against 5,328 for ``'conv'``, with 74 distinct library calls to
+  autotune against 192, but compiles 2.7x as long (145.0 s against 53.5 s): which is
+  faster on a GPU only a GPU can say (`benchmarks/README.md`).
 ``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'taps'`` when the step's
 arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS` input
 pixels, batch x height x width: CIFAR-sized searches), else ``'scan'`` (the digits quick
@@ -38,7 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv")
+DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv", "taps_fused")
+# The implementations built for accelerators (`accelerator_kernels`).
+ACCELERATOR_IMPLS = ("conv", "taps_fused")
 
 
 # Batch x height x width of a network's input from which ``'auto'`` picks ``'taps'`` on a
@@ -64,12 +74,12 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
 
 
 def accelerator_kernels(impl: str) -> bool:
-  """Whether the depthwise implementation ``impl`` is the accelerators' (``'conv'``, what
-  ``'auto'`` picks on a GPU or TPU). The supernet and the search choose what suits an
-  accelerator by it rather than by the backend, so that a step compiled for a GPU on a
-  CPU host (`benchmarks/gpu_compile.py`, which asks for ``'conv'``) is the step a GPU
-  runs."""
-  return resolve_depthwise_impl(impl) == "conv"
+  """Whether the depthwise implementation ``impl`` is built for accelerators
+  (`ACCELERATOR_IMPLS`: ``'conv'``, what ``'auto'`` picks on a GPU or TPU, and
+  ``'taps_fused'``). The supernet and the search choose what suits an accelerator by it
+  rather than by the backend, so that a step compiled for a GPU on a CPU host
+  (`benchmarks/gpu_compile.py`, which asks for one of these) is the step a GPU runs."""
+  return resolve_depthwise_impl(impl) in ACCELERATOR_IMPLS
 
 
 def output_size(size: int, stride: int) -> int:
@@ -99,11 +109,12 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
     raise ValueError(f"depthwise_convs: {n} kernels need 1 or {n} inputs on axis {lead}, "
                      f"got {x.shape[lead]}")
   impl = resolve_depthwise_impl(impl)
-  if impl == "taps":
+  if impl in ("taps", "taps_fused"):
     shared = x.shape[lead] == 1
+    chunk = TAPS_BATCH_CHUNK if impl == "taps" else 0
     return jnp.stack([
         depthwise_conv_taps(lax.index_in_dim(x, 0 if shared else g, lead, keepdims=False),
-                            kernel, d, stride)
+                            kernel, d, stride, chunk)
         for g, (kernel, d) in enumerate(zip(kernels, dilations))], axis=lead)
   needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   if impl == "conv":
@@ -256,19 +267,21 @@ def _sum_of_taps(xp, kernel, geometry):
 TAPS_BATCH_CHUNK = 4
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int,
-                        stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int, stride: int,
+                        batch_chunk: int = TAPS_BATCH_CHUNK) -> jax.Array:
   """``'taps'``: one depthwise 'same' convolution of ``x[*lead, B, H, W, C]`` with
   ``kernel[*lead, k, k, C]``, as an unrolled sum of its taps over the zero-padded input,
   with a hand-written gradient (JAX's own transposes every tap into a padded full-size
   copy: forward and backward 2.4x slower for 8 edges' first-stage convs, C=16, 32x32).
   The input gradient is the same kind of sum (the cotangent, dilated by the stride and
   padded, times the flipped kernel); the kernel gradient reduces each tap's window times
-  the cotangent in a loop over chunks of `TAPS_BATCH_CHUNK` examples (or fewer: a divisor
-  of B) of one leading index each, so that a chunk's windows are read from cache (whole
-  windows, each read from memory once per tap: forward and backward 2x slower). Only the
-  unpadded input is kept for the backward pass."""
+  the cotangent in a loop over chunks of ``batch_chunk`` examples (or fewer: a divisor of
+  B) of one leading index each, so that a chunk's windows are read from cache (whole
+  windows, each read from memory once per tap: forward and backward 2x slower), or, with
+  ``batch_chunk=0`` (``'taps_fused'``), in one reduction of the stacked windows over the
+  whole batch, with no loop (for accelerators, where a loop launches its body at every
+  iteration). Only the unpadded input is kept for the backward pass."""
   xp, geometry = _padded_with_geometry(x, kernel.shape[-2], dilation, stride)
   return _sum_of_taps(xp, kernel, geometry)
 
@@ -281,11 +294,11 @@ def _padded_with_geometry(x, k: int, dilation: int, stride: int, value: float = 
   return pad_spatial(x, dilation * (k - 1) // 2, value), geometry
 
 
-def _depthwise_conv_taps_fwd(x, kernel, dilation, stride):
-  return depthwise_conv_taps(x, kernel, dilation, stride), (x, kernel)
+def _depthwise_conv_taps_fwd(x, kernel, dilation, stride, batch_chunk):
+  return depthwise_conv_taps(x, kernel, dilation, stride, batch_chunk), (x, kernel)
 
 
-def _depthwise_conv_taps_bwd(dilation, stride, residuals, g):
+def _depthwise_conv_taps_bwd(dilation, stride, batch_chunk, residuals, g):
   x, kernel = residuals
   d, s = dilation, stride
   lead = kernel.ndim - 3
@@ -301,13 +314,19 @@ def _depthwise_conv_taps_bwd(dilation, stride, residuals, g):
       (span, w + 2 * need - (w_out - 1) * s - 1, s - 1), (0, 0, 0)]
   g_placed = lax.pad(g, jnp.zeros((), g.dtype), pads)
   grad_x = _sum_of_taps(g_placed, kernel[..., ::-1, ::-1, :], (need, d, 1, h, w))
-  # Kernel gradient, chunk by chunk of (leading index, examples): each chunk's taps in
-  # float32 at least, summed over a leading index's chunks in float32 too (a bfloat16 sum
-  # of B / 4 chunks would drop the low digits of every tap).
-  batch = x.shape[lead]
-  size = math.gcd(batch, TAPS_BATCH_CHUNK)
-  chunks = lambda a: a.reshape((-1, size) + a.shape[lead + 1:])
+  # Kernel gradient, in float32 at least (a bfloat16 sum over the batch would drop the
+  # low digits of every tap): at once, or chunk by chunk of (leading index, examples), the
+  # chunks' taps summed over a leading index's chunks.
   acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  if not batch_chunk:
+    xp, geometry = _padded_with_geometry(x, k, d, s)
+    windows = jnp.stack(list(_tap_windows(xp, k, geometry)), axis=lead)
+    taps = jnp.sum(windows * jnp.expand_dims(g, lead), axis=(lead + 1, lead + 2, lead + 3),
+                   dtype=acc_dtype)
+    return grad_x, taps.reshape(kernel.shape).astype(kernel.dtype)
+  batch = x.shape[lead]
+  size = math.gcd(batch, batch_chunk)
+  chunks = lambda a: a.reshape((-1, size) + a.shape[lead + 1:])
 
   def chunk_taps(chunk):
     xc, gc = chunk
