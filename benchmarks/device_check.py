@@ -9,7 +9,9 @@ Rows, each in its own subprocess (its own compile, its own peak memory):
 - ours (`search_step.py`): DARTS first order, DARTS second order (finite differences),
   NA-DARTS first order with K=4 neighbors;
 - the reference (`reference_step.py`, quark0/darts ``cnn/`` read from ``--reference``,
-  nothing of it in this repository): first and second order.
+  nothing of it in this repository): first and second order;
+
+and before them the first-run probe (`conv_first_run.py`, seconds).
 
 Each row has a time limit (``--timeout``, 300 s by default), and the whole run a budget
 (``--budget``, 8 minutes by default): a row gets at most what is left of it, and a row
@@ -44,7 +46,9 @@ two compiler settings.
 stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
 ``--inner_impl=scan`` (or ``unroll``) runs our cells' inner nodes that way
 (``config.model.inner_impl``; 'auto' unrolls them on accelerators) and writes
-``<device>-scan.json``.
+``<device>-scan.json``; ``--depthwise_impl=taps_fused`` runs our depthwise convolutions as
+sums of taps that XLA fuses instead of cuDNN's grouped convolutions
+(``config.model.depthwise_impl``) and writes ``<device>-taps_fused.json``.
 
 Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
@@ -55,7 +59,11 @@ them so; a run with any writes ``<device>-xla_flags.json``; ``--name=NAME`` writ
 the flags keep both), ``environment`` (JAX's account of the machine,
 `jax.print_environment_info`: on a GPU with nvidia-smi's, the driver and CUDA versions),
 ``packages`` (the versions of JAX, its CUDA plugin, NVIDIA's libraries, flax, optax,
-torch and numpy: `packages`) and ``rows`` of ``{impl,
+torch and numpy: `packages`), ``conv_first_run`` (`conv_first_run.py`'s cases: how long
+a cuDNN convolution's first run takes beyond a run, per convolution instruction and per
+configuration, the suspect of the first H200 run's 46 s; run first, its own process, at
+the preset's sizes; ``error`` where it failed or was not among ``--rows``) and ``rows``
+of ``{impl,
 algorithm, order, neighbors, batch, channels, layers, size, dtype, first_step_s, step_s,
 peak_gb}`` (a row that failed or ran out of time carries ``error`` instead of its
 numbers; ours also carry ``neighbor_chunk``, the neighbors per vmapped pass, None where
@@ -101,6 +109,11 @@ RUN_ORDER = (3, 4, 0, 2, 1)
 # The rows' names for --rows, in the report's order.
 ROW_NAMES = tuple(f"{algorithm}_{order}" for algorithm, order, _ in OURS) + tuple(
     f"reference_{order}" for order in REFERENCE)
+# The first-run probe (`conv_first_run.py`), which `--rows` names too: it runs first,
+# before any row, for at most this long or a quarter of the budget, on the preset's batch
+# and image size and 8 edges of its channels (as the supernet groups its convolutions).
+PROBE = "conv_first_run"
+PROBE_TIMEOUT_S = 90.0
 # What one of our rows keeps of its process's log (`_log_fields`).
 LOG_FIELDS = ("xla_compile", "log_warnings")
 # What `search_step.py --profile` adds to one of our rows.
@@ -219,10 +232,11 @@ def _run(cmd: list[str], timeout: float,
 
 
 def ours_fields(algorithm: str, order: str, neighbors: int, size: dict, dtype: str,
-                inner_impl: str) -> dict:
+                depthwise_impl: str, inner_impl: str) -> dict:
   """What names one of our rows."""
   return {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
-          "neighbors": neighbors, "dtype": dtype, "inner_impl": inner_impl}
+          "neighbors": neighbors, "dtype": dtype, "depthwise_impl": depthwise_impl,
+          "inner_impl": inner_impl}
 
 
 def reference_fields(order: str, size: dict) -> dict:
@@ -233,13 +247,15 @@ def reference_fields(order: str, size: dict) -> dict:
 
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
-         timeout: float, dtype: str = "float32", inner_impl: str = "auto",
+         timeout: float, dtype: str = "float32", depthwise_impl: str = "auto",
+         inner_impl: str = "auto",
          profile: str | None = None) -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
-         f"--steps={steps}", f"--dtype={dtype}", f"--inner_impl={inner_impl}"]
+         f"--steps={steps}", f"--dtype={dtype}", f"--depthwise_impl={depthwise_impl}",
+         f"--inner_impl={inner_impl}"]
   if profile:
     until = time.time() + max(timeout - PROFILE_MARGIN_S, timeout / 2)
     cmd += [f"--profile={os.path.join(profile, f'{algorithm}_{order}')}",
@@ -248,7 +264,7 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
   # compile timers logged.
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)
   result, error = _run(cmd, timeout, {**env, **XLA_TIMERS_ENV})
-  row = ours_fields(algorithm, order, neighbors, size, dtype, inner_impl)
+  row = ours_fields(algorithm, order, neighbors, size, dtype, depthwise_impl, inner_impl)
   if error:
     # A row stopped at its limit keeps how far it got: its first step, where that had
     # finished, its step time, where it was tracing one step more, and the compile timers
@@ -261,6 +277,15 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
           "peak_gb": result["peak_device_gb"] or result["peak_rss_gb"],
           "neighbor_chunk": result["neighbor_chunk"], "device": result["device"],
           **{k: result.get(k, []) for k in LOG_FIELDS}, **events}
+
+
+def first_run_probe(size: dict, timeout: float) -> dict:
+  """`conv_first_run.py` at ``size``'s batch and image size, on 8 edges of its channels:
+  its result, with its log's compile timers and warnings, or ``error``."""
+  cmd = [sys.executable, os.path.join(HERE, "conv_first_run.py"), f"--batch={size['batch']}",
+         f"--size={size['size']}", f"--channels={8 * size['channels']}"]
+  result, error = _run(cmd, timeout)
+  return {**(result or {}), "error": error} if error else result
 
 
 def reference(path: str, order: str, size: dict, steps: int, timeout: float) -> dict:
@@ -329,6 +354,7 @@ def goals(rows: list[dict]) -> list[dict]:
 
 def main(argv=None):
   # pylint: disable=g-import-not-at-top
+  from nanas_jax.nn.functional import DEPTHWISE_IMPLS
   from nanas_jax.nn.supernet import INNER_IMPLS
   from nanas_jax.search.bilevel import COMPUTE_DTYPES
   # pylint: enable=g-import-not-at-top
@@ -342,6 +368,10 @@ def main(argv=None):
                       help="seconds for the whole run (rows not started once it is spent)")
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="our rows' compute dtype (the reference's is float32)")
+  parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS,
+                      help="our depthwise convolutions (config.model.depthwise_impl; "
+                      "'auto' is cuDNN's grouped convolutions on a GPU, 'taps_fused' "
+                      "sums of taps that XLA fuses)")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="our cells' inner nodes in a loop or unrolled "
                       "(config.model.inner_impl)")
@@ -349,21 +379,23 @@ def main(argv=None):
                       "step after the timed ones with jax.profiler into a folder of this "
                       "directory, and report their longest events (first_step_events, "
                       "step_events, step_kinds)")
-  parser.add_argument("--rows", default=",".join(ROW_NAMES),
+  parser.add_argument("--rows", default=",".join((PROBE,) + ROW_NAMES),
                       help="the rows to run, comma-separated, of " + ", ".join(ROW_NAMES)
-                      + " (the others are reported as not run)")
+                      + " (the others are reported as not run), and " + PROBE + " (the "
+                      "first-run probe)")
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   parser.add_argument("--name", help="the report's file, <device>-NAME.json (by default "
-                      "named by the run's settings: dtype, inner_impl, XLA_FLAGS)")
+                      "named by the run's settings: dtype, depthwise_impl, inner_impl, "
+                      "XLA_FLAGS)")
   args = parser.parse_args(argv)
   if args.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
     parser.error(f"--name={args.name!r} cannot name the report's file: use letters, "
                  "digits, '.', '_' and '-'")
   selected = set(args.rows.split(","))
-  if not selected <= set(ROW_NAMES):
+  if not selected <= {PROBE, *ROW_NAMES}:
     parser.error(f"--rows={args.rows}: no row is named "
-                 f"{', '.join(sorted(selected - set(ROW_NAMES)))}; choose among "
-                 f"{', '.join(ROW_NAMES)}")
+                 f"{', '.join(sorted(selected - {PROBE, *ROW_NAMES}))}; choose among "
+                 f"{', '.join((PROBE,) + ROW_NAMES)}")
   try:
     args.reference = reference_step.check_reference(args.reference)
   except ValueError as error:
@@ -373,15 +405,21 @@ def main(argv=None):
                  f"{MIN_ROW_S:g} seconds (the default, 480, is the GPU run's 8 minutes)")
   size = PRESETS[args.preset]
   # Each row: what names it, and how to run it within a time limit.
-  jobs = [(ours_fields(algorithm, order, k, size, args.dtype, args.inner_impl),
+  jobs = [(ours_fields(algorithm, order, k, size, args.dtype, args.depthwise_impl,
+                       args.inner_impl),
            functools.partial(ours, algorithm, order, k, size, args.steps,
-                             dtype=args.dtype, inner_impl=args.inner_impl,
+                             dtype=args.dtype, depthwise_impl=args.depthwise_impl,
+                             inner_impl=args.inner_impl,
                              profile=args.profile))
           for algorithm, order, k in OURS]
   jobs += [(reference_fields(order, size),
             functools.partial(reference, args.reference, order, size, args.steps))
            for order in REFERENCE]
   deadline = time.monotonic() + args.budget
+  probe = {"error": "not run: not among --rows"}
+  if PROBE in selected:
+    probe = first_run_probe(size, timeout=min(PROBE_TIMEOUT_S, args.budget / 4))
+  print(json.dumps({PROBE: probe}), flush=True)
   rows = [None] * len(jobs)
   for index in RUN_ORDER:
     fields, run_row = jobs[index]
@@ -402,8 +440,9 @@ def main(argv=None):
             "xla_flags": xla_flags,
             # The machine: JAX's account of it (nvidia-smi's on a GPU: driver, CUDA).
             "environment": jax.print_environment_info(return_string=True).splitlines(),
-            "packages": packages(),
-            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "inner_impl") + LOG_FIELDS
+            "packages": packages(), PROBE: probe,
+            "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "depthwise_impl",
+                                                  "inner_impl") + LOG_FIELDS
                       + PROFILE_FIELDS + ("error",) if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:
@@ -411,7 +450,7 @@ def main(argv=None):
   os.makedirs(args.output_dir, exist_ok=True)
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
   suffix = f"-{args.name}" if args.name else "".join(f"-{value}" for value, default in (
-      (args.dtype, "float32"), (args.inner_impl, "auto"),
+      (args.dtype, "float32"), (args.depthwise_impl, "auto"), (args.inner_impl, "auto"),
       ("xla_flags" if xla_flags else "", "")) if value != default)
   path = os.path.join(args.output_dir, f"{name}{suffix}.json")
   with open(path, "w") as f:

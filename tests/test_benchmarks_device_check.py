@@ -39,6 +39,12 @@ def _fake_reference(path):
   return str(path)
 
 
+# What the stand-in answers for the first-run probe.
+PROBE_RESULT = {"device": "cpu", "cases": [{"case": "depthwise", "convolutions": 1,
+                                            "first_run_s": 0.5, "later_run_s": 0.1,
+                                            "overhead_s": 0.4}]}
+
+
 def _recording_run(calls, reference_second_order_times_out=False):
   """A stand-in for ``device_check._run`` that records ``(script, command, timeout, env)``
   and answers as the two scripts would."""
@@ -46,6 +52,8 @@ def _recording_run(calls, reference_second_order_times_out=False):
   def fake_run(cmd, timeout, env=None):
     script = os.path.basename(cmd[1])
     calls.append((script, cmd, timeout, env))
+    if script == "conv_first_run.py":
+      return dict(PROBE_RESULT), None
     if script == "search_step.py":
       chunk = 2 if "--algorithm=na_darts" in cmd else None
       return {"first_step_s": 20.0, "step_s": 0.5, "peak_device_gb": None,
@@ -139,12 +147,12 @@ def test_profile_traces_each_of_our_rows_into_a_folder_of_its_own(tmp_path, monk
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               f"--profile={tmp_path / 'traces'}", f"--output_dir={out}", "--timeout=200"])
   profiles = [[a for a in c[1] if a.startswith("--profile=")] for c in calls]
-  assert profiles == [[], []] + [[f"--profile={tmp_path / 'traces' / name}"]
+  assert profiles == [[], [], []] + [[f"--profile={tmp_path / 'traces' / name}"]
                                  for name in ("darts_first", "na_darts_first",
                                               "darts_second_fd")]
   # Each first step's trace is cut, if it still runs, PROFILE_MARGIN_S before the row's
   # limit (200 s from its start); half the limit where that is less.
-  cuts = [float(a.split("=")[1]) for c in calls[2:] for a in c[1]
+  cuts = [float(a.split("=")[1]) for c in calls[3:] for a in c[1]
           if a.startswith("--profile_until=")]
   assert len(cuts) == 3
   assert all(start + 170 - 1 <= cut <= time.time() + 170 + 1 for cut in cuts)
@@ -265,13 +273,19 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--timeout=9", f"--output_dir={out}"])
-  # The reference's rows run first, then ours (DARTS, NA-DARTS, second order); the report
-  # keeps ours first.
-  assert [c[0] for c in calls] == ["reference_step.py"] * 2 + ["search_step.py"] * 3
-  assert [c[1][3:5] for c in calls[2:]] == [
+  # The first-run probe runs first, at the preset's sizes on 8 edges' channels, with at
+  # most a quarter of the budget; then the reference's rows, then ours (DARTS, NA-DARTS,
+  # second order); the report keeps ours first.
+  assert [c[0] for c in calls] == (["conv_first_run.py"] + ["reference_step.py"] * 2
+                                   + ["search_step.py"] * 3)
+  small = check.PRESETS["small"]
+  assert calls[0][1][2:] == [f"--batch={small['batch']}", f"--size={small['size']}",
+                             f"--channels={8 * small['channels']}"]
+  assert calls[0][2] == min(check.PROBE_TIMEOUT_S, 480 / 4) and calls[0][3] is None
+  assert [c[1][3:5] for c in calls[3:]] == [
       ["--algorithm=darts", "--order=first"], ["--algorithm=na_darts", "--order=first"],
       ["--algorithm=darts", "--order=second_fd"]]
-  assert {c[2] for c in calls} == {9.0}
+  assert {c[2] for c in calls[1:]} == {9.0}
   envs = {c[0]: c[3] for c in calls}
   # Our rows start as our programs do (huge pages where they help), with XLA's compile
   # timers logged; the reference as is.
@@ -284,7 +298,8 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
   assert path.name == f"{report['device']}.json".replace(" ", "_")
   assert report["preset"] == "small" and report["torch"] == "2.99"
   assert set(report) == {"device", "jax", "torch", "date", "preset", "xla_flags",
-                         "environment", "packages", "rows", "goals"}
+                         "environment", "packages", "conv_first_run", "rows", "goals"}
+  assert report["conv_first_run"] == PROBE_RESULT
   import jax  # pylint: disable=import-outside-toplevel
   assert report["environment"][0] == f"jax:    {jax.__version__}"
   assert report["packages"]["jax"] == jax.__version__
@@ -296,7 +311,6 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
       ("nanas_jax", "darts", "first", 1), ("nanas_jax", "darts", "second_fd", 1),
       ("nanas_jax", "na_darts", "first", 4), ("pytorch_reference", "darts", "first", 1),
       ("pytorch_reference", "darts", "second_fd", 1)]
-  small = check.PRESETS["small"]
   assert all(r["batch"] == small["batch"] and r["size"] == small["size"] for r in rows[:3])
   assert rows[0]["peak_gb"] == 3.25 and rows[0]["step_s"] == 0.5
   assert [r["xla_compile"] for r in rows[:3]] == [[], [], []]  # none in the stand-in
@@ -308,9 +322,10 @@ def test_the_report_has_every_row_in_the_documented_fields(tmp_path, monkeypatch
 
 def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
                                                                        monkeypatch):
-  """Every row here runs to its time limit on a clock of the test's own: each gets the
-  smaller of --timeout and what is left of --budget, and a row whose turn comes with
-  less than MIN_ROW_S left is not started but reported."""
+  """Every row here runs to its time limit on a clock of the test's own: the first-run
+  probe gets at most a quarter of --budget, each row the smaller of --timeout and what is
+  left, and a row whose turn comes with less than MIN_ROW_S left is not started but
+  reported."""
   now = [1000.0]
   calls = []
   record = _recording_run(calls)
@@ -324,16 +339,17 @@ def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
   out = tmp_path / "results"
   check.main([f"--reference={_fake_reference(tmp_path / 'cnn')}", "--preset=small",
               "--timeout=150", "--budget=480", f"--output_dir={out}"])
-  # 480 s: the reference's two rows 150 s each, DARTS 150 s, NA-DARTS the 30 s left,
-  # the second order none.
-  assert [c[2] for c in calls] == [150.0, 150.0, 150.0, 30.0]
+  # 480 s: the probe 90 s, the reference's two rows 150 s each, DARTS the 90 s left,
+  # NA-DARTS and the second order none.
+  assert [c[2] for c in calls] == [90.0, 150.0, 150.0, 90.0]
   assert now[0] - 1000.0 == 480.0
   (path,) = out.iterdir()
   rows = json.loads(path.read_text())["rows"]
-  assert rows[1]["order"] == "second_fd" and rows[1]["impl"] == "nanas_jax"
-  assert rows[1]["error"] == "not run: the 480 s budget was spent"
+  assert [(r["algorithm"], r["order"]) for r in rows[1:3]] == [
+      ("darts", "second_fd"), ("na_darts", "first")]
+  assert {rows[1]["error"], rows[2]["error"]} == {"not run: the 480 s budget was spent"}
   assert "step_s" not in rows[1] and rows[1]["batch"] == check.PRESETS["small"]["batch"]
-  assert all("error" not in r for i, r in enumerate(rows) if i != 1)
+  assert all("error" not in r for i, r in enumerate(rows) if i not in (1, 2))
   assert sorted(check.RUN_ORDER) == list(range(len(check.OURS) + len(check.REFERENCE)))
 
 
@@ -341,7 +357,8 @@ def test_the_rows_share_the_budget_and_the_report_is_written_within_it(tmp_path,
     ("--budget=5", "--budget=5 leaves no row time to run: give at least 10 seconds"),
     ("--rows=darts_first,darts_second",
      "--rows=darts_first,darts_second: no row is named darts_second; choose among "
-     "darts_first, darts_second_fd, na_darts_first, reference_first, reference_second"),
+     "conv_first_run, darts_first, darts_second_fd, na_darts_first, reference_first, "
+     "reference_second"),
     ("--name=../up", "--name='../up' cannot name the report's file: use letters, digits")])
 def test_arguments_no_run_can_use_are_refused_before_anything_runs(tmp_path, monkeypatch,
                                                                   capsys, flag, message):
@@ -371,6 +388,7 @@ def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_pat
   report = json.loads(path.read_text())
   assert [r.get("error") for r in report["rows"]] == [
       None, "not run: not among --rows", None, None, "not run: not among --rows"]
+  assert report["conv_first_run"] == {"error": "not run: not among --rows"}
   assert check.ROW_NAMES == ("darts_first", "darts_second_fd", "na_darts_first",
                              "reference_first", "reference_second")
   measured = {g["goal"] for g in report["goals"] if g["value"] is not None}
@@ -380,11 +398,12 @@ def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_pat
 
 @pytest.mark.parametrize("flags, suffix", [
     (["--dtype=bfloat16"], "-bfloat16"), (["--inner_impl=scan"], "-scan"),
-    (["--dtype=bfloat16", "--inner_impl=unroll"], "-bfloat16-unroll")])
+    (["--dtype=bfloat16", "--inner_impl=unroll"], "-bfloat16-unroll"),
+    (["--depthwise_impl=taps_fused"], "-taps_fused")])
 def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeypatch, flags,
                                                                suffix):
-  """bfloat16 or another inner-node implementation: our rows run with the flag, the
-  reference's without (float32), and the report goes to a file of its own."""
+  """bfloat16, another inner-node or depthwise implementation: our rows run with the
+  flag, the reference's without (float32), and the report goes to a file of its own."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
   monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -400,6 +419,9 @@ def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeyp
   assert [r["dtype"] for r in report["rows"]] == [dtype] * 3 + ["float32"] * 2
   inner = next((f.split("=")[1] for f in flags if f.startswith("--inner_impl")), "auto")
   assert [r.get("inner_impl") for r in report["rows"]] == [inner] * 3 + [None] * 2
+  depthwise = next((f.split("=")[1] for f in flags if f.startswith("--depthwise_impl")),
+                   "auto")
+  assert [r.get("depthwise_impl") for r in report["rows"]] == [depthwise] * 3 + [None] * 2
 
 
 def test_a_run_under_xla_flags_records_them_and_writes_a_file_of_its_own(tmp_path,
@@ -418,7 +440,7 @@ def test_a_run_under_xla_flags_records_them_and_writes_a_file_of_its_own(tmp_pat
   written = default.read_text()
   monkeypatch.setenv("XLA_FLAGS", flags)
   check.main(argv)
-  assert {c[3]["XLA_FLAGS"] for c in calls[5:] if c[0] == "search_step.py"} == {flags}
+  assert {c[3]["XLA_FLAGS"] for c in calls[6:] if c[0] == "search_step.py"} == {flags}
   (path,) = set(out.iterdir()) - {default}
   report = json.loads(path.read_text())
   assert path.name == f"{report['device']}-xla_flags.json".replace(" ", "_")
