@@ -77,9 +77,11 @@ def test_a_probe_reports_every_case_with_its_convolutions_and_times():
   # XLA:CPU keeps each convolution of the jaxpr as one instruction.
   assert [c["convolutions"] for c in cases] == [1, 1, 3, 1, 1]
   for case in cases:
-    assert case["compile_s"] > 0 and 0 < case["later_run_s"] <= case["first_run_s"] + 1e-3
+    # The later run is the faster of two runs after the first; the overhead is what the
+    # first took beyond it (negative where the first happened to be faster).
+    assert case["compile_s"] > 0 and case["first_run_s"] >= 0 and case["later_run_s"] >= 0
     assert case["overhead_s"] == pytest.approx(case["first_run_s"] - case["later_run_s"],
-                                               abs=2e-4)
+                                               abs=2e-6)
 
 
 def test_convolution_instructions_are_counted_in_gpu_and_cpu_programs():
