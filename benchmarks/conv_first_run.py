@@ -61,16 +61,21 @@ def conv(x, kernel, stride: int = 1, dilation: int = 1, groups: int = 1):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
+def check_arguments(channels: int, count: int) -> None:
+  """Raises ValueError, naming the fix, for sizes no case can use."""
+  if not 1 <= count <= len(CONFIGS):
+    raise ValueError(f"--count={count}: a DARTS cell has {len(CONFIGS)} distinct depthwise "
+                     f"configurations; give 1 to {len(CONFIGS)}")
+  if channels < 8 or channels % 8:
+    raise ValueError(f"--channels={channels}: give a multiple of 8 (the cases use "
+                     "channels, channels / 2, / 4 and / 8)")
+
+
 def programs(batch: int, size: int, channels: int, count: int):
   """``(case, function, arguments)`` for each of `CASES`, in order, on random arrays."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  if count > len(CONFIGS):
-    raise ValueError(f"--count={count}: a DARTS cell has {len(CONFIGS)} distinct depthwise "
-                     f"configurations; give at most {len(CONFIGS)}")
-  if channels < 8 or channels % 8:
-    raise ValueError(f"--channels={channels}: give a multiple of 8 (the cases use "
-                     "channels, channels / 2, / 4 and / 8)")
+  check_arguments(channels, count)
   rng = np.random.default_rng(0)
 
   def array(*shape):
@@ -138,10 +143,10 @@ def main(argv=None):
   parser.add_argument("--count", type=int, default=len(CONFIGS))
   args = parser.parse_args(argv)
   try:
-    result = probe(args.batch, args.size, args.channels, args.count)
+    check_arguments(args.channels, args.count)
   except ValueError as error:
     parser.error(str(error))
-  print(json.dumps(result), flush=True)
+  print(json.dumps(probe(args.batch, args.size, args.channels, args.count)), flush=True)
 
 
 if __name__ == "__main__":
