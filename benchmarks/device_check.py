@@ -281,7 +281,8 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
 
 def first_run_probe(size: dict, timeout: float) -> dict:
   """`conv_first_run.py` at ``size``'s batch and image size, on 8 edges of its channels:
-  its result, with its log's compile timers and warnings, or ``error``."""
+  its result (each case's compile time among it), with its log's warnings, or
+  ``error``."""
   cmd = [sys.executable, os.path.join(HERE, "conv_first_run.py"), f"--batch={size['batch']}",
          f"--size={size['size']}", f"--channels={8 * size['channels']}"]
   result, error = _run(cmd, timeout)
