@@ -90,7 +90,8 @@ def get_config():
   # this many training batches (0: the running statistics).
   config.search.recalibrate_batches = 4
   # 'shared': every phase of the step calls one compiled supernet gradient (compiles once).
-  # 'fused': the whole step is one jit. 'auto' is 'shared' (see nanas_jax/search/bilevel.py).
+  # 'fused': the whole step is one jit. 'auto': 'fused' for first-order DARTS without
+  # warm-up epochs on a CPU, else 'shared' (see nanas_jax/search/bilevel.py).
   config.search.compile = "auto"
   # The dtype the supernet computes in: 'bfloat16' runs its convolutions and matmuls in
   # bfloat16 (for GPUs and TPUs) while parameters, alpha, optimizer states and BatchNorm

@@ -170,6 +170,32 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dw_impl,algorithm,order,warmup,fused", [
+    ("auto", "darts", "first", 0, True), ("auto", "darts", "first", 1, False),
+    ("auto", "darts", "second_fd", 0, False), ("auto", "darts", "second_exact", 0, False),
+    ("auto", "na_darts", "first", 0, False), ("conv", "darts", "first", 0, False),
+    ("taps_fused", "darts", "first", 0, False)])
+def test_auto_fuses_first_order_darts_on_the_cpus_kernels_without_warm_up(
+    dw_impl, algorithm, order, warmup, fused):
+  """``compile='auto'`` makes one donated program of the step only for first-order DARTS
+  with no warm-up on the CPU's kernels; ``'shared'`` and ``'fused'`` are taken as asked."""
+  (tx, ty), (vx, vy) = make_batches()
+  kwargs = dict(num=2, kind="swap") if algorithm == "na_darts" else {}
+  searches = {}
+  for mode in ("auto", "shared", "fused"):
+    config = make_config(algorithm, order, **kwargs)
+    config.compile, config.warmup_epochs = mode, warmup
+    searches[mode] = BilevelSearch(ToyArchModel(dw_impl=dw_impl), SPACE, config, 10)
+  assert {mode: s.fused for mode, s in searches.items()} == {
+      "auto": fused, "shared": False, "fused": True}
+  # 'auto''s fused step updates the state in place: its input is gone after the step.
+  if fused:
+    state = init_state(searches["auto"], tx)
+    new, _ = searches["auto"].jit_step()(state, (tx, ty), (vx, vy))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new.params))
+
+
 # How many times a shared step traces the model's loss: once where the architecture side's
 # gradients have the weight step's shapes (their parameter-gradient-free version is
 # evaluated from the weight step's trace, vmapped neighbors included), once per gradient
@@ -186,6 +212,7 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
   kwargs = dict(num=2, kind="swap", batch=batch, evaluate=evaluate)
   config = make_config(algorithm, order, **kwargs if algorithm == "na_darts" else {})
   config.warmup_epochs = 0  # architecture steps from the first
+  config.compile = "shared"  # 'auto' would fuse first-order DARTS's step here
   bilevel._supernet_programs.cache_clear()  # no trace left by an earlier test
   train_loss, calls = bilevel.supernet_train_loss, []
   monkeypatch.setattr(bilevel, "supernet_train_loss",

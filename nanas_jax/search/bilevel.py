@@ -44,7 +44,8 @@ architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
-phases). ``'auto'`` is ``'shared'`` on every backend. On an H200 with JAX 0.11.2, XLA's GPU
+phases). ``'auto'`` is ``'fused'`` for first-order DARTS without warm-up epochs on the
+CPU's kernels, else ``'shared'`` (`fused_compile`). On an H200 with JAX 0.11.2, XLA's GPU
 compiler aborted on the fused step (a ``triton_tiling_propagation.cc`` check failure);
 the cause, found by compiling for an H200 on a CPU (`benchmarks/gpu_compile.py`), was
 the stride-2 slices feeding matmuls in `nanas_jax.nn.functional.factorized_reduce_convs`,
@@ -248,6 +249,27 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
+def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
+                  warmup_steps: int) -> bool:
+  """Whether a step compiles as one program: ``compile='fused'``, or ``'auto'`` for
+  first-order DARTS (one architecture, ``neighbors == 1``) with the CPU's kernels
+  (``accelerator`` False) and no warm-up steps.
+
+  There XLA:CPU runs the fused step faster, compiles it sooner and needs less memory
+  (`benchmarks/search_step.py`, this project's 2-core CPU, pairs alternated: the
+  reference size's step 22.7 s against 28.4 s and peak 10.75 GB against 11.6 GB, the
+  quick-start preset's first step 37.3-37.9 s against 44.4-44.7 s, B=16, C=8, 5 cells
+  alike): each run of a program takes its buffers from malloc as fresh memory, which the
+  kernel zero-fills, and the shared step's two programs take more of it than the one.
+  Elsewhere the shared step stays: a warm-up compiles a weight step of its own, so a
+  fused search would compile the full gradient twice; NA-DARTS's neighbors and the
+  second order's points would each be inlined into the program; and on a GPU the fused
+  step compiles on one thread for its IR (`benchmarks/README.md`)."""
+  if mode != "auto":
+    return mode == "fused"
+  return not accelerator and order == "first" and neighbors == 1 and not warmup_steps
+
+
 def _tree_axpy(a, x, y):
   """``a * x + y`` over pytrees."""
   return jax.tree.map(lambda u, v: a * u + v, x, y)
@@ -273,8 +295,6 @@ class BilevelSearch:
         config.arch, (config.epochs - config.get("warmup_epochs", 0)) * steps_per_epoch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
     self.warmup_steps = config.get("warmup_epochs", 0) * steps_per_epoch
-    mode = config.get("compile", "auto")
-    self.fused = mode == "fused"
     self.neighborhood = objective.Neighborhood.from_config(config)
     evaluate = config.neighbors.get("evaluate", "auto")
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
@@ -282,6 +302,8 @@ class BilevelSearch:
     self.compute_dtype = compute_dtype(config)
     self._jit_cache: dict[Any, Callable] = {}
     accelerator = F.accelerator_kernels(getattr(model, "dw_impl", "auto"))
+    self.fused = fused_compile(config.get("compile", "auto"), accelerator, config.order,
+                               self.neighborhood.size, self.warmup_steps)
     # With the accelerators' kernels a step's first call compiles two supernet programs
     # side by side (`_compile_ahead`): XLA's GPU compiler spends much of a program's
     # compile on one thread (the reference-size step's H200 programs, compiled on this
