@@ -255,12 +255,13 @@ def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
   first-order DARTS (one architecture, ``neighbors == 1``) with the CPU's kernels
   (``accelerator`` False) and no warm-up steps.
 
-  There XLA:CPU runs the fused step faster, compiles it sooner and needs less memory
-  (`benchmarks/search_step.py`, this project's 2-core CPU, pairs alternated: the
-  reference size's step 22.7 s against 28.4 s and peak 10.75 GB against 11.6 GB, the
-  quick-start preset's first step 37.3-37.9 s against 44.4-44.7 s, B=16, C=8, 5 cells
-  alike): each run of a program takes its buffers from malloc as fresh memory, which the
-  kernel zero-fills, and the shared step's two programs take more of it than the one.
+  There XLA:CPU compiles the fused step sooner and runs it as fast or faster
+  (`benchmarks/search_step.py`, this project's 2-core CPU, runs alternated: the
+  reference size's step 23.2 s against 27.4 s, first step 183 s against 196 s, peak
+  10.8 GB against 11.7 GB; the quick-start preset's first step 37.6-38.4 s against
+  44.1-44.8 s, its step equal, its peak 0.3 GB higher while it compiles): each run of a
+  program takes its buffers from malloc as fresh memory, which the kernel zero-fills,
+  and the shared step's two programs take more of it than the one.
   Elsewhere the shared step stays: a warm-up compiles a weight step of its own, so a
   fused search would compile the full gradient twice; NA-DARTS's neighbors and the
   second order's points would each be inlined into the program; and on a GPU the fused
