@@ -264,8 +264,10 @@ def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
   and the shared step's two programs take more of it than the one.
   Elsewhere the shared step stays: a warm-up compiles a weight step of its own, so a
   fused search would compile the full gradient twice; NA-DARTS's neighbors and the
-  second order's points would each be inlined into the program; and on a GPU the fused
-  step compiles on one thread for its IR (`benchmarks/README.md`)."""
+  second order's points would each be inlined into the program (the finite-difference
+  order at B=16, C=8, 5 cells: first step 236 s against 107 s, peak 5.5 GB against 3.5
+  GB, for a step 13 % faster); and on a GPU the fused step compiles on one thread for
+  its IR (`benchmarks/README.md`)."""
   if mode != "auto":
     return mode == "fused"
   return not accelerator and order == "first" and neighbors == 1 and not warmup_steps
