@@ -287,14 +287,15 @@ def measure(args) -> dict:
       steady["traced_step_s"] = round(time.perf_counter() - t, 3)
       steady.update(finish_profile(log_dir, "step_events", "step_kinds"))
   k = neighbors_per_step(config)
+  vmapped = search.neighbors_vmapped(val[0])
   grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
   return {
       "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
       "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
       "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
-      "vmap_neighbors": search.vmap_neighbors,
-      "neighbor_chunk": search.neighbor_chunk if search.vmap_neighbors and k > 1 else None,
+      "vmap_neighbors": vmapped,
+      "neighbor_chunk": search.neighbor_chunk_for(val[0]) if vmapped and k > 1 else None,
       **first, **steady,
       "step_s": step_s,
       "supernet_gradients_per_step": grads_per_step,

@@ -20,6 +20,7 @@ import pytest
 
 from configs import quickstart
 from nanas_jax import neighborhood, spaces
+from nanas_jax.nn import functional as F
 from nanas_jax.nn import nb201_supernet
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search import bilevel
@@ -194,6 +195,47 @@ def test_auto_fuses_first_order_darts_on_the_cpus_kernels_without_warm_up(
     new, _ = searches["auto"].jit_step()(state, (tx, ty), (vx, vy))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new.params))
+
+
+def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cpu():
+  """``neighbors.evaluate='auto'`` on the CPU's kernels calls the shared gradient once per
+  neighbor below `F.TAPS_MIN_PIXELS` and maps the neighbors one at a time in one program
+  from there, with the step the loop makes (the oracle); ``'loop'``, ``'vmap'`` and a
+  chunk are taken as asked, and the accelerators' kernels on a CPU host keep the loop."""
+  rng = np.random.default_rng(0)
+  shape = (8, 32, 32, 1)  # 8 x 32 x 32 = TAPS_MIN_PIXELS
+  assert np.prod(shape[:3]) == F.TAPS_MIN_PIXELS
+  (tx, ty), (vx, vy) = [(rng.normal(size=shape).astype(np.float32),
+                         rng.integers(0, 3, shape[0])) for _ in range(2)]
+  small = np.zeros((8, 16, 16, 1), np.float32)
+
+  def search_for(evaluate, chunk=0, dw_impl="auto"):
+    config = make_config("na_darts", "first", num=2, kind="swap", evaluate=evaluate,
+                         chunk=chunk)
+    config.warmup_epochs = 0
+    return BilevelSearch(ToyArchModel(dw_impl=dw_impl), SPACE, config, 10)
+
+  auto = search_for("auto")
+  assert [auto.neighbors_vmapped(x) for x in (vx, small, vx[:, :, :, 0])] == [
+      True, False, False]
+  assert auto.neighbor_chunk_for(vx) == 1 and search_for("auto", 2).neighbor_chunk_for(vx) == 2
+  assert not search_for("loop").neighbors_vmapped(vx)
+  assert search_for("vmap").neighbors_vmapped(small)
+  assert search_for("vmap").neighbor_chunk_for(vx) == 0
+  assert not search_for("auto", dw_impl="conv").neighbors_vmapped(vx)
+  states = []
+  for search in (auto, search_for("loop")):
+    state = init_state(search, tx)
+    programs = [e.params["name"] for e in jax.make_jaxpr(search.step)(
+        state, (tx, ty), (vx, vy)).eqns if e.primitive.name in ("jit", "pjit")]
+    assert ("_vmapped_neighbor_grads_without_params" in programs) == (search is auto)
+    for _ in range(2):
+      state, _ = search.jit_step()(state, (tx, ty), (vx, vy))
+    states.append(state)
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
 # How many times a shared step traces the model's loss: once where the architecture side's

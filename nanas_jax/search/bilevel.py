@@ -305,6 +305,9 @@ class BilevelSearch:
     self.compute_dtype = compute_dtype(config)
     self._jit_cache: dict[Any, Callable] = {}
     accelerator = F.accelerator_kernels(getattr(model, "dw_impl", "auto"))
+    # 'auto' on the CPU's kernels: a `lax.map` of the neighbors from CIFAR-sized batches
+    # (`neighbors_vmapped`).
+    self._map_large_batches = evaluate == "auto" and not self.vmap_neighbors and not accelerator
     self.fused = fused_compile(config.get("compile", "auto"), accelerator, config.order,
                                self.neighborhood.size, self.warmup_steps)
     # With the accelerators' kernels a step's first call compiles two supernet programs
@@ -528,11 +531,35 @@ class BilevelSearch:
             params, batch_stats, w, x, y), None
       return loss, accuracy(logits, y), grad_params, grad_weights
 
-    if 0 < self.neighbor_chunk < weights.shape[0]:
+    chunk = self.neighbor_chunk_for(images)
+    if 0 < chunk < weights.shape[0]:
       # Chunks of neighbors under vmap, one chunk after another: only one chunk's
       # activations are alive at a time.
-      return jax.lax.map(lambda a: one(*a), (weights, xs, ys), batch_size=self.neighbor_chunk)
+      return jax.lax.map(lambda a: one(*a), (weights, xs, ys), batch_size=chunk)
     return jax.vmap(one)(weights, xs, ys)
+
+  def neighbors_vmapped(self, images) -> bool:
+    """Whether the architecture side evaluates its neighbors (K > 1) in one program, under
+    ``jax.vmap`` in chunks of `neighbor_chunk_for` neighbors, for a batch shaped like
+    ``images``; else it calls the shared compiled gradient K times. ``neighbors.evaluate``
+    ``'vmap'`` or ``'loop'`` as asked; ``'auto'`` vmaps on accelerators, and with the CPU's
+    kernels from CIFAR-sized batches (batch x height x width at least
+    `nanas_jax.nn.functional.TAPS_MIN_PIXELS`), one neighbor at a time: there XLA:CPU
+    runs the four neighbors' gradients of NA-DARTS K=4 16-17 % faster as one program
+    than as four runs of one (each run takes its buffers as new memory, which the kernel
+    zero-fills), and loses on smaller batches (`benchmarks/README.md`, "NA-DARTS's
+    neighbors as one program on a CPU")."""
+    if self.vmap_neighbors:
+      return True
+    return self._map_large_batches and jnp.ndim(images) == 4 and (
+        images.shape[0] * images.shape[1] * images.shape[2] >= F.TAPS_MIN_PIXELS)
+
+  def neighbor_chunk_for(self, images) -> int:
+    """How many neighbors one vmapped pass evaluates (0: all) for a batch shaped like
+    ``images``: ``neighbors.chunk``, or one where ``'auto'`` maps them on a CPU."""
+    if self.vmap_neighbors:
+      return self.neighbor_chunk
+    return self.neighbor_chunk or 1
 
   def _architecture_weights(self, alpha, key):
     return objective.architecture_weights(self.space, self.neighborhood, alpha, key)
@@ -551,7 +578,7 @@ class BilevelSearch:
     `objective.chain_to_alpha`."""
     weights = self._call(self._jitted(self._architecture_weights), (alpha, key))
     k = weights.shape[0]
-    if self.vmap_neighbors and k > 1:
+    if k > 1 and self.neighbors_vmapped(images):
       vmapped = (self._vmapped_neighbor_grads_with_params if param_grads
                  else self._vmapped_neighbor_grads_without_params)
       losses, accs, grad_params, grad_weights = self._jitted(vmapped)(
