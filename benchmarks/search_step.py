@@ -295,7 +295,7 @@ def measure(args) -> dict:
       "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
       "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
       "vmap_neighbors": vmapped,
-      "neighbor_chunk": search.neighbor_chunk_for(val[0]) if vmapped and k > 1 else None,
+      "neighbor_chunk": search.vmap_chunk() if vmapped and k > 1 else None,
       **first, **steady,
       "step_s": step_s,
       "supernet_gradients_per_step": grads_per_step,

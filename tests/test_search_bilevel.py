@@ -218,10 +218,10 @@ def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cp
   auto = search_for("auto")
   assert [auto.neighbors_vmapped(x) for x in (vx, small, vx[:, :, :, 0])] == [
       True, False, False]
-  assert auto.neighbor_chunk_for(vx) == 1 and search_for("auto", 2).neighbor_chunk_for(vx) == 2
+  assert auto.vmap_chunk() == 1 and search_for("auto", 2).vmap_chunk() == 2
   assert not search_for("loop").neighbors_vmapped(vx)
   assert search_for("vmap").neighbors_vmapped(small)
-  assert search_for("vmap").neighbor_chunk_for(vx) == 0
+  assert search_for("vmap").vmap_chunk() == 0
   assert not search_for("auto", dw_impl="conv").neighbors_vmapped(vx)
   states = []
   for search in (auto, search_for("loop")):

@@ -531,7 +531,7 @@ class BilevelSearch:
             params, batch_stats, w, x, y), None
       return loss, accuracy(logits, y), grad_params, grad_weights
 
-    chunk = self.neighbor_chunk_for(images)
+    chunk = self.vmap_chunk()
     if 0 < chunk < weights.shape[0]:
       # Chunks of neighbors under vmap, one chunk after another: only one chunk's
       # activations are alive at a time.
@@ -540,7 +540,7 @@ class BilevelSearch:
 
   def neighbors_vmapped(self, images) -> bool:
     """Whether the architecture side evaluates its neighbors (K > 1) in one program, under
-    ``jax.vmap`` in chunks of `neighbor_chunk_for` neighbors, for a batch shaped like
+    ``jax.vmap`` in chunks of `vmap_chunk` neighbors, for a batch shaped like
     ``images``; else it calls the shared compiled gradient K times. ``neighbors.evaluate``
     ``'vmap'`` or ``'loop'`` as asked; ``'auto'`` vmaps on accelerators, and with the CPU's
     kernels from CIFAR-sized batches (batch x height x width at least
@@ -554,9 +554,10 @@ class BilevelSearch:
     return self._map_large_batches and jnp.ndim(images) == 4 and (
         images.shape[0] * images.shape[1] * images.shape[2] >= F.TAPS_MIN_PIXELS)
 
-  def neighbor_chunk_for(self, images) -> int:
-    """How many neighbors one vmapped pass evaluates (0: all) for a batch shaped like
-    ``images``: ``neighbors.chunk``, or one where ``'auto'`` maps them on a CPU."""
+  def vmap_chunk(self) -> int:
+    """How many neighbors one vmapped pass evaluates (0: all), where they are vmapped
+    (`neighbors_vmapped`): ``neighbors.chunk``, or one where ``'auto'`` maps them on a
+    CPU."""
     if self.vmap_neighbors:
       return self.neighbor_chunk
     return self.neighbor_chunk or 1
