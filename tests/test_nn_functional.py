@@ -101,6 +101,8 @@ def test_resolve_depthwise_impl():
   assert F.resolve_depthwise_impl("auto") == ("scan" if cpu else "conv")
   assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS - 1) == ("scan" if cpu else "conv")
   assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS) == ("taps" if cpu else "conv")
+  assert [F.cifar_sized(p) for p in (None, F.TAPS_MIN_PIXELS - 1, F.TAPS_MIN_PIXELS)] == [
+      False, False, True]
   for bad in ("Scan", "grouped", "dense", ""):
     with pytest.raises(ValueError, match="Unknown depthwise implementation"):
       F.resolve_depthwise_impl(bad)

@@ -70,7 +70,15 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
     return impl
   if jax.default_backend() != "cpu":
     return "conv"
-  return "taps" if pixels is not None and pixels >= TAPS_MIN_PIXELS else "scan"
+  return "taps" if cifar_sized(pixels) else "scan"
+
+
+def cifar_sized(pixels: int | None) -> bool:
+  """Whether a network input batch of ``pixels`` = batch x height x width (None: unknown)
+  is CIFAR-sized, at least `TAPS_MIN_PIXELS`: where the CPU's ``'auto'`` choices (the
+  depthwise implementation, NA-DARTS's neighbors in one program) switch to the
+  implementation that compiles longer and runs faster."""
+  return pixels is not None and pixels >= TAPS_MIN_PIXELS
 
 
 def accelerator_kernels(impl: str) -> bool:

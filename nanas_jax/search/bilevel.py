@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -543,16 +544,16 @@ class BilevelSearch:
     ``jax.vmap`` in chunks of `vmap_chunk` neighbors, for a batch shaped like
     ``images``; else it calls the shared compiled gradient K times. ``neighbors.evaluate``
     ``'vmap'`` or ``'loop'`` as asked; ``'auto'`` vmaps on accelerators, and with the CPU's
-    kernels from CIFAR-sized batches (batch x height x width at least
-    `nanas_jax.nn.functional.TAPS_MIN_PIXELS`), one neighbor at a time: there XLA:CPU
+    kernels from CIFAR-sized batches (`nanas_jax.nn.functional.cifar_sized`), one
+    neighbor at a time: there XLA:CPU
     runs the four neighbors' gradients of NA-DARTS K=4 16-17 % faster as one program
     than as four runs of one (each run takes its buffers as new memory, which the kernel
     zero-fills), and loses on smaller batches (`benchmarks/README.md`, "NA-DARTS's
     neighbors as one program on a CPU")."""
     if self.vmap_neighbors:
       return True
-    return self._map_large_batches and jnp.ndim(images) == 4 and (
-        images.shape[0] * images.shape[1] * images.shape[2] >= F.TAPS_MIN_PIXELS)
+    return self._map_large_batches and jnp.ndim(images) == 4 and F.cifar_sized(
+        math.prod(images.shape[:3]))
 
   def vmap_chunk(self) -> int:
     """How many neighbors one vmapped pass evaluates (0: all), where they are vmapped
