@@ -61,6 +61,14 @@ def make_batches(seed=0, n=8, d=4, classes=3, dtype=np.float32):
   return train, val
 
 
+def assert_states_close(a, b, atol=1e-7):
+  """Two search states equal leaf by leaf (the random keys by their data)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=atol)
+
+
 def init_state(search, x, seed=0, alpha_scale=1.0):
   state = search.init(jax.random.key(seed), jnp.asarray(x))
   # Larger alpha than the 1e-3 default, so that perturbations change the weights visibly.
@@ -165,10 +173,7 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
     for _ in range(2):
       state, _ = step(state, (tx, ty), (vx, vy))
     states.append(state)
-  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  assert_states_close(*states)
 
 
 @pytest.mark.parametrize("dw_impl,algorithm,order,warmup,fused", [
@@ -232,10 +237,7 @@ def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cp
     for _ in range(2):
       state, _ = search.jit_step()(state, (tx, ty), (vx, vy))
     states.append(state)
-  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  assert_states_close(*states)
 
 
 # How many times a shared step traces the model's loss: once where the architecture side's
@@ -316,10 +318,7 @@ def test_on_accelerators_the_weight_step_leaves_the_architecture_gradient_out(
   assert ("supernet_value_and_params_grad" in programs) == params_only, programs
   # The finite difference divides two gradients' rounding by its small step.
   atol = 2e-6 if order == "second_fd" else 1e-7
-  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
-    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol)
+  assert_states_close(*states, atol=atol)
 
 
 def record_compiles(fn):
