@@ -240,29 +240,37 @@ def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cp
   assert_states_close(*states)
 
 
-# How many times a shared step traces the model's loss: once where the architecture side's
-# gradients have the weight step's shapes (their parameter-gradient-free version is
-# evaluated from the weight step's trace, vmapped neighbors included), once per gradient
-# where the neighbors' split batches give them shapes of their own; a later search on an
-# equal supernet, never.
-@pytest.mark.parametrize("algorithm,order,batch,evaluate,traces", [
-    ("darts", "first", "full", "loop", 1), ("darts", "second_fd", "full", "loop", 1),
-    ("na_darts", "first", "full", "loop", 1), ("na_darts", "first", "split", "loop", 2),
-    ("na_darts", "second_fd", "split", "loop", 2), ("na_darts", "first", "full", "vmap", 1),
-    ("na_darts", "second_fd", "full", "vmap", 1), ("na_darts", "first", "split", "vmap", 2)])
+# How many times a step traces the model's loss, shared or fused (one program around the
+# same jitted gradients): once where the architecture side's gradients have the weight
+# step's shapes (their parameter-gradient-free version is evaluated from the weight step's
+# trace, vmapped neighbors included), once per gradient where the neighbors' split batches
+# give them shapes of their own; a later search on an equal supernet, never.
+@pytest.mark.parametrize("algorithm,order,batch,evaluate,traces,mode", [
+    ("darts", "first", "full", "loop", 1, "shared"),
+    ("darts", "first", "full", "loop", 1, "fused"),
+    ("darts", "second_fd", "full", "loop", 1, "shared"),
+    ("na_darts", "first", "full", "loop", 1, "shared"),
+    ("na_darts", "first", "split", "loop", 2, "shared"),
+    ("na_darts", "first", "split", "loop", 2, "fused"),
+    ("na_darts", "second_fd", "split", "loop", 2, "shared"),
+    ("na_darts", "first", "full", "vmap", 1, "shared"),
+    ("na_darts", "second_fd", "full", "vmap", 1, "shared"),
+    ("na_darts", "second_fd", "full", "vmap", 1, "fused"),
+    ("na_darts", "first", "split", "vmap", 2, "shared")])
 def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorithm, order,
-                                                           batch, evaluate, traces):
+                                                           batch, evaluate, traces, mode):
   (tx, ty), (vx, vy) = make_batches()
   kwargs = dict(num=2, kind="swap", batch=batch, evaluate=evaluate)
   config = make_config(algorithm, order, **kwargs if algorithm == "na_darts" else {})
   config.warmup_epochs = 0  # architecture steps from the first
-  config.compile = "shared"  # 'auto' would fuse first-order DARTS's step here
+  config.compile = mode
   bilevel._supernet_programs.cache_clear()  # no trace left by an earlier test
   train_loss, calls = bilevel.supernet_train_loss, []
   monkeypatch.setattr(bilevel, "supernet_train_loss",
                       lambda *a: calls.append(a[5].shape) or train_loss(*a))
   search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
-  start = state = init_state(search, tx)
+  state = init_state(search, tx)
+  start = jax.tree.map(jnp.copy, state)  # a fused step consumes (donates) its input
   step = search.jit_step()
   for _ in range(2):
     state, _ = step(state, (tx, ty), (vx, vy))
@@ -281,7 +289,7 @@ def test_the_architecture_side_reuses_the_weight_step_trace(monkeypatch, algorit
   for x, y in ((vx, vy), (vx[:4], vy[:4])):
     args = (state.params, state.batch_stats, weights, x, y)
     chex.assert_trees_all_close(search.weights_grad(*args),
-                                jax.jit(search.value_and_weights_grad)(*args),
+                                search._programs.value_and_weights_grad(*args),
                                 rtol=1e-6, atol=1e-7)
 
 

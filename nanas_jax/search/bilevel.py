@@ -44,7 +44,7 @@ architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
-phases). ``'auto'`` is ``'fused'`` for first-order DARTS without warm-up epochs on the
+phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is ``'fused'`` for first-order DARTS without warm-up epochs on the
 CPU's kernels, else ``'shared'`` (`fused_compile`). On an H200 with JAX 0.11.2, XLA's GPU
 compiler aborted on the fused step (a ``triton_tiling_propagation.cc`` check failure);
 the cause, found by compiling for an H200 on a CPU (`benchmarks/gpu_compile.py`), was
@@ -266,9 +266,9 @@ def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
   Elsewhere the shared step stays: a warm-up compiles a weight step of its own, so a
   fused search would compile the full gradient twice; NA-DARTS's neighbors and the
   second order's points would each be inlined into the program (the finite-difference
-  order at B=16, C=8, 5 cells: first step 236 s against 107 s, peak 5.5 GB against 3.5
-  GB, for a step 13 % faster); and on a GPU the fused step compiles on one thread for
-  its IR (`benchmarks/README.md`)."""
+  order at B=16, C=8, 5 cells: first step 210 s against 106 s, peak 6.7 GB against 3.6
+  GB, XLA's compile of the one program included, for a step 4 % faster); and on a GPU
+  the fused step compiles on one thread for its IR (`benchmarks/README.md`)."""
   if mode != "auto":
     return mode == "fused"
   return not accelerator and order == "first" and neighbors == 1 and not warmup_steps
@@ -386,10 +386,17 @@ class BilevelSearch:
     return supernet_value_and_grads(self.model, self.compute_dtype, *args)
 
   def grads(self, *args):
-    """`value_and_grads`, both gradients: the finite-difference order's gradient at the
-    unrolled weights, NA-DARTS's neighbors in that order, and `weight_step_grads`' source."""
-    if self.fused:
-      return self.value_and_grads(*args)
+    """`value_and_grads`, both gradients, compiled once per input shape: the
+    finite-difference order's gradient at the unrolled weights, NA-DARTS's neighbors in
+    that order, and `weight_step_grads`' source. In a fused step too the supernet's
+    gradients are these jitted programs: the step's trace calls them, so the supernet is
+    traced once for every gradient the step takes, and XLA inlines them into its one
+    program. Measured against tracing each gradient into the step (this project's 2-core
+    CPU, alone, runs alternated): the quick-start preset's fused DARTS step traced for
+    3.8 s instead of 5.5 s, its first step 38.1 s instead of 39.4 s (means of 4); at
+    B=16, C=8, 5 cells, 32x32, 92.8 s instead of 96.1 s (2 each), the step as fast; the
+    fused finite-difference order there 210 s instead of 235 s, but its compile peaked at
+    6.6 GB instead of 5.3 GB (the compiled program's own memory equal)."""
     return self._programs.value_and_grads(*args)
 
   def weight_step_grads(self, *args):
@@ -398,8 +405,6 @@ class BilevelSearch:
     one at these shapes anyway, XLA's program leaves the architecture weights' gradient
     out: a reduction over every operation's output on every edge, 245 of the 3,286
     kernels the reference-size DARTS weight step launches on an H200 (XLA's program)."""
-    if self.fused:
-      return self.value_and_grads(*args)[:4]
     return self._call(self._weight_step_program(), args)[:4]
 
   def _weight_step_program(self) -> Callable:
@@ -408,18 +413,13 @@ class BilevelSearch:
       return self._programs.value_and_grads
     return self._programs.params_grad_from_full
 
-  def value_and_weights_grad(self, *args):
-    """`supernet_value_and_weights_grad` of this search's supernet."""
-    return supernet_value_and_weights_grad(self.model, self.compute_dtype, *args)
-
   def weights_grad(self, *args):
-    """`value_and_weights_grad`, compiled once per input shape.
+    """`supernet_value_and_weights_grad`, compiled once per input shape (in a fused step
+    too, as `grads`).
 
     Where the step also needs `value_and_grads` at the same shapes (every order, except
     first-order neighbors on split batches), it is not traced again: its program calls
     `value_and_grads`, whose trace jit keeps (`_SupernetPrograms.weights_grad_from_full`)."""
-    if self.fused:
-      return self.value_and_weights_grad(*args)
     return self._call(self._weights_grad_program(), args)
 
   def _weights_grad_program(self) -> Callable:
@@ -790,8 +790,8 @@ def _softmax(alpha):
 
 
 def _stack_outputs(outs, labels):
-  """Per-neighbor outputs of `BilevelSearch.value_and_grads` (or of
-  `value_and_weights_grad`) as stacked arrays: losses, accuracies, parameter gradients
+  """Per-neighbor outputs of `BilevelSearch.grads` (or of `BilevelSearch.weights_grad`)
+  as stacked arrays: losses, accuracies, parameter gradients
   (a tree with a leading neighbor axis, or None) and weight gradients."""
   losses = jnp.stack([o[0] for o in outs])
   accs = jnp.stack([accuracy(o[1], y) for o, y in zip(outs, labels)])
