@@ -44,8 +44,9 @@ architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
 supernet in the same compute dtype shares their traces and compiled code.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
-phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is ``'fused'`` for first-order DARTS without warm-up epochs on the
-CPU's kernels, else ``'shared'`` (`fused_compile`). On an H200 with JAX 0.11.2, XLA's GPU
+phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is
+``'fused'`` for first-order DARTS without warm-up epochs on the CPU's kernels, else
+``'shared'`` (`fused_compile`). On an H200 with JAX 0.11.2, XLA's GPU
 compiler aborted on the fused step (a ``triton_tiling_propagation.cc`` check failure);
 the cause, found by compiling for an H200 on a CPU (`benchmarks/gpu_compile.py`), was
 the stride-2 slices feeding matmuls in `nanas_jax.nn.functional.factorized_reduce_convs`,
