@@ -792,8 +792,8 @@ def _softmax(alpha):
 
 def _stack_outputs(outs, labels):
   """Per-neighbor outputs of `BilevelSearch.grads` (or of `BilevelSearch.weights_grad`)
-  as stacked arrays: losses, accuracies, parameter gradients
-  (a tree with a leading neighbor axis, or None) and weight gradients."""
+  as stacked arrays: losses, accuracies, parameter gradients (a tree with a leading
+  neighbor axis, or None) and weight gradients."""
   losses = jnp.stack([o[0] for o in outs])
   accs = jnp.stack([accuracy(o[1], y) for o, y in zip(outs, labels)])
   grad_params = None
