@@ -151,10 +151,11 @@ def _without_names(text: str) -> str:
 
 def _bytes(shape: str, scratch: bool = True, elements: bool = False) -> int:
   """Bytes of the arrays in an HLO ``shape`` (a tuple's elements summed); without a library
-  call's ``scratch`` (its u8 workspace) if False; their elements if ``elements``."""
+  call's ``scratch`` if False (its workspace: u8 for cuDNN, s8 for cuBLASLt, 32 MiB a
+  GEMM); their elements if ``elements``."""
   total = 0
   for dtype, dims in _ARRAY.findall(shape):
-    if dtype == "u8" and not scratch:
+    if dtype in ("u8", "s8") and not scratch:
       continue
     bits = 8 if dtype == "pred" or elements else int(dtype.lstrip("bfsu"))
     total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
@@ -341,25 +342,12 @@ def measure(args) -> dict:
   import numpy as np
   from jax.extend.core import jaxpr_as_fun
 
-  from configs import quickstart
-  from nanas_jax import spaces
-  from nanas_jax.nn.supernet import SearchNetwork
-  from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
+  from nanas_jax.search.bilevel import neighbors_per_step
 
   on_gpu = placer(args.target)
-  config = quickstart.get_config().search
-  config.warmup_epochs = 0
-  config.algorithm, config.order = args.algorithm, args.order
-  config.neighbors.num = args.neighbors
-  config.compile = args.compile
-  # What 'auto' picks on a GPU (this process's default backend is the CPU).
-  config.neighbors.evaluate = "vmap"
-  if args.chunk is not None:
-    config.neighbors.chunk = args.chunk
-  config.dtype = args.dtype
-  model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
-                        dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
-  search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
+  # Neighbors vmapped: what 'auto' picks on a GPU (this process's default backend is the
+  # CPU).
+  config, search = search_step.build_search(args, "vmap")
   state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
   batch = (jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),

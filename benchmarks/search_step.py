@@ -222,15 +222,14 @@ class FirstStepTrace:
     return self.fields
 
 
-def measure(args) -> dict:
-  """Runs one configuration in this process and returns its numbers."""
-  import jax
-  import numpy as np
-
+def build_search(args, evaluate: str):
+  """The quick start's search config with this command line's choices, neighbors
+  evaluated as ``evaluate``, and its `BilevelSearch` on the DARTS space: ``(config,
+  search)``."""
   from configs import quickstart
   from nanas_jax import spaces
   from nanas_jax.nn.supernet import SearchNetwork
-  from nanas_jax.search.bilevel import BilevelSearch, neighbors_per_step
+  from nanas_jax.search.bilevel import BilevelSearch
 
   config = quickstart.get_config().search
   # Every timed step is a whole search step (the quick start's warm-up steps are weight
@@ -240,13 +239,24 @@ def measure(args) -> dict:
   config.order = args.order
   config.neighbors.num = args.neighbors
   config.compile = args.compile
-  config.neighbors.evaluate = args.evaluate
+  config.neighbors.evaluate = evaluate
   if args.chunk is not None:
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                         dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
-  search = BilevelSearch(model, spaces.get_space("darts"), config, steps_per_epoch=100)
+  return config, BilevelSearch(model, spaces.get_space("darts"), config,
+                               steps_per_epoch=100)
+
+
+def measure(args) -> dict:
+  """Runs one configuration in this process and returns its numbers."""
+  import jax
+  import numpy as np
+
+  from nanas_jax.search.bilevel import neighbors_per_step
+
+  config, search = build_search(args, args.evaluate)
   rng = np.random.default_rng(0)
   shape = (args.batch, args.size, args.size, args.in_channels)
   batch = lambda: (rng.normal(size=shape).astype(np.float32),

@@ -247,11 +247,13 @@ def test_library_calls_shared_by_two_programs_count_once_among_distinct_calls():
   assert bench.distinct_calls([first_calls, longer_calls]) == 3
 
 
-def test_bytes_moved_of_a_module_by_hand():
+@pytest.mark.parametrize("scratch, target", [("u8", "__cudnn$convForward"),
+                                             ("s8", "__cublas$lt$matmul")])
+def test_bytes_moved_of_a_module_by_hand(scratch, target):
   """A fusion that reads a quarter of one input (a slice of its view in bfloat16) and all of
-  another, and a library call with a 1 GiB scratch buffer, each run twice by a loop: the
-  fusion moves 64 + 4 + 64 MiB, the call 64 + 4 + 64 MiB; the whole input and the scratch
-  are not moved."""
+  another, and a library call with a 1 GiB scratch buffer (as XLA types a cuDNN call's and
+  a cuBLASLt call's), each run twice by a loop: the fusion moves 64 + 4 + 64 MiB, the call
+  64 + 4 + 64 MiB; the whole input and the scratch are not moved."""
   n = 2**20
   hlo = textwrap.dedent(f"""\
       HloModule moved
@@ -273,8 +275,8 @@ def test_bytes_moved_of_a_module_by_hand():
         %x = f32[{n},64]{{1,0}} get-tuple-element(%t), index=0
         %y = f32[{n}]{{0}} get-tuple-element(%t), index=1
         %f = f32[{n},16]{{1,0}} fusion(%x, %y), kind=kLoop, calls=%fused_slice
-        %c = (f32[{n},16]{{1,0}}, u8[1073741824]{{0}}) custom-call(%f, %y), \
-custom_call_target="__cublas$gemm"
+        %c = (f32[{n},16]{{1,0}}, {scratch}[1073741824]{{0}}) custom-call(%f, %y), \
+custom_call_target="{target}"
         ROOT %r = (f32[{n},64]{{1,0}}, f32[{n}]{{0}}) tuple(%x, %y)
       }}
 
