@@ -548,8 +548,8 @@ class BilevelSearch:
     kernels from CIFAR-sized batches (`nanas_jax.nn.functional.cifar_sized`), one
     neighbor at a time: there XLA:CPU runs the four neighbors' gradients of NA-DARTS K=4
     16-17 % faster as one program than as four runs of one (each run takes its buffers
-    as new memory, which the kernel zero-fills), and loses on smaller batches (`benchmarks/README.md`, "NA-DARTS's
-    neighbors as one program on a CPU")."""
+    as new memory, which the kernel zero-fills), and loses on smaller batches
+    (`benchmarks/README.md`, "NA-DARTS's neighbors as one program on a CPU")."""
     if self.vmap_neighbors:
       return True
     return self._map_large_batches and jnp.ndim(images) == 4 and F.cifar_sized(
