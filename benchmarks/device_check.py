@@ -48,7 +48,11 @@ stays float32) and writes ``<device>-bfloat16.json`` beside the float32 file;
 (``config.model.inner_impl``; 'auto' unrolls them on accelerators) and writes
 ``<device>-scan.json``; ``--depthwise_impl=taps_fused`` runs our depthwise convolutions as
 sums of taps that XLA fuses instead of cuDNN's grouped convolutions
-(``config.model.depthwise_impl``) and writes ``<device>-taps_fused.json``.
+(``config.model.depthwise_impl``) and writes ``<device>-taps_fused.json``;
+``--gpu_autotune`` lets XLA time candidate kernels on the GPU as it compiles our steps
+(``config.search.gpu_autotune``; by default cuDNN's and cuBLAS's heuristics choose,
+`nanas_jax.search.bilevel.GPU_WITHOUT_AUTOTUNING`) and writes
+``<device>-gpu_autotune.json``.
 
 Presets: ``reference`` (the DARTS search: batch 64, C=16, 8 cells, 32x32x3) and ``small``
 (batch 8, C=4, 5 cells, 16x16x3: the same script on a CPU in a few minutes). Writes
@@ -232,11 +236,11 @@ def _run(cmd: list[str], timeout: float,
 
 
 def ours_fields(algorithm: str, order: str, neighbors: int, size: dict, dtype: str,
-                depthwise_impl: str, inner_impl: str) -> dict:
+                depthwise_impl: str, inner_impl: str, gpu_autotune: bool = False) -> dict:
   """What names one of our rows."""
   return {"impl": "nanas_jax", "algorithm": algorithm, "order": order, **size,
           "neighbors": neighbors, "dtype": dtype, "depthwise_impl": depthwise_impl,
-          "inner_impl": inner_impl}
+          "inner_impl": inner_impl, "gpu_autotune": gpu_autotune}
 
 
 def reference_fields(order: str, size: dict) -> dict:
@@ -248,14 +252,14 @@ def reference_fields(order: str, size: dict) -> dict:
 
 def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
          timeout: float, dtype: str = "float32", depthwise_impl: str = "auto",
-         inner_impl: str = "auto",
+         inner_impl: str = "auto", gpu_autotune: bool = False,
          profile: str | None = None) -> dict:
   cmd = [sys.executable, os.path.join(HERE, "search_step.py"), "--child",
          f"--algorithm={algorithm}", f"--order={order}", f"--neighbors={neighbors}",
          f"--batch={size['batch']}", f"--channels={size['channels']}",
          f"--layers={size['layers']}", f"--size={size['size']}", "--in_channels=3",
          f"--steps={steps}", f"--dtype={dtype}", f"--depthwise_impl={depthwise_impl}",
-         f"--inner_impl={inner_impl}"]
+         f"--inner_impl={inner_impl}"] + (["--gpu_autotune"] if gpu_autotune else [])
   if profile:
     until = time.time() + max(timeout - PROFILE_MARGIN_S, timeout / 2)
     cmd += [f"--profile={os.path.join(profile, f'{algorithm}_{order}')}",
@@ -264,7 +268,8 @@ def ours(algorithm: str, order: str, neighbors: int, size: dict, steps: int,
   # compile timers logged.
   env = cli.huge_pages_environ(os.environ) or dict(os.environ)
   result, error = _run(cmd, timeout, {**env, **XLA_TIMERS_ENV})
-  row = ours_fields(algorithm, order, neighbors, size, dtype, depthwise_impl, inner_impl)
+  row = ours_fields(algorithm, order, neighbors, size, dtype, depthwise_impl, inner_impl,
+                    gpu_autotune)
   if error:
     # A row stopped at its limit keeps how far it got: its first step, where that had
     # finished, its step time, where it was tracing one step more, and the compile timers
@@ -376,6 +381,10 @@ def main(argv=None):
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="our cells' inner nodes in a loop or unrolled "
                       "(config.model.inner_impl)")
+  parser.add_argument("--gpu_autotune", action="store_true", help="let XLA time "
+                      "candidate kernels on the GPU as it compiles our steps "
+                      "(config.search.gpu_autotune; by default cuDNN's and cuBLAS's "
+                      "heuristics choose)")
   parser.add_argument("--profile", help="trace each of our rows' first step and one "
                       "step after the timed ones with jax.profiler into a folder of this "
                       "directory, and report their longest events (first_step_events, "
@@ -387,7 +396,7 @@ def main(argv=None):
   parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
   parser.add_argument("--name", help="the report's file, <device>-NAME.json (by default "
                       "named by the run's settings: dtype, depthwise_impl, inner_impl, "
-                      "XLA_FLAGS)")
+                      "gpu_autotune, XLA_FLAGS)")
   args = parser.parse_args(argv)
   if args.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
     parser.error(f"--name={args.name!r} cannot name the report's file: use letters, "
@@ -407,10 +416,10 @@ def main(argv=None):
   size = PRESETS[args.preset]
   # Each row: what names it, and how to run it within a time limit.
   jobs = [(ours_fields(algorithm, order, k, size, args.dtype, args.depthwise_impl,
-                       args.inner_impl),
+                       args.inner_impl, args.gpu_autotune),
            functools.partial(ours, algorithm, order, k, size, args.steps,
                              dtype=args.dtype, depthwise_impl=args.depthwise_impl,
-                             inner_impl=args.inner_impl,
+                             inner_impl=args.inner_impl, gpu_autotune=args.gpu_autotune,
                              profile=args.profile))
           for algorithm, order, k in OURS]
   jobs += [(reference_fields(order, size),
@@ -443,7 +452,7 @@ def main(argv=None):
             "environment": jax.print_environment_info(return_string=True).splitlines(),
             "packages": packages(), PROBE: probe,
             "rows": [{k: r[k] for k in FIELDS + ("neighbor_chunk", "depthwise_impl",
-                                                  "inner_impl") + LOG_FIELDS
+                                                  "inner_impl", "gpu_autotune") + LOG_FIELDS
                       + PROFILE_FIELDS + ("error",) if k in r} for r in rows]}
   report["goals"] = goals(report["rows"])
   for goal in report["goals"]:
@@ -452,6 +461,7 @@ def main(argv=None):
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", device).strip("_") or "device"
   suffix = f"-{args.name}" if args.name else "".join(f"-{value}" for value, default in (
       (args.dtype, "float32"), (args.depthwise_impl, "auto"), (args.inner_impl, "auto"),
+      ("gpu_autotune" if args.gpu_autotune else "", ""),
       ("xla_flags" if xla_flags else "", "")) if value != default)
   path = os.path.join(args.output_dir, f"{name}{suffix}.json")
   with open(path, "w") as f:

@@ -345,9 +345,10 @@ def measure(args) -> dict:
   from nanas_jax.search.bilevel import neighbors_per_step
 
   on_gpu = placer(args.target)
-  # Neighbors vmapped: what 'auto' picks on a GPU (this process's default backend is the
-  # CPU).
-  config, search = search_step.build_search(args, "vmap")
+  # Neighbors vmapped, and XLA's options, as on a GPU (this process's default backend is
+  # the CPU).
+  config, search = search_step.build_search(args, "vmap", platform="gpu")
+  options = dict(search.compiler_options) or None
   state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
   batch = (jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
@@ -357,7 +358,8 @@ def measure(args) -> dict:
          "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
-         "depthwise_impl": args.depthwise_impl, "inner_impl": args.inner_impl}
+         "depthwise_impl": args.depthwise_impl, "inner_impl": args.inner_impl,
+         "gpu_autotune": args.gpu_autotune}
   programs, calls_of = [], []
 
   def add(name, compile_program, calls=1):
@@ -372,12 +374,12 @@ def measure(args) -> dict:
     row.update(search_step.start_profile(args.profile))
 
   if search.fused:
-    add("step", lambda: jax.jit(search.step, donate_argnums=0).lower(
+    add("step", lambda: jax.jit(search.step, donate_argnums=0, compiler_options=options).lower(
         on_gpu(state), on_gpu(batch), on_gpu(batch)).compile())
   else:
     listed = step_programs(search.step, (state, batch, batch))
-    lowerings = [lambda c=closed: jax.jit(jaxpr_as_fun(c)).lower(*on_gpu(c.in_avals))
-                 for _, closed, _ in listed]
+    lowerings = [lambda c=closed: jax.jit(jaxpr_as_fun(c), compiler_options=options).lower(
+        *on_gpu(c.in_avals)) for _, closed, _ in listed]
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
   if args.profile and "profile_error" not in row:
@@ -430,6 +432,9 @@ def main(argv=None):
                       "sums of taps that XLA fuses (config.model.depthwise_impl)")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
+  parser.add_argument("--gpu_autotune", action="store_true", help="compile with XLA's own "
+                      "settings, as config.search.gpu_autotune does (without a GPU to time "
+                      "candidates on, XLA takes defaults)")
   parser.add_argument("--profile", help="trace the compile of every program (once each, "
                       "one after the other) with jax.profiler into this directory, and "
                       "report its longest events (compile_events)")
@@ -456,7 +461,8 @@ def main(argv=None):
             "target", "order", "neighbors", "compile", "dtype", "depthwise_impl", "inner_impl",
             *PRESETS["tiny"])] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
-                    [f"--profile={args.profile}"] if args.profile else [])
+                    [f"--profile={args.profile}"] if args.profile else []) + (
+                        ["--gpu_autotune"] if args.gpu_autotune else [])
     out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
       row = {"algorithm": algorithm, "order": args.order, "compile": args.compile,

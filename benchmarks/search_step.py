@@ -222,10 +222,10 @@ class FirstStepTrace:
     return self.fields
 
 
-def build_search(args, evaluate: str):
+def build_search(args, evaluate: str, platform: str | None = None):
   """The quick start's search config with this command line's choices, neighbors
-  evaluated as ``evaluate``, and its `BilevelSearch` on the DARTS space: ``(config,
-  search)``."""
+  evaluated as ``evaluate``, and its `BilevelSearch` on the DARTS space compiling for
+  ``platform`` (default: JAX's default backend): ``(config, search)``."""
   from configs import quickstart
   from nanas_jax import spaces
   from nanas_jax.nn.supernet import SearchNetwork
@@ -243,10 +243,11 @@ def build_search(args, evaluate: str):
   if args.chunk is not None:
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
+  config.gpu_autotune = args.gpu_autotune
   model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                         dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
   return config, BilevelSearch(model, spaces.get_space("darts"), config,
-                               steps_per_epoch=100)
+                               steps_per_epoch=100, platform=platform)
 
 
 def measure(args) -> dict:
@@ -304,6 +305,7 @@ def measure(args) -> dict:
       "channels": args.channels, "layers": args.layers, "size": args.size,
       "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
       "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
+      "gpu_autotune": args.gpu_autotune,
       "vmap_neighbors": vmapped,
       "neighbor_chunk": search.vmap_chunk() if vmapped and k > 1 else None,
       **first, **steady,
@@ -346,6 +348,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                       help="the supernet's compute dtype (config.search.dtype)")
   parser.add_argument("--depthwise_impl", default="auto", choices=DEPTHWISE_IMPLS)
+  parser.add_argument("--gpu_autotune", action="store_true", help="on a GPU, let XLA "
+                      "time candidate kernels as it compiles (config.search.gpu_autotune)")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
   parser.add_argument("--channels", type=int, default=8)
@@ -373,6 +377,7 @@ def main(argv=None):
             "inner_impl", "channels", "layers", "size", "in_channels", "batch", "steps")] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
                     [f"--profile={args.profile}"] if args.profile else []) + (
+                        ["--gpu_autotune"] if args.gpu_autotune else []) + (
                         [] if args.profile_until is None
                         else [f"--profile_until={args.profile_until}"])
     # The child starts as `nanas_jax.cli` programs run: with huge pages where they help.

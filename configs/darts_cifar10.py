@@ -17,7 +17,9 @@ Cost: one H200 (JAX 0.11.2) took 0.93 s per first-order step at this size, so 50
 390 steps are about 5 hours; second order evaluates about 2.5x as many supernet gradients
 per step (about 12 hours). On this project's 2-core CPU a first-order step takes 21-38 s
 (50 epochs: 5-9 days), so CPU runs are impractical; use configs/quickstart.py there.
-On a GPU or TPU, --config.search.dtype=bfloat16 computes in bfloat16 (float32 state).
+On a GPU or TPU, --config.search.dtype=bfloat16 computes in bfloat16 (float32 state). On
+a GPU the step compiles without timing candidate kernels; --config.search.gpu_autotune=true
+lets XLA time them (a longer first step, for a possibly faster step: unmeasured).
 """
 
 import ml_collections

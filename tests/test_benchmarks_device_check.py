@@ -399,11 +399,12 @@ def test_rows_runs_only_the_rows_named_and_reports_the_others_as_not_run(tmp_pat
 @pytest.mark.parametrize("flags, suffix", [
     (["--dtype=bfloat16"], "-bfloat16"), (["--inner_impl=scan"], "-scan"),
     (["--dtype=bfloat16", "--inner_impl=unroll"], "-bfloat16-unroll"),
-    (["--depthwise_impl=taps_fused"], "-taps_fused")])
+    (["--depthwise_impl=taps_fused"], "-taps_fused"), (["--gpu_autotune"], "-gpu_autotune")])
 def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeypatch, flags,
                                                                suffix):
-  """bfloat16, another inner-node or depthwise implementation: our rows run with the
-  flag, the reference's without (float32), and the report goes to a file of its own."""
+  """bfloat16, another inner-node or depthwise implementation, XLA timing kernels on the
+  GPU: our rows run with the flag, the reference's without (float32), and the report goes
+  to a file of its own."""
   calls = []
   monkeypatch.setattr(check, "_run", _recording_run(calls))
   monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -422,6 +423,8 @@ def test_non_default_rows_run_ours_so_and_write_their_own_file(tmp_path, monkeyp
   depthwise = next((f.split("=")[1] for f in flags if f.startswith("--depthwise_impl")),
                    "auto")
   assert [r.get("depthwise_impl") for r in report["rows"]] == [depthwise] * 3 + [None] * 2
+  assert [r.get("gpu_autotune") for r in report["rows"]] == (
+      ["--gpu_autotune" in flags] * 3 + [None] * 2)
 
 
 def test_a_run_under_xla_flags_records_them_and_writes_a_file_of_its_own(tmp_path,

@@ -134,6 +134,30 @@ def test_compiles_for_an_h200_with_triton_gemms(model):
 
 
 @needs_the_cuda_compiler
+def test_a_search_without_autotuning_gives_xlas_gpu_compiler_cublas_matmuls():
+  """The supernet (training mode) compiled for an H200 with the options of a search for a GPU
+  (`bilevel.xla_compiler_options`): with ``gpu_autotune`` False its matmuls are cuBLAS
+  calls, none a Triton fusion, where XLA's own settings (True) make them Triton's: XLA's
+  GPU compiler takes the options by these names."""
+  stdout = _compiled_for_an_h200(textwrap.dedent(_MODELS["supernet"]) + textwrap.dedent("""
+      import re
+      from configs import quickstart
+      from nanas_jax.search import bilevel
+      config = quickstart.get_config().search
+      for autotune in (False, True):
+        config.gpu_autotune = autotune
+        options = dict(bilevel.xla_compiler_options(config, "gpu")) or None
+        text = jax.jit(fn, compiler_options=options).lower(*on_gpu(args)).compile().as_text()
+        print(autotune, len(re.findall(r'custom_call_target="__cublas', text)),
+              len(re.findall(r'"kind":"__triton', text)))
+      """))
+  counts = {autotune: (int(cublas), int(triton)) for autotune, cublas, triton in
+            (line.split() for line in stdout.splitlines())}
+  assert counts["False"][0] > 0 and counts["False"][1] == 0
+  assert counts["True"][1] > 0  # The control: XLA's own settings give Triton's matmuls.
+
+
+@needs_the_cuda_compiler
 def test_kernel_launches_grow_with_a_loops_trip_count_and_kernels_do_not():
   """A loop of n iterations compiled for an H200: its launches are an affine function of
   n with a positive slope (each iteration launches its body's kernels), and the distinct

@@ -90,6 +90,7 @@ def test_a_tiny_configuration_reports_every_field_without_tensorflow(algorithm, 
   assert row["vmap_neighbors"] and row["neighbor_chunk"] == 1
   assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["peak_rss_gb"] > 0
   assert row["device"] and "peak_device_gb" in row and row["dtype"] == "float32"
+  assert row["gpu_autotune"] is False
 
 
 def test_the_child_refuses_what_the_gpu_machine_lacks():

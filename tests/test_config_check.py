@@ -24,8 +24,8 @@ def test_a_field_that_exists_needs_no_explanation(quickstart):
 def test_an_unknown_field_lists_its_blocks_fields(quickstart):
   assert config_check.unknown_field(quickstart, "search.bogus") == (
       "--config.search.bogus: config.search has no field 'bogus'.\n"
-      "Fields of config.search: algorithm, arch, compile, dtype, epochs, neighbors, "
-      "order, recalibrate_batches, warmup_epochs, weights.")
+      "Fields of config.search: algorithm, arch, compile, dtype, epochs, gpu_autotune, "
+      "neighbors, order, recalibrate_batches, warmup_epochs, weights.")
 
 
 def test_a_misspelt_field_gets_the_closest_one(quickstart):

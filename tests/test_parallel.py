@@ -264,7 +264,7 @@ def test_the_program_compiled_ahead_is_found_compiled_on_eight_devices():
   assert out["devices"] == 8
   assert sorted(out["True"]["side"]) == [
       "jit(_apply_arch_update)", "jit(_apply_weight_update)", "jit(_architecture_weights)",
-      "jit(_chain_to_alpha)", "jit(_metrics)", "jit(split)",
+      "jit(_chain_to_alpha)", "jit(_metrics)", "jit(_split_key)",
       "jit(supernet_value_and_params_grad)"]
   assert out["False"]["side"] == []
   ahead, inline = out["True"]["counts"], out["False"]["counts"]

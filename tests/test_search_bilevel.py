@@ -402,7 +402,7 @@ def test_with_accelerator_kernels_the_first_step_compiles_a_program_on_a_side_th
     # For each new batch shape the supernet program and the metrics (whose logits have
     # the batch's shape) compile ahead; the weight update once; none on the CPU's kernels.
     side = collections.Counter(name for name, thread in compiles
-                               if thread != "MainThread" and name != "jit(split)")
+                               if thread != "MainThread" and name != "jit(_split_key)")
     assert side == ({f"jit({ahead})": 2, **AHEAD_SMALL_PROGRAMS} if mode == "ahead" else {}), (
         compiles)
   assert counts["ahead"] == counts["inline"] and counts["ahead"][f"jit({ahead})"] == 2
@@ -788,3 +788,85 @@ def test_init_builds_the_optimizer_states_optax_builds_eagerly():
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal_dtypes(got, want)
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(got))
+
+
+def test_gpu_autotune_takes_a_bool_only():
+  config = make_config()
+  del config["gpu_autotune"]
+  config.gpu_autotune = "off"
+  with pytest.raises(ValueError, match=r"config\.search\.gpu_autotune = 'off' is invalid"):
+    bilevel.validate_search_config(config)
+
+
+@pytest.mark.parametrize("platform,autotune,expected", [
+    ("gpu", False, bilevel.GPU_WITHOUT_AUTOTUNING), ("gpu", True, ()), ("cpu", False, ()),
+    ("tpu", False, ())])
+def test_xla_options_turn_autotuning_off_on_a_gpu_only(platform, autotune, expected):
+  config = make_config()
+  config.gpu_autotune = autotune
+  assert bilevel.xla_compiler_options(config, platform) == expected
+  assert BilevelSearch(ToyArchModel(), SPACE, config, 10,
+                       platform=platform).compiler_options == expected
+
+
+# Every kind of step: shared (with the accelerators' kernels: programs compiled ahead on
+# side threads; with a warm-up epoch), the finite-difference order with vmapped neighbors,
+# the exact second order, the neighbors in a loop, and fused.
+@pytest.mark.parametrize("algorithm,order,evaluate,dw_impl,mode", [
+    ("darts", "first", "loop", "conv", "shared"),
+    ("na_darts", "second_fd", "vmap", "conv", "shared"),
+    ("darts", "second_exact", "loop", "conv", "shared"),
+    ("na_darts", "first", "loop", "auto", "shared"),
+    ("darts", "first", "loop", "auto", "fused")])
+def test_on_a_gpu_every_program_of_a_search_compiles_with_autotuning_off(
+    tmp_path, monkeypatch, algorithm, order, evaluate, dw_impl, mode):
+  """A search for a GPU (``platform='gpu'``, here compiled for the CPU, which takes the
+  GPU's options and ignores them) compiles every program its step, its validation and
+  its BatchNorm recalibration run with `bilevel.GPU_WITHOUT_AUTOTUNING`. The oracle is
+  XLA's own record: with ``xla_dump_to`` added to the options, XLA writes each program
+  compiled with them, and the debug options it compiled with, to a directory; the
+  programs compiled are counted by JAX's compile events. The states equal the CPU
+  search's bit for bit."""
+  dump = tmp_path / "xla"
+  monkeypatch.setattr(bilevel, "GPU_WITHOUT_AUTOTUNING",
+                      (*bilevel.GPU_WITHOUT_AUTOTUNING, ("xla_dump_to", str(dump))))
+  kwargs = dict(num=2, kind="swap", evaluate=evaluate) if algorithm == "na_darts" else {}
+  (tx, ty), (vx, vy) = make_batches()
+  states, compiled = {}, {}
+  for platform in ("gpu", "cpu"):
+    config = make_config(algorithm, order, **kwargs)
+    config.compile = mode
+    config.warmup_epochs = 0 if mode == "fused" else 1
+    bilevel._supernet_programs.cache_clear()  # Every supernet program compiled here.
+    search = BilevelSearch(ToyArchModel(dw_impl=dw_impl), SPACE, config, 1,
+                           platform=platform)
+    # `init`'s own program (the optimizer states); its parameters are drawn eagerly.
+    init = collections.Counter(name for name, _ in record_compiles(
+        lambda search=search: states.update(init=init_state(search, tx))))
+    assert init["jit(_init_optimizers)"] == 1
+    state = states.pop("init")
+
+    def run(state=state, search=search, platform=platform):
+      step = search.jit_step()
+      for _ in range(3):
+        state, _ = step(state, (tx, ty), (vx, vy))
+      search.eval_fn()(state, vx, vy, np.ones(len(vy), bool))
+      search.batch_stats_update_fn()(state.params, state.batch_stats, state.alpha, tx)
+      states[platform] = jax.block_until_ready(state)
+
+    compiled[platform] = collections.Counter(
+        name.removeprefix("jit(").removesuffix(")") for name, _ in record_compiles(run))
+  dumped = [(f.name.split(".")[1].removeprefix("jit_"), f.read_text())
+            for f in dump.glob("*.debug_options")]
+  assert collections.Counter(name for name, _ in dumped) == (
+      compiled["gpu"] + collections.Counter(["_init_optimizers"]))
+  # Each program compiled once (the batches keep their shapes), under its own name: the
+  # CPU search's programs, less those compiled before by the process (the key split's).
+  assert set(compiled["gpu"].values()) == {1} and len(compiled["gpu"]) >= 3
+  assert set(compiled["cpu"]) <= set(compiled["gpu"])
+  for name, text in dumped:
+    for option, value in bilevel.GPU_WITHOUT_AUTOTUNING[:3]:
+      assert f"{option}: {str(value).lower()}" in text, (name, option)
+  chex.assert_trees_all_equal(jax.random.key_data(states["gpu"].rng),
+                              jax.random.key_data(states["cpu"].rng))
+  chex.assert_trees_all_equal(states["gpu"].replace(rng=None), states["cpu"].replace(rng=None))

@@ -42,7 +42,11 @@ on a side thread (`BilevelSearch.program_compiled_ahead`), the small programs ar
 them on side threads of their own (`BilevelSearch.programs_compiled_ahead`), and the
 architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
-supernet in the same compute dtype shares their traces and compiled code.
+supernet in the same compute dtype shares their traces and compiled code. On a GPU every
+top-level program compiles with XLA's options `xla_compiler_options` (no autotuning unless
+``config.gpu_autotune``): compiler options are a top-level jit's only, so a program the
+step calls eagerly runs as a jit of its own around it (`_TopLevel`), one traced into
+another program as itself.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
 phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is
 ``'fused'`` for first-order DARTS without warm-up epochs on the CPU's kernels, else
@@ -91,6 +95,28 @@ ALGORITHMS = ("darts", "na_darts")
 NEIGHBOR_EVALUATIONS = ("auto", "vmap", "loop")
 COMPILE_MODES = ("auto", "shared", "fused")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# XLA's settings for a GPU program compiled without timing anything on the GPU
+# (``config.search.gpu_autotune = False``): cuDNN's and cuBLAS's own heuristics pick each
+# convolution's and matmul's algorithm, no fusion is compiled several ways to pick the
+# fastest (JAX 0.11's fusion autotuner, which compiles every fusion on its own first, on
+# one thread), and matmuls are cuBLAS's rather than Triton's (without timing, XLA has no
+# default configuration for some of Triton's matmul fusions, and refuses to compile them).
+# Measured (`benchmarks/README.md`): the one H200 run's DARTS step, under XLA's defaults,
+# had not finished its first call after 243 s, most of it autotuning; compiled for an H200
+# on a 2-core CPU with these, the step's programs take 64 s side by side instead of 130 s.
+GPU_WITHOUT_AUTOTUNING = (("xla_gpu_autotune_level", 0),
+                          ("xla_gpu_enable_triton_gemm", False),
+                          ("xla_gpu_experimental_enable_fusion_autotuner", False))
+
+
+def xla_compiler_options(config: ml_collections.ConfigDict,
+                         platform: str) -> tuple[tuple[str, Any], ...]:
+  """The XLA options (pairs) every top-level program of a search's step compiles with on
+  ``platform`` (``'cpu'``, ``'gpu'``, ``'tpu'``): `GPU_WITHOUT_AUTOTUNING` on a GPU unless
+  ``config.gpu_autotune``, else none (XLA's own settings, ``XLA_FLAGS`` included)."""
+  if platform == "gpu" and not config.get("gpu_autotune", False):
+    return GPU_WITHOUT_AUTOTUNING
+  return ()
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -185,7 +211,7 @@ class _SupernetPrograms:
   `_supernet_programs`: a study's second search, a resumed search, the tests' searches
   trace none of them again."""
 
-  def __init__(self, model, dtype):
+  def __init__(self, model, dtype, options):
     def bind(fn):
       return jax.jit(functools.partial(fn, model, dtype))
 
@@ -206,13 +232,43 @@ class _SupernetPrograms:
     self.params_grad_from_full = _outputs_of(self.value_and_grads,
                                              (loss, logits, new_stats, grad_params),
                                              "supernet_value_and_params_grad")
+    self.top_level = _TopLevel(options)
+    self.jitted = frozenset({self.value_and_grads, self.value_and_weights_grad,
+                             self.batch_stats_update, self.evaluation_sums,
+                             self.weights_grad_from_full, self.params_grad_from_full})
 
 
 @functools.lru_cache(maxsize=8)
-def _supernet_programs(model, dtype) -> _SupernetPrograms:
-  """The process's `_SupernetPrograms` for ``model`` in ``dtype``; the 8 most recent
-  are kept (a search keeps its own alive as long as it lives)."""
-  return _SupernetPrograms(model, dtype)
+def _supernet_programs(model, dtype, options) -> _SupernetPrograms:
+  """The process's `_SupernetPrograms` for ``model`` in ``dtype``, their top-level
+  programs compiled with XLA's ``options`` (a tuple of pairs, `xla_compiler_options`);
+  the 8 most recent are kept (a search keeps its own alive as long as it lives)."""
+  return _SupernetPrograms(model, dtype, options)
+
+
+class _TopLevel:
+  """``program -> program'``: a jitted ``program`` as a program of its own compiled with
+  XLA's ``options`` (pairs; none: ``program`` itself). JAX takes compiler options on a
+  top-level ``jax.jit`` only, and the step's programs are also called inside others (a
+  fused step, the vmapped neighbors, the architecture side's gradients), so ``program''
+  is a jit around a call of ``program``, whose trace jit's cache gives it: one equation.
+  Made once per program, so compiled once."""
+
+  def __init__(self, options):
+    self.options = dict(options) or None
+    self._programs: dict[Callable, Callable] = {}
+
+  def __call__(self, program: Callable) -> Callable:
+    if self.options is None:
+      return program
+    if program not in self._programs:
+      def top_level(*args):
+        return program(*args)
+
+      # Its name in profiles and XLA's dumps stays the program's.
+      top_level.__name__ = top_level.__qualname__ = getattr(program, "__name__", "program")
+      self._programs[program] = jax.jit(top_level, compiler_options=self.options)
+    return self._programs[program]
 
 
 def _outputs_of(full: Callable, picks: tuple[int, ...], name: str) -> Callable:
@@ -285,11 +341,13 @@ class BilevelSearch:
 
   ``model`` is a supernet whose ``__call__(images, weights, train)`` takes architecture
   weights of shape ``space.alpha_shape``. ``config`` is the ``search`` block of an
-  experiment config (see ``configs/quickstart.py``).
+  experiment config (see ``configs/quickstart.py``). ``platform``: the backend the step
+  compiles for, which sets XLA's options (`xla_compiler_options`); by default JAX's
+  default backend (`benchmarks/gpu_compile.py` compiles a GPU's step on a CPU).
   """
 
   def __init__(self, model, space: SearchSpace, config: ml_collections.ConfigDict,
-               steps_per_epoch: int):
+               steps_per_epoch: int, platform: str | None = None):
     validate_search_config(config)
     self.model = model
     self.space = space
@@ -305,7 +363,9 @@ class BilevelSearch:
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
     self.neighbor_chunk = config.neighbors.get("chunk", 0)
     self.compute_dtype = compute_dtype(config)
+    self.compiler_options = xla_compiler_options(config, platform or jax.default_backend())
     self._jit_cache: dict[Any, Callable] = {}
+    self._top_level = _TopLevel(self.compiler_options)
     accelerator = F.accelerator_kernels(getattr(model, "dw_impl", "auto"))
     # 'auto' on the CPU's kernels: a `lax.map` of the neighbors from CIFAR-sized batches
     # (`neighbors_vmapped`).
@@ -344,7 +404,7 @@ class BilevelSearch:
             self.neighborhood.size > 1
             and (self.vmap_neighbors or self.neighborhood.batch == "split")))
     try:
-      self._programs = _supernet_programs(model, self.compute_dtype)
+      self._programs = _supernet_programs(model, self.compute_dtype, self.compiler_options)
     except TypeError as e:  # An unhashable field: jit needs the supernet as a static key.
       raise TypeError(
           f"The supernet {type(model).__name__} must be hashable: its compiled gradients "
@@ -369,12 +429,15 @@ class BilevelSearch:
                                 train=True)
     params = variables["params"]
     # One small program instead of a zeros program per parameter shape (eagerly).
-    weight_opt_state, arch_opt_state = jax.jit(
-        lambda p, a: (self.weight_tx.init(p), self.arch_tx.init(a)))(params, alpha)
+    weight_opt_state, arch_opt_state = self._call(jax.jit(self._init_optimizers),
+                                                  (params, alpha))
     return SearchState(
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), alpha=alpha,
         weight_opt_state=weight_opt_state, arch_opt_state=arch_opt_state, rng=state_rng)
+
+  def _init_optimizers(self, params, alpha):
+    return self.weight_tx.init(params), self.arch_tx.init(alpha)
 
   # ------------------------------------------------------------------ the one gradient
   def train_loss(self, params, batch_stats, weights, images, labels):
@@ -398,7 +461,7 @@ class BilevelSearch:
     B=16, C=8, 5 cells, 32x32, 92.8 s instead of 96.1 s (2 each), the step as fast; the
     fused finite-difference order there 210 s instead of 235 s, but its compile peaked at
     6.6 GB instead of 5.3 GB (the compiled program's own memory equal)."""
-    return self._programs.value_and_grads(*args)
+    return self._call(self._programs.value_and_grads, args)
 
   def weight_step_grads(self, *args):
     """``(loss, logits, new batch_stats, d loss/d params)``: the weight step's gradient
@@ -447,7 +510,7 @@ class BilevelSearch:
     evaluates neighbors, their weights and the chain back to alpha). On the caller's
     thread they compiled one after the other with the architecture side's supernet
     program, which is left there."""
-    programs = [self.program_compiled_ahead(), self._jitted(jax.random.split)]
+    programs = [self.program_compiled_ahead(), self._jitted(_split_key)]
     if self.config.order != "second_exact":  # Its architecture side is one program.
       programs += [self._jitted(self._architecture_weights),
                    self._jitted(self._chain_to_alpha)]
@@ -464,8 +527,9 @@ class BilevelSearch:
     compiling finds it there."""
     supernet, *small = self.programs_compiled_ahead()
     # Traced here: tracing holds Python's lock.
-    lowered = {supernet: supernet.lower(state.params, state.batch_stats,
-                                        self._jitted(_softmax)(state.alpha), *train_batch)}
+    lowered = {supernet: self._top_level_program(supernet).lower(
+        state.params, state.batch_stats, self._call(self._jitted(_softmax), (state.alpha,)),
+        *train_batch)}
     like = _placed_like((state, train_batch, val_batch))
     k = self.neighborhood.size
     key = like(state.rng)
@@ -477,7 +541,7 @@ class BilevelSearch:
     neighbor_grads = None if self.config.order == "first" else jax.tree.map(
         lambda p: like(p, (k, *p.shape)), state.params)
     arguments = {
-        self._jitted(jax.random.split): (state.rng,),
+        self._jitted(_split_key): (state.rng,),
         self._jitted(self._architecture_weights): (state.alpha, key),
         self._jitted(self._chain_to_alpha): (
             state.alpha, key, losses, neighbor_grads,
@@ -485,24 +549,37 @@ class BilevelSearch:
         self._jitted(self._apply_arch_update): (like(state.alpha), state.arch_opt_state,
                                                 state.alpha),
         self._jitted(self._apply_weight_update): (grads, state.weight_opt_state,
-                                                  state.params),
+                                                  state.params, state.step),
         self._jitted(self._metrics): (
             state.step, scalar, like(train_batch[1], logits.shape, logits.dtype),
             train_batch[1], scalar, losses, losses, like(state.alpha), scalar,
             like(state.alpha)),
     }
-    lowered.update({program: program.lower(*arguments[program]) for program in small})
+    lowered.update({program: self._top_level_program(program).lower(*arguments[program])
+                    for program in small})
     executor = concurrent.futures.ThreadPoolExecutor(len(lowered), "nanas_compile_ahead")
     self._ahead = {program: executor.submit(low.compile) for program, low in lowered.items()}
     executor.shutdown(wait=False)  # The threads end with their compiles.
 
   def _call(self, program: Callable, args):
-    """``program(*args)``, once its compile ahead (`_compile_ahead`), if any, is done: a
-    call before would compile it a second time."""
+    """``program(*args)`` (`_top_level_program`), once its compile ahead
+    (`_compile_ahead`), if any, is done: a call before would compile it a second time."""
     compiling = self._ahead.pop(program, None)
     if compiling is not None:
       compiling.result()
-    return program(*args)
+    return self._top_level_program(program, args)(*args)
+
+  def _top_level_program(self, program: Callable, args=()) -> Callable:
+    """The jitted ``program`` as it runs on ``args``: traced (inside a fused step or
+    another program), ``program`` itself, part of the caller's program; else a program of
+    its own compiled with the search's XLA options (`_TopLevel`; the supernet's are the
+    process's, shared as the supernet's programs are)."""
+    if not self.compiler_options or any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+      return program
+    if program in self._programs.jitted:
+      return self._programs.top_level(program)
+    return self._top_level(program)
 
   # ------------------------------------------------------------ architecture objective
   def _loss_and_accuracy(self, batch_stats):
@@ -583,15 +660,16 @@ class BilevelSearch:
     if k > 1 and self.neighbors_vmapped(images):
       vmapped = (self._vmapped_neighbor_grads_with_params if param_grads
                  else self._vmapped_neighbor_grads_without_params)
-      losses, accs, grad_params, grad_weights = self._jitted(vmapped)(
-          params, batch_stats, weights, images, labels)
+      losses, accs, grad_params, grad_weights = self._call(
+          self._jitted(vmapped), (params, batch_stats, weights, images, labels))
     else:
       batches = objective.neighbor_batches(self.neighborhood, images, labels)
       grad = self.grads if param_grads else self.weights_grad
-      outs = [grad(params, batch_stats, weights[i], x, y)
-              for i, (x, y) in enumerate(batches)]
-      losses, accs, grad_params, grad_weights = self._jitted(_stack_outputs)(
-          outs, [y for _, y in batches])
+      # One program for the K neighbors' weights, not K slicing programs run eagerly.
+      each = self._call(self._jitted(_unstack), (weights,))
+      outs = [grad(params, batch_stats, w, x, y) for w, (x, y) in zip(each, batches)]
+      losses, accs, grad_params, grad_weights = self._call(
+          self._jitted(_stack_outputs), (outs, [y for _, y in batches]))
     loss, grad_params, grad_alpha = self._call(self._jitted(self._chain_to_alpha),
                                                (alpha, key, losses, grad_params, grad_weights))
     return loss, (losses, accs), grad_params, grad_alpha
@@ -608,9 +686,9 @@ class BilevelSearch:
     With the shared compilation ``grads_fn`` is the weight step's compiled gradient and only
     the update around it is compiled anew (inside one jit it was a second copy of the
     supernet gradient to compile, as long as the first)."""
-    g = grads_fn(state.params, state.batch_stats, self._jitted(_softmax)(alpha), train_x,
-                 train_y)[3]
-    return self._jitted(self._unrolled_params)(state, g)
+    g = grads_fn(state.params, state.batch_stats, self._call(self._jitted(_softmax), (alpha,)),
+                 train_x, train_y)[3]
+    return self._call(self._jitted(self._unrolled_params), (state, g))
 
   def _unrolled_params(self, state: SearchState, grad_params):
     """``w - xi (mu m + g + wd w)`` for the parameter gradient ``g``."""
@@ -642,17 +720,19 @@ class BilevelSearch:
                                                      param_grads=False)
       return grad, loss, aux
     if order == "second_exact":
-      return self._jitted(self._second_order_exact)(state, train_batch, val_batch, key)
+      return self._call(self._jitted(self._second_order_exact),
+                        (state, train_batch, val_batch, key))
 
     unrolled = self._virtual_step(state, state.alpha, *train_batch, self.weight_step_grads)
     loss, aux, grad_w, grad_alpha = self.arch_value_and_grads(
         unrolled, state.batch_stats, state.alpha, *val_batch, key)
-    plus, minus, r = self._jitted(_finite_difference_points)(state.params, grad_w)
-    weights = self._jitted(_softmax)(state.alpha)
+    plus, minus, r = self._call(self._jitted(_finite_difference_points),
+                                (state.params, grad_w))
+    weights = self._call(self._jitted(_softmax), (state.alpha,))
     plus = self.weights_grad(plus, state.batch_stats, weights, *train_batch)[2]
     minus = self.weights_grad(minus, state.batch_stats, weights, *train_batch)[2]
-    grad = self._jitted(self._finite_difference_hypergradient)(state, grad_alpha, plus,
-                                                               minus, r)
+    grad = self._call(self._jitted(self._finite_difference_hypergradient),
+                      (state, grad_alpha, plus, minus, r))
     return grad, loss, aux
 
   def _finite_difference_hypergradient(self, state, grad_alpha, plus, minus, r):
@@ -668,14 +748,16 @@ class BilevelSearch:
     alpha = optax.apply_updates(alpha, updates)
     return alpha, arch_opt_state, jax.nn.softmax(alpha, -1)
 
-  def _apply_weight_update(self, grads, weight_opt_state, params):
-    """The weight optimizer's step; also returns the gradient's global norm, the metrics'
-    ``weight_grad_norm``. Computed here, beside the optimizer's gradient clipping, XLA
+  def _apply_weight_update(self, grads, weight_opt_state, params, step):
+    """The weight optimizer's step, and the state's step count after it (counted here, not
+    by an operation of its own run eagerly); also returns the gradient's global norm, the
+    metrics' ``weight_grad_norm``. Computed here, beside the optimizer's gradient clipping, XLA
     computes the norm once for both (common subexpressions); in the metrics' program it
     was one reduction per parameter again: 174 of the 188 kernels that program launched
     a step in XLA's H200 program at the reference size (`benchmarks/gpu_compile.py`)."""
     updates, weight_opt_state = self.weight_tx.update(grads, weight_opt_state, params)
-    return optax.apply_updates(params, updates), weight_opt_state, optax.tree.norm(grads)
+    return (optax.apply_updates(params, updates), weight_opt_state, optax.tree.norm(grads),
+            step + 1)
 
   def step(self, state: SearchState, train_batch, val_batch):
     """One architecture step then one weight step: ``(new state, metrics)``. Pure."""
@@ -686,19 +768,20 @@ class BilevelSearch:
       if inputs not in self._ahead_inputs:
         self._ahead_inputs.add(inputs)
         self._compile_ahead(state, train_batch, val_batch)
-    rng, key = self._call(self._jitted(jax.random.split), (state.rng,))
+    rng, key = self._call(self._jitted(_split_key), (state.rng,))
     grad_alpha, arch_loss, (neighbor_losses, neighbor_accs) = self.arch_gradient(
         state, train_batch, val_batch, key)
     alpha, arch_opt_state, weights = self._call(self._jitted(self._apply_arch_update),
                                                 (grad_alpha, state.arch_opt_state, state.alpha))
     train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
-    params, weight_opt_state, grad_norm = self._call(
-        self._jitted(self._apply_weight_update), (grads, state.weight_opt_state, state.params))
+    params, weight_opt_state, grad_norm, step = self._call(
+        self._jitted(self._apply_weight_update),
+        (grads, state.weight_opt_state, state.params, state.step))
     metrics = self._call(self._jitted(self._metrics), (
         state.step, train_loss, logits, train_batch[1], arch_loss, neighbor_losses,
         neighbor_accs, grad_alpha, grad_norm, alpha))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+    new_state = state.replace(step=step, params=params, batch_stats=batch_stats,
                               alpha=alpha, weight_opt_state=weight_opt_state,
                               arch_opt_state=arch_opt_state, rng=rng)
     return new_state, metrics
@@ -729,14 +812,15 @@ class BilevelSearch:
     step alone at ``softmax(alpha)``; alpha, its optimizer and the key stay as they are.
     The validation batch is not used."""
     del val_batch
-    weights = self._jitted(_softmax)(state.alpha)
+    weights = self._call(self._jitted(_softmax), (state.alpha,))
     train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
-    params, weight_opt_state, grad_norm = self._jitted(self._apply_weight_update)(
-        grads, state.weight_opt_state, state.params)
-    metrics = self._jitted(self._weight_metrics)(state.step, train_loss, logits,
-                                                 train_batch[1], grad_norm, state.alpha)
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+    params, weight_opt_state, grad_norm, step = self._call(
+        self._jitted(self._apply_weight_update),
+        (grads, state.weight_opt_state, state.params, state.step))
+    metrics = self._call(self._jitted(self._weight_metrics), (
+        state.step, train_loss, logits, train_batch[1], grad_norm, state.alpha))
+    return state.replace(step=step, params=params, batch_stats=batch_stats,
                          weight_opt_state=weight_opt_state), metrics
 
   def jit_step(self) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
@@ -745,8 +829,9 @@ class BilevelSearch:
     else the step itself (its pieces are jitted and share compiled gradients)."""
     search, warmup = self.step, self.warmup_step
     if self.fused:
-      search = jax.jit(search, donate_argnums=0)
-      warmup = jax.jit(warmup, donate_argnums=0)
+      options = dict(self.compiler_options) or None
+      search = jax.jit(search, donate_argnums=0, compiler_options=options)
+      warmup = jax.jit(warmup, donate_argnums=0, compiler_options=options)
     if not self.warmup_steps:
       return search
 
@@ -766,7 +851,8 @@ class BilevelSearch:
     """Jitted ``(params, batch_stats, alpha, images) -> batch_stats``: one training-mode
     pass at ``softmax(alpha)`` and the running statistics it leaves (for BatchNorm
     recalibration, `nanas_jax.nn.recalibration`)."""
-    return self._programs.batch_stats_update
+    update = self._programs.batch_stats_update
+    return lambda *args: self._call(update, args)
 
   def eval_fn(self) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``(state, images, labels, mask) -> {'loss', 'correct', 'count'}``: sums over
@@ -774,8 +860,8 @@ class BilevelSearch:
     (running BatchNorm statistics). Sums, not per-example values, so a sharded batch
     reduces on the devices and every process reads the same three numbers."""
     sums = self._programs.evaluation_sums
-    return lambda state, images, labels, mask: sums(state.params, state.batch_stats,
-                                                     state.alpha, images, labels, mask)
+    return lambda state, images, labels, mask: self._call(sums, (
+        state.params, state.batch_stats, state.alpha, images, labels, mask))
 
 
 def alpha_entropy(alpha: jax.Array) -> jax.Array:
@@ -787,6 +873,17 @@ def alpha_entropy(alpha: jax.Array) -> jax.Array:
 
 def _softmax(alpha):
   return jax.nn.softmax(alpha, -1)
+
+
+def _split_key(key):
+  """The state's next key and this step's, as two arrays (not one array of two keys,
+  which unpacking would slice eagerly)."""
+  rng, sub = jax.random.split(key)
+  return rng, sub
+
+
+def _unstack(stacked):
+  return tuple(stacked)
 
 
 def _stack_outputs(outs, labels):
@@ -819,6 +916,10 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
         f"one of {COMPILE_MODES}")
   check_compute_dtype(config)
+  autotune = config.get("gpu_autotune", False)
+  check(isinstance(autotune, bool), "gpu_autotune", autotune,
+        "True (XLA times candidate kernels on the GPU as it compiles) or False (their "
+        "libraries' heuristics choose: a shorter first step)")
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   warmup = config.get("warmup_epochs", 0)
