@@ -103,7 +103,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # default configuration for some of Triton's matmul fusions, and refuses to compile them).
 # Measured (`benchmarks/README.md`): the one H200 run's DARTS step, under XLA's defaults,
 # had not finished its first call after 243 s, most of it autotuning; compiled for an H200
-# on a 2-core CPU with these, the step's programs take 64 s side by side instead of 130 s.
+# on a 2-core CPU with these, the step's programs took 64 s side by side, against 146 s
+# under JAX 0.11.2's defaults (before any timing, which needs the GPU).
 GPU_WITHOUT_AUTOTUNING = (("xla_gpu_autotune_level", 0),
                           ("xla_gpu_enable_triton_gemm", False),
                           ("xla_gpu_experimental_enable_fusion_autotuner", False))
@@ -250,7 +251,7 @@ class _TopLevel:
   """``program -> program'``: a jitted ``program`` as a program of its own compiled with
   XLA's ``options`` (pairs; none: ``program`` itself). JAX takes compiler options on a
   top-level ``jax.jit`` only, and the step's programs are also called inside others (a
-  fused step, the vmapped neighbors, the architecture side's gradients), so ``program''
+  fused step, the vmapped neighbors, the architecture side's gradients), so ``program'``
   is a jit around a call of ``program``, whose trace jit's cache gives it: one equation.
   Made once per program, so compiled once."""
 
