@@ -240,7 +240,8 @@ COMPILE_AHEAD = textwrap.dedent("""
       bilevel._supernet_programs.cache_clear()
       config = make_config("na_darts", "first", num=2, kind="swap", evaluate="vmap")
       config.warmup_epochs = 0
-      search = bilevel.BilevelSearch(ToyArchModel(dw_impl="conv"), SPACE, config, 10)
+      search = bilevel.BilevelSearch(ToyArchModel(dw_impl="conv"), SPACE, config, 10,
+                                     platform=PLATFORM)
       search._ahead_enabled = ahead
       step = search.jit_step()
 
@@ -256,11 +257,14 @@ COMPILE_AHEAD = textwrap.dedent("""
     """)
 
 
-def test_the_program_compiled_ahead_is_found_compiled_on_eight_devices():
+# A search for a GPU (its programs run as jits of their own, with XLA's options for a GPU,
+# which the CPU ignores) and one for the CPU.
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_the_program_compiled_ahead_is_found_compiled_on_eight_devices(platform):
   """With a replicated state and sharded batches, the step's first call finds the programs
   its side threads compiled (jit's cache key includes the inputs' placements, and those of
   the step's own results are stand-ins): it compiles nothing twice."""
-  out = run_on_eight_devices(COMPILE_AHEAD)
+  out = run_on_eight_devices(COMPILE_AHEAD.replace("PLATFORM", repr(platform)))
   assert out["devices"] == 8
   assert sorted(out["True"]["side"]) == [
       "jit(_apply_arch_update)", "jit(_apply_weight_update)", "jit(_architecture_weights)",
