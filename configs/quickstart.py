@@ -97,9 +97,9 @@ def get_config():
   # bfloat16 (for GPUs and TPUs) while parameters, alpha, optimizer states and BatchNorm
   # statistics stay float32.
   config.search.dtype = "float32"
-  # On a GPU, whether XLA times candidate kernels on the GPU as it compiles the step (its
-  # default: minutes of a first step at CIFAR size), or takes cuDNN's and cuBLAS's
-  # heuristics (False; see nanas_jax/search/bilevel.py, GPU_WITHOUT_AUTOTUNING).
+  # On a GPU, whether XLA times candidate kernels on the GPU as it compiles the search's
+  # programs (its default: minutes of a first step at CIFAR size), or takes cuDNN's and
+  # cuBLAS's heuristics (False; see nanas_jax/search/bilevel.py, GPU_WITHOUT_AUTOTUNING).
   config.search.gpu_autotune = False
 
   config.search.weights = ml_collections.ConfigDict()

@@ -33,7 +33,6 @@ from nanas_jax import loop, parallel, spaces
 from nanas_jax import workdir as workdir_lib
 from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
-from nanas_jax.nn import recalibration
 from nanas_jax.nn.functional import DEPTHWISE_IMPLS
 from nanas_jax.nn.supernet import INNER_IMPLS
 from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, neighbors_per_step,
@@ -205,7 +204,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   state = parallel.replicate(state, mesh)
   init_seconds = time.time() - t0
   sums_fn = search.eval_fn()
-  stats_update = search.batch_stats_update_fn()
   recalibrate = config.search.get("recalibrate_batches", 0)
   uniform = float(np.log(space.num_ops))
   logging.info("Search: %s, %d epochs x %d steps (%d weight-only warm-up epochs), global "
@@ -219,9 +217,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       # The running statistics lag behind a supernet whose weights and alpha move fast;
       # validation uses statistics re-estimated at the current softmax(alpha).
       images = recalibration_images(streams.train, recalibrate, epoch)
-      stats = recalibration.average_batch_statistics(
-          lambda zeros, x: stats_update(state.params, zeros, state.alpha, x),
-          state.batch_stats, (parallel.shard_batch((x,), mesh) for x in images))
+      stats = search.recalibrated_batch_stats(
+          state, (parallel.shard_batch(x, mesh) for x in images))
       eval_state = state.replace(batch_stats=stats)
     val_loss, val_acc = evaluate_search(sums_fn, eval_state, streams.val, mesh)
     alpha = parallel.to_host(state.alpha)
@@ -332,7 +329,8 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
   evaluator = SupernetEvaluator(
       model, {"params": host_state.params, "batch_stats": host_state.batch_stats}, space,
       eval_batches, chunk_size=rs.chunk_size,
-      recalibration=recalibration_images(full.train, rs.get("recalibrate_batches", 0)))
+      recalibration=recalibration_images(full.train, rs.get("recalibrate_batches", 0)),
+      compiler_options=trainer.compiler_options)
   return host_state, evaluator
 
 

@@ -809,6 +809,24 @@ def test_xla_options_turn_autotuning_off_on_a_gpu_only(platform, autotune, expec
                        platform=platform).compiler_options == expected
 
 
+def assert_dumped_with_options(dump, compiled: collections.Counter) -> None:
+  """XLA dumped into ``dump`` the programs ``compiled`` counts (names without ``jit(``),
+  each with `bilevel.GPU_WITHOUT_AUTOTUNING` among its debug options."""
+  dumped = [(f.name.split(".")[1].removeprefix("jit_"), f.read_text())
+            for f in dump.glob("*.debug_options")]
+  assert collections.Counter(name for name, _ in dumped) == compiled
+  for name, text in dumped:
+    for option, value in bilevel.GPU_WITHOUT_AUTOTUNING[:3]:
+      assert f"{option}: {str(value).lower()}" in text, (name, option)
+
+
+def dumping_options(monkeypatch, dump) -> None:
+  """`bilevel.GPU_WITHOUT_AUTOTUNING` with ``xla_dump_to``: XLA writes every program
+  compiled with them, and the debug options it compiled with, into ``dump``."""
+  monkeypatch.setattr(bilevel, "GPU_WITHOUT_AUTOTUNING",
+                      (*bilevel.GPU_WITHOUT_AUTOTUNING, ("xla_dump_to", str(dump))))
+
+
 # Every kind of step: shared (with the accelerators' kernels: programs compiled ahead on
 # side threads; with a warm-up epoch), the finite-difference order with vmapped neighbors,
 # the exact second order, the neighbors in a loop, and fused.
@@ -828,8 +846,7 @@ def test_on_a_gpu_every_program_of_a_search_compiles_with_autotuning_off(
   programs compiled are counted by JAX's compile events. The states equal the CPU
   search's bit for bit."""
   dump = tmp_path / "xla"
-  monkeypatch.setattr(bilevel, "GPU_WITHOUT_AUTOTUNING",
-                      (*bilevel.GPU_WITHOUT_AUTOTUNING, ("xla_dump_to", str(dump))))
+  dumping_options(monkeypatch, dump)
   kwargs = dict(num=2, kind="swap", evaluate=evaluate) if algorithm == "na_darts" else {}
   (tx, ty), (vx, vy) = make_batches()
   states, compiled = {}, {}
@@ -851,22 +868,16 @@ def test_on_a_gpu_every_program_of_a_search_compiles_with_autotuning_off(
       for _ in range(3):
         state, _ = step(state, (tx, ty), (vx, vy))
       search.eval_fn()(state, vx, vy, np.ones(len(vy), bool))
-      search.batch_stats_update_fn()(state.params, state.batch_stats, state.alpha, tx)
+      search.recalibrated_batch_stats(state, [tx, vx])
       states[platform] = jax.block_until_ready(state)
 
     compiled[platform] = collections.Counter(
         name.removeprefix("jit(").removesuffix(")") for name, _ in record_compiles(run))
-  dumped = [(f.name.split(".")[1].removeprefix("jit_"), f.read_text())
-            for f in dump.glob("*.debug_options")]
-  assert collections.Counter(name for name, _ in dumped) == (
-      compiled["gpu"] + collections.Counter(["_init_optimizers"]))
+  assert_dumped_with_options(dump, compiled["gpu"] + collections.Counter(["_init_optimizers"]))
   # Each program compiled once (the batches keep their shapes), under its own name: the
   # CPU search's programs, less those compiled before by the process (the key split's).
   assert set(compiled["gpu"].values()) == {1} and len(compiled["gpu"]) >= 3
   assert set(compiled["cpu"]) <= set(compiled["gpu"])
-  for name, text in dumped:
-    for option, value in bilevel.GPU_WITHOUT_AUTOTUNING[:3]:
-      assert f"{option}: {str(value).lower()}" in text, (name, option)
   chex.assert_trees_all_equal(jax.random.key_data(states["gpu"].rng),
                               jax.random.key_data(states["cpu"].rng))
   chex.assert_trees_all_equal(states["gpu"].replace(rng=None), states["cpu"].replace(rng=None))

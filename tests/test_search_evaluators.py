@@ -267,7 +267,8 @@ def _direct_loss(model, variables, batches, codes, num_ops, train):
 def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   model, variables, batches = _toy_setup(NB201)
   # The compiled functions are the process's, shared by evaluators of equal supernets.
-  evaluators._loss_and_hits_jit.clear_cache()
+  sums = evaluators._evaluation_programs(())[0]
+  sums.clear_cache()
   evaluator = SupernetEvaluator(model, variables, NB201, batches, chunk_size=4, train=train)
   codes = ALL_NB201[np.random.default_rng(2).choice(len(ALL_NB201), 6, replace=False)]
   batched = evaluator(codes)
@@ -278,13 +279,13 @@ def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   # Chunks of 4, the rest in powers of two: N = 6 is 4 + 2, N = 1 is 1; one compiled
   # function per (chunk size, batch shape).
   compiled = 3 * len({x.shape for x, _ in batches})
-  assert evaluators._loss_and_hits_jit._cache_size() == compiled
+  assert sums._cache_size() == compiled
   # Another evaluator of an equal supernet (a new instance) compiles nothing of its own,
   # and answers the same.
   again = SupernetEvaluator(_toy_setup(NB201)[0], variables, NB201, batches, chunk_size=4,
                             train=train)
   np.testing.assert_array_equal(again(codes), batched)
-  assert evaluators._loss_and_hits_jit._cache_size() == compiled
+  assert sums._cache_size() == compiled
 
 
 def test_chunk_sizes_cover_the_request_without_padding():

@@ -1,5 +1,7 @@
 """Tests of supernet training on sampled architectures (random search with weight sharing)."""
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,47 @@ def test_bad_values_name_the_field(field, value):
   node[leaf] = value
   with pytest.raises(ValueError, match=f"config.search.{field}".replace(".", r"\.")):
     weight_sharing.validate_rs_config(config)
+
+
+def test_on_a_gpu_its_programs_and_the_evaluators_compile_with_autotuning_off(tmp_path,
+                                                                             monkeypatch):
+  """Random search's programs for a GPU (here compiled for the CPU, which takes the GPU's
+  options and ignores them): the trainer's (its optimizer's initial state, its step) and
+  those of the evaluator built with its options (the candidates' losses, their BatchNorm
+  recalibration), every one dumped by XLA with `bilevel.GPU_WITHOUT_AUTOTUNING` (the
+  oracle, `test_search_bilevel.assert_dumped_with_options`); the scores equal those of
+  the CPU's programs."""
+  from nanas_jax.search.evaluators import SupernetEvaluator
+  from test_search_bilevel import assert_dumped_with_options, dumping_options, record_compiles
+  dump = tmp_path / "xla"
+  dumping_options(monkeypatch, dump)
+  space = spaces.get_space("darts")
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 3, 6)
+  codes = space.encode(space.random(np.random.default_rng(2)))[None]
+  losses, compiled = {}, {}
+  for platform in ("gpu", "cpu"):
+    trainer = weight_sharing.WeightSharingTrainer(
+        ToyArchModel(), space, na_rs_quickstart.get_config().search, 5, platform=platform)
+
+    # `init`'s own program, the optimizer's state (its parameters are drawn eagerly).
+    init = collections.Counter(name for name, _ in record_compiles(
+        lambda trainer=trainer: losses.update(state=trainer.init(jax.random.key(0),
+                                                                  jnp.asarray(x)))))
+    assert init["jit(init_fn)"] == 1
+
+    def run(trainer=trainer, platform=platform, state=losses.pop("state")):
+      for step in range(2):
+        state, _ = trainer.step(state, (x, y), np.random.default_rng(step))
+      evaluator = SupernetEvaluator(
+          trainer.model, {"params": state.params, "batch_stats": state.batch_stats}, space,
+          [(x, y)], recalibration=[x, x], compiler_options=trainer.compiler_options)
+      losses[platform] = evaluator(codes)
+
+    # JAX's own program that moves a host array to the device ("stage") left out.
+    compiled[platform] = collections.Counter(
+        name.removeprefix("jit(").removesuffix(")") for name, _ in record_compiles(run)
+        if name != "jit(stage)")
+  assert_dumped_with_options(dump, compiled["gpu"] + collections.Counter(["init_fn"]))
+  assert {"_train_step", "_loss_and_hits", "_batch_stats_update"} <= set(compiled["gpu"])
+  np.testing.assert_array_equal(losses["gpu"], losses["cpu"])

@@ -20,6 +20,7 @@ statistics, exactly as in training.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,16 +29,24 @@ import optax
 
 from nanas_jax.nn.functional import BN_MOMENTUM
 
-# The tree operations run as one program each: run eagerly, every leaf would be a dispatch
-# of its own and every distinct leaf shape a program compiled on first use (1.9 s of the
-# quick start's first recalibration, 2.25 s in all; 0.87 s now).
-_zeros_like = jax.jit(optax.tree.zeros_like)
-_add = jax.jit(optax.tree.add)
-_divide = jax.jit(lambda tree, divisor: jax.tree.map(lambda t: t / divisor, tree))
+def _divide(tree, divisor):
+  return jax.tree.map(lambda t: t / divisor, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _tree_programs(compiler_options: tuple[tuple[str, Any], ...]):
+  """``(zeros_like, add, divide)`` over trees, jitted with XLA's ``compiler_options``
+  (pairs), once a process for each. They run as one program each: run eagerly, every leaf
+  would be a dispatch of its own and every distinct leaf shape a program compiled on first
+  use (1.9 s of the quick start's first recalibration, 2.25 s in all; 0.87 s as programs)."""
+  options = dict(compiler_options) or None
+  return tuple(jax.jit(fn, compiler_options=options)
+               for fn in (optax.tree.zeros_like, optax.tree.add, _divide))
 
 
 def average_batch_statistics(update: Callable[..., Any], batch_stats: Any,
-                             batches: Iterable[tuple[Any, ...]]) -> Any:
+                             batches: Iterable[tuple[Any, ...]],
+                             compiler_options: tuple[tuple[str, Any], ...] = ()) -> Any:
   """BatchNorm statistics re-estimated as the mean over ``batches`` of the batch statistics.
 
   Args:
@@ -46,17 +55,20 @@ def average_batch_statistics(update: Callable[..., Any], batch_stats: Any,
       over architectures (a leading axis on the returned leaves).
     batch_stats: the network's statistics tree (only its structure and shapes are used).
     batches: the calibration batches, each the trailing arguments of ``update``.
+    compiler_options: XLA's options (pairs) for the sums' programs, as the caller's
+      (`nanas_jax.search.bilevel.xla_compiler_options`).
 
   Returns:
     The statistics tree: per BatchNorm, the mean over the batches of the batch mean and of
     the unbiased batch variance.
   """
-  zeros = _zeros_like(batch_stats)
+  zeros_like, add, divide = _tree_programs(tuple(compiler_options))
+  zeros = zeros_like(batch_stats)
   total, count = None, 0
   for batch in batches:
     new = update(zeros, *batch)
-    total = new if total is None else _add(total, new)
+    total = new if total is None else add(total, new)
     count += 1
   if total is None:
     raise ValueError("BatchNorm recalibration needs at least one batch.")
-  return _divide(total, count * BN_MOMENTUM)
+  return divide(total, count * BN_MOMENTUM)

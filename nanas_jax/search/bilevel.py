@@ -76,6 +76,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import jax
@@ -85,6 +86,7 @@ import optax
 
 from nanas_jax import neighborhood
 from nanas_jax.nn import functional as F
+from nanas_jax.nn import recalibration
 from nanas_jax.search import objective
 from nanas_jax.search.state import (ARCH_SCHEDULES, SearchState, arch_optimizer, init_alpha,
                                     momentum_buffer, weight_lr_schedule, weight_optimizer)
@@ -848,12 +850,14 @@ class BilevelSearch:
 
     return step
 
-  def batch_stats_update_fn(self) -> Callable[..., Any]:
-    """Jitted ``(params, batch_stats, alpha, images) -> batch_stats``: one training-mode
-    pass at ``softmax(alpha)`` and the running statistics it leaves (for BatchNorm
-    recalibration, `nanas_jax.nn.recalibration`)."""
+  def recalibrated_batch_stats(self, state: SearchState, images: Iterable[Any]) -> Any:
+    """The BatchNorm statistics of the supernet at ``softmax(state.alpha)`` re-estimated on
+    the batches of training ``images`` (`recalibration.average_batch_statistics`: a
+    training-mode pass a batch), every program compiled with the search's options."""
     update = self._programs.batch_stats_update
-    return lambda *args: self._call(update, args)
+    return recalibration.average_batch_statistics(
+        lambda zeros, x: self._call(update, (state.params, zeros, state.alpha, x)),
+        state.batch_stats, ((x,) for x in images), self.compiler_options)
 
   def eval_fn(self) -> Callable[..., dict[str, jax.Array]]:
     """Jitted ``(state, images, labels, mask) -> {'loss', 'correct', 'count'}``: sums over
@@ -917,10 +921,7 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
         f"one of {COMPILE_MODES}")
   check_compute_dtype(config)
-  autotune = config.get("gpu_autotune", False)
-  check(isinstance(autotune, bool), "gpu_autotune", autotune,
-        "True (XLA times candidate kernels on the GPU as it compiles) or False (their "
-        "libraries' heuristics choose: a shorter first step)")
+  check_gpu_autotune(config)
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   warmup = config.get("warmup_epochs", 0)
@@ -975,6 +976,15 @@ def check_compute_dtype(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.dtype = {dtype!r} is invalid: expected one of "
                      f"{COMPUTE_DTYPES}: the dtype the supernet computes in (parameters, "
                      "alpha and BatchNorm statistics stay float32).")
+
+
+def check_gpu_autotune(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the field, on a ``config.gpu_autotune`` that is not a bool."""
+  autotune = config.get("gpu_autotune", False)
+  if not isinstance(autotune, bool):
+    raise ValueError(f"config.search.gpu_autotune = {autotune!r} is invalid: expected True "
+                     "(XLA times candidate kernels on the GPU as it compiles) or False "
+                     "(cuDNN's and cuBLAS's heuristics choose: a shorter first step).")
 
 
 def neighbors_per_step(config: ml_collections.ConfigDict) -> int:

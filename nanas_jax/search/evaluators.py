@@ -350,12 +350,16 @@ def _loss_and_hits(model, train: bool, per_arch_stats: bool, params, batch_stats
   return jax.vmap(one, in_axes=(0, 0 if per_arch_stats else None))(weights, batch_stats)
 
 
-# Jitted once for the process, the model static (a Flax module hashes and compares by its
-# fields), not once per evaluator: the evaluators of a search, its flatness report and a
-# study's other runs evaluate equal supernets at the same shapes, and share the traces and
-# the compiled programs.
-_loss_and_hits_jit = jax.jit(_loss_and_hits, static_argnums=(0, 1, 2))
-_batch_stats_update_jit = jax.jit(_batch_stats_update, static_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _evaluation_programs(compiler_options: tuple[tuple[str, Any], ...]):
+  """``(loss_and_hits, batch_stats_update)`` jitted with XLA's ``compiler_options``
+  (pairs), the model static. Jitted once for the process (a Flax module hashes and
+  compares by its fields), not once per evaluator: the evaluators of a search, its
+  flatness report and a study's other runs evaluate equal supernets at the same shapes,
+  and share the traces and the compiled programs."""
+  options = dict(compiler_options) or None
+  return (jax.jit(_loss_and_hits, static_argnums=(0, 1, 2), compiler_options=options),
+          jax.jit(_batch_stats_update, static_argnums=0, compiler_options=options))
 
 
 def _unpadded(batches, what: str) -> list[tuple[jax.Array, jax.Array]]:
@@ -400,13 +404,16 @@ class SupernetEvaluator:
   Architectures are evaluated ``chunk_size`` at a time under one ``jax.vmap``, the rest of
   a request in power-of-two pieces (`chunk_sizes`): no architecture is evaluated for
   padding, and the function compiles for a few sizes whatever N is. With
-  ``with_accuracy`` a call answers ``(losses, accuracies)``.
+  ``with_accuracy`` a call answers ``(losses, accuracies)``. ``compiler_options``: XLA's
+  options (pairs) for its programs, as the search's
+  (`nanas_jax.search.bilevel.xla_compiler_options`).
   """
 
   def __init__(self, model, variables, space: SearchSpace | str,
                batches: Sequence[tuple[Any, ...]], chunk_size: int = 32,
                train: bool = True, with_accuracy: bool = False,
-               recalibration: Sequence[Any] | None = None):
+               recalibration: Sequence[Any] | None = None,
+               compiler_options: tuple[tuple[str, Any], ...] = ()):
     self.space = get_space(space) if isinstance(space, str) else space
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f'chunk_size must be an integer >= 1, got {chunk_size!r}.')
@@ -426,22 +433,24 @@ class SupernetEvaluator:
     self.train = train and self.recalibration is None
     self.num_examples = sum(int(y.shape[0]) for _, y in batches)
     self.with_accuracy = with_accuracy
-    self._sums = functools.partial(_loss_and_hits_jit, model, self.train,
-                                   self.recalibration is not None)
-    self._update = functools.partial(_batch_stats_update_jit, model)
+    self.compiler_options = tuple(compiler_options)
+    sums, update = _evaluation_programs(self.compiler_options)
+    self._sums = functools.partial(sums, model, self.train, self.recalibration is not None)
+    self._update = functools.partial(update, model)
 
-  def _chunk_metrics(self, codes: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    weights = jax.nn.one_hot(jnp.asarray(codes), self.space.num_ops, dtype=jnp.float32)
+  def _chunk_metrics(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # On the host: a one-hot on the device would be a program of its own, run eagerly.
+    weights = jnp.asarray(np.eye(self.space.num_ops, dtype=np.float32)[codes])
     params, stats = self.variables['params'], self.variables['batch_stats']
     if self.recalibration is not None:
       stats = recalibration.average_batch_statistics(
           lambda zeros, x: self._update({'params': params, 'batch_stats': zeros}, weights,
                                         x),
-          stats, self.recalibration)
-    loss, hits = 0.0, 0
-    for x, y in self.batches:
-      batch_loss, batch_hits = self._sums(params, stats, weights, x, y)
-      loss, hits = loss + batch_loss, hits + batch_hits
+          stats, self.recalibration, self.compiler_options)
+    sums = [self._sums(params, stats, weights, x, y) for x, y in self.batches]
+    # Summed on the host, in float64: on the device each sum would be a program run eagerly.
+    loss = sum(np.asarray(batch_loss, np.float64) for batch_loss, _ in sums)
+    hits = sum(np.asarray(batch_hits, np.float64) for _, batch_hits in sums)
     return loss / self.num_examples, hits / self.num_examples
 
   def __call__(self, codes: np.ndarray):

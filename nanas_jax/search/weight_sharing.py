@@ -20,7 +20,8 @@ import optax
 
 from nanas_jax import neighborhood
 from nanas_jax.search.bilevel import (accuracy, apply_supernet, check_compute_dtype,
-                                      compute_dtype, cross_entropy)
+                                      check_gpu_autotune, compute_dtype, cross_entropy,
+                                      xla_compiler_options)
 from nanas_jax.search.state import SearchState, weight_lr_schedule, weight_optimizer
 from nanas_jax.spaces import SearchSpace
 
@@ -32,7 +33,7 @@ class WeightSharingTrainer:
   """Builds the state and the step of supernet training on sampled architectures."""
 
   def __init__(self, model, space: SearchSpace, config: ml_collections.ConfigDict,
-               steps_per_epoch: int):
+               steps_per_epoch: int, platform: str | None = None):
     validate_rs_config(config)
     self.model = model
     self.space = space
@@ -40,7 +41,11 @@ class WeightSharingTrainer:
     self.weight_tx = weight_optimizer(config.weights, config.epochs, steps_per_epoch)
     self.lr_schedule = weight_lr_schedule(config.weights, config.epochs, steps_per_epoch)
     self.compute_dtype = compute_dtype(config)
-    self._step = jax.jit(self._train_step, donate_argnums=0)
+    # XLA's options for the programs of a search on ``platform`` (default: JAX's default
+    # backend): on a GPU, no autotuning unless ``config.gpu_autotune``.
+    self.compiler_options = xla_compiler_options(config, platform or jax.default_backend())
+    self._options = dict(self.compiler_options) or None
+    self._step = jax.jit(self._train_step, donate_argnums=0, compiler_options=self._options)
 
   def init(self, rng: jax.Array, sample_images: jax.Array) -> SearchState:
     """A fresh state. ``alpha`` stays uniform (zeros): random search does not learn it."""
@@ -50,7 +55,7 @@ class WeightSharingTrainer:
                                 train=True)
     params = variables["params"]
     # One small program instead of a zeros program per parameter shape (eagerly).
-    weight_opt_state = jax.jit(self.weight_tx.init)(params)
+    weight_opt_state = jax.jit(self.weight_tx.init, compiler_options=self._options)(params)
     return SearchState(step=jnp.zeros((), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), alpha=alpha,
                        weight_opt_state=weight_opt_state, arch_opt_state=(), rng=state_rng)
@@ -96,6 +101,7 @@ def validate_rs_config(config: ml_collections.ConfigDict) -> None:
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
         "an integer >= 1")
   check_compute_dtype(config)
+  check_gpu_autotune(config)
   rs = config.rs
   check(rs.evaluator in RS_EVALUATORS, "rs.evaluator", rs.evaluator,
         f"one of {RS_EVALUATORS}")
