@@ -210,9 +210,10 @@ def test_taps_fused_calls_no_convolution_and_loops_over_nothing():
   assert fused["conv_general_dilated"] == 0 and fused["scan"] == fused["while"] == 0
   # One sum a kernel gradient, and the loss's.
   assert fused["reduce_sum"] == len(kernels) + 1
-  # The control: 'taps' loops over the batch, a loop a kernel, a sum a tap in each.
+  # The control: 'taps' loops over the batch, a loop a kernel, with one reduction of its
+  # k * k taps' products in each (a variadic reduce: one pass over the chunk).
   assert chunked["scan"] == len(kernels)
-  assert chunked["reduce_sum"] > fused["reduce_sum"]
+  assert chunked["reduce"] == len(kernels) and fused["reduce"] == 0
 
 
 def test_depthwise_convs_rejects_wrong_input_count():

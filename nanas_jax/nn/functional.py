@@ -285,11 +285,12 @@ def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, dilation: int, stride: 
   The input gradient is the same kind of sum (the cotangent, dilated by the stride and
   padded, times the flipped kernel); the kernel gradient reduces each tap's window times
   the cotangent in a loop over chunks of ``batch_chunk`` examples (or fewer: a divisor of
-  B) of one leading index each, so that a chunk's windows are read from cache (whole
-  windows, each read from memory once per tap: forward and backward 2x slower), or, with
-  ``batch_chunk=0`` (``'taps_fused'``), in one reduction of the stacked windows over the
-  whole batch, with no loop (for accelerators, where a loop launches its body at every
-  iteration). Only the unpadded input is kept for the backward pass."""
+  B) of one leading index each, all taps of a chunk in one reduction, so that a chunk's
+  windows are read from cache (whole windows, each read from memory once per tap:
+  forward and backward 2x slower), or, with ``batch_chunk=0`` (``'taps_fused'``), in one
+  reduction of the stacked windows over the whole batch, with no loop (for accelerators,
+  where a loop launches its body at every iteration). Only the unpadded input is kept
+  for the backward pass."""
   xp, geometry = _padded_with_geometry(x, kernel.shape[-2], dilation, stride)
   return _sum_of_taps(xp, kernel, geometry)
 
@@ -339,8 +340,15 @@ def _depthwise_conv_taps_bwd(dilation, stride, batch_chunk, residuals, g):
   def chunk_taps(chunk):
     xc, gc = chunk
     xp, geometry = _padded_with_geometry(xc, k, d, s)
-    return jnp.stack([jnp.sum(window * gc, axis=(0, 1, 2), dtype=acc_dtype)
-                      for window in _tap_windows(xp, k, geometry)])
+    products = [(window * gc).astype(acc_dtype) for window in _tap_windows(xp, k, geometry)]
+    # One reduction with an operand a tap: XLA:CPU emits it as one loop that reads the
+    # chunk once for all taps, where a sum a tap was a YNNPACK call each (k * k calls a
+    # chunk: 8 edges' kernel gradients 2.7-3.3x slower at C=16, batch 64, 32x32). Over
+    # the pixels, each example's sums added after: sums of H x W terms, not of the
+    # chunk's (measured there: faster, and half the float32 error).
+    sums = lax.reduce(products, [np.zeros((), acc_dtype)] * len(products), _add_each,
+                      (1, 2))
+    return jnp.sum(jnp.stack(sums), axis=1)
 
   taps = lax.map(chunk_taps, (chunks(x), chunks(g)))  # [lead... x B / size, k * k, C]
   grad_kernel = taps.reshape(kernel.shape[:lead] + (batch // size, k * k, kernel.shape[-1]))
@@ -349,6 +357,11 @@ def _depthwise_conv_taps_bwd(dilation, stride, batch_chunk, residuals, g):
 
 
 depthwise_conv_taps.defvjp(_depthwise_conv_taps_fwd, _depthwise_conv_taps_bwd)
+
+
+def _add_each(xs, ys):
+  """The combiner of a variadic sum: each operand's running sums added separately."""
+  return tuple(a + b for a, b in zip(xs, ys))
 
 
 def _depthwise_conv_grouped(x, kernel, pad, stride, dilation, lead):
