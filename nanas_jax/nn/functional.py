@@ -342,8 +342,8 @@ def _depthwise_conv_taps_bwd(dilation, stride, batch_chunk, residuals, g):
     xp, geometry = _padded_with_geometry(xc, k, d, s)
     products = [(window * gc).astype(acc_dtype) for window in _tap_windows(xp, k, geometry)]
     # One reduction with an operand a tap: XLA:CPU emits it as one loop that reads the
-    # chunk once for all taps, where a sum a tap was a YNNPACK call each (k * k calls a
-    # chunk: 8 edges' kernel gradients 2.7-3.3x slower at C=16, batch 64, 32x32). Over
+    # chunk once for all taps. A sum a tap is a YNNPACK call each (k * k calls a chunk:
+    # 8 edges' kernel gradients 2.7-3.3x slower at C=16, batch 64, 32x32). Over
     # the pixels, each example's sums added after: sums of H x W terms, not of the
     # chunk's (measured there: faster, and half the float32 error).
     sums = lax.reduce(products, [np.zeros((), acc_dtype)] * len(products), _add_each,
