@@ -5,10 +5,10 @@ Launch:
   ... --config.search.algorithm=darts                      # the DARTS baseline
   ... --config.model.space=nb201 --config.model.layers=1   # NAS-Bench-201, 1 cell a stage
 
-Cost, measured alone on a 2-core CPU: NA-DARTS 4 min 0 s (first step, mostly compilation,
-25 s); DARTS 2 min 46 s; NAS-Bench-201 with one cell a stage 55 s (an earlier version).
-Measured: alpha's mean entropy 78 % (DARTS 75 %, NAS-Bench-201 63 %) of uniform, the
-genotype unchanged over the last 2 (DARTS 4) epochs,
+Cost, measured alone on a 2-core CPU: NA-DARTS 3 min 11 s (first step, mostly
+compilation, 30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 55 s (an earlier
+version). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 63 %) of uniform,
+the genotype unchanged over the last 6 (DARTS 3) epochs,
 supernet validation accuracy 0.99 (NAS-Bench-201 0.96, and its genotype does not settle:
 skip_connect and avg_pool_3x3 stay tied on 4 of its 6 edges, see the README).
 
@@ -71,13 +71,15 @@ def get_config():
   config.model.steps = 4
   config.model.multiplier = 4
   config.model.stem_multiplier = 3
-  # 'auto': on a CPU 'taps' for CIFAR-sized batches and 'scan' for smaller ones (compile
-  # time), 'conv' on accelerators (cuDNN's grouped convolutions; 'taps_fused' is the
-  # accelerators' other, without cuDNN); or one of them by name (nanas_jax.nn.functional).
+  # 'auto': on a CPU 'taps' for batches of 2048 pixels or more (this one's 32 x 8 x 8) and
+  # 'scan' for smaller ones (compile time), 'conv' on accelerators (cuDNN's grouped
+  # convolutions; 'taps_fused' is the accelerators' other, without cuDNN); or one of them
+  # by name (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
   # A DARTS cell's inner nodes: 'scan' (one loop body: the shortest compile), 'unroll'
-  # (exactly their edges: less work, memory and kernel launches), or 'auto': 'scan' with
-  # the 'scan' depthwise convs, else 'unroll' (nanas_jax.nn.supernet.resolve_inner_impl).
+  # (exactly their edges: less work, memory and kernel launches), or 'auto': 'unroll' on
+  # accelerators and for CIFAR-sized batches on a CPU, else 'scan'
+  # (nanas_jax.nn.supernet.resolve_inner_impl).
   config.model.inner_impl = "auto"
 
   config.search = ml_collections.ConfigDict()

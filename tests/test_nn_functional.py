@@ -101,7 +101,10 @@ def test_resolve_depthwise_impl():
   assert F.resolve_depthwise_impl("auto") == ("scan" if cpu else "conv")
   assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS - 1) == ("scan" if cpu else "conv")
   assert F.resolve_depthwise_impl("auto", F.TAPS_MIN_PIXELS) == ("taps" if cpu else "conv")
-  assert [F.cifar_sized(p) for p in (None, F.TAPS_MIN_PIXELS - 1, F.TAPS_MIN_PIXELS)] == [
+  # CIFAR-sized (a cell's inner nodes unrolled, NA-DARTS's neighbors in one program) from
+  # larger batches on.
+  assert F.TAPS_MIN_PIXELS < F.CIFAR_MIN_PIXELS
+  assert [F.cifar_sized(p) for p in (None, F.CIFAR_MIN_PIXELS - 1, F.CIFAR_MIN_PIXELS)] == [
       False, False, True]
   for bad in ("Scan", "grouped", "dense", ""):
     with pytest.raises(ValueError, match="Unknown depthwise implementation"):

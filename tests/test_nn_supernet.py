@@ -14,6 +14,7 @@ XLA compiles slowly on the test machines: sizes are tiny, calls eager, and the f
 network is compiled once per mode (module fixture)."""
 
 import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -452,11 +453,12 @@ def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
   np.testing.assert_allclose(as64(grad), want, rtol=2**-8, atol=1e-3 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("conv", "auto"), ("conv", "scan"),
-                                         ("taps_fused", "auto")])
+@pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("taps", "unroll"), ("conv", "auto"),
+                                         ("conv", "scan"), ("taps_fused", "auto")])
 def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
   """A cell with 'taps', 'conv' or 'taps_fused' depthwise convs and its inner nodes
-  unrolled ('auto': no loop in its program) or in a loop (asked for) against the same
+  unrolled (no loop in its program) or in a loop (asked for, or 'auto' with 'taps' at
+  this size) against the same
   cell with 'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture
   weights, outputs
   and every edge's running statistics in training, and outputs in evaluation with
@@ -469,7 +471,9 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   variables = cells["scan"].init(jax.random.key(4), s0, s1, weights, train=True)
   program = str(jax.make_jaxpr(lambda v: cells[impl].apply(
       v, s0, s1, weights, train=True, mutable=["batch_stats"]))(variables))
-  assert (" scan[" in program) == (inner == "scan")
+  looped = supernet.resolve_inner_impl(inner, impl, math.prod(s1.shape[:3])) == "scan"
+  assert looped == (inner == "scan" or impl == "taps" and inner == "auto")
+  assert (" scan[" in program) == looped
   # The accelerators' cell reduces its BatchNorm statistics in one pass.
   assert ("_batch_norm_stats_bwd" in program) == F.accelerator_kernels(impl)
   trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
@@ -486,12 +490,17 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   assert float(jnp.std(evaluated["scan"])) > 0.1
 
 
-def test_inner_impl_auto_scans_with_the_scan_depthwise_convs_only():
-  assert [supernet.resolve_inner_impl("auto", dw) for dw in ("scan", "taps", "conv")] == [
-      "scan", "unroll", "unroll"]
+def test_inner_impl_auto_unrolls_with_accelerator_kernels_and_cifar_sized_taps():
+  cifar, digits = F.CIFAR_MIN_PIXELS, F.CIFAR_MIN_PIXELS - 1
+  assert [supernet.resolve_inner_impl("auto", dw, cifar)
+          for dw in ("scan", "taps", "conv", "taps_fused")] == [
+              "scan", "unroll", "unroll", "unroll"]
+  assert [supernet.resolve_inner_impl("auto", dw, pixels)
+          for dw in ("scan", "taps", "conv", "taps_fused") for pixels in (digits, None)] == [
+              "scan", "scan", "scan", "scan", "unroll", "unroll", "unroll", "unroll"]
   for inner in ("scan", "unroll"):
-    assert {supernet.resolve_inner_impl(inner, dw) for dw in ("scan", "taps", "conv")} == {
-        inner}
+    assert {supernet.resolve_inner_impl(inner, dw, pixels)
+            for dw in ("scan", "taps", "conv") for pixels in (digits, cifar)} == {inner}
   model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3, inner_impl="loop")
   with pytest.raises(ValueError, match="Unknown inner_impl 'loop'"):
     model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((2, 14, NUM_OPS)),
@@ -499,22 +508,26 @@ def test_inner_impl_auto_scans_with_the_scan_depthwise_convs_only():
 
 
 def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():
-  """'auto' on a CPU: 'taps' (and unrolled inner nodes) from `TAPS_MIN_PIXELS` input
-  pixels on, for every cell, though later cells see fewer pixels; 'scan' below."""
+  """'auto' on a CPU, for every cell, though later cells see fewer pixels: 'taps' from
+  `TAPS_MIN_PIXELS` input pixels on, with the inner nodes in a loop, and unrolled from
+  `CIFAR_MIN_PIXELS` on; 'scan' and the loop below."""
   model = supernet.SearchNetwork(num_classes=10, channels=4, layers=3)
   arch = jnp.full((2, 14, NUM_OPS), 1.0 / NUM_OPS)
   seen = []
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, supernet.SearchCell) and context.method_name == "__call__":
-      seen.append(context.module.dw_impl)
+      seen.append((context.module.dw_impl, context.module.inner_impl))
     return next_fun(*args, **kwargs)
 
-  for batch, want in ((F.TAPS_MIN_PIXELS // 64, "taps"), (F.TAPS_MIN_PIXELS // 64 - 1, "scan")):
+  cases = ((F.CIFAR_MIN_PIXELS // 64, ("taps", "unroll")),
+           (F.TAPS_MIN_PIXELS // 64, ("taps", "scan")),
+           (F.TAPS_MIN_PIXELS // 64 - 1, ("scan", "scan")))
+  for batch, want in cases:
     images = jnp.zeros((batch, 8, 8, 1))
     variables = model.init(jax.random.key(0), images[:1], arch, train=True)
     seen.clear()
     with nn.intercept_methods(record):
       jax.eval_shape(lambda v, x: model.apply(v, x, arch, train=False), variables, images)
-    want = want if jax.default_backend() == "cpu" else "conv"
+    want = want if jax.default_backend() == "cpu" else ("conv", "unroll")
     assert seen == [want] * 3, (batch, seen)

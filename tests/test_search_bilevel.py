@@ -204,12 +204,12 @@ def test_auto_fuses_first_order_darts_on_the_cpus_kernels_without_warm_up(
 
 def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cpu():
   """``neighbors.evaluate='auto'`` on the CPU's kernels calls the shared gradient once per
-  neighbor below `F.TAPS_MIN_PIXELS` and maps the neighbors one at a time in one program
+  neighbor below `F.CIFAR_MIN_PIXELS` and maps the neighbors one at a time in one program
   from there, with the step the loop makes (the oracle); ``'loop'``, ``'vmap'`` and a
   chunk are taken as asked, and the accelerators' kernels on a CPU host keep the loop."""
   rng = np.random.default_rng(0)
-  shape = (8, 32, 32, 1)  # 8 x 32 x 32 = TAPS_MIN_PIXELS
-  assert np.prod(shape[:3]) == F.TAPS_MIN_PIXELS
+  shape = (8, 32, 32, 1)  # 8 x 32 x 32 = CIFAR_MIN_PIXELS
+  assert np.prod(shape[:3]) == F.CIFAR_MIN_PIXELS
   (tx, ty), (vx, vy) = [(rng.normal(size=shape).astype(np.float32),
                          rng.integers(0, 3, shape[0])) for _ in range(2)]
   small = np.zeros((8, 16, 16, 1), np.float32)

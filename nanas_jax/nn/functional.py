@@ -32,8 +32,8 @@ rounding):
   faster on a GPU only a GPU can say (`benchmarks/README.md`).
 ``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'taps'`` when the step's
 arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS` input
-pixels, batch x height x width: CIFAR-sized searches), else ``'scan'`` (the digits quick
-starts and the tests, where compile time dominates).
+pixels, batch x height x width: the digits quick starts and CIFAR-sized searches), else
+``'scan'`` (the tests' small batches, where compile time dominates).
 """
 
 from __future__ import annotations
@@ -52,12 +52,16 @@ ACCELERATOR_IMPLS = ("conv", "taps_fused")
 
 
 # Batch x height x width of a network's input from which ``'auto'`` picks ``'taps'`` on a
-# CPU: CIFAR-sized (32x32) batches of 8 or more. Measured, 5 cells, C=8, DARTS first
-# order, 32x32 at batch 16 (16384 pixels): 'scan' 2.48 s a step, first step 46 s; 'taps'
-# (inner nodes unrolled) 1.66 s, first step 98 s: pays back after about 60 steps. 8x8
-# digits at batch 64 (4096 pixels): 'scan' 0.97 s, first step 46 s; 'taps' 0.57-0.61 s,
-# first step 66-106 s: a digits quick start of 300 steps gains nothing (2:42 vs 2:44).
-TAPS_MIN_PIXELS = 8192
+# CPU: digits batches of 32 (8x8) or more. Measured (benchmarks/README.md, "'taps' at
+# digits sizes"), DARTS first order, inner nodes in a loop: the README's quick start
+# (C=4, batch 32: 2048 pixels) 0.161 s a step against 0.261 s for 'scan', first step
+# 39.6 s against 32.0 s, and its whole NA-DARTS search 188 s against 239 s; at half that
+# batch (the tests' size, C=4, 3 cells, batch 16) 0.052 s against 0.107 s, but 5.2 s more
+# compile, which the tests' few steps never pay back.
+TAPS_MIN_PIXELS = 2048
+# Batch x height x width from which a CPU search counts as CIFAR-sized (`cifar_sized`):
+# 32x32 batches of 8 or more.
+CIFAR_MIN_PIXELS = 8192
 
 
 def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
@@ -70,15 +74,15 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
     return impl
   if jax.default_backend() != "cpu":
     return "conv"
-  return "taps" if cifar_sized(pixels) else "scan"
+  return "taps" if pixels is not None and pixels >= TAPS_MIN_PIXELS else "scan"
 
 
 def cifar_sized(pixels: int | None) -> bool:
   """Whether a network input batch of ``pixels`` = batch x height x width (None: unknown)
-  is CIFAR-sized, at least `TAPS_MIN_PIXELS`: where the CPU's ``'auto'`` choices (the
-  depthwise implementation, NA-DARTS's neighbors in one program) switch to the
-  implementation that compiles longer and runs faster."""
-  return pixels is not None and pixels >= TAPS_MIN_PIXELS
+  is CIFAR-sized, at least `CIFAR_MIN_PIXELS`: where the CPU's ``'auto'`` choices (a
+  cell's inner nodes unrolled, NA-DARTS's neighbors in one program) switch to the form
+  that compiles longer and runs faster."""
+  return pixels is not None and pixels >= CIFAR_MIN_PIXELS
 
 
 def accelerator_kernels(impl: str) -> bool:

@@ -14,11 +14,13 @@ The 14 edges of a cell are evaluated in two *groups*, each one vectorised MixedO
 - ``inner``: the 6 edges between intermediate nodes run as one ``lax.scan`` over the nodes,
   each iteration evaluating a node's edges from a fixed-size buffer of earlier nodes
   (unused slots weighted 0: 9 edge slots computed for 6 edges), or unrolled: one body per
-  node, exactly its edges (``inner_impl``). ``'auto'`` scans with the ``'scan'``
-  depthwise convolutions only (`functional`: small searches on a CPU, where compile time
-  dominates) and unrolls with the others. Unrolling pays on a CPU with ``'taps'``
-  (CIFAR-sized searches, where the step outweighs the compile; at B=64, C=16, 8 cells:
-  28.1 s a step instead of 30.3 s, first step 174 s instead of 137 s); on accelerators, with
+  node, exactly its edges (``inner_impl``). ``'auto'`` unrolls with the accelerators'
+  depthwise kernels, and on a CPU from CIFAR-sized batches (`functional.cifar_sized`);
+  it scans smaller searches on a CPU, where compile time weighs more (digits, C=8, 5
+  cells, batch 64, with ``'taps'``: unrolled 0.39 s a step against 0.46-0.52 s, but a
+  first step of 75 s against 43-45 s). Unrolling pays on a CPU at CIFAR sizes, where the
+  step outweighs the compile (at B=64, C=16, 8 cells: 28.1 s a step instead of 30.3 s,
+  first step 174 s instead of 137 s); on accelerators, with
   ``'conv'``, it is chosen for what XLA's GPU compiler shows (H200, reference size,
   `benchmarks/gpu_compile.py`; the step itself is unmeasured on a GPU): there the scan also
   writes every iteration's saved activations into stacked buffers, a small kernel each, and
@@ -302,15 +304,17 @@ def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_
   return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
 
 
-def resolve_inner_impl(inner_impl: str, dw_impl: str) -> str:
-  """How a cell evaluates its inner nodes: ``inner_impl``, or for ``'auto'`` a
-  `scan_inner_nodes` loop with the ``'scan'`` depthwise convs (``dw_impl``, resolved) and
-  `unroll_inner_nodes` with the others."""
+def resolve_inner_impl(inner_impl: str, dw_impl: str, pixels: int | None = None) -> str:
+  """How a cell evaluates its inner nodes: ``inner_impl``, or for ``'auto'``
+  `unroll_inner_nodes` with the accelerators' depthwise kernels (``dw_impl``, resolved)
+  and with ``'taps'`` from a CIFAR-sized network input of ``pixels`` = batch x height x
+  width (None: unknown), else a `scan_inner_nodes` loop."""
   if inner_impl not in INNER_IMPLS:
     raise ValueError(f"Unknown inner_impl {inner_impl!r}; use one of {INNER_IMPLS}.")
   if inner_impl != "auto":
     return inner_impl
-  return "scan" if dw_impl == "scan" else "unroll"
+  unroll = F.accelerator_kernels(dw_impl) or (dw_impl == "taps" and F.cifar_sized(pixels))
+  return "unroll" if unroll else "scan"
 
 
 class InnerEdges(_EdgeGroup):
@@ -346,7 +350,9 @@ class InnerEdges(_EdgeGroup):
     def edge_fn(q, st, xs, w):
       return mixed_edges(q, st, xs, w, 1, train, self.dw_impl)
 
-    if resolve_inner_impl(self.inner_impl, F.resolve_depthwise_impl(self.dw_impl)) == "unroll":
+    inner_impl = resolve_inner_impl(self.inner_impl, F.resolve_depthwise_impl(self.dw_impl),
+                                    math.prod(base.shape[1:4]))
+    if inner_impl == "unroll":
       nodes, new_stats = unroll_inner_nodes(base, p, stats, weights, edge_fn)
     else:
       nodes, new_stats = scan_inner_nodes(base, p, stats, weights, train, edge_fn)
@@ -403,8 +409,10 @@ class SearchCell(nn.Module):
       raise ValueError(f"cell weights must have shape {(len(edges), len(PRIMITIVES))}, "
                        f"got {weights.shape}")
     index = {edge: k for k, edge in enumerate(edges)}
-    # 'auto' resolved once for the whole cell, from its input batch.
-    dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(s1.shape[:3]))
+    # 'auto' resolved once for the whole cell, from its input batch (a network passes its
+    # own choices down, resolved).
+    pixels = math.prod(s1.shape[:3])
+    dw_impl = F.resolve_depthwise_impl(self.dw_impl, pixels)
     one_pass = F.accelerator_kernels(dw_impl)  # BatchNorm statistics in one pass
     s0 = Preprocess(self.channels, self.reduction_prev, one_pass, name="preprocess0")(
         s0, train)
@@ -418,8 +426,8 @@ class SearchCell(nn.Module):
     base = F.sum_axis(ys.reshape((self.steps, 2) + ys.shape[1:]), 1)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
-                       inner_impl=self.inner_impl, name="inner")(
-                           base, weights[inner_edges], train)
+                       inner_impl=resolve_inner_impl(self.inner_impl, dw_impl, pixels),
+                       name="inner")(base, weights[inner_edges], train)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
 
@@ -449,9 +457,11 @@ class SearchNetwork(nn.Module):
           f"architecture weights must have shape (2, {num_edges}, {len(PRIMITIVES)}) "
           f"(normal/reduce, edge, op), got {weights.shape}")
     c_curr = self.stem_multiplier * self.channels
-    # One depthwise implementation for every cell, chosen from the input batch.
-    dw_impl = F.resolve_depthwise_impl(self.dw_impl, math.prod(images.shape[:3]))
-    resolve_inner_impl(self.inner_impl, dw_impl)  # a bad name fails before anything runs
+    # One depthwise implementation and one form of the inner nodes for every cell, chosen
+    # from the input batch (later cells see fewer pixels).
+    pixels = math.prod(images.shape[:3])
+    dw_impl = F.resolve_depthwise_impl(self.dw_impl, pixels)
+    inner_impl = resolve_inner_impl(self.inner_impl, dw_impl, pixels)
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=torch_uniform(9 * images.shape[-1]),
                 name="stem_conv")(images)
@@ -464,7 +474,7 @@ class SearchNetwork(nn.Module):
       if reduction:
         c_curr *= 2
       cell = SearchCell(c_curr, reduction, reduction_prev, self.steps, self.multiplier,
-                        dw_impl, self.inner_impl, name=f"cell{i}")
+                        dw_impl, inner_impl, name=f"cell{i}")
       s0, s1 = s1, cell(s0, s1, weights[1 if reduction else 0], train)
       reduction_prev = reduction
     features = jnp.mean(s1, axis=(1, 2))
