@@ -6,7 +6,7 @@ Launch:
   ... --config.model.space=nb201 --config.model.layers=1   # NAS-Bench-201, 1 cell a stage
 
 Cost, measured alone on a 2-core CPU: NA-DARTS 3 min 11 s (first step, mostly
-compilation, 30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 55 s (an earlier
+compilation, 28-30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 55 s (an earlier
 version). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 63 %) of uniform,
 the genotype unchanged over the last 6 (DARTS 3) epochs,
 supernet validation accuracy 0.99 (NAS-Bench-201 0.96, and its genotype does not settle:

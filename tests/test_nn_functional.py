@@ -474,6 +474,23 @@ def test_batch_norm_matches_numpy(lead, one_pass):
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_batch_norm_running_statistics_carry_no_gradient(one_pass):
+  """The running averages are state, not a function to differentiate: the batch
+  statistics reach them through a stop of the gradient (so that linearising a loop that
+  carries them, like the inner nodes' scan, finds no tangent to carry), while the
+  normalised output keeps its gradient through the same statistics."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(_rand(rng, 4, 3, 5, 6) * 2.0 + 1.0)
+  stats = (jnp.zeros(6), jnp.ones(6))
+  train = lambda x: F.batch_norm(x, stats, 0, True, one_pass=one_pass)
+  running = jax.grad(lambda x: sum(jnp.sum(s) for s in train(x)[1]))(x)
+  assert not np.any(np.asarray(running))
+  cot = jnp.asarray(_rand(rng, 4, 3, 5, 6))
+  output = jax.grad(lambda x: jnp.sum(train(x)[0] * cot))(x)
+  assert np.abs(np.asarray(output)).max() > 1e-2
+
+
 def test_one_pass_batch_norm_stats_of_a_far_mean_keep_float32_precision():
   """Channels whose mean is 1e4 standard deviations from zero: the one-pass statistics
   (shifted by a value of the channel) against float64 numpy of the same float32 values.
