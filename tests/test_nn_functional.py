@@ -474,6 +474,25 @@ def test_batch_norm_matches_numpy(lead, one_pass):
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_of_shared_inputs_returns_each_input_once_in_training(train):
+  """``sources`` read in turn with ``shared_output``: in training every edge reading an
+  input is normalised with that input's batch statistics, so ``y`` holds each input once
+  and equals the gathered output's rows; in evaluation each edge's running statistics
+  differ and ``y`` is per edge. The running statistics are per edge either way."""
+  rng = np.random.default_rng(31)
+  x = jnp.asarray(_rand(rng, 2, 4, 3, 3, 5) * 2.0 + 0.5)
+  sources = np.array([0, 1] * 3)
+  stats = (jnp.asarray(_rand(rng, 6, 5)), jnp.asarray(rng.uniform(0.5, 2, (6, 5)),
+                                                        jnp.float32))
+  y, new = F.batch_norm(x, stats, 1, train, sources=sources, shared_output=True)
+  want, want_new = F.batch_norm(x, stats, 1, train, sources=sources)
+  assert want.shape == (6, 4, 3, 3, 5)
+  assert y.shape == ((2,) if train else (6,)) + want.shape[1:]
+  np.testing.assert_allclose(y[sources] if train else y, want, rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, new, want_new)
+
+
 @pytest.mark.parametrize("one_pass", [False, True])
 def test_batch_norm_running_statistics_carry_no_gradient(one_pass):
   """The running averages are state, not a function to differentiate: the batch
@@ -657,3 +676,41 @@ def test_mixed_sum_and_its_written_out_gradient_in_float64():
     barriers = [eqn for eqn in all_eqns(jaxpr.jaxpr)
                 if eqn.primitive.name == "optimization_barrier"]
     assert len(barriers) == 1 and len(barriers[0].invars) == 1
+
+
+def test_mixed_sum_of_parts_shared_by_edges_in_float64():
+  """Parts shared by the edges that read them in turn (``[S, ...]`` for ``E = 3 S``
+  edges, edge ``e`` reading row ``e % S``) beside per-edge parts, against the float64 numpy
+  formula on the gathered parts: the sum, the weights' gradient, and each shared part's
+  gradient, the sum over its edges of their weight times the output's gradient, computed
+  as adds: no reduction over the edges in the gradient's program, only the weights' sums
+  over B, H, W and C. Rows that do not divide the edges are refused."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(19)
+    edges, rows = 6, 2
+    weights = rng.normal(size=(edges, 3))
+    parts = (rng.normal(size=(rows, 2, 3, 3, 2)), rng.normal(size=(edges, 2, 3, 3, 2)),
+             rng.normal(size=(rows, 2, 3, 3, 2)))
+    reads = np.arange(edges) % rows
+    full = [part if len(part) == edges else part[reads] for part in parts]
+    cot = rng.normal(size=(edges, 2, 3, 3, 2))
+    loss = lambda w, ps: jnp.sum(F.mixed_sum(w, ps) * cot)
+    args = (jnp.asarray(weights), tuple(map(jnp.asarray, parts)))
+    want = sum(weights[:, k, None, None, None, None] * full[k] for k in range(3))
+    np.testing.assert_allclose(F.mixed_sum(*args), want, rtol=1e-12, atol=1e-12)
+    gw, gparts = jax.grad(loss, argnums=(0, 1))(*args)
+    gw_want = np.stack([np.sum(cot * part, axis=(1, 2, 3, 4)) for part in full], axis=1)
+    np.testing.assert_allclose(gw, gw_want, rtol=1e-12, atol=1e-12)
+    for k, part in enumerate(parts):
+      gk_want = np.zeros_like(part)
+      np.add.at(gk_want, reads if len(part) < edges else np.arange(edges),
+                weights[:, k, None, None, None, None] * cot)
+      assert gparts[k].shape == part.shape
+      np.testing.assert_allclose(gparts[k], gk_want, rtol=1e-12, atol=1e-12)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(*args)
+    # A broadcast's transpose would sum [E / S, S, ...] over axis 0.
+    sums = [tuple(eqn.params["axes"]) for eqn in all_eqns(jaxpr.jaxpr)
+            if eqn.primitive.name == "reduce_sum"]
+    assert sums.count((1, 2, 3, 4)) == 3 and (0,) not in sums, sums
+  with pytest.raises(ValueError, match="6 edges need parts of 6 rows or of a divisor"):
+    F.mixed_sum(jnp.zeros((6, 2)), (jnp.zeros((4, 1, 2, 2, 1)), jnp.zeros((6, 1, 2, 2, 1))))

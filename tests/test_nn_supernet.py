@@ -382,18 +382,22 @@ def test_mixed_edges_eval_uses_per_edge_pool_statistics():
   np.testing.assert_allclose(out[1], want1, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
+@pytest.mark.parametrize("stride, sources", [
+    (1, (0, 1, 0, 1, 1)), (2, (0, 1, 0, 1, 1)),   # gathered
+    (1, (0, 1) * 3), (2, (0, 1) * 3)])            # in turn, as a cell's: shared
+def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride, sources):
   """`MixedEdges(sources=...)` pools each distinct input once; it computes what the same
-  edges compute on per-edge copies of their inputs: outputs, and every edge's running
-  statistics, in training and in evaluation (with per-edge statistics that differ), up to
-  float32 rounding (the batch statistics' sums run in another order)."""
+  edges compute on per-edge copies of their inputs: outputs, gradients and every edge's
+  running statistics, in training and in evaluation (with per-edge statistics that
+  differ), up to float32 rounding (the batch statistics' sums run in another order).
+  Sources read in turn, as a cell's input edges read (s0, s1), share the pools' and the
+  skip's outputs in training, and their gradients are summed as adds (`F.mixed_sum`)."""
   rng = np.random.default_rng(12)
-  sources = (0, 1, 0, 1, 1)
+  edges = len(sources)
   distinct = jnp.asarray(rng.normal(size=(2, 3, 8, 8, C)), jnp.float32)
-  weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(5, NUM_OPS)), jnp.float32), -1)
-  shared = supernet.MixedEdges(5, C, stride, "scan", sources=sources)
-  copies = supernet.MixedEdges(5, C, stride, "scan")
+  weights = jax.nn.softmax(jnp.asarray(rng.normal(size=(edges, NUM_OPS)), jnp.float32), -1)
+  shared = supernet.MixedEdges(edges, C, stride, "scan", sources=sources)
+  copies = supernet.MixedEdges(edges, C, stride, "scan")
   variables = shared.init(jax.random.key(1), distinct, weights, train=True)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
       jnp.shape, copies.init(jax.random.key(1), distinct[np.array(sources)], weights,
@@ -405,6 +409,18 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                got_stats, want_stats)
+  cot = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+
+  def grads(module, read):
+    def loss(params, xs, w):
+      return jnp.sum(cot * module.apply({"params": params, "batch_stats":
+                                         variables["batch_stats"]}, read(xs), w,
+                                        train=True, mutable=["batch_stats"])[0])
+    return jax.grad(loss, argnums=(0, 1, 2))(variables["params"], distinct, weights)
+
+  # The copies' input gradient is the gather's: each input's edges' gradients added.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+               grads(shared, lambda xs: xs), grads(copies, lambda xs: xs[np.array(sources)]))
   stats = jax.tree.map(
       lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
       variables["batch_stats"])

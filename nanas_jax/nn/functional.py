@@ -403,9 +403,16 @@ def take_rows(x: jax.Array, indices) -> jax.Array:
   if idx.ndim != 1 or not idx.size:
     raise ValueError(f"take_rows: indices must be a non-empty 1-D list, got {indices!r}")
   m = x.shape[0]
-  if idx.size % m == 0 and np.array_equal(idx, np.tile(np.arange(m), idx.size // m)):
+  if tiles(idx, m):
     return jnp.broadcast_to(x, (idx.size // m,) + x.shape).reshape((idx.size,) + x.shape[1:])
   return x[idx]
+
+
+def tiles(indices, rows: int) -> bool:
+  """Whether ``indices`` are ``0..rows-1`` repeated in turn (``(0, 1) * 4``)."""
+  idx = np.asarray(indices)
+  return idx.size % rows == 0 and np.array_equal(idx, np.tile(np.arange(rows),
+                                                              idx.size // rows))
 
 
 @jax.custom_vjp
@@ -413,6 +420,12 @@ def mixed_sum(weights: jax.Array, parts: tuple[jax.Array, ...]) -> jax.Array:
   """A group of MixedOps' weighted sums: ``sum_k weights[:, k] * parts[k]`` for
   ``weights[E, n]`` and ``n`` operation outputs ``parts[k][E, B, H, W, C]`` of one dtype,
   added in float32 at least and returned in the parts' dtype.
+
+  A part may instead be shared by edges, ``[S, B, H, W, C]`` with ``E`` a multiple of
+  ``S``: edge ``e`` then reads ``parts[k][e % S]`` (a cell's input edges read ``(s0, s1) *
+  4``), and its gradient is the sum over the edges that read each row, as adds (a
+  broadcast's gradient is a reduction, which XLA:CPU hands to YNNPACK, slow over a short
+  major axis: `sum_axis`).
 
   In float32 at least, so that the gradient with respect to the weights, for each edge and
   operation a sum over B, H, W and C of the operation's output times the output's
@@ -430,10 +443,22 @@ def mixed_sum(weights: jax.Array, parts: tuple[jax.Array, ...]) -> jax.Array:
   side's H200 program compiled in 86 s instead of 31 s with the barrier (float32: 33 s
   instead of 30 s), on a 2-core CPU, for 1-2 % more bytes moved
   (`benchmarks/gpu_compile.py`)."""
+  acc, w, expand = _mixed_sum_layout(weights, parts)
+  terms = [w[:, k] * expand(part).astype(acc) for k, part in enumerate(parts)]
+  return functools.reduce(jnp.add, terms).astype(parts[0].dtype)
+
+
+def _mixed_sum_layout(weights, parts):
+  """The sums' dtype, the weights as ``[E, n, 1, 1, 1, 1]``, and a function that gives a
+  part one row per edge (a shared part broadcast: fused into its readers)."""
+  edges = weights.shape[0]
+  if any(edges % len(part) for part in parts):
+    raise ValueError(f"mixed_sum: {edges} edges need parts of {edges} rows or of a divisor "
+                     f"of it, read in turn; got {[part.shape for part in parts]}")
   acc = jnp.promote_types(parts[0].dtype, jnp.float32)
   w = weights.astype(acc).reshape(weights.shape + (1, 1, 1, 1))
-  terms = [w[:, k] * part.astype(acc) for k, part in enumerate(parts)]
-  return functools.reduce(jnp.add, terms).astype(parts[0].dtype)
+  expand = lambda a: a if len(a) == edges else take_rows(a, np.arange(edges) % len(a))
+  return acc, w, expand
 
 
 def _mixed_sum_fwd(weights, parts):
@@ -442,12 +467,20 @@ def _mixed_sum_fwd(weights, parts):
 
 def _mixed_sum_bwd(residuals, g):
   weights, parts = residuals
-  acc = jnp.promote_types(g.dtype, jnp.float32)
-  w = weights.astype(acc).reshape(weights.shape + (1, 1, 1, 1))
+  acc, w, expand = _mixed_sum_layout(weights, parts)
+  edges = weights.shape[0]
   g_acc = g.astype(acc)
-  parts_grad = tuple((w[:, k] * g_acc).astype(part.dtype) for k, part in enumerate(parts))
+
+  def part_grad(k, part):
+    grad = w[:, k] * g_acc
+    if len(part) < edges:
+      # The edges that read each row, summed as adds of [E / S, S, ...]'s slices.
+      grad = sum_axis(grad.reshape((-1, len(part)) + grad.shape[1:]), 0)
+    return grad.astype(part.dtype)
+
+  parts_grad = tuple(part_grad(k, part) for k, part in enumerate(parts))
   g_sums = lax.optimization_barrier(g).astype(acc)
-  weights_grad = jnp.stack([jnp.sum(g_sums * part.astype(acc), axis=(1, 2, 3, 4))
+  weights_grad = jnp.stack([jnp.sum(g_sums * expand(part).astype(acc), axis=(1, 2, 3, 4))
                             for part in parts], axis=1)
   return weights_grad.astype(weights.dtype), parts_grad
 
@@ -662,7 +695,8 @@ def batch_norm_apply(x, mean, var, feature_lead: int, eps: float = BN_EPS,
 
 
 def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: int,
-               train: bool, scale=None, bias=None, sources=None, one_pass: bool | None = None
+               train: bool, scale=None, bias=None, sources=None, one_pass: bool | None = None,
+               shared_output: bool = False
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """BatchNorm of ``x[*lead, B, H, W, C]`` with statistics per (lead, C): ``(y, stats)``.
 
@@ -674,15 +708,22 @@ def batch_norm(x: jax.Array, stats: tuple[jax.Array, jax.Array], feature_lead: i
   ``sources`` (int ``[E]``): edges that read shared inputs. ``x`` then holds each distinct
   input once on axis 0, edge ``e`` normalises ``x[sources[e]]`` with its own running
   statistics, and the batch statistics are computed once per distinct input (edges
-  reading the same input have the same ones). ``one_pass``: how the batch statistics are
-  reduced (`batch_norm_stats`).
+  reading the same input have the same ones). In training those edges' outputs are equal
+  too, and with ``shared_output`` ``y`` holds each once (``[S, ...]``, as ``x``; in
+  evaluation the running statistics differ by edge, and ``y`` is per edge). ``one_pass``:
+  how the batch statistics are reduced (`batch_norm_stats`).
   """
   gather = (lambda a: a) if sources is None else (lambda a: take_rows(a, sources))
   if not train:
     mean, var = stats
     return batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias), stats
-  mean, var = (gather(m) for m in batch_norm_stats(x, feature_lead, one_pass))
-  y = batch_norm_apply(gather(x), mean, var, feature_lead, BN_EPS, scale, bias)
+  mean, var = batch_norm_stats(x, feature_lead, one_pass)
+  if shared_output:
+    y = batch_norm_apply(x, mean, var, feature_lead, BN_EPS, scale, bias)
+  else:
+    y = batch_norm_apply(gather(x), gather(mean), gather(var), feature_lead, BN_EPS, scale,
+                         bias)
+  mean, var = gather(mean), gather(var)
   n = x.shape[feature_lead] * x.shape[feature_lead + 1] * x.shape[feature_lead + 2]
   running_mean, running_var = stats
   # The running averages are state, not part of the loss: with the batch statistics'
