@@ -145,13 +145,13 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
 
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
   pools = bn("pool_bn", pools, 2, shared=sources)
-  skip = xs
+  distinct = xs
   if sources is not None:
     xs = F.take_rows(xs, sources)
-  if stride > 1:
+  if stride == 1:
+    skip = distinct if tiled else xs
+  else:
     skip = bn("fr_bn", F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"]), 1)
-  elif not tiled:
-    skip = xs
 
   stage1 = F.depthwise_convs(
       jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
