@@ -140,7 +140,7 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
 
   def bn(name, x, lead, shared=None):
     y, new_stats[name] = batch_norm(x, lead, stats[name], train, shared, one_pass,
-                                    shared_output=train and tiled and shared is not None)
+                                    shared_output=tiled and shared is not None)
     return y
 
   pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
