@@ -177,22 +177,29 @@ def test_depthwise_convs_matches_numpy(impl, stride, size):
                                  err_msg=f"G={g} kernel {i}")
 
 
-def test_conv_depthwise_convs_pad_inside_the_convolution():
-  """``'conv'`` hands each kernel's padding to the convolution: no pad of the input, and no
-  slices but those picking each kernel's input, forward or backward (a shared padded input
-  sliced per kernel cost XLA's GPU program a third of its distinct convolutions)."""
+def test_conv_depthwise_convs_pad_inside_one_convolution_a_dilation():
+  """``'conv'`` makes each run of kernels with one dilation one convolution (the 3x3
+  kernel zero-padded to 5x5 beside the 5x5 one) and hands it the padding: forward and
+  backward, nothing pads or slices an input's spatial axes (a shared padded input sliced
+  per kernel cost XLA's GPU program a third of its distinct convolutions)."""
   kernels = [jnp.zeros((2, k, k, 4)) for k, _ in DW_CONFIGS]
   dilations = [d for _, d in DW_CONFIGS]
-  x = jnp.zeros((2, len(kernels), 3, 8, 8, 4))
+  runs = len(set(dilations))
+  assert runs == 2 and len(kernels) == 4
+  for inputs in (1, len(kernels)):
+    x = jnp.zeros((2, inputs, 3, 8, 8, 4))
 
-  def loss(x, kernels):
-    return F.depthwise_convs(x, kernels, dilations, stride=2, impl="conv").sum()
+    def loss(x, kernels):
+      return F.depthwise_convs(x, kernels, dilations, stride=2, impl="conv").sum()
 
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels)
-  primitives = collections.Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
-  assert primitives["conv_general_dilated"] == 3 * len(kernels)
-  assert primitives["pad"] == len(kernels)  # The transposes of the input picks' slices.
-  assert primitives["slice"] == len(kernels)
+    eqns = list(all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels).jaxpr))
+    # Forward, input gradient and kernel gradient: 3 convolutions a run, not a kernel.
+    assert sum(e.primitive.name == "conv_general_dilated" for e in eqns) == 3 * runs
+    resized = [e for e in eqns if e.primitive.name in ("pad", "slice")
+               and e.invars[0].aval.shape[-3:-1] != e.outvars[0].aval.shape[-3:-1]]
+    # Only the 3x3 kernels, centred in 5x5 and their gradients cut back out.
+    assert sorted((e.invars[0].aval.shape, e.outvars[0].aval.shape) for e in resized) == (
+        [((2, 3, 3, 4), (2, 5, 5, 4))] * 2 + [((2, 5, 5, 4), (2, 3, 3, 4))] * 2)
 
 
 def test_taps_fused_calls_no_convolution_and_loops_over_nothing():

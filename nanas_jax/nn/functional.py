@@ -7,9 +7,9 @@ small body per group of edges instead of one sub-graph per edge.
 
 Depthwise convolutions have three implementations with the same results (up to float
 rounding):
-- ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count`` (fast on GPU/TPU;
-  XLA's CPU backend runs grouped convolutions through a slow generic path: a DARTS
-  supernet step measured 6x slower);
+- ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count``, one call for each
+  run of kernels with one dilation (fast on GPU/TPU; XLA's CPU backend runs grouped
+  convolutions through a slow generic path: a DARTS supernet step measured 6x slower);
 - ``'scan'``: a loop over the kernel taps, each a strided window of the input times the
   tap's per-channel weights, one loop per kernel, with a hand-written gradient that is
   one such loop too (`_tap_loop`). The graph holds one tap per kernel however large the
@@ -39,6 +39,7 @@ pixels, batch x height x width: the digits quick starts and CIFAR-sized searches
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -128,13 +129,9 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
         depthwise_conv_taps(lax.index_in_dim(x, 0 if shared else g, lead, keepdims=False),
                             kernel, d, stride, chunk)
         for g, (kernel, d) in enumerate(zip(kernels, dilations))], axis=lead)
-  needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   if impl == "conv":
-    outs = [_depthwise_conv_grouped(
-        lax.index_in_dim(x, g if x.shape[lead] == n else 0, lead, keepdims=False),
-        kernel, need, stride, d, lead)
-            for g, (kernel, d, need) in enumerate(zip(kernels, dilations, needs))]
-    return jnp.stack(outs, axis=lead)
+    return _depthwise_convs_grouped(x, kernels, dilations, stride, lead)
+  needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   pad = max(needs)
   h_out = output_size(x.shape[-3], stride)
   w_out = output_size(x.shape[-2], stride)
@@ -368,29 +365,67 @@ def _add_each(xs, ys):
   return tuple(a + b for a, b in zip(xs, ys))
 
 
-def _depthwise_conv_grouped(x, kernel, pad, stride, dilation, lead):
-  """``'conv'`` implementation: leading kernel axes are folded into feature groups, and the
-  convolution pads by ``pad`` itself. (An input padded once for the widest kernel and
-  sliced per kernel gave every kernel two slices, two pads in its gradient and inputs of
-  its own shape: XLA's H200 program of the reference-size DARTS step needed 6.12 GB
-  instead of 4.69 GB and autotuned 275 distinct library calls instead of 179.)"""
-  k = kernel.shape[-2]
-  lead_shape = kernel.shape[:lead]
-  n = 1
-  for d in lead_shape:
-    n *= d
-  c = kernel.shape[-1]
-  # [*lead, B, H, W, C] -> [B, H, W, lead*C]: every (edge, channel) pair is one group.
+def _depthwise_convs_grouped(x, kernels, dilations, stride, lead):
+  """``'conv'`` implementation: each run of consecutive kernels with one dilation is one
+  grouped convolution, its smaller kernels zero-padded to its largest (a DARTS MixedOp's
+  first-stage 3x3 and 5x5 kernels, then its dilated ones: 2 convolutions, not 4; its
+  second stage: 1, not 2). A shared input is read once, each channel a group of the run's
+  kernels (a depth multiplier); inputs of their own are groups side by side. On a GPU that
+  halves the cuDNN calls to launch, to plan at their first run and to autotune, and the
+  shared input's reads, for arithmetic that is small beside the memory traffic
+  (benchmarks/README.md, "Depthwise convolutions a dilation a call")."""
+  shared = x.shape[lead] == 1
+  outs, start = [], 0
+  for d, run in itertools.groupby(dilations):
+    stop = start + len(list(run))
+    k = max(kernel.shape[-2] for kernel in kernels[start:stop])
+    stacked = jnp.stack([_centred(kernel, k) for kernel in kernels[start:stop]], axis=lead)
+    need = d * (k - 1) // 2
+    if shared:
+      y = _depthwise_conv_grouped(lax.index_in_dim(x, 0, lead, keepdims=False), stacked,
+                                  need, stride, d)
+    else:
+      y = _depthwise_conv_grouped(lax.slice_in_dim(x, start, stop, axis=lead),
+                                  jnp.expand_dims(stacked, lead + 1), need, stride, d)
+      y = jnp.squeeze(y, lead + 1)
+    outs.append(y)
+    start = stop
+  return jnp.concatenate(outs, axis=lead)
+
+
+def _centred(kernel: jax.Array, k: int) -> jax.Array:
+  """``kernel[..., j, j, C]`` zero-padded to ``[..., k, k, C]`` around its centre: the same
+  'same' convolution, with the padding of a ``k x k`` kernel."""
+  edge = (k - kernel.shape[-2]) // 2
+  if not edge:
+    return kernel
+  return jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 3) + [(edge, edge), (edge, edge), (0, 0)])
+
+
+def _depthwise_conv_grouped(x, kernel, pad, stride, dilation):
+  """One grouped convolution: ``x[*lead, B, H, W, C]`` with ``kernel[*lead, m, k, k, C]``
+  -> ``[*lead, m, B, H', W', C]``, every (leading index, channel) pair of ``x`` a group of
+  ``m`` kernels. The convolution pads by ``pad`` itself. (An input padded once for the
+  widest kernel and sliced per kernel gave every kernel two slices, two pads in its
+  gradient and inputs of its own shape: XLA's H200 program of the reference-size DARTS
+  step needed 6.12 GB instead of 4.69 GB and autotuned 275 distinct library calls instead
+  of 179.)"""
+  lead = x.ndim - 4
+  lead_shape = x.shape[:lead]
+  n = math.prod(lead_shape)
+  m, k, c = kernel.shape[lead], kernel.shape[-2], kernel.shape[-1]
+  # [*lead, B, H, W, C] -> [B, H, W, lead*C]: every (leading index, channel) pair a group.
   perm = tuple(range(lead, lead + 3)) + tuple(range(lead)) + (lead + 3,)
-  batch_shape = x.shape[lead:lead + 1]
-  xg = jnp.transpose(x, perm).reshape(batch_shape + x.shape[lead + 1:lead + 3] + (n * c,))
-  kg = jnp.moveaxis(kernel.reshape((n,) + kernel.shape[-3:]), 0, 2).reshape(k, k, 1, n * c)
+  xg = jnp.transpose(x, perm).reshape(x.shape[lead:lead + 3] + (n * c,))
+  # Output channel g * m + j: the group's j-th kernel.
+  kg = jnp.transpose(kernel.reshape((n, m, k, k, c)), (2, 3, 0, 4, 1)).reshape(
+      k, k, 1, n * c * m)
   y = lax.conv_general_dilated(
       xg, kg, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=n * c)
-  y = y.reshape(batch_shape + y.shape[1:3] + lead_shape + (c,))
-  inv = tuple(range(3, 3 + lead)) + (0, 1, 2, 3 + lead)
+  y = y.reshape(y.shape[:3] + lead_shape + (c, m))
+  inv = tuple(range(3, 3 + lead)) + (4 + lead, 0, 1, 2, 3 + lead)
   return jnp.transpose(y, inv)
 
 
