@@ -26,7 +26,8 @@ channel counts no earlier case used, except ``depthwise_again``:
   convolutions); near 0, a plan a configuration, cached for the process (it would go
   with the number of distinct shapes);
 - ``depthwise_distinct``: ``count`` depthwise convolutions of distinct configurations
-  (kernel 3 or 5, dilation 1 or 2, stride 1 or 2, as in a DARTS cell), in one program;
+  (kernel 3 or 5, dilation 1 or 2, stride 1 or 2, as in a DARTS cell on a CPU; on a GPU
+  its 3x3 kernels now run zero-padded to 5x5 beside the 5x5 ones), in one program;
 - ``depthwise_filter_grad``: the kernel gradient of a dilated depthwise convolution (XLA's
   form of it: a forward convolution whose window is as large as the image);
 - ``dense``: a dense 3x3 convolution, for contrast.
@@ -45,7 +46,7 @@ import time
 
 CASES = ("depthwise", "depthwise_again", "depthwise_distinct", "depthwise_filter_grad",
          "dense")
-# A DARTS cell's depthwise convolutions: (kernel, dilation, stride).
+# A DARTS cell's depthwise convolutions, each kernel on its own: (kernel, dilation, stride).
 CONFIGS = tuple(itertools.product((3, 5), (1, 2), (1, 2)))
 # A convolution instruction in an optimised program's text: a cuDNN call on a GPU, XLA's
 # own op elsewhere.
@@ -64,8 +65,8 @@ def conv(x, kernel, stride: int = 1, dilation: int = 1, groups: int = 1):
 def check_arguments(channels: int, count: int) -> None:
   """Raises ValueError, naming the fix, for sizes no case can use."""
   if not 1 <= count <= len(CONFIGS):
-    raise ValueError(f"--count={count}: a DARTS cell has {len(CONFIGS)} distinct depthwise "
-                     f"configurations; give 1 to {len(CONFIGS)}")
+    raise ValueError(f"--count={count}: a DARTS cell's kernels have {len(CONFIGS)} distinct "
+                     f"depthwise configurations; give 1 to {len(CONFIGS)}")
   if channels < 8 or channels % 8:
     raise ValueError(f"--channels={channels}: give a multiple of 8 (the cases use "
                      "channels, channels / 2, / 4 and / 8)")

@@ -102,10 +102,10 @@ def test_convolution_instructions_are_counted_in_gpu_and_cpu_programs():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--count=9"], "--count=9: a DARTS cell has 8 distinct depthwise configurations; give "
-     "1 to 8"),
-    (["--count=0"], "--count=0: a DARTS cell has 8 distinct depthwise configurations; give "
-     "1 to 8"),
+    (["--count=9"], "--count=9: a DARTS cell's kernels have 8 distinct depthwise "
+     "configurations; give 1 to 8"),
+    (["--count=0"], "--count=0: a DARTS cell's kernels have 8 distinct depthwise "
+     "configurations; give 1 to 8"),
     (["--channels=12"], "--channels=12: give a multiple of 8")])
 def test_arguments_no_case_can_use_are_refused_with_the_fix(flags, message):
   out = subprocess.run([sys.executable, SCRIPT, "--batch=2", "--size=8", *flags],
