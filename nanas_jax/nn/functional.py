@@ -379,7 +379,9 @@ def _depthwise_convs_grouped(x, kernels, dilations, stride, lead):
   for d, run in itertools.groupby(dilations):
     stop = start + len(list(run))
     k = max(kernel.shape[-2] for kernel in kernels[start:stop])
-    stacked = jnp.stack([_centred(kernel, k) for kernel in kernels[start:stop]], axis=lead)
+    # The smaller kernels zero-padded around their centre: the same 'same' convolution.
+    stacked = jnp.stack([pad_spatial(kernel, (k - kernel.shape[-2]) // 2)
+                         for kernel in kernels[start:stop]], axis=lead)
     need = d * (k - 1) // 2
     if shared:
       y = _depthwise_conv_grouped(lax.index_in_dim(x, 0, lead, keepdims=False), stacked,
@@ -391,15 +393,6 @@ def _depthwise_convs_grouped(x, kernels, dilations, stride, lead):
     outs.append(y)
     start = stop
   return jnp.concatenate(outs, axis=lead)
-
-
-def _centred(kernel: jax.Array, k: int) -> jax.Array:
-  """``kernel[..., j, j, C]`` zero-padded to ``[..., k, k, C]`` around its centre: the same
-  'same' convolution, with the padding of a ``k x k`` kernel."""
-  edge = (k - kernel.shape[-2]) // 2
-  if not edge:
-    return kernel
-  return jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 3) + [(edge, edge), (edge, edge), (0, 0)])
 
 
 def _depthwise_conv_grouped(x, kernel, pad, stride, dilation):
