@@ -72,9 +72,10 @@ def get_config():
   config.model.multiplier = 4
   config.model.stem_multiplier = 3
   # 'auto': on a CPU 'taps' for batches of 2048 pixels or more (this one's 32 x 8 x 8) and
-  # 'scan' for smaller ones (compile time), 'conv' on accelerators (cuDNN's grouped
-  # convolutions; 'taps_fused' is the accelerators' other, without cuDNN); or one of them
-  # by name (nanas_jax.nn.functional).
+  # 'scan' for smaller ones (compile time), 'conv' on a GPU (cuDNN's grouped convolutions,
+  # one a dilation), 'conv_each' on a TPU (one convolution a kernel; 'taps_fused' is the
+  # accelerators' other, without convolutions); or one of them by name
+  # (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
   # A DARTS cell's inner nodes: 'scan' (one loop body: the shortest compile), 'unroll'
   # (exactly their edges: less work, memory and kernel launches), or 'auto': 'unroll' on

@@ -93,8 +93,8 @@ def np_pool(x, stride, kind):
 # ---------------------------------------------------------------------------------------
 # Depthwise convolutions.
 
-def test_resolve_depthwise_impl():
-  for impl in ("taps", "scan", "conv", "taps_fused"):
+def test_resolve_depthwise_impl(monkeypatch):
+  for impl in ("taps", "scan", "conv", "conv_each", "taps_fused"):
     assert F.resolve_depthwise_impl(impl, pixels=10**6) == impl
   cpu = jax.default_backend() == "cpu"
   # On a CPU, 'taps' from TAPS_MIN_PIXELS input pixels (batch x height x width) on.
@@ -111,12 +111,18 @@ def test_resolve_depthwise_impl():
       F.resolve_depthwise_impl(bad)
   with pytest.raises(ValueError, match="Unknown depthwise implementation"):
     F.depthwise_convs(jnp.zeros((1, 1, 4, 4, 2)), [jnp.zeros((3, 3, 2))], [1], impl="fast")
+  # On accelerators, whatever the batch: a convolution a dilation on a GPU, a kernel on a
+  # TPU.
+  for backend, impl in (("gpu", "conv"), ("tpu", "conv_each")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert {F.resolve_depthwise_impl("auto", p) for p in (None, 1, 10**6)} == {impl}
 
 
 def test_accelerator_kernels_are_the_conv_and_taps_fused_depthwise_convs():
   assert jax.default_backend() == "cpu"
   assert [F.accelerator_kernels(impl) for impl in (
-      "auto", "scan", "taps", "conv", "taps_fused")] == [False, False, False, True, True]
+      "auto", "scan", "taps", "conv", "conv_each", "taps_fused")] == [
+          False, False, False, True, True, True]
   with pytest.raises(ValueError, match="Unknown depthwise implementation 'dense'"):
     F.accelerator_kernels("dense")
 
@@ -128,7 +134,7 @@ def test_output_size_matches_pytorch_rule():
                                                         d * (k - 1) // 2)
 
 
-IMPLS = ("scan", "conv", "taps", "taps_fused")
+IMPLS = ("scan", "conv", "conv_each", "taps", "taps_fused")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -181,25 +187,28 @@ def test_conv_depthwise_convs_pad_inside_one_convolution_a_dilation():
   """``'conv'`` makes each run of kernels with one dilation one convolution (the 3x3
   kernel zero-padded to 5x5 beside the 5x5 one) and hands it the padding: forward and
   backward, nothing pads or slices an input's spatial axes (a shared padded input sliced
-  per kernel cost XLA's GPU program a third of its distinct convolutions)."""
+  per kernel cost XLA's GPU program a third of its distinct convolutions). ``'conv_each'``
+  makes each kernel a convolution, and pads nothing at all."""
   kernels = [jnp.zeros((2, k, k, 4)) for k, _ in DW_CONFIGS]
   dilations = [d for _, d in DW_CONFIGS]
   runs = len(set(dilations))
   assert runs == 2 and len(kernels) == 4
-  for inputs in (1, len(kernels)):
-    x = jnp.zeros((2, inputs, 3, 8, 8, 4))
+  for impl, calls in (("conv", runs), ("conv_each", len(kernels))):
+    for inputs in (1, len(kernels)):
+      x = jnp.zeros((2, inputs, 3, 8, 8, 4))
 
-    def loss(x, kernels):
-      return F.depthwise_convs(x, kernels, dilations, stride=2, impl="conv").sum()
+      def loss(x, kernels, impl=impl):
+        return F.depthwise_convs(x, kernels, dilations, stride=2, impl=impl).sum()
 
-    eqns = list(all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels).jaxpr))
-    # Forward, input gradient and kernel gradient: 3 convolutions a run, not a kernel.
-    assert sum(e.primitive.name == "conv_general_dilated" for e in eqns) == 3 * runs
-    resized = [e for e in eqns if e.primitive.name in ("pad", "slice")
-               and e.invars[0].aval.shape[-3:-1] != e.outvars[0].aval.shape[-3:-1]]
-    # Only the 3x3 kernels, centred in 5x5 and their gradients cut back out.
-    assert sorted((e.invars[0].aval.shape, e.outvars[0].aval.shape) for e in resized) == (
-        [((2, 3, 3, 4), (2, 5, 5, 4))] * 2 + [((2, 5, 5, 4), (2, 3, 3, 4))] * 2)
+      eqns = list(all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernels).jaxpr))
+      # Forward, input gradient and kernel gradient: 3 convolutions a call.
+      assert sum(e.primitive.name == "conv_general_dilated" for e in eqns) == 3 * calls
+      resized = [e for e in eqns if e.primitive.name in ("pad", "slice")
+                 and e.invars[0].aval.shape[-3:-1] != e.outvars[0].aval.shape[-3:-1]]
+      # With 'conv', only the 3x3 kernels, centred in 5x5 and their gradients cut back out.
+      assert sorted((e.invars[0].aval.shape, e.outvars[0].aval.shape) for e in resized) == (
+          [((2, 3, 3, 4), (2, 5, 5, 4))] * 2 + [((2, 5, 5, 4), (2, 3, 3, 4))] * 2
+          if impl == "conv" else [])
 
 
 def test_taps_fused_calls_no_convolution_and_loops_over_nothing():
@@ -234,7 +243,8 @@ def test_depthwise_convs_rejects_wrong_input_count():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_convs_gradients(stride):
-  """Gradients of a random linear functional: 'taps' == 'scan' == 'conv' == 'taps_fused'
+  """Gradients of a random linear functional: 'taps' == 'scan' == 'conv' == 'conv_each' ==
+  'taps_fused'
   == the numpy adjoint ('taps' has a hand-written gradient; the batch of 3 makes its
   kernel gradient loop over 3 chunks; 'taps_fused' sums it over the batch at once)."""
   rng = np.random.default_rng(7 + stride)
@@ -254,7 +264,7 @@ def test_depthwise_convs_gradients(stride):
     grads = {impl: jax.grad(loss, argnums=(0, 1))(x, kernels, impl)
              for impl in IMPLS}
     gx_scan, gk_scan = grads["scan"]
-    for other in ("taps", "conv", "taps_fused"):
+    for other in ("taps", "conv", "conv_each", "taps_fused"):
       gx_other, gk_other = grads[other]
       np.testing.assert_allclose(gx_scan, gx_other, atol=1e-4, rtol=1e-5, err_msg=other)
       for i in range(n):

@@ -5,10 +5,10 @@ its building blocks are written as plain functions of arrays rather than linen m
 `jax.vmap` and leading batch axes then compose without lifted transforms, and XLA sees one
 small body per group of edges instead of one sub-graph per edge.
 
-Depthwise convolutions have three implementations with the same results (up to float
+Depthwise convolutions have several implementations with the same results (up to float
 rounding):
 - ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count``, one call for each
-  run of kernels with one dilation (fast on GPU/TPU; XLA's CPU backend runs grouped
+  run of kernels with one dilation (for GPUs; XLA's CPU backend runs grouped
   convolutions through a slow generic path: a DARTS supernet step measured 6x slower);
 - ``'scan'``: a loop over the kernel taps, each a strided window of the input times the
   tap's per-channel weights, one loop per kernel, with a hand-written gradient that is
@@ -30,7 +30,9 @@ rounding):
   kernels a step against 5,328 for ``'conv'``, with 74 distinct library calls to
   autotune against 192, but compiles 2.7x as long (145.0 s against 53.5 s): which is
   faster on a GPU only a GPU can say (`benchmarks/README.md`).
-``'auto'`` picks ``'conv'`` on accelerators; on a CPU ``'taps'`` when the step's
+``'conv_each'``: ``'conv'`` with a convolution a kernel, what a TPU runs faster
+(`_depthwise_convs_grouped`). ``'auto'`` picks ``'conv'`` on a GPU, ``'conv_each'`` on
+a TPU; on a CPU ``'taps'`` when the step's
 arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS` input
 pixels, batch x height x width: the digits quick starts and CIFAR-sized searches), else
 ``'scan'`` (the tests' small batches, where compile time dominates).
@@ -47,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv", "taps_fused")
+DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv", "conv_each", "taps_fused")
 # The implementations built for accelerators (`accelerator_kernels`).
-ACCELERATOR_IMPLS = ("conv", "taps_fused")
+ACCELERATOR_IMPLS = ("conv", "conv_each", "taps_fused")
 
 
 # Batch x height x width of a network's input from which ``'auto'`` picks ``'taps'`` on a
@@ -73,6 +75,8 @@ def resolve_depthwise_impl(impl: str, pixels: int | None = None) -> str:
         f"Unknown depthwise implementation {impl!r}; use one of {DEPTHWISE_IMPLS}.")
   if impl != "auto":
     return impl
+  if jax.default_backend() == "tpu":
+    return "conv_each"
   if jax.default_backend() != "cpu":
     return "conv"
   return "taps" if pixels is not None and pixels >= TAPS_MIN_PIXELS else "scan"
@@ -88,10 +92,11 @@ def cifar_sized(pixels: int | None) -> bool:
 
 def accelerator_kernels(impl: str) -> bool:
   """Whether the depthwise implementation ``impl`` is built for accelerators
-  (`ACCELERATOR_IMPLS`: ``'conv'``, what ``'auto'`` picks on a GPU or TPU, and
-  ``'taps_fused'``). The supernet and the search choose what suits an accelerator by it
-  rather than by the backend, so that a step compiled for a GPU on a CPU host
-  (`benchmarks/gpu_compile.py`, which asks for one of these) is the step a GPU runs."""
+  (`ACCELERATOR_IMPLS`: ``'conv'`` and ``'conv_each'``, what ``'auto'`` picks on a GPU
+  and on a TPU, and ``'taps_fused'``). The supernet and the search choose what suits an
+  accelerator by it rather than by the backend, so that a step compiled for a GPU or a
+  TPU on a CPU host (`benchmarks/gpu_compile.py`, which asks for one of these) is the
+  step the accelerator runs."""
   return resolve_depthwise_impl(impl) in ACCELERATOR_IMPLS
 
 
@@ -129,8 +134,9 @@ def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
         depthwise_conv_taps(lax.index_in_dim(x, 0 if shared else g, lead, keepdims=False),
                             kernel, d, stride, chunk)
         for g, (kernel, d) in enumerate(zip(kernels, dilations))], axis=lead)
-  if impl == "conv":
-    return _depthwise_convs_grouped(x, kernels, dilations, stride, lead)
+  if impl in ("conv", "conv_each"):
+    return _depthwise_convs_grouped(x, kernels, dilations, stride, lead,
+                                    by_dilation=impl == "conv")
   needs = [d * (k.shape[-2] - 1) // 2 for k, d in zip(kernels, dilations)]
   pad = max(needs)
   h_out = output_size(x.shape[-3], stride)
@@ -365,19 +371,26 @@ def _add_each(xs, ys):
   return tuple(a + b for a, b in zip(xs, ys))
 
 
-def _depthwise_convs_grouped(x, kernels, dilations, stride, lead):
-  """``'conv'`` implementation: each run of consecutive kernels with one dilation is one
-  grouped convolution, its smaller kernels zero-padded to its largest (a DARTS MixedOp's
-  first-stage 3x3 and 5x5 kernels, then its dilated ones: 2 convolutions, not 4; its
-  second stage: 1, not 2). A shared input is read once, each channel a group of the run's
-  kernels (a depth multiplier); inputs of their own are groups side by side. On a GPU that
-  halves the cuDNN calls to launch, to plan at their first run and to autotune, and the
-  shared input's reads, for arithmetic that is small beside the memory traffic
-  (benchmarks/README.md, "Depthwise convolutions a dilation a call")."""
+def _depthwise_convs_grouped(x, kernels, dilations, stride, lead, by_dilation):
+  """``'conv'`` implementation (``by_dilation``): each run of consecutive kernels with one
+  dilation is one grouped convolution, its smaller kernels zero-padded to its largest (a
+  DARTS MixedOp's first-stage 3x3 and 5x5 kernels, then its dilated ones: 2 convolutions,
+  not 4; its second stage: 1, not 2). A shared input is read once, each channel a group
+  of the run's kernels (a depth multiplier); inputs of their own are groups side by side.
+  On a GPU that halves the cuDNN calls to launch, to plan at their first run and to
+  autotune, and the shared input's reads, for arithmetic that is small beside the memory
+  traffic (benchmarks/README.md, "Depthwise convolutions a dilation a call").
+
+  ``'conv_each'`` (not ``by_dilation``): one convolution a kernel, for TPUs. Compiled for
+  a TPU v5e chip on a CPU (B=16, C=8, 5 cells, DARTS), the grouped form made the step
+  27 % longer by XLA's TPU compiler's own estimate, and its compile 54 % longer
+  (benchmarks/README.md, "The step compiled for a TPU")."""
   shared = x.shape[lead] == 1
+  runs = ([len(list(run)) for _, run in itertools.groupby(dilations)] if by_dilation
+          else [1] * len(kernels))
   outs, start = [], 0
-  for d, run in itertools.groupby(dilations):
-    stop = start + len(list(run))
+  for size in runs:
+    stop, d = start + size, dilations[start]
     k = max(kernel.shape[-2] for kernel in kernels[start:stop])
     # The smaller kernels zero-padded around their centre: the same 'same' convolution.
     stacked = jnp.stack([pad_spatial(kernel, (k - kernel.shape[-2]) // 2)
