@@ -1,9 +1,10 @@
-"""The search step compiled by XLA's GPU compiler on a machine without a GPU (a benchmark,
-not a test): does XLA accept it, how long does it compile, how much GPU memory does XLA's
-buffer assignment give each program.
+"""The search step compiled by XLA's GPU compiler, or with ``--tpu`` its TPU compiler, on a
+machine without either (a benchmark, not a test): does XLA accept it, how long does it
+compile, how much device memory does XLA's buffer assignment give each program.
 
-  python benchmarks/gpu_compile.py --install          # XLA's CUDA compiler into .gpu-aot/
+  python benchmarks/gpu_compile.py --install   # XLA's CUDA and TPU compilers, .gpu-aot/ .tpu-aot/
   python benchmarks/gpu_compile.py --preset=reference --algorithm=na_darts --chunk=0
+  python benchmarks/gpu_compile.py --tpu=v5e:2x2 --preset=reference --algorithm=darts
 
 JAX compiles ahead of time for a GPU that is described, not attached
 (`jax.experimental.topologies.get_topology_desc` with an XLA ``GpuTargetConfigProto``;
@@ -15,15 +16,27 @@ try to start CUDA. Nothing runs on a GPU: no autotuning, and no step times. ``--
 appends each row as a JSON line (`benchmarks/results/h200_compile.jsonl`); a row compiled
 under ``XLA_FLAGS`` carries them (``xla_flags``).
 
+With ``--tpu=TOPOLOGY`` (a TPU topology's name, ``v5e:2x2``: the chips of one host) the
+step is compiled for one chip of that TPU, as each data-parallel replica runs it, by
+libtpu, at the version the installed jax asks for as ``jax[tpu]`` (about 140 MB to
+download, 700 MB installed), which ``--install`` puts into ``--tpu_dir`` (default
+``.tpu-aot/``). XLA's TPU compiler estimates the cycles of each instruction it
+schedules; a TPU row adds their sum over one step (``estimated_cycles``, each program's
+too) and, for a chip whose clock `CLOCK_GHZ` knows, the time that is at that clock
+(``estimated_ms``): XLA's cost model, not a measurement. Its ``launches``, ``kernels``
+and bytes are counted as for a GPU (a TPU runs the program's instructions one after the
+other, without launches); ``traffic_ms`` and the library calls are a GPU's and are left
+out.
+
 Each configuration is compiled in its own subprocess, since XLA aborts the process on an
 internal check failure; a row that failed carries ``error`` (the check's message).
 Reported per configuration: ``compile_s`` (on this machine's CPU, summed over the step's
-programs), ``side_by_side_s`` (with ``compile='shared'``: the same programs compiled again
-from nothing, as the step's first call compiles them, those that
-`BilevelSearch.programs_compiled_ahead` lists on side threads),
-``programs`` (with ``compile='shared'``, every distinct jitted program of one
-step: ``name``, ``calls`` a step, ``compile_s``, ``gb``, its argument, output and
-temporary buffers less those aliased, and its `program_counts`), ``largest_program_gb``
+programs), ``side_by_side_s`` (with ``compile='shared'``, unless ``--no-side_by_side``:
+the same programs compiled again from nothing, as the step's first call compiles them,
+those that `BilevelSearch.programs_compiled_ahead` lists on side threads), ``programs``
+(with ``compile='shared'``, every distinct jitted program of one step: ``name``,
+``calls`` a step, ``compile_s``, ``gb``, its argument, output and temporary buffers less
+those aliased, and its `program_counts`), ``largest_program_gb``
 (the step's largest program: a lower bound of its peak GPU memory, which adds what the
 host keeps alive between programs, a few MB), ``launches`` (the kernels and library calls
 one step launches), ``kernels`` and ``library_calls`` (summed over the programs: what XLA
@@ -61,6 +74,11 @@ sys.path.insert(0, HERE)
 import search_step
 # pylint: enable=g-import-not-at-top,wrong-import-position
 DEFAULT_PLUGIN_DIR = os.path.join(ROOT, ".gpu-aot")
+DEFAULT_TPU_DIR = os.path.join(ROOT, ".tpu-aot")
+# The TensorCore clock of a TPU chip (its ``device_kind``), in GHz: its published peak
+# bfloat16 rate over its MXUs' (128 x 128 multiply-adds of 2 flops a cycle each). v5e:
+# 197 TFLOP/s over 4 MXUs, 1.50 GHz.
+CLOCK_GHZ = {"TPU v5 lite": 197e12 / (4 * 128 * 128 * 2) / 1e9}
 DEFAULT_TARGET = os.path.join(HERE, "gpu_targets", "h200.txtpb")
 PRESETS = {
     "reference": dict(channels=16, layers=8, size=32, batch=64),
@@ -80,6 +98,28 @@ def install(plugin_dir: str) -> None:
   subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                   "--upgrade", "--target", plugin_dir, *plugin_requirements(jaxlib.__version__)],
                  check=True)
+
+
+def libtpu_requirement() -> str:
+  """The libtpu that the installed jax asks for as ``jax[tpu]`` (``libtpu==X``)."""
+  from importlib import metadata
+  for requirement in metadata.requires("jax") or []:
+    name, _, marker = requirement.partition(";")
+    if name.strip().startswith("libtpu") and "tpu" in marker:
+      return name.strip().replace(" ", "")
+  raise RuntimeError("the installed jax names no libtpu for jax[tpu]")
+
+
+def install_tpu(tpu_dir: str) -> None:
+  """Installs XLA's TPU compiler (libtpu) for the installed jax into ``tpu_dir``."""
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                  "--upgrade", "--target", tpu_dir, libtpu_requirement()], check=True)
+
+
+def tpu_chip(topology: str):
+  """A compile-only device: one chip of the TPU topology named ``topology``."""
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
 
 
 def gpu_device(target: str):
@@ -118,10 +158,13 @@ def placer(target: str):
 
 
 def compiler_environ(plugin_dir: str) -> dict[str, str]:
-  """This process's environment for a child that compiles for a GPU: JAX on the CPU, the
-  CUDA compiler in ``plugin_dir`` and this repository importable."""
+  """This process's environment for a child that compiles for a GPU or a TPU: JAX on the
+  CPU, the compiler in ``plugin_dir`` and this repository importable. libtpu takes a
+  lock that keeps a second process from loading it, unless told otherwise: children of
+  two benchmarks (or two tests) at once each load it."""
   path = [plugin_dir, ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path),
+              ALLOW_MULTIPLE_LIBTPU_LOAD="1")
 
 
 def _program_gb(compiled) -> float:
@@ -212,6 +255,23 @@ def _fusion_reads(instructions) -> int:
                    if ins["opcode"] == "parameter"))
 
 
+def _count_up_bound(condition: list[dict]) -> int | None:
+  """``N`` for a loop condition ``i < N`` (its root a less-than compare of a tuple element
+  with a constant), or None: the trip count of a loop that counts ``i`` up from 0 by 1, as
+  JAX lowers its scans and fori_loops. XLA's GPU compiler writes a loop's trip count on
+  it (``known_trip_count``); its TPU compiler leaves it to be read from the condition."""
+  named = {ins["name"]: ins for ins in condition}
+  root = next((ins for ins in condition if ins["line"].lstrip().startswith("ROOT ")), None)
+  if (root is None or root["opcode"] != "compare" or "direction=LT" not in root["attributes"]
+      or len(root["operands"]) != 2):
+    return None
+  index, bound = (named.get(name) for name in root["operands"])
+  if index is None or bound is None or index["opcode"] != "get-tuple-element":
+    return None
+  value = re.match(r"(\d+)\)", bound["rest"]) if bound["opcode"] == "constant" else None
+  return int(value.group(1)) if value else None
+
+
 def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   """``(counts, library calls)``: what one run of an optimised GPU program
   (``compiled.as_text()``) launches, and what XLA compiles for it. ``launches``: kernels
@@ -223,9 +283,11 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   reads each of its inputs once, or the part its slices take of one, `_fusion_reads`,
   and writes its outputs; a library call reads its operands and writes its results, less
   its scratch), as if no kernel found its input in the cache. A loop whose trip count
-  XLA does not know is an error: its launches cannot be counted. The library calls come
-  back too, each as its instruction's text without names and with its operands' shapes,
-  so that those of several programs can be told apart (`distinct_calls`)."""
+  neither XLA nor `_count_up_bound` knows is an error: its launches cannot be counted.
+  The library calls come back too, each as its instruction's text without names and
+  with its operands' shapes, so that those of several programs can be told apart
+  (`distinct_calls`). A program compiled for a TPU adds ``estimated_cycles``: the sum of
+  XLA's estimates of its instructions' cycles, counted as the launches are."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
@@ -247,49 +309,53 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   shapes = {ins["name"]: ins["shape"] for body in computations.values() for ins in body}
   kernels, library_calls = set(), set()
 
-  def launches(name: str) -> tuple[int, int]:
-    """Launches and bytes moved of one run of computation ``name``."""
-    count = moved = 0
+  def launches(name: str) -> tuple[int, int, int]:
+    """Launches, bytes moved and XLA's estimated cycles of one run of computation
+    ``name``."""
+    total = (0, 0, 0)
+    plus = lambda sums, more, times=1: tuple(s + times * m for s, m in zip(sums, more))
     for ins in computations[name]:
       opcode, attributes = ins["opcode"], ins["attributes"]
       callee = lambda key: re.search(key + r"=%([\w.\-]+)", attributes).group(1)
       if opcode == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attributes)
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attributes)
+        trips = int(known.group(1)) if known else _count_up_bound(
+            computations[callee("condition")])
         if trips is None:
           raise ValueError(f"a loop without a known trip count: {ins['line'].strip()[:200]}")
-        loop = [launches(callee("body")), launches(callee("condition"))]
-        count += int(trips.group(1)) * sum(c for c, _ in loop)
-        moved += int(trips.group(1)) * sum(m for _, m in loop)
+        for part in ("body", "condition"):
+          total = plus(total, launches(callee(part)), trips)
       elif opcode == "call":
-        calls, bytes_ = launches(callee("to_apply"))
-        count, moved = count + calls, moved + bytes_
+        total = plus(total, launches(callee("to_apply")))
       elif opcode == "conditional":
         branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
         names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else
                  [callee("true_computation"), callee("false_computation")])
-        calls, bytes_ = max(launches(branch) for branch in names)
-        count, moved = count + calls, moved + bytes_
+        total = plus(total, max(launches(branch) for branch in names))
       elif opcode not in _NO_LAUNCH:
-        count += 1
         fused = re.search(r"calls=%([\w.\-]+)", attributes)
         if opcode == "custom-call":
           # What XLA autotunes a call for: its operands' shapes too (a GEMM's output
           # does not say how long a dimension it contracts).
           library_calls.add(_without_names(" ".join(
               [ins["shape"], *(shapes[o] for o in ins["operands"]), ins["rest"]])))
-          moved += _bytes(ins["shape"], scratch=False)
+          moved = _bytes(ins["shape"], scratch=False)
         else:
           kernels.add(_without_names("\n".join(
               [ins["shape"], opcode] + ([i["line"] for i in computations[fused.group(1)]]
                                         if fused else [ins["rest"]]))))
-          moved += _bytes(ins["shape"])
+          moved = _bytes(ins["shape"])
         moved += (_fusion_reads(computations[fused.group(1)]) if fused and opcode == "fusion"
                   else sum(_bytes(shapes[o]) for o in ins["operands"]))
-    return count, moved
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
+        total = plus(total, (1, moved, int(cycles.group(1)) if cycles else 0))
+    return total
 
-  total, moved = launches(entry)
+  total, moved, cycles = launches(entry)
+  # XLA's TPU compiler estimates each instruction's cycles; its GPU compiler does not.
+  estimated = {"estimated_cycles": cycles} if cycles else {}
   return ({"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
-           "gb_moved": round(moved / 2**30, 3)}, frozenset(library_calls))
+           "gb_moved": round(moved / 2**30, 3), **estimated}, frozenset(library_calls))
 
 
 def distinct_calls(programs_calls) -> int:
@@ -336,7 +402,8 @@ def side_by_side_s(lowerings: list[Callable], ahead: list[int]) -> float:
 
 
 def measure(args) -> dict:
-  """Compiles one configuration's step for the target GPU in this process."""
+  """Compiles one configuration's step for the target GPU (or ``args.tpu``'s chip) in this
+  process."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -344,10 +411,15 @@ def measure(args) -> dict:
 
   from nanas_jax.search.bilevel import neighbors_per_step
 
-  on_gpu = placer(args.target)
-  # Neighbors vmapped, and XLA's options, as on a GPU (this process's default backend is
-  # the CPU).
-  config, search = search_step.build_search(args, "vmap", platform="gpu")
+  if args.tpu:
+    from jax.sharding import SingleDeviceSharding
+    chip = tpu_chip(args.tpu)
+    on_device = functools.partial(abstract_on, SingleDeviceSharding(chip))
+  else:
+    on_device = placer(args.target)
+  # Neighbors vmapped, and XLA's options, as on the accelerator (this process's default
+  # backend is the CPU).
+  config, search = search_step.build_search(args, "vmap", platform="tpu" if args.tpu else "gpu")
   options = dict(search.compiler_options) or None
   state = search.init(jax.random.key(0), np.zeros((1, args.size, args.size, 3), np.float32))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -359,7 +431,7 @@ def measure(args) -> dict:
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
          "depthwise_impl": args.depthwise_impl, "inner_impl": args.inner_impl,
-         "gpu_autotune": args.gpu_autotune}
+         **({"chip": chip.device_kind} if args.tpu else {"gpu_autotune": args.gpu_autotune})}
   programs, calls_of = [], []
 
   def add(name, compile_program, calls=1):
@@ -375,16 +447,16 @@ def measure(args) -> dict:
 
   if search.fused:
     add("step", lambda: jax.jit(search.step, donate_argnums=0, compiler_options=options).lower(
-        on_gpu(state), on_gpu(batch), on_gpu(batch)).compile())
+        on_device(state), on_device(batch), on_device(batch)).compile())
   else:
     listed = step_programs(search.step, (state, batch, batch))
     lowerings = [lambda c=closed: jax.jit(jaxpr_as_fun(c), compiler_options=options).lower(
-        *on_gpu(c.in_avals)) for _, closed, _ in listed]
+        *on_device(c.in_avals)) for _, closed, _ in listed]
     for (name, _, calls), lower in zip(listed, lowerings):
       add(name, lambda lower=lower: lower().compile(), calls)
   if args.profile and "profile_error" not in row:
     row.update(search_step.finish_profile(args.profile, "compile_events"))
-  if not search.fused:
+  if not search.fused and args.side_by_side:
     # The step needs the programs it compiles ahead last: the last listed of each name.
     names = [name for name, _, _ in listed][::-1]
     ahead = [len(names) - 1 - names.index(program.__name__)
@@ -392,14 +464,22 @@ def measure(args) -> dict:
     jax.clear_caches()  # Compiled again, from nothing.
     row["side_by_side_s"] = side_by_side_s(lowerings, ahead)
   moved = sum(p["calls"] * p["gb_moved"] for p in programs)
-  return {**row, "compile_s": round(sum(p["compile_s"] for p in programs), 1),
-          "largest_program_gb": max(p["gb"] for p in programs),
-          "launches": sum(p["calls"] * p["launches"] for p in programs),
-          "gb_moved": round(moved, 3),
-          "traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
-          "kernels": sum(p["kernels"] for p in programs),
-          "library_calls": sum(p["library_calls"] for p in programs),
-          "distinct_library_calls": distinct_calls(calls_of), "programs": programs}
+  row.update({"compile_s": round(sum(p["compile_s"] for p in programs), 1),
+              "largest_program_gb": max(p["gb"] for p in programs),
+              "launches": sum(p["calls"] * p["launches"] for p in programs),
+              "gb_moved": round(moved, 3)})
+  if args.tpu:
+    cycles = sum(p["calls"] * p.get("estimated_cycles", 0) for p in programs)
+    row["estimated_cycles"] = cycles
+    if chip.device_kind in CLOCK_GHZ:
+      row["estimated_ms"] = round(cycles / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
+    for program in programs:
+      del program["library_calls"]
+  else:
+    row.update({"traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
+                "library_calls": sum(p["library_calls"] for p in programs),
+                "distinct_library_calls": distinct_calls(calls_of)})
+  return {**row, "kernels": sum(p["kernels"] for p in programs), "programs": programs}
 
 
 def failure(stderr: str) -> str:
@@ -415,10 +495,14 @@ def main(argv=None):
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--install", action="store_true",
-                      help="install XLA's CUDA compiler into --plugin_dir and stop")
+                      help="install XLA's CUDA compiler into --plugin_dir and its TPU "
+                      "compiler into --tpu_dir, and stop")
   parser.add_argument("--plugin_dir", default=DEFAULT_PLUGIN_DIR)
   parser.add_argument("--target", default=DEFAULT_TARGET,
                       help="the GPU, as an XLA GpuTargetConfigProto text file")
+  parser.add_argument("--tpu", help="compile for one chip of this TPU topology instead "
+                      "(its name, as v5e:2x2) with XLA's TPU compiler, from --tpu_dir")
+  parser.add_argument("--tpu_dir", default=DEFAULT_TPU_DIR)
   parser.add_argument("--preset", choices=sorted(PRESETS))
   parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
   parser.add_argument("--order", default="first", choices=["first", "second_fd"])
@@ -427,9 +511,10 @@ def main(argv=None):
                       "(config.search.neighbors.chunk; 0: all at once)")
   parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--depthwise_impl", default="conv", choices=ACCELERATOR_IMPLS,
-                      help="the depthwise convolutions: cuDNN's grouped convolutions, or "
-                      "sums of taps that XLA fuses (config.model.depthwise_impl)")
+  parser.add_argument("--depthwise_impl", choices=ACCELERATOR_IMPLS,
+                      help="the depthwise convolutions (config.model.depthwise_impl): "
+                      "grouped convolutions (by default what 'auto' picks on the target: "
+                      "conv on a GPU, conv_each on a TPU), or sums of taps that XLA fuses")
   parser.add_argument("--inner_impl", default="auto", choices=INNER_IMPLS,
                       help="a cell's inner nodes in a loop or unrolled (config.model.inner_impl)")
   parser.add_argument("--gpu_autotune", action="store_true", help="compile with XLA's own "
@@ -438,22 +523,33 @@ def main(argv=None):
   parser.add_argument("--profile", help="trace the compile of every program (once each, "
                       "one after the other) with jax.profiler into this directory, and "
                       "report its longest events (compile_events)")
+  parser.add_argument("--side_by_side", action=argparse.BooleanOptionalAction, default=True,
+                      help="compile the shared step's programs again as its first call "
+                      "does, side by side (side_by_side_s)")
   for name, value in PRESETS["tiny"].items():
     parser.add_argument(f"--{name}", type=int, default=value)
   args = search_step.parse_with_preset(parser, PRESETS, argv)
+  args.depthwise_impl = args.depthwise_impl or ("conv_each" if args.tpu else "conv")
   if args.install:
     install(args.plugin_dir)
+    install_tpu(args.tpu_dir)
     return
   if args.child:
     print(json.dumps(measure(args)), flush=True)
     return
-  if not os.path.isdir(os.path.join(args.plugin_dir, "jax_plugins")):
-    sys.exit(f"XLA's CUDA compiler is not in {args.plugin_dir}; install it first: "
-             f"python {os.path.relpath(__file__)} --install --plugin_dir={args.plugin_dir}")
-  if not os.path.isfile(args.target):
-    sys.exit(f"No GPU target file {args.target}; give --target=PATH to an XLA "
-             "GpuTargetConfigProto text file (see benchmarks/gpu_targets/).")
-  env = compiler_environ(args.plugin_dir)
+  if args.tpu:
+    if not os.path.isdir(os.path.join(args.tpu_dir, "libtpu")):
+      sys.exit(f"XLA's TPU compiler is not in {args.tpu_dir}; install it first: python "
+               f"{os.path.relpath(__file__)} --install --tpu_dir={args.tpu_dir}")
+    env, target = compiler_environ(args.tpu_dir), f"tpu {args.tpu}"
+  else:
+    if not os.path.isdir(os.path.join(args.plugin_dir, "jax_plugins")):
+      sys.exit(f"XLA's CUDA compiler is not in {args.plugin_dir}; install it first: "
+               f"python {os.path.relpath(__file__)} --install --plugin_dir={args.plugin_dir}")
+    if not os.path.isfile(args.target):
+      sys.exit(f"No GPU target file {args.target}; give --target=PATH to an XLA "
+               "GpuTargetConfigProto text file (see benchmarks/gpu_targets/).")
+    env, target = compiler_environ(args.plugin_dir), os.path.basename(args.target)
   algorithms = ["darts", "na_darts"] if args.algorithm == "both" else [args.algorithm]
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
@@ -462,17 +558,20 @@ def main(argv=None):
             *PRESETS["tiny"])] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
                     [f"--profile={args.profile}"] if args.profile else []) + (
-                        ["--gpu_autotune"] if args.gpu_autotune else [])
+                        ["--gpu_autotune"] if args.gpu_autotune else []) + (
+                            [f"--tpu={args.tpu}"] if args.tpu else []) + (
+                                [] if args.side_by_side else ["--no-side_by_side"])
     out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
       row = {"algorithm": algorithm, "order": args.order, "compile": args.compile,
+             "chunk": args.chunk, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
              **{k: getattr(args, k) for k in PRESETS["tiny"]}, "error": failure(out.stderr)}
     else:
       row = json.loads(out.stdout.strip().splitlines()[-1])
     # A row compiled under XLA_FLAGS (the children inherit them) says so.
     flags = {"xla_flags": env["XLA_FLAGS"]} if env.get("XLA_FLAGS") else {}
-    line = json.dumps({"target": os.path.basename(args.target),
-                       "date": datetime.date.today().isoformat(), **flags, **row})
+    line = json.dumps({"target": target, "date": datetime.date.today().isoformat(),
+                       **flags, **row})
     print(line, flush=True)
     if args.output:
       with open(args.output, "a") as f:

@@ -1,11 +1,12 @@
-"""Tests of benchmarks/gpu_compile.py, and through it of our networks on XLA's GPU
-compiler: with the CUDA compiler installed (`gpu_compile.py --install`, which the README's
+"""Tests of benchmarks/gpu_compile.py, and through it of our networks on XLA's GPU and TPU
+compilers: with the compilers installed (`gpu_compile.py --install`, which the README's
 test command runs) the supernet and the network trained from scratch are compiled for an
-H200 on this CPU machine."""
+H200, and the supernet and the search step for a TPU v5e chip, on this CPU machine."""
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import threading
 import time
 
 import jax
+import jaxlib
 import numpy as np
 import pytest
 
@@ -30,6 +32,9 @@ _SPEC.loader.exec_module(bench)
 needs_the_cuda_compiler = pytest.mark.skipif(
     not os.path.isdir(os.path.join(bench.DEFAULT_PLUGIN_DIR, "jax_plugins")),
     reason="XLA's CUDA compiler is not installed: python benchmarks/gpu_compile.py --install")
+needs_the_tpu_compiler = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(bench.DEFAULT_TPU_DIR, "libtpu")),
+    reason="XLA's TPU compiler is not installed: python benchmarks/gpu_compile.py --install")
 
 
 # Built in the child: ``fn`` is jitted on ``args`` (numpy arrays and variables).
@@ -70,20 +75,24 @@ _MODELS = {
 }
 
 
-def _compiled_for_an_h200(code: str) -> str:
+def _compiled_for_an_h200(code: str, tpu: bool = False) -> str:
   """The standard output of ``code`` run in a child that compiles for an H200 (``jax``,
-  ``np``, ``gpu_compile`` and ``on_gpu``, which places a tree's arrays on it, in scope)."""
+  ``np``, ``gpu_compile`` and ``on_gpu``, which places a tree's arrays on it, in scope),
+  or with ``tpu`` for a TPU v5e chip (``on_tpu``)."""
   preamble = textwrap.dedent(f"""
-      import sys
+      import functools, sys
       sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
       import jax, numpy as np
       import gpu_compile
-      on_gpu = gpu_compile.placer(gpu_compile.DEFAULT_TARGET)
-      """)
+      """) + (textwrap.dedent("""
+      from jax.sharding import SingleDeviceSharding
+      on_tpu = functools.partial(gpu_compile.abstract_on,
+                                 SingleDeviceSharding(gpu_compile.tpu_chip("v5e:2x2")))
+      """) if tpu else "on_gpu = gpu_compile.placer(gpu_compile.DEFAULT_TARGET)\n")
+  plugin_dir = bench.DEFAULT_TPU_DIR if tpu else bench.DEFAULT_PLUGIN_DIR
   result = subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(code)],
                           capture_output=True, text=True,
-                          env=bench.compiler_environ(bench.DEFAULT_PLUGIN_DIR), cwd=ROOT,
-                          check=False)
+                          env=bench.compiler_environ(plugin_dir), cwd=ROOT, check=False)
   assert result.returncode == 0, bench.failure(result.stderr)
   return result.stdout
 
@@ -225,8 +234,16 @@ backend_config={"known_trip_count":{"n":"5"}}
   counts, _ = bench.program_counts(hlo)
   assert {k: counts[k] for k in ("launches", "kernels", "library_calls")} == {
       "launches": 2 + 5 * (2 + 1), "kernels": 3, "library_calls": 1}
+  # Without the trip count on the loop (as XLA's TPU compiler writes one), it is read
+  # from the condition, i < 5; a condition of another form leaves it unknown.
+  unknown = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+  assert "known_trip_count" not in unknown
+  assert bench.program_counts(unknown)[0] == counts
+  for other in ("direction=LE", "direction=GT"):
+    with pytest.raises(ValueError, match="known trip count"):
+      bench.program_counts(unknown.replace("direction=LT", other))
   with pytest.raises(ValueError, match="known trip count"):
-    bench.program_counts(hlo.replace('"known_trip_count":{"n":"5"}', ""))
+    bench.program_counts(unknown.replace("constant(5)", "parameter(1)"))
   with pytest.raises(ValueError, match="ENTRY"):
     bench.program_counts("HloModule nothing\n")
 
@@ -339,6 +356,24 @@ def test_a_dead_child_is_reported_by_its_check_failure():
   assert bench.failure("Traceback\nValueError: bad\n") == "ValueError: bad"
 
 
+def test_a_dead_childs_row_names_its_configuration(tmp_path, monkeypatch):
+  """A child that died (XLA found the program too large for the chip) gives a row that
+  says which configuration it was, on a TPU with the TPU's depthwise convolutions."""
+  (tmp_path / "libtpu").mkdir()
+  stderr = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the "
+            "total memory required for HLO temporaries (43.19G) exceeds available HBM\n")
+  monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kwargs: (
+      subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr)))
+  output = tmp_path / "rows.jsonl"
+  bench.main(["--tpu=v5e:2x2", f"--tpu_dir={tmp_path}", "--algorithm=na_darts", "--chunk=0",
+              "--preset=reference", f"--output={output}"])
+  (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+  assert row["target"] == "tpu v5e:2x2" and row["error"] == stderr.strip()
+  assert {k: row[k] for k in ("algorithm", "chunk", "depthwise_impl", "dtype", "batch")} == {
+      "algorithm": "na_darts", "chunk": 0, "depthwise_impl": "conv_each", "dtype": "float32",
+      "batch": 64}
+
+
 def test_programs_are_listed_once_however_often_the_step_calls_them():
   """The second order evaluates the architecture gradient at w+ and at w- with the same
   program: the trace calls it twice, the list holds it once, as jit compiles it once, and
@@ -439,3 +474,128 @@ def test_side_by_side_compiles_programs_on_side_threads_started_first():
   assert [e for e in events if e[0] == "compile" and e[2]] == [("compile", 0, True),
                                                                ("compile", 2, True)]
   assert 0.8 <= seconds < 1.2
+
+
+def test_program_counts_sums_a_tpu_programs_estimated_cycles_by_hand():
+  """A module written here as XLA's TPU compiler writes one, each instruction with its
+  estimated cycles: a fusion (100) before a loop of 3 iterations whose body runs a fusion
+  (10) and a copy (5), and a conditional of two branches (7 and 40 cycles): the step's
+  cycles are 100 + 3 * (10 + 5) + 40, the largest branch counted; a GPU's module (no
+  estimates) has no such count."""
+  cfg = lambda n: f'backend_config={{"flag_configs":[],"estimated_cycles":"{n}"}}'
+  hlo = textwrap.dedent(f"""\
+      HloModule tpu_like
+
+      %fused (p: f32[8]) -> f32[8] {{
+        %p = f32[8]{{0}} parameter(0)
+        ROOT %n = f32[8]{{0}} negate(%p)
+      }}
+
+      %body (t: f32[8]) -> f32[8] {{
+        %t = f32[8]{{0}} parameter(0)
+        %f = f32[8]{{0}} fusion(%t), kind=kLoop, calls=%fused, {cfg(10)}
+        ROOT %k = f32[8]{{0}} copy(%f), {cfg(5)}
+      }}
+
+      %cond (u: f32[8]) -> pred[] {{
+        %u = f32[8]{{0}} parameter(0)
+        ROOT %no = pred[] constant(false)
+      }}
+
+      %small (a: f32[8]) -> f32[8] {{
+        %a = f32[8]{{0}} parameter(0)
+        ROOT %c = f32[8]{{0}} copy(%a), {cfg(7)}
+      }}
+
+      %large (b: f32[8]) -> f32[8] {{
+        %b = f32[8]{{0}} parameter(0)
+        ROOT %d = f32[8]{{0}} fusion(%b), kind=kLoop, calls=%fused, {cfg(40)}
+      }}
+
+      ENTRY %main (x: f32[8], i: s32[]) -> f32[8] {{
+        %x = f32[8]{{0}} parameter(0)
+        %i = s32[] parameter(1)
+        %g = f32[8]{{0}} fusion(%x), kind=kLoop, calls=%fused, {cfg(100)}
+        %w = f32[8]{{0}} while(%g), condition=%cond, body=%body, \
+backend_config={{"known_trip_count":{{"n":"3"}}}}
+        ROOT %r = f32[8]{{0}} conditional(%i, %w, %w), branch_computations={{%small, %large}}
+      }}
+      """)
+  counts, _ = bench.program_counts(hlo)
+  assert counts["estimated_cycles"] == 100 + 3 * (10 + 5) + 40
+  assert counts["launches"] == 1 + 3 * 2 + 1
+  without = re.sub(r', backend_config=\{"flag_configs":\[\],"estimated_cycles":"\d+"\}', "", hlo)
+  assert "estimated_cycles" not in bench.program_counts(without)[0]
+
+
+def test_the_v5e_clock_is_its_published_peak_over_its_mxus():
+  """197 TFLOP/s of bfloat16 (Google's figure for a v5e chip) from 4 MXUs of 128 x 128
+  multiply-adds a cycle: 1.503 GHz."""
+  assert bench.CLOCK_GHZ["TPU v5 lite"] == pytest.approx(1.503, abs=5e-4)
+
+
+def test_libtpu_is_the_one_the_installed_jax_asks_for(monkeypatch):
+  """``--install`` puts both compilers in their folders: the CUDA plugin of jaxlib's
+  version, and the libtpu that jax's own metadata names for ``jax[tpu]``."""
+  from importlib import metadata
+  wanted = [r.split(";")[0].strip().replace(" ", "") for r in metadata.requires("jax")
+            if r.startswith("libtpu") and "tpu" in r.split(";")[1]]
+  assert [bench.libtpu_requirement()] == wanted
+  commands = []
+  monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd))
+  bench.main(["--install", "--plugin_dir=/p", "--tpu_dir=/t"])
+  assert [cmd[cmd.index("--target") + 1:] for cmd in commands] == [
+      ["/p", *bench.plugin_requirements(jaxlib.__version__)], ["/t", *wanted]]
+
+
+def test_refuses_to_compile_for_a_tpu_without_its_compiler(tmp_path):
+  with pytest.raises(SystemExit, match="TPU compiler .*--install"):
+    bench.main(["--tpu=v5e:2x2", f"--tpu_dir={tmp_path}"])
+
+
+@needs_the_tpu_compiler
+def test_tpu_estimates_are_no_faster_than_the_chips_published_peaks():
+  """Compiled for a v5e chip: the estimated time (cycles at `CLOCK_GHZ`) of a large
+  bfloat16 matmul is no less than its FLOPs at 197 TFLOP/s and within 1.5x of it (XLA
+  expects a matmul this large near the MXUs' peak); that of adding two vectors of 2^26
+  floats is no less than its 768 MiB at the chip's 819 GB/s of HBM bandwidth, and within
+  3x of it. A clock set too fast would break the first bound, one too slow the second."""
+  stdout = _compiled_for_an_h200("""
+      import json
+      import jax.numpy as jnp
+      m, n = 8192, 2**26
+      x = jax.ShapeDtypeStruct((m, m), jnp.bfloat16)
+      v = jax.ShapeDtypeStruct((n,), jnp.float32)
+      for fn, args in ((jnp.matmul, (x, x)), (jnp.add, (v, v))):
+        text = jax.jit(fn).lower(*on_tpu(args)).compile().as_text()
+        print(gpu_compile.program_counts(text)[0]["estimated_cycles"])
+      """, tpu=True)
+  matmul_s, add_s = (int(c) / (bench.CLOCK_GHZ["TPU v5 lite"] * 1e9)
+                     for c in stdout.split())
+  assert 1 <= matmul_s / (2 * 8192**3 / 197e12) <= 1.5
+  assert 1 <= add_s / (3 * 2**26 * 4 / 819e9) <= 3
+
+
+@needs_the_tpu_compiler
+def test_the_search_step_compiles_for_a_tpu_v5e_chip(tmp_path):
+  """The smallest search step (DARTS, C=2, 2 cells, 8x8, batch 2) compiled by XLA's TPU
+  compiler for one v5e chip, with the TPU's depthwise convolutions: every program
+  compiles, each program's estimated cycles sum to the row's, and its time at the chip's
+  clock is the row's estimate; XLA's buffer assignment gives both supernet gradients
+  memory."""
+  output = tmp_path / "rows.jsonl"
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_compile.py"),
+                  "--tpu=v5e:2x2", "--algorithm=darts", "--channels=2", "--layers=2",
+                  "--size=8", "--batch=2", "--no-side_by_side", f"--output={output}"],
+                 check=True, cwd=ROOT, capture_output=True)
+  (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+  assert "error" not in row, row.get("error")
+  assert row["target"] == "tpu v5e:2x2" and row["chip"] == "TPU v5 lite"
+  assert row["depthwise_impl"] == "conv_each"  # What 'auto' picks on a TPU.
+  assert row["estimated_cycles"] == sum(p["calls"] * p.get("estimated_cycles", 0)
+                                        for p in row["programs"]) > 0
+  assert row["estimated_ms"] == round(
+      row["estimated_cycles"] / bench.CLOCK_GHZ["TPU v5 lite"] / 1e6, 2)
+  gradients = [p for p in row["programs"] if p["name"].startswith("supernet_value_and")]
+  assert len(gradients) == 2 and all(p["gb"] > 0 for p in gradients)
+  assert "traffic_ms" not in row and "side_by_side_s" not in row
