@@ -30,11 +30,11 @@ rounding):
   kernels a step against 5,328 for ``'conv'``, with 74 distinct library calls to
   autotune against 192, but compiles 2.7x as long (145.0 s against 53.5 s): which is
   faster on a GPU only a GPU can say (`benchmarks/README.md`).
-``'conv_each'``: ``'conv'`` with a convolution a kernel, what a TPU runs faster
-(`_depthwise_convs_grouped`). ``'auto'`` picks ``'conv'`` on a GPU, ``'conv_each'`` on
-a TPU; on a CPU ``'taps'`` when the step's
-arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS` input
-pixels, batch x height x width: the digits quick starts and CIFAR-sized searches), else
+``'conv_each'``: ``'conv'`` with a convolution a kernel, faster on a TPU by XLA's
+estimate (`_depthwise_convs_grouped`). ``'auto'`` picks ``'conv'`` on a GPU,
+``'conv_each'`` on a TPU; on a CPU ``'taps'`` when the step's arithmetic pays for the
+longer compile (a batch of at least `TAPS_MIN_PIXELS` input pixels, batch x height x
+width: the digits quick starts and CIFAR-sized searches), else
 ``'scan'`` (the tests' small batches, where compile time dominates).
 """
 
