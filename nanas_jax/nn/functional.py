@@ -29,13 +29,13 @@ rounding):
   by JAX 0.11.2 (reference-size DARTS step, on a 2-core CPU host), it launches 4,084
   kernels a step against 5,328 for ``'conv'``, with 74 distinct library calls to
   autotune against 192, but compiles 2.7x as long (145.0 s against 53.5 s): which is
-  faster on a GPU only a GPU can say (`benchmarks/README.md`).
-``'conv_each'``: ``'conv'`` with a convolution a kernel, faster on a TPU by XLA's
-estimate (`_depthwise_convs_grouped`). ``'auto'`` picks ``'conv'`` on a GPU,
-``'conv_each'`` on a TPU; on a CPU ``'taps'`` when the step's arithmetic pays for the
-longer compile (a batch of at least `TAPS_MIN_PIXELS` input pixels, batch x height x
-width: the digits quick starts and CIFAR-sized searches), else
-``'scan'`` (the tests' small batches, where compile time dominates).
+  faster on a GPU only a GPU can say (`benchmarks/README.md`);
+- ``'conv_each'``: ``'conv'`` with a convolution a kernel, faster on a TPU by XLA's
+  estimate (`_depthwise_convs_grouped`).
+``'auto'`` picks ``'conv'`` on a GPU, ``'conv_each'`` on a TPU; on a CPU ``'taps'`` when
+the step's arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS`
+input pixels, batch x height x width: the digits quick starts and CIFAR-sized searches),
+else ``'scan'`` (the tests' small batches, where compile time dominates).
 """
 
 from __future__ import annotations
