@@ -383,7 +383,7 @@ def _depthwise_convs_grouped(x, kernels, dilations, stride, lead, by_dilation):
 
   ``'conv_each'`` (not ``by_dilation``): one convolution a kernel, for TPUs. Compiled for
   a TPU v5e chip on a CPU (B=16, C=8, 5 cells, DARTS), the grouped form made the step
-  27 % longer by XLA's TPU compiler's own estimate, and its compile 54 % longer
+  27 % longer by XLA's TPU compiler's own estimate, and its compile 23-54 % longer
   (benchmarks/README.md, "The step compiled for a TPU")."""
   shared = x.shape[lead] == 1
   runs = ([len(list(run)) for _, run in itertools.groupby(dilations)] if by_dilation
