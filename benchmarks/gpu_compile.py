@@ -438,6 +438,8 @@ def measure(args) -> dict:
     t = time.perf_counter()
     compiled = compile_program()
     counts, library_calls = program_counts(compiled.as_text())
+    if args.tpu:  # A TPU program's custom calls are not cuDNN's or cuBLAS's to autotune.
+      del counts["library_calls"]
     programs.append({"name": name, "compile_s": round(time.perf_counter() - t, 1),
                      "gb": _program_gb(compiled), "calls": calls, **counts})
     calls_of.append(library_calls)
@@ -473,8 +475,6 @@ def measure(args) -> dict:
     row["estimated_cycles"] = cycles
     if chip.device_kind in CLOCK_GHZ:
       row["estimated_ms"] = round(cycles / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
-    for program in programs:
-      del program["library_calls"]
   else:
     row.update({"traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
                 "library_calls": sum(p["library_calls"] for p in programs),

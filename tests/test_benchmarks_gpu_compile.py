@@ -75,7 +75,7 @@ _MODELS = {
 }
 
 
-def _compiled_for_an_h200(code: str, tpu: bool = False) -> str:
+def _compiled_in_a_child(code: str, tpu: bool = False) -> str:
   """The standard output of ``code`` run in a child that compiles for an H200 (``jax``,
   ``np``, ``gpu_compile`` and ``on_gpu``, which places a tree's arrays on it, in scope),
   or with ``tpu`` for a TPU v5e chip (``on_tpu``)."""
@@ -103,7 +103,7 @@ def test_taps_fused_leaves_cudnn_only_the_stems_convolution():
   convolution is a cuDNN call (forward, and its gradients); with 'taps_fused' the only
   cuDNN convolutions left are the stem's (forward and filter gradient: its input is
   data), and no loop either (what XLA autotunes and cuDNN plans at a first run)."""
-  stdout = _compiled_for_an_h200("""
+  stdout = _compiled_in_a_child("""
       import re
       from nanas_jax.nn.supernet import SearchNetwork
       images = np.zeros((2, 8, 8, 3), np.float32)
@@ -133,7 +133,7 @@ def test_taps_fused_leaves_cudnn_only_the_stems_convolution():
 def test_compiles_for_an_h200_with_triton_gemms(model):
   """XLA's GPU compiler accepts the program, and its argument buffers hold exactly the
   program's inputs."""
-  stdout = _compiled_for_an_h200(textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
+  stdout = _compiled_in_a_child(textwrap.dedent(_MODELS[model]) + textwrap.dedent("""
       compiled = jax.jit(fn, keep_unused=True).lower(*on_gpu(args)).compile()
       print(compiled.memory_analysis().argument_size_in_bytes,
             sum(np.asarray(a).nbytes for a in jax.tree.leaves(args)))
@@ -148,7 +148,7 @@ def test_a_search_without_autotuning_gives_xlas_gpu_compiler_cublas_matmuls():
   (`bilevel.xla_compiler_options`): with ``gpu_autotune`` False its matmuls are cuBLAS
   calls, none a Triton fusion, where XLA's own settings (True) make them Triton's: XLA's
   GPU compiler takes the options by these names."""
-  stdout = _compiled_for_an_h200(textwrap.dedent(_MODELS["supernet"]) + textwrap.dedent("""
+  stdout = _compiled_in_a_child(textwrap.dedent(_MODELS["supernet"]) + textwrap.dedent("""
       import re
       from configs import quickstart
       from nanas_jax.search import bilevel
@@ -171,7 +171,7 @@ def test_kernel_launches_grow_with_a_loops_trip_count_and_kernels_do_not():
   """A loop of n iterations compiled for an H200: its launches are an affine function of
   n with a positive slope (each iteration launches its body's kernels), and the distinct
   kernels and library calls are the same for every n (XLA compiles the body once)."""
-  stdout = _compiled_for_an_h200("""
+  stdout = _compiled_in_a_child("""
       import json
       import jax.numpy as jnp
       def loop(x, n):
@@ -560,7 +560,7 @@ def test_tpu_estimates_are_no_faster_than_the_chips_published_peaks():
   expects a matmul this large near the MXUs' peak); that of adding two vectors of 2^26
   floats is no less than its 768 MiB at the chip's 819 GB/s of HBM bandwidth, and within
   3x of it. A clock set too fast would break the first bound, one too slow the second."""
-  stdout = _compiled_for_an_h200("""
+  stdout = _compiled_in_a_child("""
       import json
       import jax.numpy as jnp
       m, n = 8192, 2**26
