@@ -35,8 +35,8 @@ from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
 from nanas_jax.nn.functional import DEPTHWISE_IMPLS
 from nanas_jax.nn.supernet import INNER_IMPLS
-from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, neighbors_per_step,
-                                      validate_search_config)
+from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, dtype_memory_options,
+                                      neighbors_per_step, validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
 from nanas_jax.search.random_search import (na_random_search, random_search,
                                             random_search_same_budget)
@@ -259,7 +259,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
       epochs=config.search.epochs, end_of_epoch=end_of_epoch,
       finite_keys=("train_loss", "arch_loss"),
       hint="Lower config.search.weights.lr or config.search.arch.lr and rerun: the run "
-           "resumes from that checkpoint.", step_logs=("genotypes.jsonl",))
+           "resumes from that checkpoint.",
+      memory_hint=loop.memory_hint(search.memory_options(), batch, mesh.devices.size),
+      step_logs=("genotypes.jsonl",))
   state, extra = result.state, result.extra
   parallel.assert_replicas_agree(state.alpha, "alpha")
   alpha = parallel.to_host(state.alpha)
@@ -319,7 +321,9 @@ def _train_weight_sharing(config, workdir, mesh, space, streams, steps_per_epoch
       batches_fn=batches, steps_per_epoch=steps_per_epoch, epochs=config.search.epochs,
       end_of_epoch=end_of_epoch, finite_keys=("train_loss",),
       hint="Lower config.search.weights.lr and rerun: the run resumes from that "
-           "checkpoint.").state
+           "checkpoint.",
+      memory_hint=loop.memory_hint(dtype_memory_options(config.search),
+                                   config.data.batch_size, mesh.devices.size)).state
   # Candidates are scored on whole validation batches that every process holds, so every
   # process ranks them identically; one process already holds them.
   full = streams if jax.process_count() == 1 else loaders.load_search_streams(

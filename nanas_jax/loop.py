@@ -34,6 +34,11 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
   every process stop after the same step on SIGTERM; Ctrl-C keeps Python's default there.
 - **NaN / Inf**: a non-finite loss stops the run with `FloatingPointError` before anything
   is saved, so the last checkpoint is the last good state.
+- **Out of memory**: XLA's out-of-memory error (a TPU program that does not fit the chip,
+  found as the first step compiles; an allocation that fails as a GPU program runs) stops
+  the run with a `MemoryError` that says where it happened, where the last checkpoint is,
+  and what in the config would make the step fit (the run's ``memory_hint``), the XLA
+  error chained to it.
 - **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard
   (`nanas_jax.events`, without TensorFlow) and ``metrics.jsonl``, and the console gets
   one line: step, epoch, the run's ``console_keys`` that are known (from the step, else
@@ -196,6 +201,25 @@ def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
   into a state (compared as a multiset: orbax's metadata tree and the state pytree name
   their nodes differently)."""
   return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(tree))
+
+
+def out_of_memory(error: BaseException) -> bool:
+  """Whether ``error`` is XLA's out-of-memory error: ``RESOURCE_EXHAUSTED`` about memory
+  (a TPU's compile: "Ran out of memory on HBM ..."; an allocation on a GPU or a CPU:
+  "Out of memory ...")."""
+  text = str(error)
+  return (isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in text
+          and "memory" in text.lower())
+
+
+def memory_hint(options: Sequence[str], global_batch: int, devices: int) -> str:
+  """What would make a run's step fit the devices' memory (`run_epochs`'s
+  ``memory_hint``): the run's own ``options`` (config changes), then the one every run
+  has, a smaller batch per device."""
+  batch = (f"a smaller config.data.batch_size (now {global_batch}, {global_batch // devices} "
+           f"per device over {devices} device{'s' if devices > 1 else ''}), or more devices, "
+           "over which the batch is split")
+  return "; ".join(options) + ("; or " if options else "") + batch
 
 
 def _one_line(error: BaseException) -> str:
@@ -497,7 +521,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
                steps_per_epoch: int, epochs: int,
                end_of_epoch: Callable[[Any, int, dict[str, float], dict[str, Any]],
                                       dict[str, Any]],
-               finite_keys: tuple[str, ...], hint: str,
+               finite_keys: tuple[str, ...], hint: str, memory_hint: str = "",
                console_keys: Sequence[str] = DEFAULT_CONSOLE_KEYS,
                step_logs: Sequence[str] = ()) -> LoopResult:
   """Runs ``epochs`` epochs of ``steps_per_epoch`` steps, resuming from the workdir.
@@ -515,6 +539,8 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
       every checkpoint and handed back on resume). The record goes to the writers.
     finite_keys: metrics that must stay finite.
     hint: what to change when they do not (ends the error message).
+    memory_hint: what to change when a step does not fit the devices' memory (ends the
+      `MemoryError`'s message).
     console_keys: the numbers of the console line, in order, where known: a step's
       metric, else the last epoch record's, else ``extra``'s (so keys a step adds later
       show up once present).
@@ -581,12 +607,16 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
   last_line = None  # (step, time) of the last console line, the first step excluded
   epoch_record: dict[str, Any] = {}
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose metrics are unread
+  doing = "the first step"  # what an out-of-memory error happened in
 
   def drain() -> None:
     """Reads the pending steps' metrics in one transfer: checks them (a non-finite loss
     stops the run before anything is saved), adds them to the epoch's sums, and writes the
     logged steps."""
-    nonlocal last_line
+    nonlocal last_line, doing
+    if pending:
+      # A step program's error can reach the host here, where its outputs are read.
+      doing = f"steps {pending[0][0]}-{pending[-1][0]}"
     fetched = parallel.to_host([m for _, m in pending])
     for (at, _), raw in zip(pending, fetched):
       metrics = {k: float(v) for k, v in raw.items()}
@@ -619,6 +649,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
             batches_fn(epoch, start), lambda b: parallel.shard_batch(b, mesh))
         for global_batches in batches:
           t = time.monotonic()
+          doing = f"step {step + 1}"
           state, metrics = step_fn(state, *global_batches)
           step += 1
           if first_step_seconds is None:
@@ -651,6 +682,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
               f"the data of epoch {epoch} yielded {step % steps_per_epoch} of its "
               f"{steps_per_epoch} batches; its stream must yield steps_per_epoch batches.")
         means = {f"mean_{k}": v / steps_per_epoch for k, v in totals.items()}
+        doing = f"the end of epoch {epoch + 1} (validation)"
         epoch_record = end_of_epoch(state, epoch, means, extra)
         write(numeric(epoch_record), epoch_record)
         # Steps/s counts training steps: validation (and its first compile) is left out.
@@ -660,6 +692,15 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         if preemption.requested(step) and step < total:
           checkpoints.wait()
           raise Preempted(step, checkpoints.directory, preemption.signum)
+  except jax.errors.JaxRuntimeError as error:
+    if not out_of_memory(error):
+      raise
+    last = checkpoints.latest_step()
+    kept = (f"The last checkpoint (step {last}) is intact in {checkpoints.directory}"
+            if last is not None else "No checkpoint had been written yet")
+    raise MemoryError(
+        f"out of device memory in {doing}: {_one_line(error).rstrip('.')}. Stopped "
+        f"without saving. {kept}. To fit, try {memory_hint or 'a smaller batch'}.") from error
   finally:
     checkpoints.wait()
     checkpoints.close()

@@ -1,10 +1,15 @@
 """Tests of the search run's guards and helpers (the run itself: test_main.py)."""
 
+import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from configs import quickstart
+from configs import quickstart, rs_quickstart
 from nanas_jax import experiment
+from nanas_jax.search.bilevel import BilevelSearch
+from nanas_jax.search.weight_sharing import WeightSharingTrainer
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -39,3 +44,42 @@ def test_random_search_on_a_config_without_its_block_names_the_config_to_use(tmp
                      r"config\.search\.rs.*--config=configs/rs_quickstart\.py"):
     experiment.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_a_step_out_of_memory_names_the_config_changes_that_shrink_it(tmp_path, monkeypatch):
+  """XLA's own out-of-memory error (an output of 4 TiB) in the first search step becomes a
+  MemoryError that names this config's options: NA-DARTS's vmapped neighbors one at a
+  time, bfloat16, the batch."""
+  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
+  monkeypatch.setattr(BilevelSearch, "jit_step",
+                      lambda self: lambda state, *batches: too_big(1.0))
+  config = quickstart.get_config()
+  config.search.neighbors.evaluate = "vmap"
+  batch = config.data.batch_size
+  with pytest.raises(MemoryError) as raised:
+    experiment.run_search(config, str(tmp_path / "w"))
+  assert str(raised.value).endswith(
+      "No checkpoint had been written yet. To fit, try config.search.neighbors.chunk=1 (the "
+      f"neighborhood's {config.search.neighbors.num} gradients one after another rather "
+      f"than {config.search.neighbors.num} at a time: the same search); "
+      "config.search.dtype='bfloat16' (activations in bfloat16; parameters, alpha and "
+      "BatchNorm statistics stay float32); or a smaller config.data.batch_size (now "
+      f"{batch}, {batch} per device over 1 device), or more devices, over which the batch "
+      "is split.")
+  assert str(raised.value).startswith("out of device memory in step 1: JaxRuntimeError: "
+                                      "RESOURCE_EXHAUSTED")
+  assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "w" / "checkpoints")
+
+
+def test_weight_sharing_out_of_memory_names_its_options(tmp_path, monkeypatch):
+  """Random search's supernet training: bfloat16 and the batch (no neighbors to chunk)."""
+  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
+  monkeypatch.setattr(WeightSharingTrainer, "step", lambda self, *args, **kwargs: too_big(1.0))
+  config = rs_quickstart.get_config()
+  with pytest.raises(MemoryError, match=(
+      r"^out of device memory in step 1: .* To fit, try config\.search\.dtype='bfloat16' "
+      r"\(activations in bfloat16; parameters, alpha and BatchNorm statistics stay "
+      r"float32\); or a smaller config\.data\.batch_size \(now "
+      rf"{config.data.batch_size}, ")):
+    experiment.run(config, str(tmp_path / "w"))

@@ -70,7 +70,7 @@ def config(every_steps=0, keep=3, every_seconds=0):
 
 
 def run(workdir, step_fn=toy_step, epochs=EPOCHS, console_keys=loop.DEFAULT_CONSOLE_KEYS,
-        **kwargs):
+        memory_hint="", **kwargs):
   mesh = parallel.data_mesh()
   epochs_seen = []
 
@@ -84,7 +84,8 @@ def run(workdir, step_fn=toy_step, epochs=EPOCHS, console_keys=loop.DEFAULT_CONS
       state=parallel.replicate(make_state(), mesh), step_fn=step_fn,
       batches_fn=lambda e, s: ((b,) for b in ToyStream().batches(e, s)),
       steps_per_epoch=STEPS, epochs=epochs, end_of_epoch=end_of_epoch,
-      finite_keys=("loss",), hint="Lower the learning rate.", console_keys=console_keys)
+      finite_keys=("loss",), hint="Lower the learning rate.", memory_hint=memory_hint,
+      console_keys=console_keys)
   return result, epochs_seen
 
 
@@ -139,6 +140,75 @@ def test_nan_stops_without_saving_and_the_last_checkpoint_is_good(tmp_path):
   assert int(state["step"]) == 6 and meta["step"] == 6
   assert np.all(np.isfinite(np.asarray(state["w"])))
   checkpoints.close()
+
+
+# A program whose output (4 TiB) XLA cannot allocate: XLA's own out-of-memory error.
+too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
+
+
+@pytest.mark.parametrize("fail_at,last", [(6, 4), (1, None)])
+def test_out_of_memory_stops_with_the_fix_and_the_last_checkpoint_intact(tmp_path, fail_at,
+                                                                        last):
+  def step(state, batch):
+    if int(state["step"]) + 1 == fail_at:
+      too_big(1.0)
+    return toy_step(state, batch)
+
+  directory = re.escape(str(tmp_path / loop.CHECKPOINT_DIR))
+  kept = (rf"The last checkpoint \(step {last}\) is intact in {directory}" if last
+          else "No checkpoint had been written yet")
+  with pytest.raises(MemoryError, match=(
+      rf"out of device memory in step {fail_at}: JaxRuntimeError: RESOURCE_EXHAUSTED: Out "
+      rf"of memory allocating 4398046511104 bytes\. Stopped without saving\. {kept}\. To "
+      r"fit, try halving the batch\.$")) as raised:
+    run(tmp_path, step_fn=step, every_steps=2, memory_hint="halving the batch")
+  assert isinstance(raised.value.__cause__, jax.errors.JaxRuntimeError)
+  checkpoints = loop.Checkpoints(str(tmp_path / loop.CHECKPOINT_DIR), keep=3)
+  assert checkpoints.latest_step() == last
+  if last:
+    state, meta = checkpoints.restore(last, make_state())
+    assert int(state["step"]) == last == meta["step"]
+  checkpoints.close()
+
+
+def test_other_xla_errors_pass_through_unchanged(tmp_path):
+  error = jax.errors.JaxRuntimeError("INTERNAL: the compiler failed")
+
+  def step(state, batch):
+    raise error
+
+  with pytest.raises(jax.errors.JaxRuntimeError) as raised:
+    run(tmp_path, step_fn=step)
+  assert raised.value is error
+
+
+def test_out_of_memory_is_recognised_in_each_platforms_words():
+  # The TPU's words as XLA's TPU compiler wrote them (benchmarks/gpu_compile.py --tpu,
+  # the reference-size NA-DARTS step with its neighbors in one pass); the GPU's as XLA's
+  # GPU allocator words them (xla/stream_executor, `Out of memory while trying to allocate`).
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                      "tpu_v5e_compile.jsonl")
+  with open(path) as f:
+    tpu = [json.loads(line)["error"] for line in f if "RESOURCE_EXHAUSTED" in line]
+  assert tpu
+  for text in tpu:
+    message = text.removeprefix("jax.errors.JaxRuntimeError: ")
+    assert loop.out_of_memory(jax.errors.JaxRuntimeError(message)), message
+  assert loop.out_of_memory(jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 45097156608 bytes."))
+  for other in (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: too many open files"),
+                jax.errors.JaxRuntimeError("INTERNAL: Out of memory? no"),
+                MemoryError("RESOURCE_EXHAUSTED: memory")):
+    assert not loop.out_of_memory(other)
+
+
+def test_the_memory_hint_ends_with_the_batch_every_run_can_shrink():
+  assert loop.memory_hint((), 64, 1) == (
+      "a smaller config.data.batch_size (now 64, 64 per device over 1 device), or more "
+      "devices, over which the batch is split")
+  assert loop.memory_hint(("A", "B"), 256, 8) == (
+      "A; B; or a smaller config.data.batch_size (now 256, 32 per device over 8 devices), "
+      "or more devices, over which the batch is split")
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path):

@@ -132,6 +132,39 @@ def test_chunked_neighbors_hold_one_chunk_of_activations():
   assert chunked <= 1.1 * one < all_at_once / 1.4
 
 
+BFLOAT16 = ("config.search.dtype='bfloat16' (activations in bfloat16; parameters, alpha and "
+            "BatchNorm statistics stay float32)")
+
+
+def one_pass(k, at_once):
+  return (f"config.search.neighbors.chunk=1 (the neighborhood's {k} gradients one after "
+          f"another rather than {at_once} at a time: the same search)")
+
+
+# On this CPU, 'auto' evaluates the neighbors one at a time unless a chunk says otherwise.
+@pytest.mark.parametrize("algorithm,neighbors,dtype,expected", [
+    ("darts", {}, "float32", [BFLOAT16]),
+    ("darts", {}, "bfloat16", []),
+    ("na_darts", dict(evaluate="vmap", chunk=0), "float32", [one_pass(4, 4), BFLOAT16]),
+    ("na_darts", dict(evaluate="vmap", chunk=2), "bfloat16", [one_pass(4, 2)]),
+    ("na_darts", dict(evaluate="vmap", chunk=8), "float32", [one_pass(4, 4), BFLOAT16]),
+    ("na_darts", dict(evaluate="vmap", chunk=0, include_center=True), "float32",
+     [one_pass(5, 5), BFLOAT16]),
+    ("na_darts", dict(evaluate="vmap", chunk=1), "float32", [BFLOAT16]),
+    ("na_darts", dict(evaluate="loop", chunk=0), "float32", [BFLOAT16]),
+    ("na_darts", dict(evaluate="auto", chunk=0), "float32", [BFLOAT16]),
+    ("na_darts", dict(evaluate="auto", chunk=3), "float32", [one_pass(4, 3), BFLOAT16]),
+])
+def test_memory_options_are_the_changes_that_shrink_this_step(algorithm, neighbors, dtype,
+                                                              expected):
+  """The out-of-memory error's options: one neighbor a pass only where several share one
+  (what the test above measures saves memory), bfloat16 only where the step is float32."""
+  config = make_config(algorithm, num=4, kind="swap", **neighbors)
+  config.dtype = dtype
+  search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)
+  assert search.memory_options() == expected
+
+
 def test_na_split_batch_gives_each_neighbor_its_slice():
   config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="mean")
   search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)

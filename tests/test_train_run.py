@@ -192,6 +192,19 @@ def test_a_finished_workdir_is_refused_and_left_untouched(reference, monkeypatch
   assert open(path).read() == before
 
 
+def test_a_step_out_of_memory_names_the_batch_to_shrink(tmp_path, monkeypatch):
+  """XLA's own out-of-memory error (an output of 4 TiB) in the first training step becomes a
+  MemoryError whose fix is the one a training run has: the batch per device."""
+  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
+  monkeypatch.setattr(trainer_lib.Trainer, "jit_train_step",
+                      lambda self: lambda state, *batches: too_big(1.0))
+  with pytest.raises(MemoryError, match=(
+      r"^out of device memory in step 1: JaxRuntimeError: RESOURCE_EXHAUSTED: .* To fit, "
+      rf"try a smaller config\.data\.batch_size \(now {BATCH}, {BATCH} per device over 1 "
+      r"device\), or more devices, over which the batch is split\.$")):
+    run.run_train(tiny_config(), str(tmp_path / "w"))
+
+
 def test_a_workdir_of_another_genotype_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(run.loaders, "load_train_streams", _no_data)
   (tmp_path / run.GENOTYPE_FILE).write_text(str(get_genotype("PC_DARTS")) + "\n")

@@ -655,6 +655,20 @@ class BilevelSearch:
       return self.neighbor_chunk
     return self.neighbor_chunk or 1
 
+  def memory_options(self) -> list[str]:
+    """The config changes that shrink this search's step, for the out-of-memory error
+    (`nanas_jax.loop.memory_hint`): the neighbors one at a time where several are
+    vmapped at once (the same search; at the reference size compiled for a TPU v5e chip,
+    NA-DARTS K=4 needs 43.19 GB with its neighbors in one pass and 14.51 GB one at a
+    time, DARTS 14.45 GB), then bfloat16 compute."""
+    options = []
+    k = self.neighborhood.size
+    at_once = min(self.vmap_chunk() or k, k)
+    if at_once > 1 and (self.vmap_neighbors or self._map_large_batches):
+      options.append(f"config.search.neighbors.chunk=1 (the neighborhood's {k} gradients one "
+                     f"after another rather than {at_once} at a time: the same search)")
+    return options + dtype_memory_options(self.config)
+
   def _architecture_weights(self, alpha, key):
     return objective.architecture_weights(self.space, self.neighborhood, alpha, key)
 
@@ -988,6 +1002,14 @@ def check_compute_dtype(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.dtype = {dtype!r} is invalid: expected one of "
                      f"{COMPUTE_DTYPES}: the dtype the supernet computes in (parameters, "
                      "alpha and BatchNorm statistics stay float32).")
+
+
+def dtype_memory_options(config: ml_collections.ConfigDict) -> list[str]:
+  """bfloat16 compute, where a search computes in float32 (`memory_options`)."""
+  if config.get("dtype", "float32") != "float32":
+    return []
+  return ["config.search.dtype='bfloat16' (activations in bfloat16; parameters, alpha and "
+          "BatchNorm statistics stay float32)"]
 
 
 def check_gpu_autotune(config: ml_collections.ConfigDict) -> None:

@@ -231,7 +231,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       steps_per_epoch=steps_per_epoch, epochs=epochs, end_of_epoch=end_of_epoch,
       finite_keys=("loss",),
       hint="Lower config.train.optim.lr (or config.train.optim.grad_clip) and rerun: the "
-           "run resumes from that checkpoint.")
+           "run resumes from that checkpoint.",
+      memory_hint=loop.memory_hint((), batch, mesh.devices.size))
   parallel.assert_replicas_agree(result.state.params, "the trained weights")
   extra = result.extra
   final = extra["evaluations"][-1]
