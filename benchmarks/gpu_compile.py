@@ -23,10 +23,11 @@ download, 700 MB installed), which ``--install`` puts into ``--tpu_dir`` (defaul
 ``.tpu-aot/``). XLA's TPU compiler estimates the cycles of each instruction it
 schedules; a TPU row adds their sum over one step (``estimated_cycles``, each program's
 too) and, for a chip whose clock `CLOCK_GHZ` knows, the time that is at that clock
-(``estimated_ms``): XLA's cost model, not a measurement. Its ``launches``, ``kernels``
-and bytes are counted as for a GPU (a TPU runs the program's instructions one after the
-other, without launches); ``traffic_ms`` and the library calls are a GPU's and are left
-out.
+(``estimated_ms``): XLA's cost model, not a measurement. The instructions it gave no
+estimate, which the sum leaves out, are counted by opcode (``unestimated``). Its
+``launches``, ``kernels`` and bytes are counted as for a GPU (a TPU runs the program's
+instructions one after the other, without launches); ``traffic_ms`` and the library calls
+are a GPU's and are left out.
 
 Each configuration is compiled in its own subprocess, since XLA aborts the process on an
 internal check failure; a row that failed carries ``error`` (the check's message).
@@ -55,6 +56,7 @@ most time of their own (`search_step.profile_events`: XLA's passes, its code gen
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import datetime
 import functools
@@ -287,7 +289,11 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   The library calls come back too, each as its instruction's text without names and
   with its operands' shapes, so that those of several programs can be told apart
   (`distinct_calls`). A program compiled for a TPU adds ``estimated_cycles``: the sum of
-  XLA's estimates of its instructions' cycles, counted as the launches are."""
+  XLA's estimates of its instructions' cycles, counted as the launches are; and
+  ``unestimated``: how many of its instructions XLA gave no estimate, by opcode, counted
+  the same way (their cycles are not in the sum: some carry no work, such as a
+  reshape that only renames, or the halves of an asynchronous copy that the compiler
+  overlaps with others; some do, such as a ``reduce-window``)."""
   computations, entry, body = {}, None, None
   for line in hlo.splitlines():
     head = _COMPUTATION.match(line)
@@ -309,11 +315,20 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   shapes = {ins["name"]: ins["shape"] for body in computations.values() for ins in body}
   kernels, library_calls = set(), set()
 
-  def launches(name: str) -> tuple[int, int, int]:
-    """Launches, bytes moved and XLA's estimated cycles of one run of computation
-    ``name``."""
-    total = (0, 0, 0)
-    plus = lambda sums, more, times=1: tuple(s + times * m for s, m in zip(sums, more))
+  def plus(sums, more, times=1):
+    """``sums`` and ``times`` x ``more``: the counts, and the instructions without an
+    estimate by opcode."""
+    *numbers, unestimated = sums
+    *more_numbers, more_unestimated = more
+    unestimated = collections.Counter(unestimated)
+    for opcode, count in more_unestimated.items():
+      unestimated[opcode] += times * count
+    return (*(s + times * m for s, m in zip(numbers, more_numbers)), unestimated)
+
+  def launches(name: str) -> tuple[int, int, int, collections.Counter]:
+    """Launches, bytes moved, XLA's estimated cycles and the instructions without an
+    estimate (by opcode) of one run of computation ``name``."""
+    total = (0, 0, 0, collections.Counter())
     for ins in computations[name]:
       opcode, attributes = ins["opcode"], ins["attributes"]
       callee = lambda key: re.search(key + r"=%([\w.\-]+)", attributes).group(1)
@@ -348,12 +363,14 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
         moved += (_fusion_reads(computations[fused.group(1)]) if fused and opcode == "fusion"
                   else sum(_bytes(shapes[o]) for o in ins["operands"]))
         cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
-        total = plus(total, (1, moved, int(cycles.group(1)) if cycles else 0))
+        total = plus(total, (1, moved, int(cycles.group(1)) if cycles else 0,
+                             collections.Counter() if cycles else {opcode: 1}))
     return total
 
-  total, moved, cycles = launches(entry)
-  # XLA's TPU compiler estimates each instruction's cycles; its GPU compiler does not.
-  estimated = {"estimated_cycles": cycles} if cycles else {}
+  total, moved, cycles, unestimated = launches(entry)
+  # XLA's TPU compiler estimates most instructions' cycles; its GPU compiler none.
+  estimated = ({"estimated_cycles": cycles, "unestimated": dict(sorted(unestimated.items()))}
+               if cycles else {})
   return ({"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
            "gb_moved": round(moved / 2**30, 3), **estimated}, frozenset(library_calls))
 
@@ -473,6 +490,11 @@ def measure(args) -> dict:
   if args.tpu:
     cycles = sum(p["calls"] * p.get("estimated_cycles", 0) for p in programs)
     row["estimated_cycles"] = cycles
+    unestimated = collections.Counter()
+    for p in programs:
+      for opcode, count in p.get("unestimated", {}).items():
+        unestimated[opcode] += p["calls"] * count
+    row["unestimated"] = dict(sorted(unestimated.items()))
     if chip.device_kind in CLOCK_GHZ:
       row["estimated_ms"] = round(cycles / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
   else:

@@ -478,10 +478,11 @@ def test_side_by_side_compiles_programs_on_side_threads_started_first():
 
 def test_program_counts_sums_a_tpu_programs_estimated_cycles_by_hand():
   """A module written here as XLA's TPU compiler writes one, each instruction with its
-  estimated cycles: a fusion (100) before a loop of 3 iterations whose body runs a fusion
-  (10) and a copy (5), and a conditional of two branches (7 and 40 cycles): the step's
-  cycles are 100 + 3 * (10 + 5) + 40, the largest branch counted; a GPU's module (no
-  estimates) has no such count."""
+  estimated cycles but one: a fusion (100) before a loop of 3 iterations whose body runs
+  a fusion (10), a copy (5) and a reduce-window without an estimate, and a conditional of
+  two branches (7 and 40 cycles): the step's cycles are 100 + 3 * (10 + 5) + 40, the
+  largest branch counted, and the reduce-window is counted as unestimated 3 times; a
+  GPU's module (no estimates) has no such counts."""
   cfg = lambda n: f'backend_config={{"flag_configs":[],"estimated_cycles":"{n}"}}'
   hlo = textwrap.dedent(f"""\
       HloModule tpu_like
@@ -494,7 +495,15 @@ def test_program_counts_sums_a_tpu_programs_estimated_cycles_by_hand():
       %body (t: f32[8]) -> f32[8] {{
         %t = f32[8]{{0}} parameter(0)
         %f = f32[8]{{0}} fusion(%t), kind=kLoop, calls=%fused, {cfg(10)}
-        ROOT %k = f32[8]{{0}} copy(%f), {cfg(5)}
+        %k = f32[8]{{0}} copy(%f), {cfg(5)}
+        %z = f32[] constant(0)
+        ROOT %m = f32[8]{{0}} reduce-window(%k, %z), window={{size=3 pad=1_1}}, to_apply=%max
+      }}
+
+      %max (l: f32[], r: f32[]) -> f32[] {{
+        %l = f32[] parameter(0)
+        %r = f32[] parameter(1)
+        ROOT %y = f32[] maximum(%l, %r)
       }}
 
       %cond (u: f32[8]) -> pred[] {{
@@ -523,9 +532,10 @@ backend_config={{"known_trip_count":{{"n":"3"}}}}
       """)
   counts, _ = bench.program_counts(hlo)
   assert counts["estimated_cycles"] == 100 + 3 * (10 + 5) + 40
-  assert counts["launches"] == 1 + 3 * 2 + 1
+  assert counts["unestimated"] == {"reduce-window": 3}
+  assert counts["launches"] == 1 + 3 * 3 + 1
   without = re.sub(r', backend_config=\{"flag_configs":\[\],"estimated_cycles":"\d+"\}', "", hlo)
-  assert "estimated_cycles" not in bench.program_counts(without)[0]
+  assert not {"estimated_cycles", "unestimated"} & set(bench.program_counts(without)[0])
 
 
 def test_the_v5e_clock_is_its_published_peak_over_its_mxus():
@@ -594,6 +604,9 @@ def test_the_search_step_compiles_for_a_tpu_v5e_chip(tmp_path):
   assert row["depthwise_impl"] == "conv_each"  # What 'auto' picks on a TPU.
   assert row["estimated_cycles"] == sum(p["calls"] * p.get("estimated_cycles", 0)
                                         for p in row["programs"]) > 0
+  # The average pools' sums: reduce-windows, which XLA's TPU compiler does not estimate.
+  assert row["unestimated"]["reduce-window"] == sum(
+      p["calls"] * p["unestimated"].get("reduce-window", 0) for p in row["programs"]) > 0
   assert row["estimated_ms"] == round(
       row["estimated_cycles"] / bench.CLOCK_GHZ["TPU v5 lite"] / 1e6, 2)
   gradients = [p for p in row["programs"] if p["name"].startswith("supernet_value_and")]

@@ -575,14 +575,25 @@ def _max_pool_3x3_bwd(stride, x, g):
   # every pooled output: keeping it measured within noise of this (a cell's two inputs,
   # forward and backward: 28-32 ms against 28-35 ms).
   windows, windows_vjp = jax.vjp(lambda x: _max_pool_windows(x, stride), x)
-  y = functools.reduce(jnp.maximum, windows)
-  taken = jnp.zeros(y.shape, bool)
-  grads = []
-  for window in windows:
-    first = (window == y) & ~taken
-    taken = taken | first
-    grads.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-  return windows_vjp(grads)
+  first = _first_maximum(windows)
+  zero = jnp.zeros((), g.dtype)
+  return windows_vjp([jnp.where(first == t, g, zero) for t in range(len(windows))])
+
+
+def _first_maximum(windows: list[jax.Array]) -> jax.Array:
+  """For each output, the index of the first window (row-major) that holds its maximum: a
+  running maximum that only a strictly greater window takes over. One comparison, a
+  maximum and a select a window, where marking the windows equal to the maximum and not
+  yet taken (a comparison and three boolean operations a window, chained) cost a TPU
+  v5e 2.6x the pooling's forward and backward, and 15 % of the reference-size DARTS
+  step, by XLA's estimate; a CPU's step is the same either way, bit for bit
+  (`benchmarks/README.md`, "Max pooling's gradient by the first maximum's index")."""
+  best, first = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
+  for t, window in enumerate(windows[1:], 1):
+    greater = window > best
+    best = jnp.maximum(best, window)
+    first = jnp.where(greater, jnp.int8(t), first)
+  return first
 
 
 max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
