@@ -46,11 +46,14 @@ def test_random_search_on_a_config_without_its_block_names_the_config_to_use(tmp
   assert not (tmp_path / "w").exists()
 
 
+# A program whose output (4 TiB) XLA cannot allocate: XLA's own out-of-memory error.
+too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
+
+
 def test_a_step_out_of_memory_names_the_config_changes_that_shrink_it(tmp_path, monkeypatch):
   """XLA's own out-of-memory error (an output of 4 TiB) in the first search step becomes a
   MemoryError that names this config's options: NA-DARTS's vmapped neighbors one at a
   time, bfloat16, the batch."""
-  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
   monkeypatch.setattr(BilevelSearch, "jit_step",
                       lambda self: lambda state, *batches: too_big(1.0))
   config = quickstart.get_config()
@@ -74,7 +77,6 @@ def test_a_step_out_of_memory_names_the_config_changes_that_shrink_it(tmp_path, 
 
 def test_weight_sharing_out_of_memory_names_its_options(tmp_path, monkeypatch):
   """Random search's supernet training: bfloat16 and the batch (no neighbors to chunk)."""
-  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2**40,)))
   monkeypatch.setattr(WeightSharingTrainer, "step", lambda self, *args, **kwargs: too_big(1.0))
   config = rs_quickstart.get_config()
   with pytest.raises(MemoryError, match=(
