@@ -127,6 +127,71 @@ def test_accelerator_kernels_are_the_conv_and_taps_fused_depthwise_convs():
     F.accelerator_kernels("dense")
 
 
+# XLA's TPU estimate of one search cell's gradient (DARTS, v5e chip, float32, ms) with
+# each axis pinned minor, at the 9 shapes measured (batch, width, channels);
+# benchmarks/README.md, "A TPU layout for the search cells".
+MEASURED_CELL_MS = {
+    (64, 32, 16): {"batch": 46.880, "width": 82.456, "channels": 150.265},
+    (64, 16, 32): {"batch": 20.133, "width": 68.442, "channels": 38.196},
+    (64, 8, 64): {"batch": 9.951, "width": 63.142, "channels": 9.694},
+    (16, 32, 8): {"batch": 18.101, "width": 10.304, "channels": 33.493},
+    (16, 16, 16): {"batch": 9.809, "width": 10.060, "channels": 9.712},
+    (16, 8, 32): {"batch": 3.823, "width": 7.215, "channels": 2.401},
+    (64, 8, 8): {"batch": 1.766, "width": 7.001},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MEASURED_CELL_MS))
+def test_tpu_lane_axis_is_the_fastest_measured_within_3_percent(shape):
+  times = MEASURED_CELL_MS[shape]
+  assert times[F.tpu_lane_axis(*shape)] <= 1.03 * min(times.values())
+
+
+def test_tpu_lane_axis_pads_least_ties_to_the_channels_then_the_batch():
+  # Padding to 128 lanes: 200 rows pad to 256 (1.28x), 96 channels to 128 (1.33x).
+  assert F.tpu_lane_axis(200, 32, 96) == "batch"
+  assert F.tpu_lane_axis(64, 32, 96) == "channels"
+  assert F.tpu_lane_axis(8, 32, 16) == "width"
+  assert F.tpu_lane_axis(256, 128, 128) == "channels"
+  assert F.tpu_lane_axis(256, 128, 24) == "batch"
+
+
+def _layout_constraints(fn, *args):
+  """The major-to-minor orders of ``fn``'s layout constraints, in trace order."""
+  return [e.params["layout"].major_to_minor for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+          if e.primitive.name == "layout_constraint"]
+
+
+def test_tpu_layout_pins_the_tpus_implementation_only(monkeypatch):
+  x = jax.random.normal(jax.random.key(0), (3, 64, 32, 32, 16))
+  y = jnp.zeros((128, 8, 8, 64))
+  for impl in ("auto", "scan", "taps", "conv", "taps_fused"):  # 'auto' on this CPU
+    assert F.tpu_layout(x, impl) is x
+  pins = lambda a: _layout_constraints(lambda a: F.tpu_layout(a, "conv_each"), a)
+  # One device: 64 rows a device pad 2x, the width 4x, the channels 8x: the batch minor,
+  # the channels on the sublanes, the lead axis major. Without a lead axis, the same (128
+  # rows against 64 channels).
+  assert pins(x) == [(0, 2, 3, 4, 1)]
+  assert pins(y) == [(1, 2, 3, 0)]
+  # The batch split over 4 devices: 16 rows a device pad 8x, so the width goes minor;
+  # where the channels pad least (64 of them against 32 rows), XLA's own layout is left
+  # alone.
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  assert pins(x) == [(0, 1, 2, 4, 3)]
+  assert pins(y) == []
+
+
+def test_tpu_layout_keeps_values_and_gradients():
+  """Pinned, an array and its cotangent keep their values, under jit, grad and vmap."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+  f = lambda x: jnp.sin(F.tpu_layout(jnp.cos(x), "conv_each"))
+  np.testing.assert_array_equal(jax.jit(f)(x), jnp.sin(jnp.cos(x)))
+  np.testing.assert_allclose(jax.jit(jax.grad(lambda x: f(x).sum()))(x),
+                             -jnp.cos(jnp.cos(x)) * jnp.sin(x), rtol=1e-6)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(f))(x), jnp.sin(jnp.cos(x)))
+  np.testing.assert_array_equal(f(x), jnp.sin(jnp.cos(x)))  # eager
+
+
 def test_output_size_matches_pytorch_rule():
   for size, stride in itertools.product(range(1, 12), (1, 2)):
     for k, d in DW_CONFIGS:
@@ -335,12 +400,30 @@ def test_pools_match_numpy(stride, size):
   x = _rand(rng, 2, 3, *size, 4)  # a leading edge axis
   np.testing.assert_allclose(F.max_pool_3x3(jnp.asarray(x), stride),
                              np_pool(x, stride, "max"), atol=ATOL, rtol=RTOL)
-  np.testing.assert_allclose(F.avg_pool_3x3(jnp.asarray(x), stride),
-                             np_pool(x, stride, "avg"), atol=ATOL, rtol=RTOL)
+  for windows in (False, True):
+    np.testing.assert_allclose(F.avg_pool_3x3(jnp.asarray(x), stride, windows),
+                               np_pool(x, stride, "avg"), atol=ATOL, rtol=RTOL)
   # Padding never wins the max, even when every real pixel is negative.
   neg = -np.abs(x) - 1.0
   np.testing.assert_allclose(F.max_pool_3x3(jnp.asarray(neg[0]), stride),
                              np_pool(neg[0], stride, "max"), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_avg_pool_as_windows_has_reduce_windows_gradient_in_float64(stride, size):
+  """The TPU's average pool (the sum of its 9 windows, no ``reduce_window`` traced) and
+  its gradient are the ``reduce_window`` pool's, to float64 rounding."""
+  with jax.enable_x64():
+    x = jax.random.normal(jax.random.key(stride), (2, 3, *size, 4), jnp.float64)
+    g = jax.random.normal(jax.random.key(7), F.avg_pool_3x3(x, stride).shape, jnp.float64)
+    outs, grads = zip(*[jax.vjp(lambda x, w=w: F.avg_pool_3x3(x, stride, w), x)
+                        for w in (False, True)])
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(grads[1](g)[0], grads[0](g)[0], rtol=1e-13, atol=1e-13)
+    traced = {e.primitive.name for e in all_eqns(
+        jax.make_jaxpr(jax.vjp(lambda x: F.avg_pool_3x3(x, stride, True), x)[1])(g).jaxpr)}
+    assert not any(name.startswith("reduce_window") for name in traced)
 
 
 def np_max_pool_grad(x, g, stride):

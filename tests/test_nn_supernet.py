@@ -180,6 +180,9 @@ ORACLE_CASES = [
     # 'taps_fused', the accelerators' taps.
     ("ALL_OPS", True, False, "taps_fused"),
     ("random6", False, True, "taps_fused"),
+    # 'conv_each', the TPU's: layouts pinned for a TPU, the average pools as windows.
+    ("ALL_OPS", False, False, "conv_each"),
+    ("ALL_OPS", True, True, "conv_each"),
 ]
 
 
@@ -470,13 +473,13 @@ def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
 
 
 @pytest.mark.parametrize("impl, inner", [("taps", "auto"), ("taps", "unroll"), ("conv", "auto"),
-                                         ("conv", "scan"), ("taps_fused", "auto")])
+                                         ("conv", "scan"), ("taps_fused", "auto"),
+                                         ("conv_each", "auto")])
 def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
-  """A cell with 'taps', 'conv' or 'taps_fused' depthwise convs and its inner nodes
-  unrolled (no loop in its program) or in a loop (asked for, or 'auto' with 'taps' at
-  this size) against the same
-  cell with 'scan' (inner nodes in a `lax.scan` with padded slots): at soft architecture
-  weights, outputs
+  """A cell with 'taps', 'conv', 'taps_fused' or 'conv_each' depthwise convs and its inner
+  nodes unrolled (no loop in its program) or in a loop (asked for, or 'auto' with 'taps'
+  at this size) against the same cell with 'scan' (inner nodes in a `lax.scan` with
+  padded slots): at soft architecture weights, outputs
   and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
   rng = np.random.default_rng(21)
@@ -490,8 +493,11 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   looped = supernet.resolve_inner_impl(inner, impl, math.prod(s1.shape[:3])) == "scan"
   assert looped == (inner == "scan" or impl == "taps" and inner == "auto")
   assert (" scan[" in program) == looped
-  # The accelerators' cell reduces its BatchNorm statistics in one pass.
+  # The accelerators' cell reduces its BatchNorm statistics in one pass; the TPU's pins its
+  # edges' layouts (`F.tpu_layout`) and sums its average pools as windows.
   assert ("_batch_norm_stats_bwd" in program) == F.accelerator_kernels(impl)
+  assert ("layout_constraint" in program) == F.tpu_kernels(impl)
+  assert ("reduce_window_sum" in program) != F.tpu_kernels(impl)
   trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
              for i, cell in cells.items()}
   np.testing.assert_allclose(trained[impl][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
@@ -547,3 +553,20 @@ def test_the_network_picks_one_depthwise_implementation_from_its_input_batch():
       jax.eval_shape(lambda v, x: model.apply(v, x, arch, train=False), variables, images)
     want = want if jax.default_backend() == "cpu" else ("conv", "unroll")
     assert seen == [want] * 3, (batch, seen)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tpu_layout_pins_the_stride_1_edges_only(stride):
+  """With the TPU's depthwise convolutions, a group of edges pins its input and output
+  layouts (`F.tpu_layout`: here the batch minor, 128 rows against 8 columns and 4
+  channels) at stride 1, and pins nothing at stride 2, where XLA's TPU compiler failed a
+  check compiling NA-DARTS's vmapped neighbors with the reduction cells' edges pinned."""
+  edges = supernet.MixedEdges(4, 4, stride, "conv_each", sources=(0, 1) * 2)
+  xs = jnp.zeros((2, 128, 8, 8, 4))
+  weights = jnp.full((4, NUM_OPS), 1 / NUM_OPS)
+  variables = edges.init(jax.random.key(0), xs, weights, True)
+  jaxpr = jax.make_jaxpr(lambda v: edges.apply(v, xs, weights, True,
+                                               mutable=["batch_stats"]))(variables)
+  pins = [e.params["layout"].major_to_minor for e in all_eqns(jaxpr.jaxpr)
+          if e.primitive.name == "layout_constraint"]
+  assert pins == ([(0, 2, 3, 4, 1)] * 2 if stride == 1 else [])

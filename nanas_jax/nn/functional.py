@@ -36,6 +36,9 @@ rounding):
 the step's arithmetic pays for the longer compile (a batch of at least `TAPS_MIN_PIXELS`
 input pixels, batch x height x width: the digits quick starts and CIFAR-sized searches),
 else ``'scan'`` (the tests' small batches, where compile time dominates).
+
+With the TPU's implementation, `tpu_layout` pins a search cell's activations to the layout
+that pads least on a TPU's 128-lane vector registers.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import layout
 
 DEPTHWISE_IMPLS = ("auto", "taps", "scan", "conv", "conv_each", "taps_fused")
 # The implementations built for accelerators (`accelerator_kernels`).
@@ -98,6 +102,64 @@ def accelerator_kernels(impl: str) -> bool:
   TPU on a CPU host (`benchmarks/gpu_compile.py`, which asks for one of these) is the
   step the accelerator runs."""
   return resolve_depthwise_impl(impl) in ACCELERATOR_IMPLS
+
+
+def tpu_kernels(impl: str) -> bool:
+  """Whether the depthwise implementation ``impl`` is the TPU's (``'conv_each'``, what
+  ``'auto'`` picks on a TPU): where the supernet lays its cells out for a TPU
+  (`tpu_layout`) and sums its average pools as windows (`avg_pool_3x3`)."""
+  return resolve_depthwise_impl(impl) == "conv_each"
+
+
+# XLA's TPU layouts tile an array's two minor axes by (8, 128): the minor axis fills the
+# 128 lanes of a vector register, padded up to a multiple of 128 (`tpu_lane_axis`).
+TPU_LANES = 128
+# The axes of ``x[*lead, B, H, W, C]`` that may go on a TPU's lanes, in order of preference
+# where they pad alike: the channels first (XLA's own choice for most of a cell).
+TPU_LANE_AXES = ("channels", "batch", "width")
+
+
+def tpu_lane_axis(batch: int, width: int, channels: int) -> str:
+  """The axis of an NHWC activation, with ``batch`` rows on each TPU chip, that pads least
+  when it is the minor one, on the 128 lanes: ``'channels'``, ``'batch'`` or ``'width'``
+  (ties in `TPU_LANE_AXES`'s order).
+
+  Left to itself, XLA's TPU compiler lays most of a search cell out with the channels
+  minor: at C = 16 every vector register holds 16 lanes of 128, and the element-wise
+  work, most of the step, is 8x what it needs. By its own estimate of one cell's gradient
+  (DARTS, v5e), the axis picked here was the fastest of the three, or within 3 % of it,
+  at each of the 9 cell shapes measured: at the reference size's first cells (64 images,
+  32x32, C = 16) batch-minor 46.9 ms against 120.4 ms as XLA lays it out (width-minor
+  82.5, channels-minor 150.3); at 16 images, 32x32, C = 8 width-minor 10.3 ms against
+  26.0 (`benchmarks/README.md`, "A TPU layout for the search cells")."""
+  padding = {"batch": batch, "width": width, "channels": channels}
+  padding = {axis: -(-n // TPU_LANES) * TPU_LANES / n for axis, n in padding.items()}
+  return min(TPU_LANE_AXES, key=lambda axis: padding[axis])
+
+
+def tpu_layout(x: jax.Array, impl: str) -> jax.Array:
+  """``x[*lead, B, H, W, C]`` with its layout pinned for XLA's TPU compiler where
+  ``impl``, a depthwise implementation, resolves to the TPU's (``'conv_each'``) and the
+  batch or the width pads less than the channels on the lanes; else ``x`` itself. The
+  same values: only how they lie in memory changes.
+
+  The lead axes stay major; the minor axis, on the lanes, is `tpu_lane_axis`'s for the
+  batch on each device (``B`` over the devices of the data mesh, which holds every
+  device), and the channels go on the 8 sublanes. A gradient's cotangent takes the same
+  layout (``with_layout_constraint`` is linear). Where the channels pad least, XLA's own
+  layout, mostly channels-minor already, is left alone: pinned channels-minor, the cells
+  measured gained at most 6 %."""
+  if not tpu_kernels(impl):
+    return x
+  lead = tuple(range(x.ndim - 4))
+  b, h, w, c = (len(lead) + i for i in range(4))
+  batch = x.shape[b]
+  per_device = batch // jax.device_count() if batch % jax.device_count() == 0 else batch
+  lanes = tpu_lane_axis(per_device, x.shape[w], x.shape[c])
+  if lanes == "channels":
+    return x
+  minor = (h, w, c, b) if lanes == "batch" else (b, h, c, w)
+  return layout.with_layout_constraint(x, layout.Layout(lead + minor))
 
 
 def output_size(size: int, stride: int) -> int:
@@ -600,13 +662,27 @@ def _first_maximum(windows: list[jax.Array]) -> jax.Array:
 max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
 
 
-def avg_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
-  """3x3 average pooling, padding 1, ``count_include_pad=False`` (the DARTS op)."""
+def avg_pool_3x3(x: jax.Array, stride: int, windows: bool = False) -> jax.Array:
+  """3x3 average pooling, padding 1, ``count_include_pad=False`` (the DARTS op).
+
+  A ``reduce_window`` sum, or with ``windows`` the sum of the 9 strided windows (as
+  `max_pool_3x3`'s), for a TPU: element-wise work, whose cost XLA's TPU compiler
+  estimates, where it gives a ``reduce_window`` no estimate (the search step's estimate
+  left the average pools out)."""
+  h, w = x.shape[-3:-1]
+  if windows:
+    xp, geometry = _padded_with_geometry(x, 3, 1, stride)
+    total = functools.reduce(jnp.add, _tap_windows(xp, 3, geometry))
+    # Each output's count of real (unpadded) pixels: its rows' count times its columns'.
+    counts = [np.minimum(np.arange(0, n, stride) + 1, n - 1) -
+              np.maximum(np.arange(0, n, stride) - 1, 0) + 1 for n in (h, w)]
+    inverse = 1.0 / (counts[0][:, None] * counts[1][None, :])
+    return total * jnp.asarray(inverse[:, :, None], total.dtype)
   window = (1,) * (x.ndim - 3) + (3, 3, 1)
   strides = (1,) * (x.ndim - 3) + (stride, stride, 1)
   pads = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
   total = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
-  ones = jnp.ones((1,) * (x.ndim - 3) + x.shape[-3:-1] + (1,), x.dtype)
+  ones = jnp.ones((1,) * (x.ndim - 3) + (h, w, 1), x.dtype)
   count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
   return total / count
 

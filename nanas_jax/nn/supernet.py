@@ -129,6 +129,13 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   ``(s0, s1) * 4``), so, in training, are the normalised pools and the skip connection.
   """
   new_stats = {}
+  # On a TPU the stride-1 edges' inputs and outputs, and so (by XLA's propagation) most
+  # arrays between, lie with the axis that pads least on the lanes (`F.tpu_layout`). Not
+  # the reduction cells' stride-2 edges: pinned, NA-DARTS's vmapped neighbors stopped XLA's
+  # TPU compiler (libtpu 0.0.42.1) with a failed check on a stride-2 window
+  # ("TransformWindow: Loop will not make progress").
+  pin = (lambda x: F.tpu_layout(x, dw_impl)) if stride == 1 else (lambda x: x)
+  xs = pin(xs)
   # BatchNorm statistics in one pass with the accelerators' kernels (`F.batch_norm_stats`).
   one_pass = F.accelerator_kernels(dw_impl)
   # Edges that read their inputs in turn share the normalised pools (in training, where
@@ -143,7 +150,8 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
                                     shared_output=tiled and shared is not None)
     return y
 
-  pools = jnp.stack([F.max_pool_3x3(xs, stride), F.avg_pool_3x3(xs, stride)], axis=1)
+  pools = jnp.stack([F.max_pool_3x3(xs, stride),
+                     F.avg_pool_3x3(xs, stride, windows=F.tpu_kernels(dw_impl))], axis=1)
   pools = bn("pool_bn", pools, 2, shared=sources)
   distinct = xs
   if sources is not None:
@@ -164,7 +172,7 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
   out = F.mixed_sum(weights[:, _MIXED], (pools[:, 0], pools[:, 1], skip, stage1[:, 2],
                                          stage1[:, 3], stage2[:, 0], stage2[:, 1]))
-  return out, new_stats
+  return pin(out), new_stats
 
 
 class _EdgeGroup(nn.Module):
