@@ -659,8 +659,8 @@ class BilevelSearch:
     """The config changes that shrink this search's step, for the out-of-memory error
     (`nanas_jax.loop.memory_hint`): the neighbors one at a time where several are
     vmapped at once (the same search; at the reference size compiled for a TPU v5e chip,
-    NA-DARTS K=4 needs 43.19 GB with its neighbors in one pass and 14.39 GB one at a
-    time, DARTS 14.61 GB), then bfloat16 compute."""
+    NA-DARTS K=4 needs 15.30 GB of its 15.75 with its neighbors in one pass and 8.88 GB
+    one at a time, as DARTS does), then bfloat16 compute."""
     options = []
     k = self.neighborhood.size
     at_once = min(self.vmap_chunk() or k, k)
