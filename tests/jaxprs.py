@@ -17,3 +17,10 @@ def all_eqns(jaxpr) -> Iterator[jax_core.JaxprEqn]:
           yield from all_eqns(sub.jaxpr)
         elif isinstance(sub, jax_core.Jaxpr):
           yield from all_eqns(sub)
+
+
+def layout_constraints(jaxpr) -> list[tuple[int, ...]]:
+  """The major-to-minor orders of ``jaxpr``'s layout constraints (``with_layout_constraint``),
+  in trace order."""
+  return [e.params["layout"].major_to_minor for e in all_eqns(jaxpr)
+          if e.primitive.name == "layout_constraint"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nanas_jax.nn import functional as F
-from jaxprs import all_eqns
+from jaxprs import all_eqns, layout_constraints
 
 # float32 results against float64 oracles.
 ATOL = 1e-5
@@ -128,7 +128,7 @@ def test_accelerator_kernels_are_the_conv_and_taps_fused_depthwise_convs():
 
 
 # XLA's TPU estimate of one search cell's gradient (DARTS, v5e chip, float32, ms) with
-# each axis pinned minor, at the 9 shapes measured (batch, width, channels);
+# each axis pinned minor, at the 7 shapes measured (batch, width, channels);
 # benchmarks/README.md, "A TPU layout for the search cells".
 MEASURED_CELL_MS = {
     (64, 32, 16): {"batch": 46.880, "width": 82.456, "channels": 150.265},
@@ -156,18 +156,13 @@ def test_tpu_lane_axis_pads_least_ties_to_the_channels_then_the_batch():
   assert F.tpu_lane_axis(256, 128, 24) == "batch"
 
 
-def _layout_constraints(fn, *args):
-  """The major-to-minor orders of ``fn``'s layout constraints, in trace order."""
-  return [e.params["layout"].major_to_minor for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-          if e.primitive.name == "layout_constraint"]
-
-
 def test_tpu_layout_pins_the_tpus_implementation_only(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (3, 64, 32, 32, 16))
   y = jnp.zeros((128, 8, 8, 64))
   for impl in ("auto", "scan", "taps", "conv", "taps_fused"):  # 'auto' on this CPU
     assert F.tpu_layout(x, impl) is x
-  pins = lambda a: _layout_constraints(lambda a: F.tpu_layout(a, "conv_each"), a)
+  pins = lambda a: layout_constraints(
+      jax.make_jaxpr(lambda a: F.tpu_layout(a, "conv_each"))(a).jaxpr)
   # One device: 64 rows a device pad 2x, the width 4x, the channels 8x: the batch minor,
   # the channels on the sublanes, the lead axis major. Without a lead axis, the same (128
   # rows against 64 channels).

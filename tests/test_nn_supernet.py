@@ -25,7 +25,7 @@ import pytest
 from nanas_jax.nn import functional as F
 from nanas_jax.nn import nb201_supernet, networks, supernet
 from nanas_jax.spaces import Genotype, get_genotype, get_space
-from jaxprs import all_eqns
+from jaxprs import all_eqns, layout_constraints
 from supernet_weights import discrete_cell_params, edge_location, pool_batch_norm
 
 EPS = 1e-5
@@ -567,6 +567,4 @@ def test_tpu_layout_pins_the_stride_1_edges_only(stride):
   variables = edges.init(jax.random.key(0), xs, weights, True)
   jaxpr = jax.make_jaxpr(lambda v: edges.apply(v, xs, weights, True,
                                                mutable=["batch_stats"]))(variables)
-  pins = [e.params["layout"].major_to_minor for e in all_eqns(jaxpr.jaxpr)
-          if e.primitive.name == "layout_constraint"]
-  assert pins == ([(0, 2, 3, 4, 1)] * 2 if stride == 1 else [])
+  assert layout_constraints(jaxpr.jaxpr) == ([(0, 2, 3, 4, 1)] * 2 if stride == 1 else [])

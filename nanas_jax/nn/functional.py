@@ -128,7 +128,7 @@ def tpu_lane_axis(batch: int, width: int, channels: int) -> str:
   minor: at C = 16 every vector register holds 16 lanes of 128, and the element-wise
   work, most of the step, is 8x what it needs. By its own estimate of one cell's gradient
   (DARTS, v5e), the axis picked here was the fastest of the three, or within 3 % of it,
-  at each of the 9 cell shapes measured: at the reference size's first cells (64 images,
+  at each of the 7 cell shapes measured: at the reference size's first cells (64 images,
   32x32, C = 16) batch-minor 46.9 ms against 120.4 ms as XLA lays it out (width-minor
   82.5, channels-minor 150.3); at 16 images, 32x32, C = 8 width-minor 10.3 ms against
   26.0 (`benchmarks/README.md`, "A TPU layout for the search cells")."""
@@ -153,8 +153,8 @@ def tpu_layout(x: jax.Array, impl: str) -> jax.Array:
     return x
   lead = tuple(range(x.ndim - 4))
   b, h, w, c = (len(lead) + i for i in range(4))
-  batch = x.shape[b]
-  per_device = batch // jax.device_count() if batch % jax.device_count() == 0 else batch
+  batch, devices = x.shape[b], jax.device_count()
+  per_device = batch // devices if batch % devices == 0 else batch
   lanes = tpu_lane_axis(per_device, x.shape[w], x.shape[c])
   if lanes == "channels":
     return x
