@@ -141,6 +141,8 @@ def get_config():
   # program at the reference size (benchmarks/gpu_compile.py, H200, inner nodes unrolled):
   # K=4 all at once needs 1.37x DARTS's memory and launches 7,256 kernels a step (DARTS
   # 7,124); in pairs 1.0x and 10,263 (the pairs run as a loop). A chunk that does not
-  # divide num compiles a second, remainder-sized pass.
+  # divide num compiles a second, remainder-sized pass. With 'auto', 0 means one at a time
+  # on a CPU and on a TPU: for one v5e chip, XLA's TPU compiler estimates K=4 one at a time
+  # at 940 ms a step in 8.88 GB, against 1,197 ms in 15.30 GB (of 15.75) all at once.
   config.search.neighbors.chunk = 0
   return config

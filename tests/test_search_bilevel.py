@@ -165,6 +165,36 @@ def test_memory_options_are_the_changes_that_shrink_this_step(algorithm, neighbo
   assert search.memory_options() == expected
 
 
+def test_auto_vmaps_one_neighbor_a_pass_with_the_tpus_kernels(monkeypatch):
+  """On an accelerator (`bilevel._on_cpu` patched False) ``'auto'`` vmaps the neighbors:
+  all four in one pass with a GPU's kernels, one a pass with the TPU's (a ``lax.map`` of
+  length 4 around a one-neighbor vmap in the traced program), unless a chunk is set;
+  ``'vmap'`` takes chunk 0 as all at once; one neighbor a pass leaves the out-of-memory
+  error no chunk to offer."""
+  monkeypatch.setattr(bilevel, "_on_cpu", lambda: False)
+  (tx, _), (vx, vy) = make_batches()
+
+  def search_for(evaluate, dw_impl, chunk=0):
+    config = make_config("na_darts", num=4, kind="swap", evaluate=evaluate, chunk=chunk)
+    return BilevelSearch(ToyArchModel(dw_impl=dw_impl), SPACE, config, steps_per_epoch=10)
+
+  def map_lengths(search):
+    state = init_state(search, tx)
+    weights = jnp.stack([jax.nn.softmax(state.alpha, -1)] * 4)
+    jaxpr = jax.make_jaxpr(search._vmapped_neighbor_grads_without_params)(
+        state.params, state.batch_stats, weights, vx, vy)
+    return [e.params["length"] for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
+
+  tpu, gpu = search_for("auto", "conv_each"), search_for("auto", "conv")
+  assert tpu.neighbors_vmapped(vx) and gpu.neighbors_vmapped(vx)
+  assert (tpu.vmap_chunk(), gpu.vmap_chunk()) == (1, 0)
+  assert map_lengths(tpu) == [4] and map_lengths(gpu) == []
+  assert search_for("auto", "conv_each", chunk=2).vmap_chunk() == 2
+  assert search_for("vmap", "conv_each").vmap_chunk() == 0
+  assert tpu.memory_options() == [BFLOAT16]
+  assert gpu.memory_options() == [one_pass(4, 4), BFLOAT16]
+
+
 def test_na_split_batch_gives_each_neighbor_its_slice():
   config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="mean")
   search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)

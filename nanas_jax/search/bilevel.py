@@ -12,7 +12,8 @@ under ``jax.vmap`` over the K weight tensors (``evaluate='vmap'``) or as K calls
 compiled supernet gradient (``evaluate='loop'``); both give the same numbers (a test
 checks it). Under vmap the K evaluations' activations are alive together, so
 ``neighbors.chunk`` of them are vmapped at a time and the chunks run one after the other
-(``lax.map``): memory grows with the chunk, not with K. ``neighbors.batch='split'`` (each
+(``lax.map``): memory grows with the chunk, not with K (``'auto'`` takes one at a time on
+a CPU and on a TPU unless a chunk is set, all at once on a GPU). ``neighbors.batch='split'`` (each
 neighbor on its own 1/K slice of the validation batch, the cost of one DARTS architecture
 step) is allowed with the ``mean`` aggregate only: the mean of the slice losses estimates
 the mean neighbor loss over the data, as ``'full'`` does, except that BatchNorm (training
@@ -386,6 +387,13 @@ class BilevelSearch:
     # 'auto' on the CPU's kernels: a `lax.map` of the neighbors from CIFAR-sized batches
     # (`neighbors_vmapped`).
     self._map_large_batches = evaluate == "auto" and not self.vmap_neighbors and not accelerator
+    # 'auto' on the TPU's kernels: one neighbor a vmapped pass unless a chunk says otherwise.
+    # XLA's TPU compiler, for one v5e chip, at the reference size: NA-DARTS K=4 estimated at
+    # 940 ms a step in 8.88 GB that way, against 1,197 ms in 15.30 GB of the chip's 15.75
+    # with the four in one pass (`benchmarks/gpu_compile.py --tpu`; benchmarks/README.md,
+    # "A TPU layout for the search cells").
+    self._one_neighbor_a_pass = evaluate == "auto" and F.tpu_kernels(
+        getattr(model, "dw_impl", "auto"))
     self.fused = fused_compile(config.get("compile", "auto"), accelerator, config.order,
                                self.neighborhood.size, self.warmup_steps)
     # With the accelerators' kernels a step's first call compiles two supernet programs
@@ -649,9 +657,9 @@ class BilevelSearch:
 
   def vmap_chunk(self) -> int:
     """How many neighbors one vmapped pass evaluates (0: all), where they are vmapped
-    (`neighbors_vmapped`): ``neighbors.chunk``, or one where ``'auto'`` maps them on a
-    CPU."""
-    if self.vmap_neighbors:
+    (`neighbors_vmapped`): ``neighbors.chunk``; where it is 0, one where ``'auto'`` maps
+    them on a CPU or vmaps them with the TPU's kernels."""
+    if self.vmap_neighbors and not self._one_neighbor_a_pass:
       return self.neighbor_chunk
     return self.neighbor_chunk or 1
 
@@ -981,7 +989,8 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
     chunk = nb.get("chunk", 0)
     check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
           "neighbors.chunk", chunk, "an integer >= 0: how many neighbors one batched pass "
-          "evaluates with neighbors.evaluate = 'vmap' (0: all of them at once)")
+          "evaluates with neighbors.evaluate = 'vmap' (0: all of them at once; with "
+          "'auto', one at a time on a CPU or a TPU)")
   w, a = config.weights, config.arch
   check(w.lr > 0, "weights.lr", w.lr, "> 0")
   check(0 <= w.lr_min <= w.lr, "weights.lr_min", w.lr_min, "in [0, weights.lr]")
