@@ -225,9 +225,12 @@ class FirstStepTrace:
 def build_search(args, evaluate: str, platform: str | None = None):
   """The quick start's search config with this command line's choices, neighbors
   evaluated as ``evaluate``, and its `BilevelSearch` on the DARTS space compiling for
-  ``platform`` (default: JAX's default backend): ``(config, search)``."""
+  ``platform`` (default: JAX's default backend): ``(config, search)``. ``args.space``
+  (default ``'darts'``) picks the supernet: DARTS's of ``args.layers`` cells, or
+  NAS-Bench-201's of ``args.layers`` cells a stage."""
   from configs import quickstart
   from nanas_jax import spaces
+  from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
   from nanas_jax.nn.supernet import SearchNetwork
   from nanas_jax.search.bilevel import BilevelSearch
 
@@ -244,9 +247,14 @@ def build_search(args, evaluate: str, platform: str | None = None):
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   config.gpu_autotune = args.gpu_autotune
-  model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
-                        dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
-  return config, BilevelSearch(model, spaces.get_space("darts"), config,
+  space = getattr(args, "space", "darts")
+  if space == "nb201":
+    model = SearchNetworkNB201(num_classes=10, channels=args.channels,
+                               cells_per_stage=args.layers, inner_impl=args.inner_impl)
+  else:
+    model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
+                          dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
+  return config, BilevelSearch(model, spaces.get_space(space), config,
                                steps_per_epoch=100, platform=platform)
 
 
@@ -301,7 +309,7 @@ def measure(args) -> dict:
   vmapped = search.neighbors_vmapped(val[0])
   grads_per_step = {"first": k + 1, "second_fd": k + 4, "second_exact": None}[args.order]
   return {
-      "algorithm": args.algorithm, "order": args.order, "neighbors": k,
+      "space": args.space, "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
       "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
       "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
@@ -337,6 +345,9 @@ def main(argv=None):
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", choices=sorted(PRESETS))
+  parser.add_argument("--space", default="darts", choices=["darts", "nb201"],
+                      help="the search space: DARTS's cells (--layers of them) or "
+                      "NAS-Bench-201's (--layers a stage; --depthwise_impl does not apply)")
   parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
   parser.add_argument("--order", default="first",
                       choices=["first", "second_fd", "second_exact"])
@@ -373,7 +384,7 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl",
+            "space", "order", "neighbors", "compile", "evaluate", "dtype", "depthwise_impl",
             "inner_impl", "channels", "layers", "size", "in_channels", "batch", "steps")] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
                     [f"--profile={args.profile}"] if args.profile else []) + (

@@ -77,10 +77,10 @@ def get_config():
   # accelerators' other, without convolutions); or one of them by name
   # (nanas_jax.nn.functional).
   config.model.depthwise_impl = "auto"
-  # A DARTS cell's inner nodes: 'scan' (one loop body: the shortest compile), 'unroll'
-  # (exactly their edges: less work, memory and kernel launches), or 'auto': 'unroll' on
-  # accelerators and for CIFAR-sized batches on a CPU, else 'scan'
-  # (nanas_jax.nn.supernet.resolve_inner_impl).
+  # A cell's inner nodes, in either space: 'scan' (one loop body: the shortest compile),
+  # 'unroll' (exactly their edges: less work, memory and kernel launches), or 'auto':
+  # 'unroll' on accelerators and for CIFAR-sized batches on a CPU, else 'scan'
+  # (resolve_inner_impl in nanas_jax.nn.supernet and nanas_jax.nn.nb201_supernet).
   config.model.inner_impl = "auto"
 
   config.search = ml_collections.ConfigDict()

@@ -61,7 +61,8 @@ def build_supernet(config: ml_collections.ConfigDict, num_classes: int):
   stage."""
   if config.space == "nb201":
     return SearchNetworkNB201(num_classes=num_classes, channels=config.channels,
-                              cells_per_stage=config.layers)
+                              cells_per_stage=config.layers,
+                              inner_impl=config.get("inner_impl", "auto"))
   return SearchNetwork(num_classes=num_classes, channels=config.channels,
                        layers=config.layers, steps=config.steps,
                        multiplier=config.multiplier, stem_multiplier=config.stem_multiplier,

@@ -2,6 +2,7 @@
 benchmarks/device_check.py reads, with its step counts, in a Python that has none of the
 packages the GPU machine lacks (the timings themselves are run by hand, never asserted)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -109,6 +111,24 @@ def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):
   bench.main(["--child", "--preset=reference", "--algorithm=darts", "--channels=4"])
   assert (parsed["channels"], parsed["layers"], parsed["size"], parsed["batch"]) == (
       4, 8, 32, 64)
+
+
+def test_the_nb201_space_builds_its_supernet_and_reaches_the_children(monkeypatch):
+  """``--space=nb201``: NAS-Bench-201's supernet, ``--layers`` cells a stage, on its
+  space; the parent passes the space to each child, which reports it."""
+  from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
+  parsed = {}
+  monkeypatch.setattr(bench, "measure", lambda args: parsed.update(vars(args)) or {})
+  bench.main(["--child", "--space=nb201", "--algorithm=darts", "--layers=2", "--channels=4"])
+  _, search = bench.build_search(argparse.Namespace(**parsed), "auto")
+  assert isinstance(search.model, SearchNetworkNB201) and search.space.name == "nb201"
+  assert (search.model.cells_per_stage, search.model.channels) == (2, 4)
+  children = []
+  monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: children.append(
+      command) or types.SimpleNamespace(returncode=0, stdout='{"space": "nb201"}\n'))
+  bench.main(["--space=nb201", "--algorithm=both"])
+  assert [c[c.index("--child") + 1:][:2] for c in children] == [
+      ["--algorithm=darts", "--space=nb201"], ["--algorithm=na_darts", "--space=nb201"]]
 
 
 def _trace(path, lines):

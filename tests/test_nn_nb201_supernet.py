@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxprs import all_eqns
+from nanas_jax.nn import functional as F
 from nanas_jax.nn import nb201_network as nb
 from nanas_jax.nn import nb201_supernet as ns
 from nanas_jax.spaces import NB201Arch, get_space
@@ -158,6 +160,33 @@ def test_inner_scan_equals_unroll(net):
                got, want)
   inner = got[1]["batch_stats"]["cells_0"]["inner"]
   assert np.all(np.asarray(inner["bn_mean"]) != 0.0)  # every edge's statistics moved
+
+
+def test_inner_impl_auto_unrolls_with_accelerator_convs_and_cifar_sized_batches():
+  """``'auto'`` unrolls where the 3x3 convolutions are the accelerators' (``'vmap'``) or
+  the input batch is CIFAR-sized, and the network built with it traces no loop there and
+  one loop a search cell on digits-sized batches (this CPU's convolutions)."""
+  cifar, digits = F.CIFAR_MIN_PIXELS, F.CIFAR_MIN_PIXELS - 1
+  assert [ns.resolve_inner_impl("auto", conv, pixels)
+          for conv in ("unroll", "im2col", "vmap") for pixels in (digits, None, cifar)] == [
+              "scan", "scan", "unroll", "scan", "scan", "unroll", "unroll", "unroll", "unroll"]
+  for inner in ("scan", "unroll"):
+    assert {ns.resolve_inner_impl(inner, conv, pixels) for conv in ns.CONV_IMPLS
+            for pixels in (digits, cifar)} == {inner}
+  with pytest.raises(ValueError, match="Unknown inner_impl 'loop'"):
+    ns.resolve_inner_impl("loop", "auto")
+
+  model = ns.SearchNetworkNB201(CLASSES, channels=4, cells_per_stage=1)
+  weights = jnp.zeros(ns.WEIGHTS_SHAPE)
+
+  def loops(size):
+    images = jnp.zeros((8, size, size, 3))  # 8 x 32 x 32 = CIFAR_MIN_PIXELS
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, weights, True))
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, weights, train=True,
+                                                 mutable=["batch_stats"]))(variables)
+    return sum(e.primitive.name == "scan" for e in all_eqns(jaxpr.jaxpr))
+
+  assert (loops(32), loops(16)) == (0, 3)
 
 
 @pytest.mark.parametrize("impl", ["vmap", "im2col"])

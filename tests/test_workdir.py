@@ -1,6 +1,6 @@
-"""Tests of nanas_jax.workdir's cell pictures: a picture of the same genotype is copied,
-byte for byte, instead of drawn again; without one (or when it is missing) the genotype
-is drawn, and the drawing is what `viz.plot_arch` draws."""
+"""Tests of nanas_jax.workdir: its search supernets, and its cell pictures (a picture of
+the same genotype is copied, byte for byte, instead of drawn again; without one, or when
+it is missing, the genotype is drawn, and the drawing is what `viz.plot_arch` draws)."""
 
 from nanas_jax import spaces, viz, workdir
 from nanas_jax.spaces import get_genotype
@@ -31,3 +31,15 @@ def test_without_a_picture_to_copy_the_genotype_is_drawn(tmp_path):
   assert (tmp_path / "a.png").read_bytes() == oracle
   assert (tmp_path / "b.png").read_bytes() == oracle
   assert not (tmp_path / "missing.png").exists()
+
+
+def test_the_supernet_of_either_space_takes_the_configs_inner_nodes():
+  """``model.inner_impl`` reaches both spaces' supernets, and a config written before the
+  field existed gets ``'auto'``."""
+  from configs import quickstart
+  config = quickstart.get_config().model
+  for space in ("darts", "nb201"):
+    config.space, config.inner_impl = space, "unroll"
+    assert workdir.build_supernet(config, 10).inner_impl == "unroll"
+  del config.inner_impl
+  assert workdir.build_supernet(config, 10).inner_impl == "auto"
