@@ -512,7 +512,7 @@ def failure(stderr: str) -> str:
 
 
 def main(argv=None):
-  from nanas_jax.nn.functional import ACCELERATOR_IMPLS
+  from nanas_jax.nn.functional import ACCELERATOR_IMPLS, tpu_kernels
   from nanas_jax.nn.supernet import INNER_IMPLS
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -530,7 +530,9 @@ def main(argv=None):
   parser.add_argument("--order", default="first", choices=["first", "second_fd"])
   parser.add_argument("--neighbors", type=int, default=4)
   parser.add_argument("--chunk", type=int, help="neighbors per vmapped pass "
-                      "(config.search.neighbors.chunk; 0: all at once)")
+                      "(config.search.neighbors.chunk; 0: all at once); by default what "
+                      "neighbors.evaluate='auto' takes on the target: one a pass with the "
+                      "TPU's depthwise convolutions, all at once otherwise")
   parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--depthwise_impl", choices=ACCELERATOR_IMPLS,
@@ -552,6 +554,10 @@ def main(argv=None):
     parser.add_argument(f"--{name}", type=int, default=value)
   args = search_step.parse_with_preset(parser, PRESETS, argv)
   args.depthwise_impl = args.depthwise_impl or ("conv_each" if args.tpu else "conv")
+  # The children vmap the neighbors, as 'auto' does on an accelerator (their own backend is
+  # the CPU), with the chunk 'auto' would take there (`BilevelSearch.vmap_chunk`).
+  if args.chunk is None:
+    args.chunk = int(tpu_kernels(args.depthwise_impl))
   if args.install:
     install(args.plugin_dir)
     install_tpu(args.tpu_dir)

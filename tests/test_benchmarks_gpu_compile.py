@@ -446,6 +446,24 @@ def test_the_children_are_given_the_profile_directory(tmp_path, monkeypatch):
       [f"--profile={tmp_path / 'traces'}"]] * 2 + [[]]
 
 
+def test_the_neighbors_per_pass_default_to_what_auto_takes_on_the_target(tmp_path,
+                                                                        monkeypatch):
+  """Without ``--chunk`` the children compile NA-DARTS's neighbors one a pass for a TPU
+  with its depthwise convolutions, as ``neighbors.evaluate='auto'`` does there, and all
+  at once for a GPU or with a GPU's convolutions; a chunk given is passed as given."""
+  (tmp_path / "jax_plugins").mkdir()
+  (tmp_path / "libtpu").mkdir()
+  commands = []
+  monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd) or (
+      subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"compile_s": 1.0}) + "\n")))
+  for extra in (["--tpu=v5e:2x2"], ["--tpu=v5e:2x2", "--depthwise_impl=conv"], [],
+                ["--tpu=v5e:2x2", "--chunk=2"]):
+    bench.main([f"--plugin_dir={tmp_path}", f"--tpu_dir={tmp_path}", "--algorithm=na_darts",
+                *extra])
+  assert [[a for a in cmd if a.startswith("--chunk")] for cmd in commands] == [
+      ["--chunk=1"], ["--chunk=0"], ["--chunk=0"], ["--chunk=2"]]
+
+
 @needs_the_cuda_compiler
 def test_refuses_a_missing_target(tmp_path):
   with pytest.raises(SystemExit, match="GpuTargetConfigProto"):
