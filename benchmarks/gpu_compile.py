@@ -443,7 +443,8 @@ def measure(args) -> dict:
   batch = (jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32),
            jax.ShapeDtypeStruct((args.batch,), jnp.int32))
   k = neighbors_per_step(config)
-  row = {"jax": jax.__version__, "algorithm": args.algorithm, "order": args.order, "neighbors": k,
+  row = {"jax": jax.__version__, "space": args.space, "algorithm": args.algorithm,
+         "order": args.order, "neighbors": k,
          "neighbor_chunk": search.neighbor_chunk if k > 1 else None,
          "channels": args.channels, "layers": args.layers, "size": args.size,
          "batch": args.batch, "dtype": args.dtype, "compile": args.compile,
@@ -526,6 +527,9 @@ def main(argv=None):
                       "(its name, as v5e:2x2) with XLA's TPU compiler, from --tpu_dir")
   parser.add_argument("--tpu_dir", default=DEFAULT_TPU_DIR)
   parser.add_argument("--preset", choices=sorted(PRESETS))
+  parser.add_argument("--space", default="darts", choices=["darts", "nb201"],
+                      help="the search space: DARTS's cells (--layers of them) or "
+                      "NAS-Bench-201's (--layers a stage; --depthwise_impl does not apply)")
   parser.add_argument("--algorithm", choices=["darts", "na_darts", "both"], default="both")
   parser.add_argument("--order", default="first", choices=["first", "second_fd"])
   parser.add_argument("--neighbors", type=int, default=4)
@@ -582,8 +586,8 @@ def main(argv=None):
   for algorithm in algorithms:
     child = [sys.executable, __file__, "--child", f"--algorithm={algorithm}"] + [
         f"--{k}={getattr(args, k)}" for k in (
-            "target", "order", "neighbors", "compile", "dtype", "depthwise_impl", "inner_impl",
-            *PRESETS["tiny"])] + (
+            "target", "space", "order", "neighbors", "compile", "dtype", "depthwise_impl",
+            "inner_impl", *PRESETS["tiny"])] + (
                 [] if args.chunk is None else [f"--chunk={args.chunk}"]) + (
                     [f"--profile={args.profile}"] if args.profile else []) + (
                         ["--gpu_autotune"] if args.gpu_autotune else []) + (
@@ -591,7 +595,8 @@ def main(argv=None):
                                 [] if args.side_by_side else ["--no-side_by_side"])
     out = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
-      row = {"algorithm": algorithm, "order": args.order, "compile": args.compile,
+      row = {"space": args.space, "algorithm": algorithm, "order": args.order,
+             "compile": args.compile,
              "chunk": args.chunk, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
              **{k: getattr(args, k) for k in PRESETS["tiny"]}, "error": failure(out.stderr)}
     else:

@@ -249,8 +249,10 @@ def build_search(args, evaluate: str, platform: str | None = None):
   config.gpu_autotune = args.gpu_autotune
   space = getattr(args, "space", "darts")
   if space == "nb201":
+    # The accelerators' convolutions where the step compiles for one from this host.
     model = SearchNetworkNB201(num_classes=10, channels=args.channels,
-                               cells_per_stage=args.layers, inner_impl=args.inner_impl)
+                               cells_per_stage=args.layers, inner_impl=args.inner_impl,
+                               conv_impl="vmap" if platform in ("gpu", "tpu") else "auto")
   else:
     model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                           dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)

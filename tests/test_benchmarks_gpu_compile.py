@@ -370,9 +370,10 @@ def test_a_dead_childs_row_names_its_configuration(tmp_path, monkeypatch):
               "--preset=reference", f"--output={output}"])
   (row,) = [json.loads(line) for line in output.read_text().splitlines()]
   assert row["target"] == "tpu v5e:2x2" and row["error"] == stderr.strip()
-  assert {k: row[k] for k in ("algorithm", "chunk", "depthwise_impl", "dtype", "batch")} == {
-      "algorithm": "na_darts", "chunk": 0, "depthwise_impl": "conv_each", "dtype": "float32",
-      "batch": 64}
+  assert {k: row[k] for k in ("space", "algorithm", "chunk", "depthwise_impl", "dtype",
+                              "batch")} == {
+      "space": "darts", "algorithm": "na_darts", "chunk": 0, "depthwise_impl": "conv_each",
+      "dtype": "float32", "batch": 64}
 
 
 def test_programs_are_listed_once_however_often_the_step_calls_them():
@@ -462,6 +463,9 @@ def test_the_neighbors_per_pass_default_to_what_auto_takes_on_the_target(tmp_pat
                 *extra])
   assert [[a for a in cmd if a.startswith("--chunk")] for cmd in commands] == [
       ["--chunk=1"], ["--chunk=0"], ["--chunk=0"], ["--chunk=2"]]
+  # The space reaches the children too (NAS-Bench-201's supernet: `search_step.build_search`).
+  bench.main([f"--plugin_dir={tmp_path}", "--space=nb201", "--algorithm=darts"])
+  assert "--space=nb201" in commands[-1] and "--space=darts" in commands[0]
 
 
 @needs_the_cuda_compiler

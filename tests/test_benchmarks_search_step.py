@@ -115,7 +115,7 @@ def test_a_preset_fills_the_sizes_the_command_line_leaves_out(monkeypatch):
 
 def test_the_nb201_space_builds_its_supernet_and_reaches_the_children(monkeypatch):
   """``--space=nb201``: NAS-Bench-201's supernet, ``--layers`` cells a stage, on its
-  space; the parent passes the space to each child, which reports it."""
+  space; the parent passes the space to each child."""
   from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
   parsed = {}
   monkeypatch.setattr(bench, "measure", lambda args: parsed.update(vars(args)) or {})
@@ -123,6 +123,11 @@ def test_the_nb201_space_builds_its_supernet_and_reaches_the_children(monkeypatc
   _, search = bench.build_search(argparse.Namespace(**parsed), "auto")
   assert isinstance(search.model, SearchNetworkNB201) and search.space.name == "nb201"
   assert (search.model.cells_per_stage, search.model.channels) == (2, 4)
+  # Compiled for an accelerator from this host (gpu_compile.py), its convolutions are the
+  # accelerators'; on the host's own backend, what 'auto' picks there.
+  assert search.model.conv_impl == "auto"
+  _, search = bench.build_search(argparse.Namespace(**parsed), "vmap", platform="tpu")
+  assert search.model.conv_impl == "vmap"
   children = []
   monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: children.append(
       command) or types.SimpleNamespace(returncode=0, stdout='{"space": "nb201"}\n'))

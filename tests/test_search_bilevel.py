@@ -195,6 +195,33 @@ def test_auto_vmaps_one_neighbor_a_pass_with_the_tpus_kernels(monkeypatch):
   assert gpu.memory_options() == [one_pass(4, 4), BFLOAT16]
 
 
+def test_a_supernet_without_a_depthwise_implementation_is_judged_by_the_platform(monkeypatch):
+  """NAS-Bench-201's supernet has no depthwise implementation: the search makes its
+  accelerator choices (no fused step, the gradients compiled side by side, one neighbor a
+  pass for a TPU) by the platform it compiles for, as it does for a DARTS supernet with
+  that platform's kernels (the oracle); DARTS's supernet is still judged by its kernels."""
+  monkeypatch.setattr(bilevel, "_on_cpu", lambda: False)  # as on the accelerator itself
+  nb201 = nb201_supernet.SearchNetworkNB201(10, channels=4, cells_per_stage=1)
+  darts = {"cpu": "taps", "gpu": "conv", "tpu": "conv_each"}
+
+  def choices(model, platform):
+    searches = []
+    for algorithm in ("darts", "na_darts"):
+      config = make_config(algorithm, num=4, kind="swap")
+      config.warmup_epochs = 0
+      searches.append(BilevelSearch(model, spaces.get_space("nb201"), config, 10,
+                                    platform=platform))
+    darts_search, na_search = searches
+    return darts_search.fused, na_search._ahead_enabled, na_search.vmap_chunk()
+
+  for platform in ("cpu", "gpu", "tpu"):
+    assert bilevel.supernet_kernels(nb201, platform) == (platform != "cpu", platform == "tpu")
+    assert choices(nb201, platform) == choices(ToyArchModel(dw_impl=darts[platform]), "cpu")
+  assert bilevel.supernet_kernels(ToyArchModel(dw_impl="conv_each"), "gpu") == (True, True)
+  assert choices(nb201, "cpu") == (True, False, 0)
+  assert choices(nb201, "tpu") == (False, True, 1)
+
+
 def test_na_split_batch_gives_each_neighbor_its_slice():
   config = make_config("na_darts", num=2, kind="swap", batch="split", aggregation="mean")
   search = BilevelSearch(ToyArchModel(), SPACE, config, steps_per_epoch=10)

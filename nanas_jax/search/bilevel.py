@@ -312,6 +312,19 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
+def supernet_kernels(model, platform: str) -> tuple[bool, bool]:
+  """Whether ``model``'s kernels are the accelerators', and whether they are the TPU's:
+  where the search makes its choices for an accelerator. A DARTS supernet says so by its
+  depthwise implementation (`F.accelerator_kernels`, `F.tpu_kernels`), so that its step
+  compiled for an accelerator on a CPU host (`benchmarks/gpu_compile.py`) is the
+  accelerator's; a supernet without one (NAS-Bench-201's) by the ``platform`` the step
+  compiles for."""
+  dw_impl = getattr(model, "dw_impl", None)
+  if dw_impl is None:
+    return platform != "cpu", platform == "tpu"
+  return F.accelerator_kernels(dw_impl), F.tpu_kernels(dw_impl)
+
+
 def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
                   warmup_steps: int) -> bool:
   """Whether a step compiles as one program: ``compile='fused'``, or ``'auto'`` for
@@ -359,8 +372,10 @@ class BilevelSearch:
   ``model`` is a supernet whose ``__call__(images, weights, train)`` takes architecture
   weights of shape ``space.alpha_shape``. ``config`` is the ``search`` block of an
   experiment config (see ``configs/quickstart.py``). ``platform``: the backend the step
-  compiles for, which sets XLA's options (`xla_compiler_options`); by default JAX's
-  default backend (`benchmarks/gpu_compile.py` compiles a GPU's step on a CPU).
+  compiles for, which sets XLA's options (`xla_compiler_options`) and, for a supernet
+  without a depthwise implementation, the choices made for accelerators
+  (`supernet_kernels`); by default JAX's default backend (`benchmarks/gpu_compile.py`
+  compiles a GPU's step on a CPU).
   """
 
   def __init__(self, model, space: SearchSpace, config: ml_collections.ConfigDict,
@@ -380,10 +395,11 @@ class BilevelSearch:
     self.vmap_neighbors = evaluate == "vmap" or (evaluate == "auto" and not _on_cpu())
     self.neighbor_chunk = config.neighbors.get("chunk", 0)
     self.compute_dtype = compute_dtype(config)
-    self.compiler_options = xla_compiler_options(config, platform or jax.default_backend())
+    platform = platform or jax.default_backend()
+    self.compiler_options = xla_compiler_options(config, platform)
     self._jit_cache: dict[Any, Callable] = {}
     self._top_level = _TopLevel(self.compiler_options)
-    accelerator = F.accelerator_kernels(getattr(model, "dw_impl", "auto"))
+    accelerator, tpu = supernet_kernels(model, platform)
     # 'auto' on the CPU's kernels: a `lax.map` of the neighbors from CIFAR-sized batches
     # (`neighbors_vmapped`).
     self._map_large_batches = evaluate == "auto" and not self.vmap_neighbors and not accelerator
@@ -392,8 +408,7 @@ class BilevelSearch:
     # 940 ms a step in 8.88 GB that way, against 1,197 ms in 15.30 GB of the chip's 15.75
     # with the four in one pass (`benchmarks/gpu_compile.py --tpu`; benchmarks/README.md,
     # "A TPU layout for the search cells").
-    self._one_neighbor_a_pass = evaluate == "auto" and F.tpu_kernels(
-        getattr(model, "dw_impl", "auto"))
+    self._one_neighbor_a_pass = evaluate == "auto" and tpu
     self.fused = fused_compile(config.get("compile", "auto"), accelerator, config.order,
                                self.neighborhood.size, self.warmup_steps)
     # With the accelerators' kernels a step's first call compiles two supernet programs
