@@ -108,13 +108,13 @@ def resolve_inner_impl(inner_impl: str, conv_impl: str, pixels: int | None = Non
   else in a loop.
 
   Unrolled, a cell computes its 3 inner edges rather than the loop's 4 slots, and XLA
-  schedules both nodes' edges together. The gradient of one cell at 64 images of 32x32,
-  C = 16: on this project's 2-core CPU 0.65 s against 5.6 s looped (the whole supernet,
-  5 cells a stage: 8.6 s against 29.4 s, for 22 s of compile against 10.5 s); compiled
-  for an H200, 0.94 GB moved by 102 kernel launches against 2.51 GB by 200; for a TPU
-  v5e chip, 3.65 ms by XLA's estimate against 6.10 ms, in half the memory. On the digits
-  (64 images of 8x8, C = 8, 5 cells a stage) the loop ran faster on the CPU (242 ms
-  against 285 ms a gradient) and compiled in 10.7 s against 19.4 s
+  schedules both nodes' edges together. DARTS's first-order search step at
+  NAS-Bench-201's setting (64 images of 32x32, C = 16, 5 cells a stage): on this
+  project's 2-core CPU 10.8-11.2 s against 30.1-31.0 s looped, its first step shorter;
+  compiled for an H200, 19.9 GB moved by 2,915 kernel launches against 41.1 GB by 5,097;
+  for a TPU v5e chip, 59.5 ms by XLA's estimate against 109.6 ms, in half the memory. On
+  the digits (64 images of 8x8, C = 8, 5 cells a stage) the loop ran faster on the CPU
+  (242 ms against 285 ms a gradient) and compiled in 10.7 s against 19.4 s
   (`benchmarks/README.md`, "NAS-Bench-201's inner nodes unrolled")."""
   if inner_impl not in INNER_IMPLS:
     raise ValueError(f"Unknown inner_impl {inner_impl!r}; use one of {INNER_IMPLS}")

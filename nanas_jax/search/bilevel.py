@@ -13,12 +13,13 @@ compiled supernet gradient (``evaluate='loop'``); both give the same numbers (a 
 checks it). Under vmap the K evaluations' activations are alive together, so
 ``neighbors.chunk`` of them are vmapped at a time and the chunks run one after the other
 (``lax.map``): memory grows with the chunk, not with K (``'auto'`` takes one at a time on
-a CPU and on a TPU unless a chunk is set, all at once on a GPU). ``neighbors.batch='split'`` (each
-neighbor on its own 1/K slice of the validation batch, the cost of one DARTS architecture
-step) is allowed with the ``mean`` aggregate only: the mean of the slice losses estimates
-the mean neighbor loss over the data, as ``'full'`` does, except that BatchNorm (training
-mode) normalises each neighbor over B/K examples, as DARTS at batch B/K would; with
-``max`` or ``softmax_tau`` the worst "neighbor" would partly be the hardest slice.
+a CPU and on a TPU unless a chunk is set, all at once on a GPU).
+``neighbors.batch='split'`` (each neighbor on its own 1/K slice of the validation batch,
+the cost of one DARTS architecture step) is allowed with the ``mean`` aggregate only: the
+mean of the slice losses estimates the mean neighbor loss over the data, as ``'full'``
+does, except that BatchNorm (training mode) normalises each neighbor over B/K examples, as
+DARTS at batch B/K would; with ``max`` or ``softmax_tau`` the worst "neighbor" would
+partly be the hardest slice.
 
 Orders of the architecture gradient:
 - ``first``: the gradient of the objective at the current weights.
