@@ -224,10 +224,10 @@ class FirstStepTrace:
 
 def build_search(args, evaluate: str, platform: str | None = None):
   """The quick start's search config with this command line's choices, neighbors
-  evaluated as ``evaluate``, and its `BilevelSearch` on the DARTS space compiling for
-  ``platform`` (default: JAX's default backend): ``(config, search)``. ``args.space``
-  (default ``'darts'``) picks the supernet: DARTS's of ``args.layers`` cells, or
-  NAS-Bench-201's of ``args.layers`` cells a stage."""
+  evaluated as ``evaluate``, and its `BilevelSearch` on the space ``args.space`` compiling
+  for ``platform`` (default: JAX's default backend): ``(config, search)``. The supernet
+  is DARTS's of ``args.layers`` cells, or NAS-Bench-201's of ``args.layers`` cells a
+  stage."""
   from configs import quickstart
   from nanas_jax import spaces
   from nanas_jax.nn.nb201_supernet import SearchNetworkNB201
@@ -247,8 +247,7 @@ def build_search(args, evaluate: str, platform: str | None = None):
     config.neighbors.chunk = args.chunk
   config.dtype = args.dtype
   config.gpu_autotune = args.gpu_autotune
-  space = getattr(args, "space", "darts")
-  if space == "nb201":
+  if args.space == "nb201":
     # The accelerators' convolutions where the step compiles for one from this host.
     model = SearchNetworkNB201(num_classes=10, channels=args.channels,
                                cells_per_stage=args.layers, inner_impl=args.inner_impl,
@@ -256,7 +255,7 @@ def build_search(args, evaluate: str, platform: str | None = None):
   else:
     model = SearchNetwork(num_classes=10, channels=args.channels, layers=args.layers,
                           dw_impl=args.depthwise_impl, inner_impl=args.inner_impl)
-  return config, BilevelSearch(model, spaces.get_space(space), config,
+  return config, BilevelSearch(model, spaces.get_space(args.space), config,
                                steps_per_epoch=100, platform=platform)
 
 
