@@ -1,19 +1,32 @@
-"""Times the PyTorch reference DARTS search step (quark0/darts ``cnn/``) on this machine.
+"""Times a PyTorch reference search step (DARTS's or NAS-Bench-201's) on this machine.
+
+DARTS's reference is quark0/darts ``cnn/``; NAS-Bench-201's is D-X-Y/AutoDL-Projects's
+``DARTS-V1``.
 
 The reference code is read from a path given as an argument and never copied here:
 
   python benchmarks/reference_step.py --reference=PATH/TO/darts/cnn --order=first \\
       --batch=64 --channels=16 --layers=8 --size=32 [--steps=3] [--threads=2]
+  python benchmarks/reference_step.py --space=nb201 --reference=PATH/TO/AutoDL-Projects \\
+      --batch=64 --channels=16 --layers=5 --size=32
 
-One step is the reference's ``train_search.train`` body: ``architect.step`` (first order,
-or the unrolled second order by finite differences) on a validation batch, then the weight
-step (SGD lr 0.025, momentum 0.9, weight decay 3e-4, gradient clip 5) on a training batch,
-on random CIFAR-sized data. Prints one JSON row in `search_step.py`'s format with
-``impl = 'pytorch_reference'``: first step (the first call, including cuDNN autotuning on
-a GPU), the median of the next steps, peak memory (GPU: ``max_memory_allocated``; CPU: the
-process's maximum resident set).
+One DARTS step is the reference's ``train_search.train`` body: ``architect.step`` (first
+order, or the unrolled second order by finite differences) on a validation batch, then the
+weight step (SGD lr 0.025, momentum 0.9, weight decay 3e-4, gradient clip 5) on a training
+batch. One NAS-Bench-201 step is the body of AutoDL-Projects's
+``exps/NAS-Bench-201-algos/DARTS-V1.py`` ``search_func``: the weight step (SGD lr 0.025,
+Nesterov momentum 0.9, weight decay 5e-4, gradient clip 5, its ``DARTS.config``) on a
+training batch, then the architecture step (Adam lr 3e-4, betas 0.5 and 0.999, weight
+decay 1e-3) on a validation batch, with its ``TinyNetworkDarts`` of ``--layers`` cells a
+stage (``affine=False``, running statistics tracked: ``DARTS-V1.sh``'s ``BN=1``). Its
+second order (``DARTS-V2.py``) is a script that needs torchvision and the datasets to
+import, so only the first order is timed. Both run on random CIFAR-sized data.
+Prints one JSON row in `search_step.py`'s format with ``impl = 'pytorch_reference'``:
+first step (the first call, including cuDNN autotuning on a GPU), the median of the next
+steps, peak memory (GPU: ``max_memory_allocated``; CPU: the process's maximum resident
+set).
 
-The reference hard-codes ``.cuda()`` and uses PyTorch 0.3's argument orders; on a machine
+quark0/darts hard-codes ``.cuda()`` and uses PyTorch 0.3's argument orders; on a machine
 without a GPU ``.cuda()`` becomes a no-op, and the old ``add_(value, tensor)`` orders are
 translated at run time (`_torch_compat`). Nothing in the reference's computation changes.
 """
@@ -51,13 +64,23 @@ def _torch_compat(torch) -> None:
 
 
 REFERENCE_FILES = ("model_search.py", "architect.py", "operations.py", "genotypes.py")
+# NAS-Bench-201's reference: the folder that holds AutoDL-Projects's package.
+NB201_REFERENCE_FILES = ("xautodl/models/cell_searchs/search_model_darts.py",
+                         "xautodl/models/cell_searchs/search_cells.py",
+                         "xautodl/models/cell_operations.py")
 
 
-def check_reference(path: str) -> str:
-  """The absolute path of quark0/darts's ``cnn/`` directory, or ValueError naming what is
-  missing and how to get it (before torch is imported or anything is timed)."""
-  missing = [name for name in REFERENCE_FILES
-             if not os.path.isfile(os.path.join(path, name))]
+def check_reference(path: str, space: str = "darts") -> str:
+  """The absolute path of the reference for ``space`` (quark0/darts's ``cnn/`` directory,
+  or AutoDL-Projects's root for ``'nb201'``), or ValueError naming what is missing and
+  how to get it (before torch is imported or anything is timed)."""
+  files = NB201_REFERENCE_FILES if space == "nb201" else REFERENCE_FILES
+  missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+  if missing and space == "nb201":
+    raise ValueError(
+        f"--reference={path} is not D-X-Y/AutoDL-Projects's root: it lacks "
+        f"{', '.join(missing)}. Clone https://github.com/D-X-Y/AutoDL-Projects and pass "
+        "--reference=PATH/TO/AutoDL-Projects (the folder that holds xautodl/).")
   if missing:
     raise ValueError(
         f"--reference={path} is not quark0/darts's cnn/ directory: it lacks "
@@ -66,24 +89,66 @@ def check_reference(path: str) -> str:
   return os.path.abspath(path)
 
 
-def measure(args) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
-
+def _darts_step(args, torch, nn, device):
+  """quark0/darts's search step: the architecture step, then the weight step."""
   _torch_compat(torch)
-  torch.set_num_threads(args.threads)
   sys.path.insert(0, args.reference)
   model_search = importlib.import_module("model_search")
   architect_lib = importlib.import_module("architect")
-  gpu = torch.cuda.is_available()
-  device = torch.device("cuda" if gpu else "cpu")
-  torch.manual_seed(0)
   criterion = nn.CrossEntropyLoss().to(device)
   model = model_search.Network(args.channels, 10, args.layers, criterion).to(device)
   optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
   hyper = types.SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4,
                                 arch_weight_decay=1e-3)
   architect = architect_lib.Architect(model, hyper)
+
+  def step(x, y, vx, vy):
+    architect.step(x, y, vx, vy, 0.025, optimizer, unrolled=args.order == "second")
+    optimizer.zero_grad()
+    loss = criterion(model(x), y)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+
+  return step
+
+
+def _nb201_step(args, torch, nn, device):
+  """AutoDL-Projects's DARTS-V1 step on NAS-Bench-201: the weight step, then the
+  architecture step."""
+  sys.path.insert(0, args.reference)
+  models = importlib.import_module("xautodl.models")
+  space = models.get_search_spaces("cell", "nas-bench-201")
+  model = models.get_cell_based_tiny_net(dict(
+      name="DARTS-V1", C=args.channels, N=args.layers, max_nodes=4, num_classes=10,
+      space=space, affine=False, track_running_stats=True)).to(device)
+  criterion = nn.CrossEntropyLoss().to(device)
+  w_optimizer = torch.optim.SGD(model.get_weights(), 0.025, momentum=0.9,
+                                weight_decay=5e-4, nesterov=True)
+  a_optimizer = torch.optim.Adam(model.get_alphas(), lr=3e-4, betas=(0.5, 0.999),
+                                 weight_decay=1e-3)
+
+  def step(x, y, vx, vy):
+    w_optimizer.zero_grad()
+    criterion(model(x)[1], y).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    w_optimizer.step()
+    a_optimizer.zero_grad()
+    criterion(model(vx)[1], vy).backward()
+    a_optimizer.step()
+
+  return step
+
+
+def measure(args) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.threads)
+  gpu = torch.cuda.is_available()
+  device = torch.device("cuda" if gpu else "cpu")
+  torch.manual_seed(0)
+  body = (_nb201_step if args.space == "nb201" else _darts_step)(args, torch, nn, device)
   shape = (args.batch, 3, args.size, args.size)
 
   def batch():
@@ -91,13 +156,7 @@ def measure(args) -> dict:
             torch.randint(0, 10, (args.batch,), device=device))
 
   def step():
-    (x, y), (vx, vy) = batch(), batch()
-    architect.step(x, y, vx, vy, 0.025, optimizer, unrolled=args.order == "second")
-    optimizer.zero_grad()
-    loss = criterion(model(x), y)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-    optimizer.step()
+    body(*batch(), *batch())
     if gpu:
       torch.cuda.synchronize()
 
@@ -109,7 +168,7 @@ def measure(args) -> dict:
   peak = (torch.cuda.max_memory_allocated() if gpu
           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   return {
-      "impl": "pytorch_reference", "algorithm": "darts",
+      "impl": "pytorch_reference", "space": args.space, "algorithm": "darts",
       "order": "first" if args.order == "first" else "second_fd", "neighbors": 1,
       "batch": args.batch, "channels": args.channels, "layers": args.layers,
       "size": args.size, "dtype": "float32", "first_step_s": round(times[0], 3),
@@ -123,7 +182,11 @@ def measure(args) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reference", required=True,
-                      help="the reference's cnn/ directory (quark0/darts)")
+                      help="the reference: quark0/darts's cnn/ directory, or for "
+                      "--space=nb201 AutoDL-Projects's root")
+  parser.add_argument("--space", default="darts", choices=["darts", "nb201"],
+                      help="the search space: DARTS's cells (--layers of them) or "
+                      "NAS-Bench-201's (--layers a stage)")
   parser.add_argument("--order", choices=["first", "second"], default="first")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--channels", type=int, default=16)
@@ -132,8 +195,13 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
   parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
   args = parser.parse_args(argv)
+  if args.space == "nb201" and args.order == "second":
+    parser.error("--order=second with --space=nb201: AutoDL-Projects's second order "
+                 "(exps/NAS-Bench-201-algos/DARTS-V2.py) is a script that imports "
+                 "torchvision and its datasets, so it is not timed here; pass "
+                 "--order=first.")
   try:
-    args.reference = check_reference(args.reference)
+    args.reference = check_reference(args.reference, args.space)
   except ValueError as error:
     parser.error(str(error))
   print(json.dumps(measure(args)), flush=True)

@@ -79,6 +79,31 @@ def test_a_directory_that_is_not_the_reference_is_refused_with_the_fix(module, t
   assert "github.com/quark0/darts" in err
 
 
+def test_nas_bench_201s_reference_is_autodl_projects_and_its_first_order_only(tmp_path,
+                                                                              capsys):
+  """``--space=nb201`` asks for AutoDL-Projects's root (quark0/darts's cnn/ is refused,
+  naming what it lacks and where to get it), and refuses the second order, which that
+  reference has only as a script needing torchvision, before torch is imported."""
+  darts = _fake_reference(tmp_path / "cnn")
+  for argv, messages in (
+      ([f"--reference={darts}"], ("lacks xautodl/models/cell_searchs/search_model_darts.py",
+                                  "github.com/D-X-Y/AutoDL-Projects")),
+      ([f"--reference={darts}", "--order=second"], ("--order=second with --space=nb201",
+                                                    "DARTS-V2.py", "pass --order=first"))):
+    with pytest.raises(SystemExit) as exit_info:
+      ref.main(["--space=nb201", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(message in err for message in messages), err
+  autodl = tmp_path / "AutoDL-Projects"
+  for name in ref.NB201_REFERENCE_FILES:
+    (autodl / name).parent.mkdir(parents=True, exist_ok=True)
+    (autodl / name).write_text("")
+  assert ref.check_reference(str(autodl), "nb201") == str(autodl)
+  with pytest.raises(ValueError, match="not quark0/darts's cnn/ directory"):
+    ref.check_reference(str(autodl))
+
+
 def test_run_reads_the_last_json_line_and_reports_failures():
   ok = [sys.executable, "-c", "print('log'); print('{\"a\": 1}'); print('{\"a\": 2}')"]
   assert check._run(ok, timeout=60) == ({"a": 2}, None)

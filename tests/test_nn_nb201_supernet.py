@@ -205,6 +205,44 @@ def test_conv3x3_implementations_agree(impl):
     ns.edge_conv3x3(x, kernels, "grouped")
 
 
+def test_unrolled_convolutions_gradient_is_the_dense_convolutions():
+  """``'unroll'``'s convolutions differentiate through `_same_conv_materialized`, whose
+  gradient (through a barrier) is the float64 direct sum's gradient."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5, 6, 4)), jnp.float32)
+  kernels = jnp.asarray(rng.normal(size=(2, 3, 3, 4, 5)), jnp.float32)
+  g = rng.normal(size=(2, 3, 5, 6, 5))
+  got = jax.grad(lambda x, k: jnp.sum(ns.edge_conv3x3(x, k, "unroll") * g),
+                 argnums=(0, 1))(x, kernels)
+  xp = np.pad(np.asarray(x, np.float64), [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
+  k64 = np.asarray(kernels, np.float64)
+  # d/dk[a, b] = sum over pixels of the shifted input times g; d/dx is the adjoint of the
+  # shifts, accumulated in the padded frame and cropped.
+  want_k = np.stack([np.stack([np.einsum("ebhwi,ebhwo->eio", xp[:, :, a:a + 5, b:b + 6], g)
+                               for b in range(3)], 1) for a in range(3)], 1)
+  want_xp = np.zeros_like(xp)
+  for a in range(3):
+    for b in range(3):
+      want_xp[:, :, a:a + 5, b:b + 6] += np.einsum("ebhwo,eio->ebhwi", g, k64[:, a, b])
+  np.testing.assert_allclose(got[1], want_k, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got[0], want_xp[:, :, 1:-1, 1:-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv_impl,barriers", [("unroll", 9), ("vmap", 0)])
+def test_nodes_are_fusion_boundaries_with_the_cpus_convolutions_only(conv_impl, barriers):
+  """With the CPU's convolutions each search cell's input and its inner nodes 2 and 3
+  pass an optimisation barrier in the forward pass (3 cells x 3); the accelerators'
+  programs have none."""
+  model = ns.SearchNetworkNB201(CLASSES, channels=4, cells_per_stage=1,
+                                conv_impl=conv_impl, inner_impl="unroll")
+  images, weights = jnp.zeros((2, 8, 8, 3)), jnp.zeros(ns.WEIGHTS_SHAPE)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, weights, True))
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, weights, train=True,
+                                               mutable=["batch_stats"]))(variables)
+  assert sum(e.primitive.name == "optimization_barrier"
+             for e in all_eqns(jaxpr.jaxpr)) == barriers
+
+
 def test_invalid_weight_shapes(net):
   model, x, v = net["model"], net["images"], net["variables"]
   for bad in (jnp.zeros((6, NUM_OPS)), jnp.zeros((1, 6, 8)), jnp.zeros((2, 6, NUM_OPS)),

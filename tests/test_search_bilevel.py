@@ -14,6 +14,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 import pytest
@@ -880,6 +881,21 @@ def test_init_builds_the_optimizer_states_optax_builds_eagerly():
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(got))
 
 
+def test_a_cpu_search_keeps_optimisation_barriers_as_fusion_boundaries():
+  """XLA:CPU drops a barrier before fusing, and keeps it under `CPU_KEEP_BARRIERS`: the
+  compiled program then holds it, and computes the same."""
+  def f(x):
+    y = lax.optimization_barrier(jnp.exp(x) * 2.0)
+    return jnp.sin(y) + y
+
+  x = jnp.linspace(-1.0, 1.0, 64)
+  options = dict(bilevel.CPU_KEEP_BARRIERS)
+  kept = jax.jit(f, compiler_options=options).lower(x).compile()
+  dropped = jax.jit(f).lower(x).compile()
+  assert "opt-barrier" in kept.as_text() and "opt-barrier" not in dropped.as_text()
+  np.testing.assert_allclose(kept(x), dropped(x), rtol=1e-6)
+
+
 def test_gpu_autotune_takes_a_bool_only():
   config = make_config()
   del config["gpu_autotune"]
@@ -889,9 +905,10 @@ def test_gpu_autotune_takes_a_bool_only():
 
 
 @pytest.mark.parametrize("platform,autotune,expected", [
-    ("gpu", False, bilevel.GPU_WITHOUT_AUTOTUNING), ("gpu", True, ()), ("cpu", False, ()),
+    ("gpu", False, bilevel.GPU_WITHOUT_AUTOTUNING), ("gpu", True, ()),
+    ("cpu", False, bilevel.CPU_KEEP_BARRIERS), ("cpu", True, bilevel.CPU_KEEP_BARRIERS),
     ("tpu", False, ())])
-def test_xla_options_turn_autotuning_off_on_a_gpu_only(platform, autotune, expected):
+def test_xla_options_by_platform(platform, autotune, expected):
   config = make_config()
   config.gpu_autotune = autotune
   assert bilevel.xla_compiler_options(config, platform) == expected

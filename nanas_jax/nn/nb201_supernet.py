@@ -91,6 +91,46 @@ def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@jax.custom_vjp
+def _same_conv_materialized(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`_dense_conv` (3x3, stride 1, 'same') whose gradient reads its input and the output's
+  gradient through an optimisation barrier: materialised arrays, where XLA:CPU keeps
+  barriers (`bilevel.CPU_KEEP_BARRIERS`). Its kernel's gradient is a convolution over the
+  batch that XLA:CPU feeds with transposed copies of both; without the barrier it fused
+  into each copy the elementwise chain that computes that array (BatchNorms, mixed sums,
+  node sums), evaluated again in the transposed order."""
+  return _dense_conv(x, kernel)
+
+
+def _same_conv_materialized_fwd(x, kernel):
+  return _dense_conv(x, kernel), (x, kernel)
+
+
+def _same_conv_materialized_bwd(residuals, g):
+  x, kernel = residuals
+  x, g = lax.optimization_barrier((x, g))
+  return jax.vjp(_dense_conv, x, kernel)[1](g)
+
+
+_same_conv_materialized.defvjp(_same_conv_materialized_fwd, _same_conv_materialized_bwd)
+
+
+def fusion_boundary(x: jax.Array, conv_impl: str) -> jax.Array:
+  """``x`` through an optimisation barrier where the convolutions are the CPU's
+  (``conv_impl`` not resolving to ``'vmap'``), else ``x``: a node value XLA:CPU then
+  computes once, where it keeps barriers (`bilevel.CPU_KEEP_BARRIERS`; elsewhere on a CPU
+  it drops them before fusing). A node is an elementwise function of the conv outputs and
+  of the node before it (``skip_connect``, the pool's input), so a stage's nodes form one
+  elementwise chain, which XLA:CPU fused into every reader, each evaluating it again: one
+  supernet gradient at the search setting (64 images of 32x32, C = 16, 5 cells a stage)
+  took 8.3 s, against 2.2-2.7 s with the nodes and the convolutions' gradient inputs
+  materialised (`benchmarks/README.md`, "NAS-Bench-201 on a CPU, its nodes computed once").
+  The accelerators' programs are left as they were measured."""
+  if resolve_conv_impl(conv_impl) == "vmap":
+    return x
+  return lax.optimization_barrier(x)
+
+
 def resolve_conv_impl(impl: str) -> str:
   """The concrete 3x3 convolution implementation for ``impl`` on the default backend
   (module docstring): ``'auto'`` is ``'unroll'`` on a CPU, ``'vmap'`` elsewhere."""
@@ -130,7 +170,7 @@ def edge_conv3x3(x: jax.Array, kernels: jax.Array, impl: str = "auto") -> jax.Ar
   docstring)."""
   impl = resolve_conv_impl(impl)
   if impl == "unroll":
-    return jnp.stack([_dense_conv(x[e], kernels[e]) for e in range(x.shape[0])])
+    return jnp.stack([_same_conv_materialized(x[e], kernels[e]) for e in range(x.shape[0])])
   if impl == "vmap":
     return jax.vmap(_dense_conv)(x, kernels)
   h, w = x.shape[-3:-1]
@@ -248,7 +288,7 @@ class InnerEdges(_NB201EdgeGroup):
       new_mean = lax.dynamic_update_slice_in_dim(new_mean, m, first, 0)
       new_var = lax.dynamic_update_slice_in_dim(new_var, v, first, 0)
       first += i - 1
-      nodes.append(base[i - 1] + F.sum_axis(out, 0))
+      nodes.append(fusion_boundary(base[i - 1] + F.sum_axis(out, 0), self.conv_impl))
     return jnp.stack(nodes), (new_mean, new_var)
 
   def _scanned(self, p, stats, base, weights, train):
@@ -272,6 +312,7 @@ class SearchCellNB201(nn.Module):
     if x.ndim != 4 or x.shape[-1] != self.channels:
       raise ValueError(f"SearchCellNB201 expects [B, H, W, {self.channels}], got {x.shape}")
     k = len(INPUT_EDGES)
+    x = fusion_boundary(x, self.conv_impl)
     ys = InputEdges(k, self.channels, self.conv_impl, name="inputs")(
         jnp.broadcast_to(x, (k,) + x.shape), weights[np.array(INPUT_EDGES)], train)
     nodes = InnerEdges(len(INNER_EDGES), self.channels, self.conv_impl,

@@ -44,11 +44,12 @@ on a side thread (`BilevelSearch.program_compiled_ahead`), the small programs ar
 them on side threads of their own (`BilevelSearch.programs_compiled_ahead`), and the
 architecture side's programs that read the batch on the caller's.
 The supernet's programs are the process's, not the search's: every search on an equal
-supernet in the same compute dtype shares their traces and compiled code. On a GPU every
-top-level program compiles with XLA's options `xla_compiler_options` (no autotuning unless
-``config.gpu_autotune``): compiler options are a top-level jit's only, so a program the
-step calls eagerly runs as a jit of its own around it (`_TopLevel`), one traced into
-another program as itself.
+supernet in the same compute dtype shares their traces and compiled code. On a GPU and a
+CPU every top-level program compiles with XLA's options `xla_compiler_options` (a GPU: no
+autotuning unless ``config.gpu_autotune``; a CPU: optimisation barriers kept as fusion
+boundaries, `CPU_KEEP_BARRIERS`): compiler options are a top-level jit's only, so a
+program the step calls eagerly runs as a jit of its own around it (`_TopLevel`), one
+traced into another program as itself.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
 phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is
 ``'fused'`` for first-order DARTS without warm-up epochs on the CPU's kernels, else
@@ -115,13 +116,27 @@ GPU_WITHOUT_AUTOTUNING = (("xla_gpu_autotune_level", 0),
                           ("xla_gpu_experimental_enable_fusion_autotuner", False))
 
 
+# XLA's CPU compiler turns `lax.optimization_barrier` into nothing before it fuses (its
+# pass ``cse_barrier_expander``), so a barrier never was a fusion boundary there; with the
+# pass off it is, as on a GPU. The supernets place barriers where XLA:CPU fused a long
+# elementwise chain into each of its readers, evaluating it again in each: NAS-Bench-201's
+# nodes (`nb201_supernet.fusion_boundary`), the mixed sums' gradient (`functional.mixed_sum`).
+# Measured on a 2-core CPU (`benchmarks/README.md`, "NAS-Bench-201 on a CPU, its nodes
+# computed once"): NAS-Bench-201's search step at its search setting 2.8-3.9x faster, its
+# first step half as long; the DARTS quick-start preset's step and first step level.
+CPU_KEEP_BARRIERS = (("xla_disable_hlo_passes", "cse_barrier_expander"),)
+
+
 def xla_compiler_options(config: ml_collections.ConfigDict,
                          platform: str) -> tuple[tuple[str, Any], ...]:
   """The XLA options (pairs) every top-level program of a search's step compiles with on
   ``platform`` (``'cpu'``, ``'gpu'``, ``'tpu'``): `GPU_WITHOUT_AUTOTUNING` on a GPU unless
-  ``config.gpu_autotune``, else none (XLA's own settings, ``XLA_FLAGS`` included)."""
+  ``config.gpu_autotune``, `CPU_KEEP_BARRIERS` on a CPU, else none (XLA's own settings,
+  ``XLA_FLAGS`` included)."""
   if platform == "gpu" and not config.get("gpu_autotune", False):
     return GPU_WITHOUT_AUTOTUNING
+  if platform == "cpu":
+    return CPU_KEEP_BARRIERS
   return ()
 
 
