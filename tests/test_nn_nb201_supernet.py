@@ -7,7 +7,8 @@ layout of the module docstring; the search cells' BatchNorms are affine-free, so
 discrete cells' BN scale is 1 and bias 0), in train mode and -- with the running
 statistics copied too -- in eval mode. Besides that: the parameter count against a closed
 form of the reference ``TinyNetworkDarts``, ``vmap`` over architecture weights, the scan
-and unrolled inner edges, the 3x3 conv implementations, and shape errors.
+and unrolled inner edges, the 3x3 conv implementations and their gradient, the gradient
+compiled with its barriers kept, and shape errors.
 
 XLA compiles slowly on the test machines: sizes are tiny and the network is compiled once
 per mode (module fixture)."""
@@ -21,6 +22,7 @@ from jaxprs import all_eqns
 from nanas_jax.nn import functional as F
 from nanas_jax.nn import nb201_network as nb
 from nanas_jax.nn import nb201_supernet as ns
+from nanas_jax.search import bilevel
 from nanas_jax.spaces import NB201Arch, get_space
 from supernet_weights import nb201_discrete_variables
 
@@ -241,6 +243,32 @@ def test_nodes_are_fusion_boundaries_with_the_cpus_convolutions_only(conv_impl, 
                                                mutable=["batch_stats"]))(variables)
   assert sum(e.primitive.name == "optimization_barrier"
              for e in all_eqns(jaxpr.jaxpr)) == barriers
+
+
+def test_the_gradient_with_barriers_kept_is_the_gradient_without():
+  """Compiled as a CPU search compiles it (`bilevel.CPU_KEEP_BARRIERS`: the nodes and the
+  convolutions' gradient inputs materialised), the supernet's gradient equals the one
+  XLA:CPU computes with the barriers dropped."""
+  model = ns.SearchNetworkNB201(CLASSES, channels=4, cells_per_stage=1,
+                                conv_impl="unroll", inner_impl="unroll")
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, CLASSES, 4))
+  weights = jax.nn.softmax(jnp.asarray(rng.normal(size=ns.WEIGHTS_SHAPE), jnp.float32), -1)
+  variables = model.init(jax.random.key(0), images, weights, train=True)
+
+  def loss(params, weights):
+    logits, _ = model.apply({**variables, "params": params}, images, weights, train=True,
+                            mutable=["batch_stats"])
+    return bilevel.cross_entropy(logits, labels)
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  kept = jax.jit(grad, compiler_options=dict(bilevel.CPU_KEEP_BARRIERS))
+  dropped = jax.jit(grad)
+  assert "opt-barrier" in kept.lower(variables["params"], weights).compile().as_text()
+  got, want = kept(variables["params"], weights), dropped(variables["params"], weights)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got, want)
+  assert float(jnp.abs(got[1]).max()) > 1e-4  # the architecture's gradient is not zero
 
 
 def test_invalid_weight_shapes(net):

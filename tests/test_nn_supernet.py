@@ -477,8 +477,8 @@ def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
                                          ("conv_each", "auto")])
 def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
   """A cell with 'taps', 'conv', 'taps_fused' or 'conv_each' depthwise convs and its inner
-  nodes unrolled (no loop in its program) or in a loop (asked for, or 'auto' with 'taps'
-  at this size) against the same cell with 'scan' (inner nodes in a `lax.scan` with
+  nodes unrolled (no loop in its program; with 'taps', its nodes materialised) or in a
+  loop (asked for, or 'auto' with 'taps' at this size) against the same cell with 'scan' (inner nodes in a `lax.scan` with
   padded slots): at soft architecture weights, outputs
   and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
@@ -493,6 +493,10 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   looped = supernet.resolve_inner_impl(inner, impl, math.prod(s1.shape[:3])) == "scan"
   assert looped == (inner == "scan" or impl == "taps" and inner == "auto")
   assert (" scan[" in program) == looped
+  # Unrolled with the CPU's kernels, the cell's inputs, its input-edge sums and its 3
+  # inner nodes are materialised (`F.materialized`): 5 barriers.
+  materialized = not looped and not F.accelerator_kernels(impl)
+  assert program.count("optimization_barrier") == (5 if materialized else 0)
   # The accelerators' cell reduces its BatchNorm statistics in one pass; the TPU's pins its
   # edges' layouts (`F.tpu_layout`) and sums its average pools as windows.
   assert ("_batch_norm_stats_bwd" in program) == F.accelerator_kernels(impl)

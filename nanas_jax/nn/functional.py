@@ -591,6 +591,18 @@ def _mixed_sum_bwd(residuals, g):
 mixed_sum.defvjp(_mixed_sum_fwd, _mixed_sum_bwd)
 
 
+def materialized(x):
+  """``x`` (an array or a tree of them) through an optimisation barrier: computed once and
+  stored, where XLA keeps barriers as fusion boundaries (on a GPU; on a CPU under the
+  search's options, `bilevel.CPU_KEEP_BARRIERS`; elsewhere on a CPU XLA drops them before
+  it fuses). A search cell's node is an elementwise function of its edges' outputs and of
+  earlier nodes (``skip_connect``, the pools' inputs), so a cell's nodes form one
+  elementwise chain, which XLA:CPU fused into each of its readers, evaluating it again in
+  each; the supernets materialise their nodes with the CPU's kernels
+  (`nb201_supernet.fusion_boundary`, `supernet.SearchCell`)."""
+  return lax.optimization_barrier(x)
+
+
 def sum_axis(x: jax.Array, axis: int) -> jax.Array:
   """``x.sum(axis)`` for a short ``axis`` (a node's edges), as adds of its slices.
 

@@ -116,19 +116,16 @@ _same_conv_materialized.defvjp(_same_conv_materialized_fwd, _same_conv_materiali
 
 
 def fusion_boundary(x: jax.Array, conv_impl: str) -> jax.Array:
-  """``x`` through an optimisation barrier where the convolutions are the CPU's
-  (``conv_impl`` not resolving to ``'vmap'``), else ``x``: a node value XLA:CPU then
-  computes once, where it keeps barriers (`bilevel.CPU_KEEP_BARRIERS`; elsewhere on a CPU
-  it drops them before fusing). A node is an elementwise function of the conv outputs and
-  of the node before it (``skip_connect``, the pool's input), so a stage's nodes form one
-  elementwise chain, which XLA:CPU fused into every reader, each evaluating it again: one
-  supernet gradient at the search setting (64 images of 32x32, C = 16, 5 cells a stage)
-  took 8.3 s, against 2.2-2.7 s with the nodes and the convolutions' gradient inputs
-  materialised (`benchmarks/README.md`, "NAS-Bench-201 on a CPU, its nodes computed once").
-  The accelerators' programs are left as they were measured."""
+  """``x`` `F.materialized` where the convolutions are the CPU's (``conv_impl`` not
+  resolving to ``'vmap'``), else ``x``. Here a cell's output is its node 3, so through
+  ``skip_connect`` a whole stage's nodes form one elementwise chain: one supernet
+  gradient at the search setting (64 images of 32x32, C = 16, 5 cells a stage) took 8.3
+  s, against 2.2-2.7 s with the nodes and the convolutions' gradient inputs materialised
+  (`benchmarks/README.md`, "NAS-Bench-201 on a CPU, its nodes computed once"). The
+  accelerators' programs are left as they were measured."""
   if resolve_conv_impl(conv_impl) == "vmap":
     return x
-  return lax.optimization_barrier(x)
+  return F.materialized(x)
 
 
 def resolve_conv_impl(impl: str) -> str:

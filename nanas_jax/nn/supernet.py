@@ -306,19 +306,21 @@ def scan_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, train: 
   return jnp.concatenate([base[:1], nodes], axis=0), new_stats
 
 
-def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_fn):
+def unroll_inner_nodes(base: jax.Array, params, stats, weights: jax.Array, edge_fn,
+                       materialize: bool = False):
   """`scan_inner_nodes` unrolled, with the same arguments (but ``train``: every edge is
   used, so every edge's statistics are its body's): node ``i`` is ``base[i]`` plus one
   MixedOp body over exactly its ``i`` inner edges (from nodes ``0..i-1``), so no slot is
-  wasted, at the price of one body per node in the graph. Returns ``(nodes [n, ...], new
-  stats)``."""
+  wasted, at the price of one body per node in the graph; with ``materialize`` each node
+  `F.materialized`. Returns ``(nodes [n, ...], new stats)``."""
   nodes, new_stats = [base[0]], []
   for i in range(1, base.shape[0]):
     edges = slice(i * (i - 1) // 2, i * (i + 1) // 2)  # node-major pairs (i, j < i)
     take = lambda a: a[edges]
     out, node_stats = edge_fn(jax.tree.map(take, params), jax.tree.map(take, stats),
                               jnp.stack(nodes), take(weights))
-    nodes.append(base[i] + F.sum_axis(out, 0))
+    node = base[i] + F.sum_axis(out, 0)
+    nodes.append(F.materialized(node) if materialize else node)
     new_stats.append(node_stats)
   return jnp.stack(nodes), jax.tree.map(lambda *a: jnp.concatenate(a), *new_stats)
 
@@ -350,9 +352,11 @@ class InnerEdges(_EdgeGroup):
   ``(steps - 1)^2`` edge slots for ``steps * (steps - 1) / 2`` edges.
 
   ``__call__(base[steps, B, H, W, C], weights[E, 8], train)`` -> nodes ``[steps, ...]``.
+  ``materialize``: unrolled, each node `F.materialized`.
   """
   steps: int = 4
   inner_impl: str = "auto"
+  materialize: bool = False
 
   @nn.compact
   def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
@@ -372,7 +376,8 @@ class InnerEdges(_EdgeGroup):
     inner_impl = resolve_inner_impl(self.inner_impl, F.resolve_depthwise_impl(self.dw_impl),
                                     math.prod(base.shape[1:4]))
     if inner_impl == "unroll":
-      nodes, new_stats = unroll_inner_nodes(base, p, stats, weights, edge_fn)
+      nodes, new_stats = unroll_inner_nodes(base, p, stats, weights, edge_fn,
+                                            self.materialize)
     else:
       nodes, new_stats = scan_inner_nodes(base, p, stats, weights, train, edge_fn)
     self.store_stats(variables, new_stats, train)
@@ -436,6 +441,15 @@ class SearchCell(nn.Module):
     s0 = Preprocess(self.channels, self.reduction_prev, one_pass, name="preprocess0")(
         s0, train)
     s1 = Preprocess(self.channels, False, one_pass, name="preprocess1")(s1, train)
+    inner_impl = resolve_inner_impl(self.inner_impl, dw_impl, pixels)
+    # With the CPU's kernels and the nodes unrolled (CIFAR-sized batches), the cell's
+    # inputs, its nodes' input-edge sums and its nodes are each computed once
+    # (`F.materialized`): at B=16, C=8, 5 cells, 32x32 the step ran 15-23 % faster, in
+    # 0.2-0.3 GB less memory (`benchmarks/README.md`, "DARTS's cells, their nodes computed
+    # once"). In the loop (smaller batches) it measured level, and is left as it was.
+    materialize = inner_impl == "unroll" and not F.accelerator_kernels(dw_impl)
+    if materialize:
+      s0, s1 = F.materialized((s0, s1))
 
     input_edges = np.array([index[(i, j)] for i in range(self.steps) for j in (0, 1)])
     # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
@@ -443,9 +457,11 @@ class SearchCell(nn.Module):
                     dw_impl, sources=(0, 1) * self.steps, name="inputs")(
                         jnp.stack([s0, s1]), weights[input_edges], train)
     base = F.sum_axis(ys.reshape((self.steps, 2) + ys.shape[1:]), 1)
+    if materialize:
+      base = F.materialized(base)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
-                       inner_impl=resolve_inner_impl(self.inner_impl, dw_impl, pixels),
+                       inner_impl=inner_impl, materialize=materialize,
                        name="inner")(base, weights[inner_edges], train)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
