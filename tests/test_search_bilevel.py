@@ -331,6 +331,23 @@ def test_auto_maps_the_neighbors_in_one_program_from_cifar_sized_batches_on_a_cp
   assert_states_close(*states)
 
 
+def test_auto_calls_nas_bench_201s_gradient_once_a_neighbor_on_a_cpu():
+  """NAS-Bench-201's supernet (dense convolutions, no depthwise implementation) keeps
+  ``'auto'``'s loop at every batch size on a CPU, where a DARTS supernet's neighbors
+  are mapped in one program from CIFAR-sized batches; ``'vmap'`` is still taken."""
+  cifar = np.zeros((8, 32, 32, 3), np.float32)
+
+  def search_for(evaluate, model):
+    config = make_config("na_darts", "first", num=2, kind="swap", evaluate=evaluate)
+    return BilevelSearch(model, spaces.get_space("nb201"), config, 10, platform="cpu")
+
+  nb201 = nb201_supernet.SearchNetworkNB201(3, channels=4, cells_per_stage=1)
+  assert not search_for("auto", nb201).neighbors_vmapped(cifar)
+  assert search_for("vmap", nb201).neighbors_vmapped(cifar)
+  # The toy DARTS-like model (a depthwise implementation) maps its neighbors there.
+  assert search_for("auto", ToyArchModel()).neighbors_vmapped(cifar[..., :1])
+
+
 # How many times a step traces the model's loss, shared or fused (one program around the
 # same jitted gradients): once where the architecture side's gradients have the weight
 # step's shapes (their parameter-gradient-free version is evaluated from the weight step's

@@ -416,9 +416,14 @@ class BilevelSearch:
     self._jit_cache: dict[Any, Callable] = {}
     self._top_level = _TopLevel(self.compiler_options)
     accelerator, tpu = supernet_kernels(model, platform)
-    # 'auto' on the CPU's kernels: a `lax.map` of the neighbors from CIFAR-sized batches
-    # (`neighbors_vmapped`).
-    self._map_large_batches = evaluate == "auto" and not self.vmap_neighbors and not accelerator
+    # 'auto' on the CPU's kernels: a `lax.map` of a DARTS supernet's neighbors from
+    # CIFAR-sized batches (`neighbors_vmapped`). NAS-Bench-201's (no depthwise
+    # implementation) keeps the loop: mapped, its NA-DARTS K=4 step at its search setting
+    # took 20.6-23.4 s against 11.6-12.1 s (benchmarks/README.md, "NAS-Bench-201 on a CPU,
+    # its nodes computed once").
+    self._map_large_batches = (evaluate == "auto" and not self.vmap_neighbors
+                               and not accelerator
+                               and getattr(model, "dw_impl", None) is not None)
     # 'auto' on the TPU's kernels: one neighbor a vmapped pass unless a chunk says otherwise.
     # XLA's TPU compiler, for one v5e chip, at the reference size: NA-DARTS K=4 estimated at
     # 940 ms a step in 8.88 GB that way, against 1,197 ms in 15.30 GB of the chip's 15.75
@@ -677,10 +682,11 @@ class BilevelSearch:
     ``images``; else it calls the shared compiled gradient K times. ``neighbors.evaluate``
     ``'vmap'`` or ``'loop'`` as asked; ``'auto'`` vmaps on accelerators, and with the CPU's
     kernels from CIFAR-sized batches (`nanas_jax.nn.functional.cifar_sized`), one
-    neighbor at a time: there XLA:CPU runs the four neighbors' gradients of NA-DARTS K=4
-    16-17 % faster as one program than as four runs of one (each run takes its buffers
-    as new memory, which the kernel zero-fills), and loses on smaller batches
-    (`benchmarks/README.md`, "NA-DARTS's neighbors as one program on a CPU")."""
+    neighbor at a time, for a DARTS supernet: there XLA:CPU runs the four neighbors'
+    gradients of NA-DARTS K=4 16-17 % faster as one program than as four runs of one
+    (each run takes its buffers as new memory, which the kernel zero-fills), and loses on
+    smaller batches (`benchmarks/README.md`, "NA-DARTS's neighbors as one program on a
+    CPU"); NAS-Bench-201's supernet ran its step 1.8x slower so, and keeps the loop."""
     if self.vmap_neighbors:
       return True
     return self._map_large_batches and jnp.ndim(images) == 4 and F.cifar_sized(
