@@ -134,7 +134,7 @@ def get_config():
   # 'vmap' evaluates the K neighbors in one batched call; 'loop' calls the shared compiled
   # gradient K times (no extra compile). 'auto': vmap on accelerators; on a CPU, from
   # CIFAR-sized batches one neighbor at a time in one program (chunk 1 unless set), on
-  # smaller ones (the digits) loop.
+  # smaller ones (the digits) loop; NAS-Bench-201's supernet loops on a CPU at any size.
   config.search.neighbors.evaluate = "auto"
   # With 'vmap', how many neighbors one batched pass evaluates (0: all at once); the passes
   # run one after the other, so the pass's memory grows with chunk, not with num. XLA's GPU
