@@ -478,8 +478,8 @@ def test_mixed_edges_in_bfloat16_sum_the_weights_gradient_in_float32(group):
 def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(impl, inner):
   """A cell with 'taps', 'conv', 'taps_fused' or 'conv_each' depthwise convs and its inner
   nodes unrolled (no loop in its program; with 'taps', its nodes materialised) or in a
-  loop (asked for, or 'auto' with 'taps' at this size) against the same cell with 'scan' (inner nodes in a `lax.scan` with
-  padded slots): at soft architecture weights, outputs
+  loop (asked for, or 'auto' with 'taps' at this size) against the same cell with 'scan'
+  (inner nodes in a `lax.scan` with padded slots): at soft architecture weights, outputs
   and every edge's running statistics in training, and outputs in evaluation with
   statistics that differ per edge, up to float32 rounding."""
   rng = np.random.default_rng(21)
