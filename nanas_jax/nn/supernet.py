@@ -444,9 +444,10 @@ class SearchCell(nn.Module):
     inner_impl = resolve_inner_impl(self.inner_impl, dw_impl, pixels)
     # With the CPU's kernels and the nodes unrolled (CIFAR-sized batches), the cell's
     # inputs, its nodes' input-edge sums and its nodes are each computed once
-    # (`F.materialized`): at B=16, C=8, 5 cells, 32x32 the step ran 15-23 % faster, in
-    # 0.2-0.3 GB less memory (`benchmarks/README.md`, "DARTS's cells, their nodes computed
-    # once"). In the loop (smaller batches) it measured level, and is left as it was.
+    # (`F.materialized`): at B=16, C=8, 5 cells, 32x32 the first-order step ran 15-34 %
+    # faster (NA-DARTS K=4 17 %, the reference size 8 %), in 0.1-0.3 GB less memory
+    # (`benchmarks/README.md`, "DARTS's cells, their nodes computed once"). In the loop
+    # (smaller batches) it measured level, and is left as it was.
     materialize = inner_impl == "unroll" and not F.accelerator_kernels(dw_impl)
     if materialize:
       s0, s1 = F.materialized((s0, s1))
