@@ -68,31 +68,31 @@ REFERENCE_FILES = ("model_search.py", "architect.py", "operations.py", "genotype
 NB201_REFERENCE_FILES = ("xautodl/models/cell_searchs/search_model_darts.py",
                          "xautodl/models/cell_searchs/search_cells.py",
                          "xautodl/models/cell_operations.py")
+# Per space: the files its reference holds, what the folder is, and how to get it.
+REFERENCES = {
+    "darts": (REFERENCE_FILES, "quark0/darts's cnn/ directory",
+              "Clone https://github.com/quark0/darts and pass --reference=PATH/TO/darts/cnn."),
+    "nb201": (NB201_REFERENCE_FILES, "D-X-Y/AutoDL-Projects's root",
+              "Clone https://github.com/D-X-Y/AutoDL-Projects and pass "
+              "--reference=PATH/TO/AutoDL-Projects (the folder that holds xautodl/)."),
+}
 
 
 def check_reference(path: str, space: str = "darts") -> str:
   """The absolute path of the reference for ``space`` (quark0/darts's ``cnn/`` directory,
   or AutoDL-Projects's root for ``'nb201'``), or ValueError naming what is missing and
   how to get it (before torch is imported or anything is timed)."""
-  files = NB201_REFERENCE_FILES if space == "nb201" else REFERENCE_FILES
+  files, what, fix = REFERENCES[space]
   missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
-  if missing and space == "nb201":
-    raise ValueError(
-        f"--reference={path} is not D-X-Y/AutoDL-Projects's root: it lacks "
-        f"{', '.join(missing)}. Clone https://github.com/D-X-Y/AutoDL-Projects and pass "
-        "--reference=PATH/TO/AutoDL-Projects (the folder that holds xautodl/).")
   if missing:
-    raise ValueError(
-        f"--reference={path} is not quark0/darts's cnn/ directory: it lacks "
-        f"{', '.join(missing)}. Clone https://github.com/quark0/darts and pass "
-        "--reference=PATH/TO/darts/cnn.")
+    raise ValueError(f"--reference={path} is not {what}: it lacks {', '.join(missing)}. "
+                     f"{fix}")
   return os.path.abspath(path)
 
 
 def _darts_step(args, torch, nn, device):
   """quark0/darts's search step: the architecture step, then the weight step."""
   _torch_compat(torch)
-  sys.path.insert(0, args.reference)
   model_search = importlib.import_module("model_search")
   architect_lib = importlib.import_module("architect")
   criterion = nn.CrossEntropyLoss().to(device)
@@ -116,7 +116,6 @@ def _darts_step(args, torch, nn, device):
 def _nb201_step(args, torch, nn, device):
   """AutoDL-Projects's DARTS-V1 step on NAS-Bench-201: the weight step, then the
   architecture step."""
-  sys.path.insert(0, args.reference)
   models = importlib.import_module("xautodl.models")
   space = models.get_search_spaces("cell", "nas-bench-201")
   model = models.get_cell_based_tiny_net(dict(
@@ -148,6 +147,7 @@ def measure(args) -> dict:
   gpu = torch.cuda.is_available()
   device = torch.device("cuda" if gpu else "cpu")
   torch.manual_seed(0)
+  sys.path.insert(0, args.reference)
   body = (_nb201_step if args.space == "nb201" else _darts_step)(args, torch, nn, device)
   shape = (args.batch, 3, args.size, args.size)
 
