@@ -6,11 +6,11 @@ Launch:
   ... --config.model.space=nb201 --config.model.layers=1   # NAS-Bench-201, 1 cell a stage
 
 Cost, measured alone on a 2-core CPU: NA-DARTS 3 min 11 s (first step, mostly
-compilation, 28-30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 55 s (an earlier
-version). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 63 %) of uniform,
+compilation, 28-30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 34 s (first
+step 7 s). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 62 %) of uniform,
 the genotype unchanged over the last 6 (DARTS 3) epochs,
 supernet validation accuracy 0.99 (NAS-Bench-201 0.96, and its genotype does not settle:
-skip_connect and avg_pool_3x3 stay tied on 4 of its 6 edges, see the README).
+skip_connect and avg_pool_3x3 stay tied on 5 of its 6 edges, see the README).
 
 Sizes, reduced from the paper's (8 cells, C=16, 32x32 CIFAR, 50 epochs of 390 steps) so
 that the search runs on a laptop: 8x8x1 digits, 5 cells, C=4, batch 32, the first 1000
@@ -79,8 +79,9 @@ def get_config():
   config.model.depthwise_impl = "auto"
   # A cell's inner nodes, in either space: 'scan' (one loop body: the shortest compile),
   # 'unroll' (exactly their edges: less work, memory and kernel launches), or 'auto':
-  # 'unroll' on accelerators and for CIFAR-sized batches on a CPU, else 'scan'
-  # (resolve_inner_impl in nanas_jax.nn.supernet and nanas_jax.nn.nb201_supernet).
+  # DARTS's 'unroll' on accelerators and for CIFAR-sized batches on a CPU, else 'scan';
+  # NAS-Bench-201's 'unroll' everywhere, since XLA:CPU runs a dense convolution inside a
+  # loop slowly (resolve_inner_impl in nanas_jax.nn.supernet and .nb201_supernet).
   config.model.inner_impl = "auto"
 
   config.search = ml_collections.ConfigDict()

@@ -24,9 +24,8 @@ the number of distinct sub-graphs). The 6 edges of a cell run as two vectorised 
   from a fixed 2-slot buffer (node 1, node 2) with the unused slot (node 2 -> node 2)
   weighted 0: 4 slots computed for 3 edges (``inner_impl='scan'``), or two unrolled bodies
   of 1 and 2 edges (``inner_impl='unroll'``). ``'auto'`` (`resolve_inner_impl`) unrolls
-  with the accelerators' convolutions and, on a CPU, from CIFAR-sized batches, where the
-  unrolled nodes run much faster; it keeps the loop for smaller batches on a CPU, where
-  it compiles sooner.
+  on every backend and at every size: XLA:CPU runs a convolution inside a loop's body on
+  a slow path of its own, and the unrolled nodes also compute 3 edges, not 4 slots.
 Within a body the two convolutions share one BatchNorm call. The 3x3 convolutions of a
 group (one kernel per edge) are, by ``conv_impl``:
 - ``'unroll'``: one dense ``conv_general_dilated`` per edge (Python loop over the edge
@@ -57,7 +56,6 @@ The parameter count equals the reference ``TinyNetworkDarts``'s.
 
 from __future__ import annotations
 
-import math
 
 import flax.linen as nn
 import jax
@@ -138,27 +136,26 @@ def resolve_conv_impl(impl: str) -> str:
   return "unroll" if jax.default_backend() == "cpu" else "vmap"
 
 
-def resolve_inner_impl(inner_impl: str, conv_impl: str, pixels: int | None = None) -> str:
-  """How a cell evaluates its inner nodes: ``inner_impl``, or for ``'auto'`` unrolled
-  with the accelerators' convolutions (``conv_impl`` resolving to ``'vmap'``) and from a
-  CIFAR-sized network input of ``pixels`` = batch x height x width (None: unknown),
-  else in a loop.
+def resolve_inner_impl(inner_impl: str) -> str:
+  """How a cell evaluates its inner nodes: ``inner_impl``, or for ``'auto'`` unrolled,
+  on every backend and at every batch size.
 
   Unrolled, a cell computes its 3 inner edges rather than the loop's 4 slots, and XLA
   schedules both nodes' edges together. DARTS's first-order search step at
   NAS-Bench-201's setting (64 images of 32x32, C = 16, 5 cells a stage): on this
   project's 2-core CPU 10.8-11.2 s against 30.1-31.0 s looped, its first step shorter;
   compiled for an H200, 19.9 GB moved by 2,915 kernel launches against 41.1 GB by 5,097;
-  for a TPU v5e chip, 59.5 ms by XLA's estimate against 109.6 ms, in half the memory. On
-  the digits (64 images of 8x8, C = 8, 5 cells a stage) the loop ran faster on the CPU
-  (242 ms against 285 ms a gradient) and compiled in 10.7 s against 19.4 s
-  (`benchmarks/README.md`, "NAS-Bench-201's inner nodes unrolled")."""
+  for a TPU v5e chip, 59.5 ms by XLA's estimate against 109.6 ms, in half the memory.
+  On the digits too: XLA:CPU does not hand a convolution inside a loop's body to its
+  convolution library, as it does one outside (jax-ml/jax#12868), and the looped step
+  spent 0.88 s of its 1.21 s in those convolutions at 64 images of 8x8, C = 16, 5 cells
+  a stage, against 0.35 s a step unrolled (C = 8: 0.21-0.23 s against 0.31-0.32 s; the
+  README's NAS-Bench-201 quick start: 10-13 ms against 15-16 ms), each with a shorter
+  first step (`benchmarks/README.md`, "NAS-Bench-201's convolutions out of loops").
+  ``'scan'`` stays for a caller that asks for it."""
   if inner_impl not in INNER_IMPLS:
     raise ValueError(f"Unknown inner_impl {inner_impl!r}; use one of {INNER_IMPLS}")
-  if inner_impl != "auto":
-    return inner_impl
-  unroll = resolve_conv_impl(conv_impl) == "vmap" or F.cifar_sized(pixels)
-  return "unroll" if unroll else "scan"
+  return "unroll" if inner_impl == "auto" else inner_impl
 
 
 def edge_conv3x3(x: jax.Array, kernels: jax.Array, impl: str = "auto") -> jax.Array:
@@ -251,7 +248,7 @@ class InnerEdges(_NB201EdgeGroup):
   one ``lax.scan`` over the targets 2.. with a fixed buffer of ``num_nodes - 2`` earlier
   nodes (1..), the parameters of the target's edges gathered into the slots and unused
   slots weighted 0 (their statistics are not updated); ``'unroll'``: one body per target;
-  ``'auto'``: `resolve_inner_impl`, the batch size unknown.
+  ``'auto'``: `resolve_inner_impl`.
   """
   num_nodes: int = NUM_NODES
   inner_impl: str = "auto"
@@ -262,7 +259,7 @@ class InnerEdges(_NB201EdgeGroup):
     if self.num_edges != (n - 1) * (n - 2) // 2:
       raise ValueError(f"InnerEdges: {n} nodes have {(n - 1) * (n - 2) // 2} inner edges, "
                        f"got num_edges={self.num_edges}")
-    inner_impl = resolve_inner_impl(self.inner_impl, self.conv_impl)
+    inner_impl = resolve_inner_impl(self.inner_impl)
     self.check(base, weights, n - 1)
     p, mean, var = self.declare()
     if self.is_initializing():
@@ -374,7 +371,7 @@ class SearchNetworkNB201(nn.Module):
   for a discrete architecture); edge and op order are ``get_space('nb201')``'s. Every
   stage has ``cells_per_stage`` search cells, at ``channels``, 2x and 4x; ``H`` and
   ``W`` must be divisible by 4. ``inner_impl``: the cells' inner nodes in a loop or
-  unrolled, one choice for every cell (`resolve_inner_impl`, from the input batch).
+  unrolled, one choice for every cell (`resolve_inner_impl`).
   """
   num_classes: int
   channels: int = 16
@@ -387,8 +384,7 @@ class SearchNetworkNB201(nn.Module):
     if weights.shape != WEIGHTS_SHAPE:
       raise ValueError(f"architecture weights must have shape {WEIGHTS_SHAPE} (cell type, "
                        f"edge, op), got {weights.shape}")
-    inner_impl = resolve_inner_impl(self.inner_impl, self.conv_impl,
-                                    math.prod(images.shape[:3]))
+    inner_impl = resolve_inner_impl(self.inner_impl)
     x = Conv(self.channels, 3, padding=1, name="stem_conv")(images)
     x = BatchNorm(name="stem_bn")(x, train)
     index = 0

@@ -422,7 +422,8 @@ class BilevelSearch:
     # CIFAR-sized batches (`neighbors_vmapped`). NAS-Bench-201's (no depthwise
     # implementation) keeps the loop: mapped, its NA-DARTS K=4 step at its search setting
     # took 20.6-23.4 s against 11.6-12.1 s (benchmarks/README.md, "NAS-Bench-201 on a CPU,
-    # its nodes computed once").
+    # its nodes computed once"), since XLA:CPU runs the dense convolutions of a loop's body
+    # on a slow path (jax-ml/jax#12868; "NAS-Bench-201's convolutions out of loops").
     self._map_large_batches = (evaluate == "auto" and not self.vmap_neighbors
                                and not accelerator
                                and getattr(model, "dw_impl", None) is not None)
