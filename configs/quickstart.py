@@ -6,8 +6,8 @@ Launch:
   ... --config.model.space=nb201 --config.model.layers=1   # NAS-Bench-201, 1 cell a stage
 
 Cost, measured alone on a 2-core CPU: NA-DARTS 3 min 11 s (first step, mostly
-compilation, 28-30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 34 s (first
-step 7 s). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 62 %) of uniform,
+compilation, 28-30 s); DARTS 2 min 16 s; NAS-Bench-201 with one cell a stage 41-44 s (first
+step 8-9 s). Measured: alpha's mean entropy 78 % (DARTS 77 %, NAS-Bench-201 62 %) of uniform,
 the genotype unchanged over the last 6 (DARTS 3) epochs,
 supernet validation accuracy 0.99 (NAS-Bench-201 0.96, and its genotype does not settle:
 skip_connect and avg_pool_3x3 stay tied on 5 of its 6 edges, see the README).
