@@ -56,7 +56,6 @@ The parameter count equals the reference ``TinyNetworkDarts``'s.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
