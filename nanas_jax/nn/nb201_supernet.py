@@ -370,7 +370,7 @@ class SearchNetworkNB201(nn.Module):
   for a discrete architecture); edge and op order are ``get_space('nb201')``'s. Every
   stage has ``cells_per_stage`` search cells, at ``channels``, 2x and 4x; ``H`` and
   ``W`` must be divisible by 4. ``inner_impl``: the cells' inner nodes in a loop or
-  unrolled, one choice for every cell (`resolve_inner_impl`).
+  unrolled, given to every cell (`resolve_inner_impl`).
   """
   num_classes: int
   channels: int = 16
@@ -383,7 +383,6 @@ class SearchNetworkNB201(nn.Module):
     if weights.shape != WEIGHTS_SHAPE:
       raise ValueError(f"architecture weights must have shape {WEIGHTS_SHAPE} (cell type, "
                        f"edge, op), got {weights.shape}")
-    inner_impl = resolve_inner_impl(self.inner_impl)
     x = Conv(self.channels, 3, padding=1, name="stem_conv")(images)
     x = BatchNorm(name="stem_bn")(x, train)
     index = 0
@@ -393,7 +392,7 @@ class SearchNetworkNB201(nn.Module):
         x = ResNetReduction(c, name=f"cells_{index}")(x, train)
         index += 1
       for _ in range(self.cells_per_stage):
-        x = SearchCellNB201(c, self.conv_impl, inner_impl, name=f"cells_{index}")(
+        x = SearchCellNB201(c, self.conv_impl, self.inner_impl, name=f"cells_{index}")(
             x, weights[0], train)
         index += 1
     x = jax.nn.relu(BatchNorm(name="lastact_bn")(x, train))
