@@ -19,8 +19,11 @@ Nesterov momentum 0.9, weight decay 5e-4, gradient clip 5, its ``DARTS.config``)
 training batch, then the architecture step (Adam lr 3e-4, betas 0.5 and 0.999, weight
 decay 1e-3) on a validation batch, with its ``TinyNetworkDarts`` of ``--layers`` cells a
 stage (``affine=False``, running statistics tracked: ``DARTS-V1.sh``'s ``BN=1``). Its
-second order (``DARTS-V2.py``) is a script that needs torchvision and the datasets to
-import, so only the first order is timed. Both run on random CIFAR-sized data.
+second order is ``DARTS-V2.py``'s: the architecture step by ``backward_step_unrolled``
+(DARTS's finite differences), then the weight step. That file is a script whose imports
+need torchvision, the datasets and NAS-Bench-201's API, none of which the step uses, so
+its three step functions are compiled from its source alone (`reference_functions`).
+Both run on random CIFAR-sized data.
 Prints one JSON row in `search_step.py`'s format with ``impl = 'pytorch_reference'``:
 first step (the first call, including cuDNN autotuning on a GPU), the median of the next
 steps, peak memory (GPU: ``max_memory_allocated``; CPU: the process's maximum resident
@@ -34,6 +37,8 @@ translated at run time (`_torch_compat`). Nothing in the reference's computation
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import importlib
 import json
 import os
@@ -42,6 +47,8 @@ import statistics
 import sys
 import time
 import types
+
+import numpy as np
 
 
 def _torch_compat(torch) -> None:
@@ -78,16 +85,40 @@ REFERENCES = {
 }
 
 
-def check_reference(path: str, space: str = "darts") -> str:
+# AutoDL-Projects's second order on NAS-Bench-201: a script, and the functions of it that
+# make the architecture step.
+NB201_SECOND_ORDER_FILE = "exps/NAS-Bench-201-algos/DARTS-V2.py"
+NB201_SECOND_ORDER_FUNCTIONS = ("_concat", "_hessian_vector_product", "backward_step_unrolled")
+
+
+def check_reference(path: str, space: str = "darts", order: str = "first") -> str:
   """The absolute path of the reference for ``space`` (quark0/darts's ``cnn/`` directory,
-  or AutoDL-Projects's root for ``'nb201'``), or ValueError naming what is missing and
-  how to get it (before torch is imported or anything is timed)."""
+  or AutoDL-Projects's root for ``'nb201'``) and ``order``, or ValueError naming what is
+  missing and how to get it (before torch is imported or anything is timed)."""
   files, what, fix = REFERENCES[space]
+  if space == "nb201" and order == "second":
+    files += (NB201_SECOND_ORDER_FILE,)
   missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
   if missing:
     raise ValueError(f"--reference={path} is not {what}: it lacks {', '.join(missing)}. "
                      f"{fix}")
   return os.path.abspath(path)
+
+
+def reference_functions(path: str, names, namespace: dict) -> types.SimpleNamespace:
+  """The top-level functions ``names`` of the Python file ``path``, compiled from its source
+  into ``namespace`` (their globals) without running the rest of the file, its imports
+  included; ValueError if it defines any of them not."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  found = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+  missing = [name for name in names if name not in found]
+  if missing:
+    raise ValueError(f"{path} defines no {', '.join(missing)}: is it AutoDL-Projects's "
+                     "DARTS-V2.py?")
+  exec(compile(ast.Module(body=[found[name] for name in names], type_ignores=[]), path,
+               "exec"), namespace)
+  return types.SimpleNamespace(**{name: namespace[name] for name in names})
 
 
 def _darts_step(args, torch, nn, device):
@@ -114,8 +145,9 @@ def _darts_step(args, torch, nn, device):
 
 
 def _nb201_step(args, torch, nn, device):
-  """AutoDL-Projects's DARTS-V1 step on NAS-Bench-201: the weight step, then the
-  architecture step."""
+  """AutoDL-Projects's step on NAS-Bench-201: DARTS-V1's (the weight step, then the
+  architecture step) or DARTS-V2's (the architecture step by finite differences, then the
+  weight step)."""
   models = importlib.import_module("xautodl.models")
   space = models.get_search_spaces("cell", "nas-bench-201")
   model = models.get_cell_based_tiny_net(dict(
@@ -127,14 +159,32 @@ def _nb201_step(args, torch, nn, device):
   a_optimizer = torch.optim.Adam(model.get_alphas(), lr=3e-4, betas=(0.5, 0.999),
                                  weight_decay=1e-3)
 
-  def step(x, y, vx, vy):
+  def weight_step(network, x, y):
     w_optimizer.zero_grad()
-    criterion(model(x)[1], y).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    criterion(network(x)[1], y).backward()
+    nn.utils.clip_grad_norm_(network.parameters(), 5.0)
     w_optimizer.step()
+
+  if args.order == "first":
+    def step(x, y, vx, vy):
+      weight_step(model, x, y)
+      a_optimizer.zero_grad()
+      criterion(model(vx)[1], vy).backward()
+      a_optimizer.step()
+
+    return step
+  _torch_compat(torch)
+  v2 = reference_functions(os.path.join(args.reference, NB201_SECOND_ORDER_FILE),
+                           NB201_SECOND_ORDER_FUNCTIONS,
+                           {"torch": torch, "np": np, "deepcopy": copy.deepcopy})
+  # DARTS-V2 reads the model through the DataParallel wrapper it runs in (``.module``).
+  network = nn.DataParallel(model)
+
+  def step(x, y, vx, vy):
     a_optimizer.zero_grad()
-    criterion(model(vx)[1], vy).backward()
+    v2.backward_step_unrolled(network, criterion, x, y, w_optimizer, vx, vy)
     a_optimizer.step()
+    weight_step(network, x, y)
 
   return step
 
@@ -195,13 +245,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
   parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
   args = parser.parse_args(argv)
-  if args.space == "nb201" and args.order == "second":
-    parser.error("--order=second with --space=nb201: AutoDL-Projects's second order "
-                 "(exps/NAS-Bench-201-algos/DARTS-V2.py) is a script that imports "
-                 "torchvision and its datasets, so it is not timed here; pass "
-                 "--order=first.")
   try:
-    args.reference = check_reference(args.reference, args.space)
+    args.reference = check_reference(args.reference, args.space, args.order)
   except ValueError as error:
     parser.error(str(error))
   print(json.dumps(measure(args)), flush=True)

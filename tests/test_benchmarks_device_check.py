@@ -79,29 +79,52 @@ def test_a_directory_that_is_not_the_reference_is_refused_with_the_fix(module, t
   assert "github.com/quark0/darts" in err
 
 
-def test_nas_bench_201s_reference_is_autodl_projects_and_its_first_order_only(tmp_path,
-                                                                              capsys):
+def test_nas_bench_201s_reference_is_autodl_projects_with_darts_v2_for_second_order(
+    tmp_path, capsys):
   """``--space=nb201`` asks for AutoDL-Projects's root (quark0/darts's cnn/ is refused,
-  naming what it lacks and where to get it), and refuses the second order, which that
-  reference has only as a script needing torchvision, before torch is imported."""
+  naming what it lacks and where to get it), and for the second order its DARTS-V2.py too,
+  before torch is imported."""
   darts = _fake_reference(tmp_path / "cnn")
+  autodl = tmp_path / "AutoDL-Projects"
+  for name in ref.NB201_REFERENCE_FILES:
+    (autodl / name).parent.mkdir(parents=True, exist_ok=True)
+    (autodl / name).write_text("")
   for argv, messages in (
       ([f"--reference={darts}"], ("lacks xautodl/models/cell_searchs/search_model_darts.py",
                                   "github.com/D-X-Y/AutoDL-Projects")),
-      ([f"--reference={darts}", "--order=second"], ("--order=second with --space=nb201",
-                                                    "DARTS-V2.py", "pass --order=first"))):
+      ([f"--reference={autodl}", "--order=second"],
+       ("lacks exps/NAS-Bench-201-algos/DARTS-V2.py", "github.com/D-X-Y/AutoDL-Projects"))):
     with pytest.raises(SystemExit) as exit_info:
       ref.main(["--space=nb201", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert all(message in err for message in messages), err
-  autodl = tmp_path / "AutoDL-Projects"
-  for name in ref.NB201_REFERENCE_FILES:
-    (autodl / name).parent.mkdir(parents=True, exist_ok=True)
-    (autodl / name).write_text("")
   assert ref.check_reference(str(autodl), "nb201") == str(autodl)
   with pytest.raises(ValueError, match="not quark0/darts's cnn/ directory"):
     ref.check_reference(str(autodl))
+  (autodl / ref.NB201_SECOND_ORDER_FILE).parent.mkdir(parents=True)
+  (autodl / ref.NB201_SECOND_ORDER_FILE).write_text("")
+  assert ref.check_reference(str(autodl), "nb201", "second") == str(autodl)
+
+
+def test_the_reference_scripts_functions_are_compiled_without_running_the_script(tmp_path):
+  """DARTS-V2.py's step functions are taken from its source with the globals given: its
+  imports (torchvision, the datasets) and the rest of its body never run."""
+  script = tmp_path / "DARTS-V2.py"
+  script.write_text(
+      "import torchvision_that_is_not_installed\n"
+      "raise SystemExit('the script body ran')\n"
+      "def _concat(xs):\n  return scale * sum(xs)\n"
+      "def backward_step_unrolled(xs):\n  return _concat(xs) + 1\n"
+      "def main():\n  raise SystemExit('main ran')\n"
+      "if __name__ == '__main__':\n  main()\n")
+  functions = ref.reference_functions(str(script), ("_concat", "backward_step_unrolled"),
+                                      {"scale": 10})
+  assert functions.backward_step_unrolled([1, 2]) == 31
+  assert sorted(vars(functions)) == ["_concat", "backward_step_unrolled"]
+  with pytest.raises(ValueError, match="defines no _hessian_vector_product: is it "
+                     "AutoDL-Projects's DARTS-V2.py"):
+    ref.reference_functions(str(script), ref.NB201_SECOND_ORDER_FUNCTIONS, {})
 
 
 def test_run_reads_the_last_json_line_and_reports_failures():
