@@ -1,14 +1,14 @@
 """Times a PyTorch reference search step (DARTS's or NAS-Bench-201's) on this machine.
 
 DARTS's reference is quark0/darts ``cnn/``; NAS-Bench-201's is D-X-Y/AutoDL-Projects's
-``DARTS-V1``.
+``DARTS-V1`` (first order) and ``DARTS-V2`` (second order).
 
 The reference code is read from a path given as an argument and never copied here:
 
   python benchmarks/reference_step.py --reference=PATH/TO/darts/cnn --order=first \\
       --batch=64 --channels=16 --layers=8 --size=32 [--steps=3] [--threads=2]
   python benchmarks/reference_step.py --space=nb201 --reference=PATH/TO/AutoDL-Projects \\
-      --batch=64 --channels=16 --layers=5 --size=32
+      --order=second --batch=64 --channels=16 --layers=5 --size=32
 
 One DARTS step is the reference's ``train_search.train`` body: ``architect.step`` (first
 order, or the unrolled second order by finite differences) on a validation batch, then the
@@ -108,14 +108,14 @@ def check_reference(path: str, space: str = "darts", order: str = "first") -> st
 def reference_functions(path: str, names, namespace: dict) -> types.SimpleNamespace:
   """The top-level functions ``names`` of the Python file ``path``, compiled from its source
   into ``namespace`` (their globals) without running the rest of the file, its imports
-  included; ValueError if it defines any of them not."""
+  included; ValueError naming those it does not define."""
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
   found = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
   missing = [name for name in names if name not in found]
   if missing:
-    raise ValueError(f"{path} defines no {', '.join(missing)}: is it AutoDL-Projects's "
-                     "DARTS-V2.py?")
+    raise ValueError(f"{path} defines no top-level {', '.join(missing)}, which the step "
+                     "calls: is it the reference's file, at a version that has them?")
   exec(compile(ast.Module(body=[found[name] for name in names], type_ignores=[]), path,
                "exec"), namespace)
   return types.SimpleNamespace(**{name: namespace[name] for name in names})
