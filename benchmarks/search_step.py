@@ -259,6 +259,11 @@ def build_search(args, evaluate: str, platform: str | None = None):
                                steps_per_epoch=100, platform=platform)
 
 
+def search_compile_mode(search) -> str:
+  """How ``search`` compiles its step: ``'loop'``, ``'fused'`` or ``'shared'``."""
+  return "loop" if search.looped else "fused" if search.fused else "shared"
+
+
 def measure(args) -> dict:
   """Runs one configuration in this process and returns its numbers."""
   import jax
@@ -313,7 +318,7 @@ def measure(args) -> dict:
       "space": args.space, "algorithm": args.algorithm, "order": args.order, "neighbors": k,
       "channels": args.channels, "layers": args.layers, "size": args.size,
       "batch": args.batch, "dtype": args.dtype, "depthwise_impl": args.depthwise_impl,
-      "inner_impl": args.inner_impl, "compile": search.fused and "fused" or "shared",
+      "inner_impl": args.inner_impl, "compile": search_compile_mode(search),
       "gpu_autotune": args.gpu_autotune,
       "vmap_neighbors": vmapped,
       "neighbor_chunk": search.vmap_chunk() if vmapped and k > 1 else None,
@@ -353,7 +358,8 @@ def main(argv=None):
   parser.add_argument("--order", default="first",
                       choices=["first", "second_fd", "second_exact"])
   parser.add_argument("--neighbors", type=int, default=4)
-  parser.add_argument("--compile", default="auto", choices=["auto", "shared", "fused"])
+  parser.add_argument("--compile", default="auto",
+                      choices=["auto", "shared", "fused", "loop"])
   parser.add_argument("--evaluate", default="auto", choices=["auto", "vmap", "loop"])
   parser.add_argument("--chunk", type=int, help="neighbors per vmapped pass "
                       "(config.search.neighbors.chunk; 0: all at once)")

@@ -95,7 +95,9 @@ def get_config():
   config.search.recalibrate_batches = 4
   # 'shared': every phase of the step calls one compiled supernet gradient (compiles once).
   # 'fused': the whole step is one jit. 'auto': 'fused' for first-order DARTS without
-  # warm-up epochs on a CPU, else 'shared' (see nanas_jax/search/bilevel.py).
+  # warm-up epochs on a CPU, else 'shared' (see nanas_jax/search/bilevel.py). 'loop'
+  # (first order): one jit whose gradients are the iterations of one loop, the shortest
+  # compile for DARTS's supernet, for a step about as fast.
   config.search.compile = "auto"
   # The dtype the supernet computes in: 'bfloat16' runs its convolutions and matmuls in
   # bfloat16 (for GPUs and TPUs) while parameters, alpha, optimizer states and BatchNorm

@@ -546,6 +546,45 @@ def test_pointwise_conv_matches_einsum(lead):
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 
+def _gated_cases(rng):
+  """``(name, fn(x, kernels), x, kernels)``: the supernet's convolutions, on one leading
+  (edge) axis."""
+  x = jnp.asarray(_rand(rng, 2, 4, 8, 8, 3))
+  depthwise = lambda a, ks: F.depthwise_convs(a[:, None], ks, [1, 2], impl="taps")
+  return [
+      ("pointwise", F.pointwise_conv, x, jnp.asarray(_rand(rng, 2, 3, 5))),
+      ("depthwise", depthwise, x,
+       [jnp.asarray(_rand(rng, 2, 3, 3, 3)), jnp.asarray(_rand(rng, 2, 5, 5, 3))]),
+      ("factorized", lambda a, ks: F.factorized_reduce_convs(a, *ks), x,
+       (jnp.asarray(_rand(rng, 2, 3, 2)), jnp.asarray(_rand(rng, 2, 3, 3)))),
+  ]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_kernel_gated_skips_only_the_kernels_gradient_where_told(case):
+  """`F.kernel_gated` against the convolution's own gradient (the oracle): the same
+  output and input gradient either way; the kernels' gradient where the traced flag
+  holds, zeros where not."""
+  name, fn, x, kernels = _gated_cases(np.random.default_rng(20 + case))[case]
+  cot = jnp.asarray(np.random.default_rng(30 + case).normal(size=fn(x, kernels).shape),
+                    jnp.float32)
+
+  def loss(a, ks, flag=None):
+    return jnp.sum(F.kernel_gated(fn, a, ks, flag) * cot)
+
+  want_x, want_k = jax.grad(loss, argnums=(0, 1))(x, kernels)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  for flag in (True, False):
+    got_x, got_k = grads(x, kernels, jnp.asarray(flag))
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5, err_msg=name)
+    for got, want in zip(jax.tree.leaves(got_k), jax.tree.leaves(want_k)):
+      assert np.any(want != 0)
+      np.testing.assert_allclose(got, want if flag else np.zeros_like(want), rtol=1e-5,
+                                 atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(F.kernel_gated(fn, x, kernels, jnp.asarray(False)),
+                                fn(x, kernels))
+
+
 @pytest.mark.parametrize("lead, one_pass", list(itertools.product([0, 1, 2], [False, True])))
 def test_batch_norm_matches_numpy(lead, one_pass):
   rng = np.random.default_rng(10 + lead)

@@ -275,6 +275,39 @@ def test_vmap_over_architectures_equals_loop(net):
   assert np.abs(logits[0] - logits[1]).max() > 1e-4  # the weights matter
 
 
+def test_kernel_grads_false_zeroes_the_cells_kernel_gradients_and_nothing_else(net):
+  """``kernel_grads`` against the network's own gradient (the oracle): with True every
+  gradient is the same; with False the cells' convolution kernels' are zeros, and the
+  stem's, the classifier's and the architecture weights' are the same."""
+  model, x, v = net["model"], net["images"], net["variables"]
+  labels = jnp.arange(x.shape[0]) % NET_CLASSES
+
+  def loss(params, weights, kernel_grads=None):
+    logits, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, weights,
+                            train=True, mutable=["batch_stats"], kernel_grads=kernel_grads)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), labels])
+
+  want = jax.grad(loss, argnums=(0, 1))(v["params"], net["arch"][0])
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  kernels = ("dw1_", "dw2_", "pw1", "pw2", "fr_a", "fr_b", "conv")
+  skipped = []
+  for flag in (True, False):
+    got = grads(v["params"], net["arch"][0], jnp.asarray(flag))
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[0]),
+                            jax.tree.leaves(want[0])):
+      name = jax.tree_util.keystr(path)
+      cell_kernel = name.startswith("['cell") and any(f"['{k}" in name for k in kernels)
+      assert np.any(np.asarray(w) != 0), name
+      if not flag and cell_kernel:
+        skipped.append(name)
+      np.testing.assert_allclose(g, 0 * w if not flag and cell_kernel else w, rtol=1e-4,
+                                 atol=1e-6, err_msg=name)
+  # Every cell's preprocessing, input edges and inner edges.
+  assert {p.split("]")[0] for p in skipped} == {f"['cell{i}'" for i in range(NET_LAYERS)}
+  assert sum("preprocess" in p for p in skipped) == 2 * NET_LAYERS + 1
+
+
 def test_invalid_weight_shapes(net):
   model, x, v = net["model"], net["images"], net["variables"]
   for bad in (jnp.zeros((14, NUM_OPS)), jnp.zeros((2, 14, 7)), jnp.zeros((1, 14, NUM_OPS)),

@@ -47,6 +47,21 @@ class ToyArchModel(nn.Module):
     return nn.Dense(self.classes)(h)
 
 
+class GatedToyArchModel(ToyArchModel):
+  """`ToyArchModel` whose projection is a kernel that ``kernel_grads`` can skip (as the
+  DARTS supernet's convolutions: `F.kernel_gated`), so that a step compiles as a loop."""
+
+  @nn.compact
+  def __call__(self, x, weights, train, kernel_grads=None):
+    x = x.reshape(x.shape[0], -1)
+    proj = self.param("proj", nn.initializers.normal(0.5),
+                      weights.shape + (x.shape[-1], self.hidden))
+    inputs = jnp.einsum("teo,bd->bteod", weights, x)
+    h = jnp.tanh(F.kernel_gated(lambda a, p: jnp.einsum("bteod,teodh->bh", a, p), inputs,
+                                proj, kernel_grads))
+    return nn.Dense(self.classes)(h)
+
+
 def make_config(algorithm="darts", order="first", **neighbors):
   config = quickstart.get_config().search
   config.algorithm = algorithm
@@ -257,14 +272,76 @@ def test_shared_and_fused_compilation_make_the_same_step(algorithm, order):
   states = []
   for mode in ("shared", "fused"):
     config = make_config(algorithm, order, **kwargs)
-    config.compile = mode
+    # Architecture steps from the first (the quick start's config warms up).
+    config.compile, config.warmup_epochs = mode, 0
     search = BilevelSearch(ToyArchModel(), SPACE, config, 10)
     state = init_state(search, tx)
     step = search.jit_step()
     for _ in range(2):
       state, _ = step(state, (tx, ty), (vx, vy))
     states.append(state)
-  assert_states_close(*states)
+  # The finite differences divide the two programs' rounding by 2r (r = 0.01 / |v|).
+  assert_states_close(*states, atol=1e-6 if order == "second_fd" else 1e-7)
+
+
+@pytest.mark.parametrize("algorithm,neighbors", [
+    ("darts", {}), ("na_darts", dict(num=3, kind="swap")),
+    ("na_darts", dict(num=2, kind="swap", include_center=True, aggregation="max"))])
+def test_loop_compilation_makes_the_shared_step(algorithm, neighbors):
+  """``compile='loop'`` (the neighbors' and the weight step's gradients as iterations of
+  one loop, the kernels' gradients skipped in the neighbors') against the shared step (the
+  oracle, tested against a Python loop above): the same states and metrics over two
+  steps, with the step donated as the fused one is."""
+  (tx, ty), (vx, vy) = make_batches()
+  results = []
+  for mode in ("shared", "loop"):
+    config = make_config(algorithm, **neighbors)
+    config.compile, config.warmup_epochs = mode, 0
+    search = BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
+    assert search.looped == (mode == "loop") and search.fused == (mode == "loop")
+    state = init_state(search, tx)
+    step = search.jit_step()
+    for _ in range(2):
+      before = state
+      state, metrics = step(state, (tx, ty), (vx, vy))
+      assert all(leaf.is_deleted() for leaf in jax.tree.leaves(before.params)) == (
+          mode == "loop")
+    results.append((state, metrics))
+  assert_states_close(results[0][0], results[1][0])
+  assert results[0][1].keys() == results[1][1].keys()
+  for name in results[0][1]:
+    np.testing.assert_allclose(results[0][1][name], results[1][1][name], rtol=2e-5,
+                               atol=1e-7, err_msg=name)
+  assert float(results[1][1]["arch_loss"]) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["darts", "na_darts"])
+def test_a_step_compiles_as_a_loop_only_when_asked(algorithm):
+  """``compile='loop'`` is taken as asked; ``'auto'`` keeps its choices of before (fused
+  DARTS, shared NA-DARTS), even on a supernet that could run the loop."""
+  kwargs = dict(num=2, kind="swap") if algorithm == "na_darts" else {}
+  modes = {}
+  for mode in ("auto", "shared", "fused", "loop"):
+    config = make_config(algorithm, **kwargs)
+    config.compile, config.warmup_epochs = mode, 0
+    search = BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
+    modes[mode] = (search.looped, search.fused)
+  assert modes == {"auto": (False, algorithm == "darts"), "shared": (False, False),
+                   "fused": (False, True), "loop": (True, True)}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model=ToyArchModel), "needs a supernet that can skip its kernels' gradients"),
+    (dict(order="second_fd"), "compile = 'loop' is invalid: expected 'auto', 'shared' or "
+                              "'fused' with order = 'second_fd'"),
+    (dict(batch="split"), "compile = 'loop' is invalid: expected 'auto', 'shared' or "
+                          "'fused' with neighbors.batch = 'split'")])
+def test_loop_compilation_refuses_what_it_cannot_run(change, message):
+  config = make_config("na_darts", change.get("order", "first"), num=2, kind="swap",
+                       batch=change.get("batch", "full"))
+  config.compile = "loop"
+  with pytest.raises(ValueError, match=message):
+    BilevelSearch(change.get("model", GatedToyArchModel)(), SPACE, config, 10)
 
 
 @pytest.mark.parametrize("dw_impl,algorithm,order,warmup,fused", [

@@ -175,20 +175,27 @@ def pad_spatial(x: jax.Array, pad: int, value: float = 0.0) -> jax.Array:
 
 
 def depthwise_convs(x: jax.Array, kernels, dilations, *, stride: int = 1,
-                    impl: str = "auto") -> jax.Array:
+                    impl: str = "auto", kernel_grads=None) -> jax.Array:
   """Several depthwise 'same' convolutions at once: ``[*lead, n, B, H', W', C]``.
 
   ``x[*lead, G, B, H, W, C]`` holds one input per kernel (``G = n``) or one shared by all
   (``G = 1``); ``kernels[g]`` is ``[*lead, k_g, k_g, C]`` with dilation ``dilations[g]``.
   With ``'scan'`` every tap of a kernel is one iteration of that kernel's loop, so the
   compiled graph holds one tap per kernel however large the kernels are.
+  ``kernel_grads``: `kernel_gated`'s, for all of the kernels.
   """
   lead = kernels[0].ndim - 3
   n = len(kernels)
   if x.shape[lead] not in (1, n):
     raise ValueError(f"depthwise_convs: {n} kernels need 1 or {n} inputs on axis {lead}, "
                      f"got {x.shape[lead]}")
-  impl = resolve_depthwise_impl(impl)
+  return kernel_gated(functools.partial(_depthwise_convs, dilations=dilations, stride=stride,
+                                        impl=resolve_depthwise_impl(impl), lead=lead),
+                      x, kernels, kernel_grads)
+
+
+def _depthwise_convs(x, kernels, dilations, stride, impl, lead):
+  """`depthwise_convs` with ``impl`` resolved."""
   if impl in ("taps", "taps_fused"):
     shared = x.shape[lead] == 1
     chunk = TAPS_BATCH_CHUNK if impl == "taps" else 0
@@ -615,8 +622,54 @@ def sum_axis(x: jax.Array, axis: int) -> jax.Array:
   return functools.reduce(jnp.add, parts)
 
 
-def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """1x1 convolution ``x[*lead, B, H, W, Cin] @ kernel[*lead, Cin, Cout]`` per leading index."""
+def kernel_gated(fn, x, kernels, kernel_grads=None):
+  """``fn(x, kernels)``, for ``fn`` a convolution (or several) of ``x`` with ``kernels``
+  (an array or a tree of them), whose gradient with respect to ``kernels`` is computed
+  only where ``kernel_grads`` (a traced boolean scalar) holds, and is zeros elsewhere; the
+  gradient with respect to ``x`` always is. ``kernel_grads=None``: ``fn(x, kernels)``.
+
+  For a step that runs one supernet gradient for both sides of the bilevel step in a
+  loop (`nanas_jax.search.bilevel`, ``compile='loop'``): the architecture side's
+  iterations skip the kernels' gradients, which it throws away, at run time, inside the
+  one compiled body."""
+  if kernel_grads is None:
+    return fn(x, kernels)
+  return _kernel_gated(fn, x, kernels, kernel_grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_gated(fn, x, kernels, kernel_grads):
+  del kernel_grads
+  return fn(x, kernels)
+
+
+def _kernel_gated_fwd(fn, x, kernels, kernel_grads):
+  out, pullback = jax.vjp(fn, x, kernels)
+  return out, (pullback, kernels, kernel_grads)
+
+
+def _kernel_gated_bwd(fn, residuals, g):
+  del fn
+  pullback, kernels, kernel_grads = residuals
+  # The pullback's two gradients, each where it is needed: what a side does not return,
+  # XLA removes (a hand-written gradient's other half included), so the kernels' gradient
+  # is computed in the branch that runs only where ``kernel_grads`` holds.
+  grad_x = pullback(g)[0]
+  grad_kernels = lax.cond(kernel_grads, lambda: pullback(g)[1],
+                          lambda: jax.tree.map(jnp.zeros_like, kernels))
+  return grad_x, grad_kernels, None
+
+
+_kernel_gated.defvjp(_kernel_gated_fwd, _kernel_gated_bwd)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, kernel_grads=None) -> jax.Array:
+  """1x1 convolution ``x[*lead, B, H, W, Cin] @ kernel[*lead, Cin, Cout]`` per leading index;
+  ``kernel_grads``: `kernel_gated`'s."""
+  return kernel_gated(_pointwise_conv, x, kernel, kernel_grads)
+
+
+def _pointwise_conv(x, kernel):
   lead = kernel.ndim - 2
   letters = "acdefgj"[:lead]
   return jnp.einsum(f"{letters}bhwi,{letters}io->{letters}bhwo", x, kernel)
@@ -699,8 +752,8 @@ def avg_pool_3x3(x: jax.Array, stride: int, windows: bool = False) -> jax.Array:
   return total / count
 
 
-def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
-                            kernel_b: jax.Array) -> jax.Array:
+def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array, kernel_b: jax.Array,
+                            kernel_grads=None) -> jax.Array:
   """DARTS FactorizedReduce without its BatchNorm: relu, two offset stride-2 1x1 convs.
 
   The second conv reads the odd rows and columns (PyTorch: a stride-2 conv of
@@ -712,6 +765,7 @@ def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
   Hopper) aborted in its Triton GEMM fusion on those slices feeding the 1x1 convs' matmuls
   (a ``triton_tiling_propagation.cc`` check failure; `benchmarks/gpu_compile.py` found it,
   and tests/test_benchmarks_gpu_compile.py compiles the supernet for an H200).
+  ``kernel_grads``: `kernel_gated`'s, for both convolutions.
   """
   *_, h, w, _ = x.shape
   if h % 2 or w % 2:
@@ -720,8 +774,8 @@ def factorized_reduce_convs(x: jax.Array, kernel_a: jax.Array,
         "choose an input size divisible by 4 (two reductions).")
   x = jax.nn.relu(x)
   blocks = x.reshape(x.shape[:-3] + (h // 2, 2, w // 2, 2, x.shape[-1]))
-  a = pointwise_conv(blocks[..., 0, :, 0, :], kernel_a)
-  b = pointwise_conv(blocks[..., 1, :, 1, :], kernel_b)
+  a = pointwise_conv(blocks[..., 0, :, 0, :], kernel_a, kernel_grads)
+  b = pointwise_conv(blocks[..., 1, :, 1, :], kernel_b, kernel_grads)
   return jnp.concatenate([a, b], axis=-1)
 
 

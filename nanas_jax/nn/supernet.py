@@ -115,7 +115,7 @@ def batch_norm(x: jax.Array, lead: int, stats: tuple[jax.Array, jax.Array],
 
 def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
                 weights: jax.Array, stride: int, train: bool, dw_impl: str,
-                sources: np.ndarray | None = None):
+                sources: np.ndarray | None = None, kernel_grads=None):
   """A group of ``E`` DARTS MixedOps, one per edge, each with its own parameters ``p``.
 
   ``xs[E, B, H, W, C]``, ``weights[E, 8]`` -> the weighted sum of the 8 operations of every
@@ -127,6 +127,9 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   and their BatchNorm statistics are then computed once per input, not once per edge (a
   cell's 8 input edges read 2 states). Where the edges read the inputs in turn (a cell's
   ``(s0, s1) * 4``), so, in training, are the normalised pools and the skip connection.
+
+  ``kernel_grads``: None, or a traced boolean; where it is False the convolution kernels'
+  gradients are not computed, and are zeros (`functional.kernel_gated`).
   """
   new_stats = {}
   # On a TPU the stride-1 edges' inputs and outputs, and so (by XLA's propagation) most
@@ -159,17 +162,17 @@ def mixed_edges(p: dict[str, jax.Array], stats: dict[str, tuple], xs: jax.Array,
   if stride == 1:
     skip = distinct if tiled else xs
   else:
-    skip = bn("fr_bn", F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"]), 1)
+    skip = bn("fr_bn", F.factorized_reduce_convs(xs, p["fr_a"], p["fr_b"], kernel_grads), 1)
 
   stage1 = F.depthwise_convs(
       jax.nn.relu(xs)[:, None], [p[f"dw1_{i}"] for i in range(len(_STAGE1))],
-      [d for _, d in _STAGE1], stride=stride, impl=dw_impl)
-  stage1 = bn("bn1", F.pointwise_conv(stage1, p["pw1"]), 2)
+      [d for _, d in _STAGE1], stride=stride, impl=dw_impl, kernel_grads=kernel_grads)
+  stage1 = bn("bn1", F.pointwise_conv(stage1, p["pw1"], kernel_grads), 2)
 
   stage2 = F.depthwise_convs(
       jax.nn.relu(stage1[:, :2]), [p[f"dw2_{i}"] for i in range(len(_STAGE2))],
-      [d for _, d in _STAGE2], impl=dw_impl)
-  stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"]), 2)
+      [d for _, d in _STAGE2], impl=dw_impl, kernel_grads=kernel_grads)
+  stage2 = bn("bn2", F.pointwise_conv(stage2, p["pw2"], kernel_grads), 2)
   out = F.mixed_sum(weights[:, _MIXED], (pools[:, 0], pools[:, 1], skip, stage1[:, 2],
                                          stage1[:, 3], stage2[:, 0], stage2[:, 1]))
   return pin(out), new_stats
@@ -230,7 +233,8 @@ class MixedEdges(_EdgeGroup):
   sources: tuple[int, ...] | None = None
 
   @nn.compact
-  def __call__(self, xs: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, xs: jax.Array, weights: jax.Array, train: bool,
+               kernel_grads=None) -> jax.Array:
     e, c, s = self.num_edges, self.channels, self.stride
     sources = None if self.sources is None else np.asarray(self.sources)
     inputs = e if sources is None else int(sources.max()) + 1
@@ -246,7 +250,7 @@ class MixedEdges(_EdgeGroup):
       size = (F.output_size(xs.shape[2], s), F.output_size(xs.shape[3], s))
       return jnp.zeros((e,) + xs.shape[1:2] + size + (c,), xs.dtype)
     out, new_stats = mixed_edges(p, self.stats_values(variables), xs, weights, s, train,
-                                 self.dw_impl, sources)
+                                 self.dw_impl, sources, kernel_grads)
     self.store_stats(variables, new_stats, train)
     return out
 
@@ -359,7 +363,8 @@ class InnerEdges(_EdgeGroup):
   materialize: bool = False
 
   @nn.compact
-  def __call__(self, base: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, base: jax.Array, weights: jax.Array, train: bool,
+               kernel_grads=None) -> jax.Array:
     n = self.steps
     if self.num_edges != n * (n - 1) // 2 or base.shape[0] != n:
       raise ValueError(f"InnerEdges: {n} nodes need {n * (n - 1) // 2} edges and base "
@@ -371,7 +376,7 @@ class InnerEdges(_EdgeGroup):
     stats = self.stats_values(variables)
 
     def edge_fn(q, st, xs, w):
-      return mixed_edges(q, st, xs, w, 1, train, self.dw_impl)
+      return mixed_edges(q, st, xs, w, 1, train, self.dw_impl, kernel_grads=kernel_grads)
 
     inner_impl = resolve_inner_impl(self.inner_impl, F.resolve_depthwise_impl(self.dw_impl),
                                     math.prod(base.shape[1:4]))
@@ -392,7 +397,7 @@ class Preprocess(nn.Module):
   one_pass: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, kernel_grads=None) -> jax.Array:
     c_in, c = x.shape[-1], self.channels
     mean = self.variable("batch_stats", "bn_mean", F.running_stats_init(0), (c,))
     var = self.variable("batch_stats", "bn_var", F.running_stats_init(1), (c,))
@@ -406,9 +411,9 @@ class Preprocess(nn.Module):
       size = (F.output_size(x.shape[1], stride), F.output_size(x.shape[2], stride))
       return jnp.zeros(x.shape[:1] + size + (c,), x.dtype)
     if self.reduce:
-      y = F.factorized_reduce_convs(x, *kernels)
+      y = F.factorized_reduce_convs(x, *kernels, kernel_grads)
     else:
-      y = F.pointwise_conv(jax.nn.relu(x), kernel)
+      y = F.pointwise_conv(jax.nn.relu(x), kernel, kernel_grads)
     y, new = batch_norm(y, 0, (mean.value, var.value), train, one_pass=self.one_pass)
     if train and self.is_mutable_collection("batch_stats"):
       mean.value, var.value = new
@@ -426,8 +431,9 @@ class SearchCell(nn.Module):
   inner_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, s0, s1, weights, train: bool):
-    """``weights[num_edges, 8]`` in the reference edge order (see ``cell_edges``)."""
+  def __call__(self, s0, s1, weights, train: bool, kernel_grads=None):
+    """``weights[num_edges, 8]`` in the reference edge order (see ``cell_edges``);
+    ``kernel_grads`` as `mixed_edges`', for every convolution of the cell."""
     edges = cell_edges(self.steps)
     if weights.shape != (len(edges), len(PRIMITIVES)):
       raise ValueError(f"cell weights must have shape {(len(edges), len(PRIMITIVES))}, "
@@ -439,8 +445,9 @@ class SearchCell(nn.Module):
     dw_impl = F.resolve_depthwise_impl(self.dw_impl, pixels)
     one_pass = F.accelerator_kernels(dw_impl)  # BatchNorm statistics in one pass
     s0 = Preprocess(self.channels, self.reduction_prev, one_pass, name="preprocess0")(
-        s0, train)
-    s1 = Preprocess(self.channels, False, one_pass, name="preprocess1")(s1, train)
+        s0, train, kernel_grads)
+    s1 = Preprocess(self.channels, False, one_pass, name="preprocess1")(s1, train,
+                                                                        kernel_grads)
     inner_impl = resolve_inner_impl(self.inner_impl, dw_impl, pixels)
     # With the CPU's kernels and the nodes unrolled (CIFAR-sized batches), the cell's
     # inputs, its nodes' input-edge sums and its nodes are each computed once
@@ -456,14 +463,14 @@ class SearchCell(nn.Module):
     # Edge 2 * node + source reads s0 (source 0) or s1 (source 1).
     ys = MixedEdges(2 * self.steps, self.channels, 2 if self.reduction else 1,
                     dw_impl, sources=(0, 1) * self.steps, name="inputs")(
-                        jnp.stack([s0, s1]), weights[input_edges], train)
+                        jnp.stack([s0, s1]), weights[input_edges], train, kernel_grads)
     base = F.sum_axis(ys.reshape((self.steps, 2) + ys.shape[1:]), 1)
     if materialize:
       base = F.materialized(base)
     inner_edges = np.array([index[(i, 2 + j)] for i in range(1, self.steps) for j in range(i)])
     nodes = InnerEdges(len(inner_edges), self.channels, 1, dw_impl, steps=self.steps,
                        inner_impl=inner_impl, materialize=materialize,
-                       name="inner")(base, weights[inner_edges], train)
+                       name="inner")(base, weights[inner_edges], train, kernel_grads)
     return jnp.concatenate(list(nodes[-self.multiplier:]), axis=-1)
 
 
@@ -474,7 +481,10 @@ class SearchNetwork(nn.Module):
   of ``weights`` is the normal cell, index 1 the reduction cell. Reduction cells sit at
   ``layers // 3`` and ``2 * layers // 3`` and double the channels. ``dw_impl``: the
   depthwise convolutions (`functional.DEPTHWISE_IMPLS`); ``inner_impl``: the cells' inner
-  nodes in a loop or unrolled (`INNER_IMPLS`, `resolve_inner_impl`).
+  nodes in a loop or unrolled (`INNER_IMPLS`, `resolve_inner_impl`). ``kernel_grads``
+  (None, or a traced boolean): where False, the cells' convolution kernels get no
+  gradient (zeros, not computed: `functional.kernel_gated`); the stem's and the
+  classifier's always do.
   """
   num_classes: int
   channels: int = 16
@@ -486,7 +496,8 @@ class SearchNetwork(nn.Module):
   inner_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, images: jax.Array, weights: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, images: jax.Array, weights: jax.Array, train: bool,
+               kernel_grads=None) -> jax.Array:
     num_edges = len(cell_edges(self.steps))
     if weights.shape != (2, num_edges, len(PRIMITIVES)):
       raise ValueError(
@@ -511,7 +522,7 @@ class SearchNetwork(nn.Module):
         c_curr *= 2
       cell = SearchCell(c_curr, reduction, reduction_prev, self.steps, self.multiplier,
                         dw_impl, inner_impl, name=f"cell{i}")
-      s0, s1 = s1, cell(s0, s1, weights[1 if reduction else 0], train)
+      s0, s1 = s1, cell(s0, s1, weights[1 if reduction else 0], train, kernel_grads)
       reduction_prev = reduction
     features = jnp.mean(s1, axis=(1, 2))
     fan_in = features.shape[-1]

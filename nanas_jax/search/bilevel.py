@@ -53,7 +53,11 @@ traced into another program as itself.
 ``compile='fused'`` traces the whole step into one ``jax.jit`` (XLA may fuse across
 phases), around the same jitted supernet gradients, which XLA inlines. ``'auto'`` is
 ``'fused'`` for first-order DARTS without warm-up epochs on the CPU's kernels, else
-``'shared'`` (`fused_compile`). On an H200 with JAX 0.11.2, XLA's GPU
+``'shared'`` (`fused_compile`). ``compile='loop'`` (the first order on full batches, with
+a supernet that can skip its kernels' gradients: `takes_kernel_grads`) makes the step one
+program in which the neighbors' gradients and the weight step's are the iterations of one
+loop over the full supernet gradient, so that one supernet gradient compiles
+(`BilevelSearch._loop_step`). On an H200 with JAX 0.11.2, XLA's GPU
 compiler aborted on the fused step (a ``triton_tiling_propagation.cc`` check failure);
 the cause, found by compiling for an H200 on a CPU (`benchmarks/gpu_compile.py`), was
 the stride-2 slices feeding matmuls in `nanas_jax.nn.functional.factorized_reduce_convs`,
@@ -78,6 +82,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -99,7 +104,7 @@ from nanas_jax.spaces import SearchSpace
 ORDERS = ("first", "second_fd", "second_exact")
 ALGORITHMS = ("darts", "na_darts")
 NEIGHBOR_EVALUATIONS = ("auto", "vmap", "loop")
-COMPILE_MODES = ("auto", "shared", "fused")
+COMPILE_MODES = ("auto", "shared", "fused", "loop")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # XLA's settings for a GPU program compiled without timing anything on the GPU
 # (``config.search.gpu_autotune = False``): cuDNN's and cuBLAS's own heuristics pick each
@@ -158,20 +163,24 @@ def compute_dtype(config: ml_collections.ConfigDict):
   return None if dtype == "float32" else jnp.dtype(dtype)
 
 
-def apply_supernet(model, dtype, params, batch_stats, images, weights, train: bool):
+def apply_supernet(model, dtype, params, batch_stats, images, weights, train: bool,
+                   kernel_grads=None):
   """``(float32 logits, batch_stats after the pass)`` of ``model`` computed in ``dtype``
   (`compute_dtype`): the parameters, images and architecture weights enter it cast, so
   every convolution and matmul runs in that dtype, while what the state keeps stays
   float32 (parameters, alpha and their gradients through the casts, optimizer states, and
   the BatchNorm statistics, which the BatchNorms reduce in float32). In evaluation mode
-  the statistics come back unchanged."""
+  the statistics come back unchanged. ``kernel_grads`` (a traced boolean, for a supernet
+  that takes it: `takes_kernel_grads`): where False, its cells' convolution kernels get
+  zero gradients, not computed."""
   if dtype is not None:
     params, images, weights = jax.tree.map(lambda x: x.astype(dtype),
                                            (params, images, weights))
   variables = {"params": params, "batch_stats": batch_stats}
+  gate = {} if kernel_grads is None else {"kernel_grads": kernel_grads}
   if train:
     logits, updates = model.apply(variables, images, weights, train=True,
-                                  mutable=["batch_stats"])
+                                  mutable=["batch_stats"], **gate)
     # Models without BatchNorm have no statistics to update.
     batch_stats = updates.get("batch_stats", batch_stats)
   else:
@@ -179,18 +188,23 @@ def apply_supernet(model, dtype, params, batch_stats, images, weights, train: bo
   return (logits if dtype is None else logits.astype(jnp.float32)), batch_stats
 
 
-def supernet_train_loss(model, dtype, params, batch_stats, weights, images, labels):
+def supernet_train_loss(model, dtype, params, batch_stats, weights, images, labels,
+                        kernel_grads=None):
   """Training-mode loss of ``model`` in ``dtype`` (`apply_supernet`) at architecture
   weights ``weights``, with the logits and the BatchNorm statistics update:
   ``(loss, (logits, new batch_stats))``."""
   logits, new_stats = apply_supernet(model, dtype, params, batch_stats, images, weights,
-                                     train=True)
+                                     train=True, kernel_grads=kernel_grads)
   return cross_entropy(logits, labels), (logits, new_stats)
 
 
-def supernet_value_and_grads(model, dtype, params, batch_stats, weights, images, labels):
-  """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``."""
-  loss_fn = functools.partial(supernet_train_loss, model, dtype)
+def supernet_value_and_grads(model, dtype, params, batch_stats, weights, images, labels,
+                             kernel_grads=None):
+  """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``; with
+  ``kernel_grads`` False, the cells' convolution kernels' entries of ``d loss/d params``
+  are zeros, not computed (`apply_supernet`)."""
+  gate = {} if kernel_grads is None else {"kernel_grads": kernel_grads}
+  loss_fn = functools.partial(supernet_train_loss, model, dtype, **gate)
   (loss, (logits, new_stats)), (grad_params, grad_weights) = jax.value_and_grad(
       loss_fn, argnums=(0, 2), has_aux=True)(params, batch_stats, weights, images, labels)
   return loss, logits, new_stats, grad_params, grad_weights
@@ -367,6 +381,12 @@ def fused_compile(mode: str, accelerator: bool, order: str, neighbors: int,
   return not accelerator and order == "first" and neighbors == 1 and not warmup_steps
 
 
+def takes_kernel_grads(model) -> bool:
+  """Whether ``model`` takes ``kernel_grads`` (`apply_supernet`), as DARTS's supernet
+  does: what a step compiled as a loop (``compile='loop'``) needs."""
+  return "kernel_grads" in inspect.signature(type(model).__call__).parameters
+
+
 def _traced(args) -> bool:
   """Whether a program called on ``args`` is being traced into another (a fused step, a
   vmapped or differentiated function) rather than run: whether its arguments are tracers.
@@ -433,8 +453,17 @@ class BilevelSearch:
     # with the four in one pass (`benchmarks/gpu_compile.py --tpu`; benchmarks/README.md,
     # "A TPU layout for the search cells").
     self._one_neighbor_a_pass = evaluate == "auto" and tpu
-    self.fused = fused_compile(config.get("compile", "auto"), accelerator, config.order,
-                               self.neighborhood.size, self.warmup_steps)
+    mode = config.get("compile", "auto")
+    if mode == "loop" and not takes_kernel_grads(model):
+      raise ValueError(
+          f"config.search.compile = 'loop' needs a supernet that can skip its kernels' "
+          f"gradients (DARTS's SearchNetwork); {type(model).__name__} cannot: use "
+          "'shared', 'fused' or 'auto'.")
+    # A step compiled as a loop (`_loop_step`) is one program too, donated and traced
+    # whole (`jit_step`).
+    self.looped = mode == "loop"
+    self.fused = self.looped or fused_compile(mode, accelerator, config.order,
+                                              self.neighborhood.size, self.warmup_steps)
     # With the accelerators' kernels a step's first call compiles two supernet programs
     # side by side (`_compile_ahead`): XLA's GPU compiler spends much of a program's
     # compile on one thread (the reference-size step's H200 programs, compiled on this
@@ -689,7 +718,10 @@ class BilevelSearch:
     gradients of NA-DARTS K=4 16-17 % faster as one program than as four runs of one
     (each run takes its buffers as new memory, which the kernel zero-fills), and loses on
     smaller batches (`benchmarks/README.md`, "NA-DARTS's neighbors as one program on a
-    CPU"); NAS-Bench-201's supernet ran its step 1.8x slower so, and keeps the loop."""
+    CPU"); NAS-Bench-201's supernet ran its step 1.8x slower so, and keeps the loop. A
+    step compiled as a loop (``compile='loop'``) takes them one an iteration."""
+    if self.looped:
+      return False
     if self.vmap_neighbors:
       return True
     return self._map_large_batches and jnp.ndim(images) == 4 and F.cifar_sized(
@@ -712,7 +744,7 @@ class BilevelSearch:
     options = []
     k = self.neighborhood.size
     at_once = min(self.vmap_chunk() or k, k)
-    if at_once > 1 and (self.vmap_neighbors or self._map_large_batches):
+    if at_once > 1 and not self.looped and (self.vmap_neighbors or self._map_large_batches):
       options.append(f"config.search.neighbors.chunk=1 (the neighborhood's {k} gradients one "
                      f"after another rather than {at_once} at a time: the same search)")
     return options + dtype_memory_options(self.config)
@@ -838,6 +870,8 @@ class BilevelSearch:
 
   def step(self, state: SearchState, train_batch, val_batch):
     """One architecture step then one weight step: ``(new state, metrics)``. Pure."""
+    if self.looped:
+      return self._loop_step(state, train_batch, val_batch)
     if self._ahead_enabled and not isinstance(state.alpha, jax.core.Tracer):
       # The first call on new inputs compiles the two supernet programs side by side.
       inputs = tuple((x.shape, x.dtype, getattr(x, "sharding", None))
@@ -852,6 +886,74 @@ class BilevelSearch:
                                                 (grad_alpha, state.arch_opt_state, state.alpha))
     train_loss, logits, batch_stats, grads = self.weight_step_grads(
         state.params, state.batch_stats, weights, *train_batch)
+    return self._weight_update_and_metrics(
+        state, rng, train_batch, (alpha, arch_opt_state, grad_alpha, arch_loss),
+        (neighbor_losses, neighbor_accs), (train_loss, logits, batch_stats, grads))
+
+  def _loop_step(self, state: SearchState, train_batch, val_batch):
+    """`step` as one loop (``compile='loop'``, first order on full batches): iteration
+    ``i < K`` takes neighbor ``i``'s gradient on the validation batch, iteration ``K`` the
+    architecture update from the K neighbors (`objective.chain_to_alpha`), then the weight
+    step's gradient on the training batch at the new ``softmax(alpha)``. Every iteration
+    runs the one full supernet gradient; the neighbors' skip the kernels' gradients at
+    run time (``kernel_grads``). The same step as `step`'s, up to float rounding (tested).
+
+    So XLA compiles one supernet gradient where the shared step compiles two (the
+    architecture side's own and the weight step's): a shorter first step for a step
+    about as fast, which suits short searches. Not `'auto'`'s choice: measured on a CPU
+    (`benchmarks/README.md`, "NA-DARTS's step as one loop"), NA-DARTS K=4's first step
+    was 3-7 s shorter at the quick-start preset (of 47-48 s) and 25 s at B=16, C=8, 5
+    cells, 32x32 (of 91 s), but XLA fuses the full gradient's body otherwise than the
+    architecture side's own program, and the step ranged from 4 % faster to 21 %
+    slower."""
+    rng, key = _split_key(state.rng)
+    neighbor_weights = self._architecture_weights(state.alpha, key)
+    k = neighbor_weights.shape[0]
+    images = jnp.stack([val_batch[0], train_batch[0]])
+    labels = jnp.stack([val_batch[1], train_batch[1]])
+    grads = functools.partial(self._programs.value_and_grads, state.params, state.batch_stats)
+
+    def arch_update(losses, grad_weights):
+      arch_loss, _, grad_alpha = self._chain_to_alpha(state.alpha, key, losses, None,
+                                                      grad_weights)
+      alpha, arch_opt_state, weights = self._apply_arch_update(
+          grad_alpha, state.arch_opt_state, state.alpha)
+      return (alpha, arch_opt_state, grad_alpha, arch_loss), weights
+
+    def body(carry, i):
+      losses, grad_weights, arch, weights = carry
+      weight_step = i == k
+      # At the last iteration, with every neighbor's gradient in: the architecture update.
+      arch, weights = jax.lax.cond(weight_step, arch_update, lambda *_: (arch, weights),
+                                   losses, grad_weights)
+      side = weight_step.astype(jnp.int32)
+      weights = jnp.where(weight_step, weights, neighbor_weights[jnp.minimum(i, k - 1)])
+      loss, logits, new_stats, grad_params, grad_w = grads(weights, images[side],
+                                                           labels[side], weight_step)
+      # A neighbor's results at its index; the weight step's, index K, past the end.
+      put = lambda a, x: a.at[i].set(x, mode="drop")
+      carry = put(losses, loss), put(grad_weights, grad_w), arch, weights
+      return carry, (loss, accuracy(logits, labels[side]), logits, new_stats, grad_params)
+
+    # Stacked outputs rather than carried ones: their shapes come from the body's trace.
+    arch = (state.alpha, state.arch_opt_state, jnp.zeros_like(state.alpha), jnp.zeros(()))
+    init = jnp.zeros(k), jnp.zeros_like(neighbor_weights), arch, neighbor_weights[0]
+    (_, _, arch, _), (losses, accs, logits, new_stats, grad_params) = jax.lax.scan(
+        body, init, jnp.arange(k + 1))
+    last = lambda tree: jax.tree.map(lambda a: a[k], tree)
+    return self._weight_update_and_metrics(
+        state, rng, train_batch, arch, (losses[:k], accs[:k]),
+        (losses[k], last(logits), last(new_stats), last(grad_params)))
+
+  def _weight_update_and_metrics(self, state, rng, train_batch, arch, neighbors, weight_side):
+    """The end of a step: the weight update from the weight step's gradient
+    (``weight_side``: its loss, logits, new statistics and parameter gradient), then the
+    new state and the metrics; ``arch``: alpha, its optimizer state, its gradient and the
+    objective's value after the architecture step; ``neighbors``: their losses and
+    accuracies."""
+    alpha, arch_opt_state, grad_alpha, arch_loss = arch
+    neighbor_losses, neighbor_accs = neighbors
+    train_loss, logits, batch_stats, grads = weight_side
     params, weight_opt_state, grad_norm, step = self._call(
         self._jitted(self._apply_weight_update),
         (grads, state.weight_opt_state, state.params, state.step))
@@ -994,6 +1096,9 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
   check(config.order in ORDERS, "order", config.order, f"one of {ORDERS}")
   check(config.get("compile", "auto") in COMPILE_MODES, "compile", config.get("compile"),
         f"one of {COMPILE_MODES}")
+  check(config.get("compile", "auto") != "loop" or config.order == "first", "compile",
+        "loop", f"'auto', 'shared' or 'fused' with order = {config.order!r}: a step compiled "
+        "as a loop computes the first order")
   check_compute_dtype(config)
   check_gpu_autotune(config)
   check(isinstance(config.epochs, int) and config.epochs >= 1, "epochs", config.epochs,
@@ -1026,6 +1131,9 @@ def validate_search_config(config: ml_collections.ConfigDict) -> None:
           "still measures the neighbors rather than the slices")
     check(nb.get("evaluate", "auto") in NEIGHBOR_EVALUATIONS, "neighbors.evaluate",
           nb.get("evaluate"), f"one of {NEIGHBOR_EVALUATIONS}")
+    check(config.get("compile", "auto") != "loop" or nb.batch == "full", "compile", "loop",
+          "'auto', 'shared' or 'fused' with neighbors.batch = 'split': a step compiled as a "
+          "loop runs every gradient on batches of one shape")
     chunk = nb.get("chunk", 0)
     check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
           "neighbors.chunk", chunk, "an integer >= 0: how many neighbors one batched pass "
