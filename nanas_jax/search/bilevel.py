@@ -899,13 +899,13 @@ class BilevelSearch:
     run time (``kernel_grads``). The same step as `step`'s, up to float rounding (tested).
 
     So XLA compiles one supernet gradient where the shared step compiles two (the
-    architecture side's own and the weight step's): a shorter first step for a step
-    about as fast, which suits short searches. Not `'auto'`'s choice: measured on a CPU
+    architecture side's own and the weight step's): a shorter first step for a slower
+    step, which suits short searches. Not `'auto'`'s choice: measured on a CPU
     (`benchmarks/README.md`, "NA-DARTS's step as one loop"), NA-DARTS K=4's first step
-    was 3-7 s shorter at the quick-start preset (of 47-48 s) and 25 s at B=16, C=8, 5
-    cells, 32x32 (of 91 s), but XLA fuses the full gradient's body otherwise than the
-    architecture side's own program, and the step ranged from 4 % faster to 21 %
-    slower."""
+    was 16-21 % shorter at the quick-start preset and 37 % at B=16, C=8, 5 cells, 32x32,
+    but XLA fuses the full gradient's body otherwise than the architecture side's own
+    program, and the step was 6-11 % slower: the compile saved is paid back within
+    100-180 steps, and searches run hundreds."""
     rng, key = _split_key(state.rng)
     neighbor_weights = self._architecture_weights(state.alpha, key)
     k = neighbor_weights.shape[0]
