@@ -221,6 +221,49 @@ def test_eight_device_step_equals_one_device_step(tmp_path):
   assert not out["bad_workdir_created"]
 
 
+# The bilevel test's toy supernet that can skip its kernel's gradient: the step compiled
+# as a loop with its batches sharded over 8 devices, against the shared step on one.
+LOOP_ON_EIGHT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    from nanas_jax import parallel
+    from nanas_jax.search import bilevel
+    from test_search_bilevel import (SPACE, GatedToyArchModel, init_state, make_batches,
+                                     make_config)
+
+    mesh = parallel.data_mesh()
+    train, val = make_batches()
+    states = {}
+    for mode in ("shared", "loop"):
+      config = make_config("na_darts", "first", num=2, kind="swap")
+      config.compile, config.warmup_epochs = mode, 0
+      search = bilevel.BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
+      state, batches = init_state(search, train[0]), (train, val)
+      if mode == "loop":
+        state = parallel.replicate(state, mesh)
+        batches = tuple(parallel.shard_batch(b, mesh) for b in batches)
+      step = search.jit_step()
+      for _ in range(2):
+        state, _ = step(state, *batches)
+      states[mode] = state
+    leaves = lambda s: jax.tree.leaves((s.params, s.alpha, s.arch_opt_state))
+    diff = max(float(np.max(np.abs(np.asarray(a) - parallel.to_host(b))))
+               for a, b in zip(leaves(states["shared"]), leaves(states["loop"])))
+    moved = float(np.max(np.abs(np.asarray(states["shared"].alpha)
+                                - np.asarray(init_state(search, train[0]).alpha))))
+    print("RESULT " + json.dumps({"devices": mesh.devices.size, "diff": diff, "moved": moved,
+                                  "alpha_sharding": str(states["loop"].alpha.sharding.spec)}))
+    """)
+
+
+def test_the_loop_step_on_eight_devices_equals_the_shared_step_on_one():
+  out = run_on_eight_devices(LOOP_ON_EIGHT)
+  assert out["devices"] == 8 and out["alpha_sharding"] == "P()"
+  assert out["moved"] > 1e-3
+  assert out["diff"] < 1e-5
+
+
 # The bilevel test's toy supernet, with the accelerators' kernels, its batches sharded.
 COMPILE_AHEAD = textwrap.dedent("""
     import collections, json, sys
