@@ -921,24 +921,25 @@ class BilevelSearch:
       return (alpha, arch_opt_state, grad_alpha, arch_loss), weights
 
     def body(carry, i):
-      losses, grad_weights, arch, weights = carry
+      losses, grad_weights, arch = carry
       weight_step = i == k
-      # At the last iteration, with every neighbor's gradient in: the architecture update.
-      arch, weights = jax.lax.cond(weight_step, arch_update, lambda *_: (arch, weights),
+      # At the last iteration, with every neighbor's gradient in: the architecture update,
+      # and the weight step at its new weights; before it, neighbor i's weights.
+      neighbor = neighbor_weights[jnp.minimum(i, k - 1)]
+      arch, weights = jax.lax.cond(weight_step, arch_update, lambda *_: (arch, neighbor),
                                    losses, grad_weights)
       side = weight_step.astype(jnp.int32)
-      weights = jnp.where(weight_step, weights, neighbor_weights[jnp.minimum(i, k - 1)])
       loss, logits, new_stats, grad_params, grad_w = grads(weights, images[side],
                                                            labels[side], weight_step)
       # A neighbor's results at its index; the weight step's, index K, past the end.
       put = lambda a, x: a.at[i].set(x, mode="drop")
-      carry = put(losses, loss), put(grad_weights, grad_w), arch, weights
+      carry = put(losses, loss), put(grad_weights, grad_w), arch
       return carry, (loss, accuracy(logits, labels[side]), logits, new_stats, grad_params)
 
     # Stacked outputs rather than carried ones: their shapes come from the body's trace.
     arch = (state.alpha, state.arch_opt_state, jnp.zeros_like(state.alpha), jnp.zeros(()))
-    init = jnp.zeros(k), jnp.zeros_like(neighbor_weights), arch, neighbor_weights[0]
-    (_, _, arch, _), (losses, accs, logits, new_stats, grad_params) = jax.lax.scan(
+    init = jnp.zeros(k), jnp.zeros_like(neighbor_weights), arch
+    (_, _, arch), (losses, accs, logits, new_stats, grad_params) = jax.lax.scan(
         body, init, jnp.arange(k + 1))
     last = lambda tree: jax.tree.map(lambda a: a[k], tree)
     return self._weight_update_and_metrics(
