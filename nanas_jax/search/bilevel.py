@@ -203,10 +203,10 @@ def supernet_value_and_grads(model, dtype, params, batch_stats, weights, images,
   """``(loss, logits, new batch_stats, d loss/d params, d loss/d weights)``; with
   ``kernel_grads`` False, the cells' convolution kernels' entries of ``d loss/d params``
   are zeros, not computed (`apply_supernet`)."""
-  gate = {} if kernel_grads is None else {"kernel_grads": kernel_grads}
-  loss_fn = functools.partial(supernet_train_loss, model, dtype, **gate)
+  loss_fn = functools.partial(supernet_train_loss, model, dtype)
   (loss, (logits, new_stats)), (grad_params, grad_weights) = jax.value_and_grad(
-      loss_fn, argnums=(0, 2), has_aux=True)(params, batch_stats, weights, images, labels)
+      loss_fn, argnums=(0, 2), has_aux=True)(params, batch_stats, weights, images, labels,
+                                             kernel_grads)
   return loss, logits, new_stats, grad_params, grad_weights
 
 
