@@ -5,8 +5,10 @@ and its own half of every global batch (the 8-device test covers several devices
 Checks what multi-host must guarantee: the processes agree on alpha bit for bit (the
 search itself also asserts this before writing results), the mesh spans both, and only
 process 0 writes metrics and results while both take part in the checkpoints, those taken
-by time included; and, on the loop's toy run, that both set aside a damaged checkpoint
-together, also one that only one of them fails to read, and resume from the one before.
+by time included; on the loop's toy run, that both set aside a damaged checkpoint
+together, also one that only one of them fails to read, and resume from the one before;
+and that the step compiled as a loop (`compile='loop'`), its batches split between the
+hosts, is the shared step on the whole batches.
 """
 
 import json
@@ -154,3 +156,58 @@ def test_two_processes_agree_to_set_aside_a_damaged_checkpoint(tmp_path):
   # The global batches are one process's batch twice over: the run equals one process's.
   full, _ = test_loop.run(tmp_path / "one")
   np.testing.assert_allclose(second[0]["w"], np.asarray(full.state["w"]), rtol=1e-6)
+
+
+# The bilevel test's toy supernet that can skip its kernel's gradient: the step compiled as
+# a loop (`compile='loop'`: a scan whose iterations reduce the gradients across the hosts
+# inside a `lax.cond`), each process with its half of the global batches, against the
+# shared step on the whole batches in one process.
+LOOP = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import jax, ml_collections, numpy as np
+    from nanas_jax import parallel
+    from nanas_jax.search import bilevel
+
+    process_id, port = int(sys.argv[1]), sys.argv[2]
+    parallel.initialize(ml_collections.ConfigDict(dict(
+        distributed="on", coordinator_address="127.0.0.1:" + port, num_processes=2,
+        process_id=process_id)))
+    # After the initialisation: the bilevel tests' module makes arrays as it loads.
+    from test_search_bilevel import (SPACE, GatedToyArchModel, init_state, make_batches,
+                                     make_config)
+    mesh = parallel.data_mesh()
+    train, val = make_batches()
+    rows = len(train[1]) // 2
+    half = lambda batch: tuple(x[process_id * rows:(process_id + 1) * rows] for x in batch)
+    states = {}
+    for mode in ("shared", "loop"):
+      config = make_config("na_darts", "first", num=2, kind="swap")
+      config.compile, config.warmup_epochs = mode, 0
+      search = bilevel.BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
+      state, batches = init_state(search, train[0]), (train, val)
+      if mode == "loop":
+        state = parallel.replicate(state, mesh)
+        batches = tuple(parallel.shard_batch(half(b), mesh) for b in batches)
+      step = search.jit_step()
+      for _ in range(2):
+        state, _ = step(state, *batches)
+      states[mode] = state
+    parallel.assert_replicas_agree(states["loop"].alpha, "alpha")
+    leaves = lambda s: jax.tree.leaves((s.params, s.alpha, s.arch_opt_state))
+    diff = max(float(np.max(np.abs(np.asarray(a) - parallel.to_host(b))))
+               for a, b in zip(leaves(states["shared"]), leaves(states["loop"])))
+    moved = float(np.max(np.abs(np.asarray(states["shared"].alpha)
+                                - np.asarray(init_state(search, train[0]).alpha))))
+    print("RESULT " + json.dumps({"devices": mesh.devices.size, "diff": diff, "moved": moved,
+                                  "alpha": parallel.to_host(states["loop"].alpha).tolist()}))
+    """)
+
+
+def test_two_processes_run_the_loop_step_as_one_process_runs_the_shared_step():
+  first, second = run_two_processes(LOOP)
+  assert first["devices"] == second["devices"] == 2
+  assert first["alpha"] == second["alpha"]
+  for out in (first, second):
+    assert out["moved"] > 1e-3
+    assert out["diff"] < 1e-5
