@@ -284,7 +284,11 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   the launches read and write in device memory, counted as XLA's shapes say (a fusion
   reads each of its inputs once, or the part its slices take of one, `_fusion_reads`,
   and writes its outputs; a library call reads its operands and writes its results, less
-  its scratch), as if no kernel found its input in the cache. A loop whose trip count
+  its scratch), as if no kernel found its input in the cache; ``conditionals``: the
+  conditionals it runs, counted as the launches are (XLA's GPU runtime copies each one's
+  predicate to the host and waits for the stream there before it launches a branch:
+  `ConditionalThunk`; a step compiled as a loop gates every convolution's kernel
+  gradient with one). A loop whose trip count
   neither XLA nor `_count_up_bound` knows is an error: its launches cannot be counted.
   The library calls come back too, each as its instruction's text without names and
   with its operands' shapes, so that those of several programs can be told apart
@@ -325,10 +329,10 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
       unestimated[opcode] += times * count
     return (*(s + times * m for s, m in zip(numbers, more_numbers)), unestimated)
 
-  def launches(name: str) -> tuple[int, int, int, collections.Counter]:
-    """Launches, bytes moved, XLA's estimated cycles and the instructions without an
-    estimate (by opcode) of one run of computation ``name``."""
-    total = (0, 0, 0, collections.Counter())
+  def launches(name: str) -> tuple[int, int, int, int, collections.Counter]:
+    """Launches, bytes moved, XLA's estimated cycles, conditionals run and the
+    instructions without an estimate (by opcode) of one run of computation ``name``."""
+    total = (0, 0, 0, 0, collections.Counter())
     for ins in computations[name]:
       opcode, attributes = ins["opcode"], ins["attributes"]
       callee = lambda key: re.search(key + r"=%([\w.\-]+)", attributes).group(1)
@@ -346,6 +350,7 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
         branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
         names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else
                  [callee("true_computation"), callee("false_computation")])
+        total = plus(total, (0, 0, 0, 1, collections.Counter()))
         total = plus(total, max(launches(branch) for branch in names))
       elif opcode not in _NO_LAUNCH:
         fused = re.search(r"calls=%([\w.\-]+)", attributes)
@@ -363,16 +368,17 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
         moved += (_fusion_reads(computations[fused.group(1)]) if fused and opcode == "fusion"
                   else sum(_bytes(shapes[o]) for o in ins["operands"]))
         cycles = re.search(r'"estimated_cycles":"(\d+)"', attributes)
-        total = plus(total, (1, moved, int(cycles.group(1)) if cycles else 0,
+        total = plus(total, (1, moved, int(cycles.group(1)) if cycles else 0, 0,
                              collections.Counter() if cycles else {opcode: 1}))
     return total
 
-  total, moved, cycles, unestimated = launches(entry)
+  total, moved, cycles, conditionals, unestimated = launches(entry)
   # XLA's TPU compiler estimates most instructions' cycles; its GPU compiler none.
   estimated = ({"estimated_cycles": cycles, "unestimated": dict(sorted(unestimated.items()))}
                if cycles else {})
   return ({"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
-           "gb_moved": round(moved / 2**30, 3), **estimated}, frozenset(library_calls))
+           "gb_moved": round(moved / 2**30, 3), "conditionals": conditionals, **estimated},
+          frozenset(library_calls))
 
 
 def distinct_calls(programs_calls) -> int:
@@ -487,6 +493,7 @@ def measure(args) -> dict:
   row.update({"compile_s": round(sum(p["compile_s"] for p in programs), 1),
               "largest_program_gb": max(p["gb"] for p in programs),
               "launches": sum(p["calls"] * p["launches"] for p in programs),
+              "conditionals": sum(p["calls"] * p["conditionals"] for p in programs),
               "gb_moved": round(moved, 3)})
   if args.tpu:
     cycles = sum(p["calls"] * p.get("estimated_cycles", 0) for p in programs)
@@ -537,7 +544,7 @@ def main(argv=None):
                       "(config.search.neighbors.chunk; 0: all at once); by default what "
                       "neighbors.evaluate='auto' takes on the target: one a pass with the "
                       "TPU's depthwise convolutions, all at once otherwise")
-  parser.add_argument("--compile", default="shared", choices=["shared", "fused"])
+  parser.add_argument("--compile", default="shared", choices=["shared", "fused", "loop"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--depthwise_impl", choices=ACCELERATOR_IMPLS,
                       help="the depthwise convolutions (config.model.depthwise_impl): "

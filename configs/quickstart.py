@@ -97,7 +97,8 @@ def get_config():
   # 'fused': the whole step is one jit. 'auto': 'fused' for first-order DARTS without
   # warm-up epochs on a CPU, else 'shared' (see nanas_jax/search/bilevel.py). 'loop'
   # (first order): one jit whose gradients are the iterations of one loop, the shortest
-  # compile for DARTS's supernet, for a step 6-11 % slower (short searches).
+  # compile for DARTS's supernet, for a step 6-11 % slower (short searches on a CPU; on a
+  # GPU it launches more kernels and waits on the device at every gate: it warns).
   config.search.compile = "auto"
   # The dtype the supernet computes in: 'bfloat16' runs its convolutions and matmuls in
   # bfloat16 (for GPUs and TPUs) while parameters, alpha, optimizer states and BatchNorm

@@ -561,6 +561,70 @@ backend_config={{"known_trip_count":{{"n":"3"}}}}
   assert not {"estimated_cycles", "unestimated"} & set(bench.program_counts(without)[0])
 
 
+def test_program_counts_counts_the_conditionals_a_run_takes_by_hand():
+  """A module written here: a conditional in a loop of 4 iterations, then one whose larger
+  branch holds another: 4 + 1 + 1 conditionals a run (each one's predicate is read back to
+  the host on a GPU), none in a module without them."""
+  hlo = textwrap.dedent("""\
+      HloModule gated
+
+      %fused (p: f32[8]) -> f32[8] {
+        %p = f32[8]{0} parameter(0)
+        ROOT %n = f32[8]{0} negate(%p)
+      }
+
+      %small (a: f32[8]) -> f32[8] {
+        %a = f32[8]{0} parameter(0)
+        ROOT %c = f32[8]{0} copy(%a)
+      }
+
+      %large (b: f32[8]) -> f32[8] {
+        %b = f32[8]{0} parameter(0)
+        %f = f32[8]{0} fusion(%b), kind=kLoop, calls=%fused
+        ROOT %d = f32[8]{0} copy(%f)
+      }
+
+      %nested (e: f32[8]) -> f32[8] {
+        %e = f32[8]{0} parameter(0)
+        %h = f32[8]{0} fusion(%e), kind=kLoop, calls=%fused
+        %q = pred[] constant(true)
+        ROOT %k = f32[8]{0} conditional(%q, %h, %h), true_computation=%large, \
+false_computation=%small
+      }
+
+      %body (t: (pred[], f32[8])) -> (pred[], f32[8]) {
+        %t = (pred[], f32[8]{0}) parameter(0)
+        %b = pred[] get-tuple-element(%t), index=0
+        %v = f32[8]{0} get-tuple-element(%t), index=1
+        %g = f32[8]{0} conditional(%b, %v, %v), true_computation=%large, \
+false_computation=%small
+        ROOT %r = (pred[], f32[8]{0}) tuple(%b, %g)
+      }
+
+      %cond (u: (pred[], f32[8])) -> pred[] {
+        %u = (pred[], f32[8]{0}) parameter(0)
+        ROOT %no = pred[] constant(false)
+      }
+
+      ENTRY %main (x: f32[8], b: pred[], i: s32[]) -> f32[8] {
+        %x = f32[8]{0} parameter(0)
+        %b = pred[] parameter(1)
+        %i = s32[] parameter(2)
+        %init = (pred[], f32[8]{0}) tuple(%b, %x)
+        %w = (pred[], f32[8]{0}) while(%init), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"4"}}
+        %y = f32[8]{0} get-tuple-element(%w), index=1
+        ROOT %r = f32[8]{0} conditional(%i, %y, %y), branch_computations={%small, %nested}
+      }
+      """)
+  counts, _ = bench.program_counts(hlo)
+  assert counts["conditionals"] == 4 + 1 + 1
+  assert counts["launches"] == 4 * 2 + (1 + 2)
+  plain = "HloModule plain\n\nENTRY %main (x: f32[8]) -> f32[8] {\n" \
+      "  %x = f32[8]{0} parameter(0)\n  ROOT %c = f32[8]{0} copy(%x)\n}\n"
+  assert bench.program_counts(plain)[0]["conditionals"] == 0
+
+
 def test_the_v5e_clock_is_its_published_peak_over_its_mxus():
   """197 TFLOP/s of bfloat16 (Google's figure for a v5e chip) from 4 MXUs of 128 x 128
   multiply-adds a cycle: 1.503 GHz."""

@@ -6,6 +6,7 @@ and here only where the compute dtype meets its convolutions and BatchNorms.
 """
 
 import collections
+import logging
 import math
 import threading
 import time
@@ -328,6 +329,23 @@ def test_a_step_compiles_as_a_loop_only_when_asked(algorithm):
     modes[mode] = (search.looped, search.fused)
   assert modes == {"auto": (False, algorithm == "darts"), "shared": (False, False),
                    "fused": (False, True), "loop": (True, True)}
+
+
+@pytest.mark.parametrize("dw_impl", ["auto", "conv"])
+def test_loop_compilation_with_an_accelerators_kernels_warns_of_its_cost(dw_impl, caplog):
+  """``compile='loop'`` is taken as asked with the accelerators' kernels too, with a
+  warning that names what it costs there and the fix; with the CPU's, no warning."""
+  config = make_config("na_darts", num=2, kind="swap")
+  config.compile = "loop"
+  with caplog.at_level(logging.WARNING):
+    search = BilevelSearch(GatedToyArchModel(dw_impl=dw_impl), SPACE, config, 10)
+  assert search.looped
+  warned = [r.getMessage() for r in caplog.records if "compile = 'loop'" in r.getMessage()]
+  if dw_impl == "auto":
+    assert not warned
+  else:
+    assert len(warned) == 1
+    assert "accelerator's kernels" in warned[0] and "use 'auto'" in warned[0]
 
 
 @pytest.mark.parametrize("change,message", [

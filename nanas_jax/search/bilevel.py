@@ -87,6 +87,7 @@ import math
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -459,6 +460,15 @@ class BilevelSearch:
           f"config.search.compile = 'loop' needs a supernet that can skip its kernels' "
           f"gradients (DARTS's SearchNetwork); {type(model).__name__} cannot: use "
           "'shared', 'fused' or 'auto'.")
+    if mode == "loop" and accelerator:
+      # Asked for, so taken; but it is a CPU's compile mode (benchmarks/README.md, "The
+      # step as one loop, compiled for an H200").
+      logging.warning(
+          "config.search.compile = 'loop' with an accelerator's kernels: by XLA's H200 "
+          "program at the reference size, NA-DARTS K=4's step moves 1.4x the bytes of "
+          "'shared''s, launches 3.4x its kernels and waits on the device 755 times a step "
+          "(a conditional's predicate read back to the host for each kernel gradient "
+          "gate), for an XLA compile 26 % shorter than 'shared''s; use 'auto'.")
     # A step compiled as a loop (`_loop_step`) is one program too, donated and traced
     # whole (`jit_step`).
     self.looped = mode == "loop"
@@ -905,7 +915,11 @@ class BilevelSearch:
     was 16-21 % shorter at the quick-start preset and 37 % at B=16, C=8, 5 cells, 32x32,
     but XLA fuses the full gradient's body otherwise than the architecture side's own
     program, and the step was 6-11 % slower: the compile saved is paid back within
-    100-180 steps, and searches run hundreds."""
+    100-180 steps, and searches run hundreds. A CPU's mode: with the accelerators'
+    kernels it warns (`__init__`), since by XLA's H200 program each gate is a
+    conditional whose predicate the host reads back before the branch runs, and every
+    iteration runs the full gradient's kernels (benchmarks/README.md, "The step as one
+    loop, compiled for an H200")."""
     rng, key = _split_key(state.rng)
     neighbor_weights = self._architecture_weights(state.alpha, key)
     k = neighbor_weights.shape[0]
