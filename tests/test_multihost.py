@@ -165,42 +165,28 @@ def test_two_processes_agree_to_set_aside_a_damaged_checkpoint(tmp_path):
 LOOP = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
-    import jax, ml_collections, numpy as np
+    import ml_collections
     from nanas_jax import parallel
-    from nanas_jax.search import bilevel
 
     process_id, port = int(sys.argv[1]), sys.argv[2]
     parallel.initialize(ml_collections.ConfigDict(dict(
         distributed="on", coordinator_address="127.0.0.1:" + port, num_processes=2,
         process_id=process_id)))
     # After the initialisation: the bilevel tests' module makes arrays as it loads.
-    from test_search_bilevel import (SPACE, GatedToyArchModel, init_state, make_batches,
-                                     make_config)
+    from test_search_bilevel import loop_against_shared
+
     mesh = parallel.data_mesh()
-    train, val = make_batches()
-    rows = len(train[1]) // 2
-    half = lambda batch: tuple(x[process_id * rows:(process_id + 1) * rows] for x in batch)
-    states = {}
-    for mode in ("shared", "loop"):
-      config = make_config("na_darts", "first", num=2, kind="swap")
-      config.compile, config.warmup_epochs = mode, 0
-      search = bilevel.BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
-      state, batches = init_state(search, train[0]), (train, val)
-      if mode == "loop":
-        state = parallel.replicate(state, mesh)
-        batches = tuple(parallel.shard_batch(half(b), mesh) for b in batches)
-      step = search.jit_step()
-      for _ in range(2):
-        state, _ = step(state, *batches)
-      states[mode] = state
-    parallel.assert_replicas_agree(states["loop"].alpha, "alpha")
-    leaves = lambda s: jax.tree.leaves((s.params, s.alpha, s.arch_opt_state))
-    diff = max(float(np.max(np.abs(np.asarray(a) - parallel.to_host(b))))
-               for a, b in zip(leaves(states["shared"]), leaves(states["loop"])))
-    moved = float(np.max(np.abs(np.asarray(states["shared"].alpha)
-                                - np.asarray(init_state(search, train[0]).alpha))))
+
+    def place(state, batches):  # This process's half of every batch.
+      rows = len(batches[0][1]) // 2
+      return parallel.replicate(state, mesh), tuple(parallel.shard_batch(
+          tuple(x[process_id * rows:(process_id + 1) * rows] for x in b), mesh)
+          for b in batches)
+
+    diff, moved, loop = loop_against_shared(place)
+    parallel.assert_replicas_agree(loop.alpha, "alpha")
     print("RESULT " + json.dumps({"devices": mesh.devices.size, "diff": diff, "moved": moved,
-                                  "alpha": parallel.to_host(states["loop"].alpha).tolist()}))
+                                  "alpha": parallel.to_host(loop.alpha).tolist()}))
     """)
 
 

@@ -226,34 +226,14 @@ def test_eight_device_step_equals_one_device_step(tmp_path):
 LOOP_ON_EIGHT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
-    import jax, numpy as np
     from nanas_jax import parallel
-    from nanas_jax.search import bilevel
-    from test_search_bilevel import (SPACE, GatedToyArchModel, init_state, make_batches,
-                                     make_config)
+    from test_search_bilevel import loop_against_shared
 
     mesh = parallel.data_mesh()
-    train, val = make_batches()
-    states = {}
-    for mode in ("shared", "loop"):
-      config = make_config("na_darts", "first", num=2, kind="swap")
-      config.compile, config.warmup_epochs = mode, 0
-      search = bilevel.BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
-      state, batches = init_state(search, train[0]), (train, val)
-      if mode == "loop":
-        state = parallel.replicate(state, mesh)
-        batches = tuple(parallel.shard_batch(b, mesh) for b in batches)
-      step = search.jit_step()
-      for _ in range(2):
-        state, _ = step(state, *batches)
-      states[mode] = state
-    leaves = lambda s: jax.tree.leaves((s.params, s.alpha, s.arch_opt_state))
-    diff = max(float(np.max(np.abs(np.asarray(a) - parallel.to_host(b))))
-               for a, b in zip(leaves(states["shared"]), leaves(states["loop"])))
-    moved = float(np.max(np.abs(np.asarray(states["shared"].alpha)
-                                - np.asarray(init_state(search, train[0]).alpha))))
+    diff, moved, loop = loop_against_shared(lambda state, batches: (
+        parallel.replicate(state, mesh), tuple(parallel.shard_batch(b, mesh) for b in batches)))
     print("RESULT " + json.dumps({"devices": mesh.devices.size, "diff": diff, "moved": moved,
-                                  "alpha_sharding": str(states["loop"].alpha.sharding.spec)}))
+                                  "alpha_sharding": str(loop.alpha.sharding.spec)}))
     """)
 
 

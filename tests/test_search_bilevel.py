@@ -21,7 +21,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from nanas_jax import neighborhood, spaces
+from nanas_jax import neighborhood, parallel, spaces
 from nanas_jax.nn import functional as F
 from nanas_jax.nn import nb201_supernet
 from nanas_jax.nn.supernet import SearchNetwork
@@ -92,6 +92,34 @@ def init_state(search, x, seed=0, alpha_scale=1.0):
   alpha = alpha_scale * jax.random.normal(jax.random.key(seed + 1), SPACE.alpha_shape,
                                           state.alpha.dtype)
   return state.replace(alpha=alpha, arch_opt_state=search.arch_tx.init(alpha))
+
+
+def loop_against_shared(place):
+  """Two NA-DARTS steps (K=2) of `GatedToyArchModel` compiled as a loop, its state and
+  batches placed by ``place(state, batches)`` (over devices or hosts), against the shared
+  step's on one device: ``(the largest difference of their parameters, alpha and alpha's
+  optimizer state; how far the shared step moved alpha; the loop's state)``. For the
+  tests of the loop on several devices (`test_parallel.py`) and hosts
+  (`test_multihost.py`)."""
+  train, val = make_batches()
+  states = {}
+  for mode in ("shared", "loop"):
+    config = make_config("na_darts", "first", num=2, kind="swap")
+    config.compile, config.warmup_epochs = mode, 0
+    search = BilevelSearch(GatedToyArchModel(), SPACE, config, 10)
+    state, batches = init_state(search, train[0]), (train, val)
+    if mode == "loop":
+      state, batches = place(state, batches)
+    step = search.jit_step()
+    for _ in range(2):
+      state, _ = step(state, *batches)
+    states[mode] = state
+  leaves = lambda s: jax.tree.leaves((s.params, s.alpha, s.arch_opt_state))
+  diff = max(float(np.max(np.abs(np.asarray(a) - parallel.to_host(b))))
+             for a, b in zip(leaves(states["shared"]), leaves(states["loop"])))
+  moved = float(np.max(np.abs(np.asarray(states["shared"].alpha)
+                              - np.asarray(init_state(search, train[0]).alpha))))
+  return diff, moved, states["loop"]
 
 
 def direct_objective(search, state, alpha, x, y, key, num, kind="swap"):
