@@ -288,8 +288,11 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   conditionals it runs, counted as the launches are (XLA's GPU runtime copies each one's
   predicate to the host and waits for the stream there before it launches a branch:
   `ConditionalThunk`; a step compiled as a loop gates every convolution's kernel
-  gradient with one). A loop whose trip count
-  neither XLA nor `_count_up_bound` knows is an error: its launches cannot be counted.
+  gradient with one); where there are any, ``smallest_branches``: the launches, bytes
+  and estimated cycles again with each conditional's smallest branch (the counts above
+  take its largest: the branch a run takes is known at run time only). A loop whose trip
+  count neither XLA nor `_count_up_bound` knows is an error: its launches cannot be
+  counted.
   The library calls come back too, each as its instruction's text without names and
   with its operands' shapes, so that those of several programs can be told apart
   (`distinct_calls`). A program compiled for a TPU adds ``estimated_cycles``: the sum of
@@ -329,9 +332,10 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
       unestimated[opcode] += times * count
     return (*(s + times * m for s, m in zip(numbers, more_numbers)), unestimated)
 
-  def launches(name: str) -> tuple[int, int, int, int, collections.Counter]:
+  def launches(name: str, pick=max) -> tuple[int, int, int, int, collections.Counter]:
     """Launches, bytes moved, XLA's estimated cycles, conditionals run and the
-    instructions without an estimate (by opcode) of one run of computation ``name``."""
+    instructions without an estimate (by opcode) of one run of computation ``name``,
+    each conditional's branch the one ``pick`` (max or min) takes of their counts."""
     total = (0, 0, 0, 0, collections.Counter())
     for ins in computations[name]:
       opcode, attributes = ins["opcode"], ins["attributes"]
@@ -343,15 +347,15 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
         if trips is None:
           raise ValueError(f"a loop without a known trip count: {ins['line'].strip()[:200]}")
         for part in ("body", "condition"):
-          total = plus(total, launches(callee(part)), trips)
+          total = plus(total, launches(callee(part), pick), trips)
       elif opcode == "call":
-        total = plus(total, launches(callee("to_apply")))
+        total = plus(total, launches(callee("to_apply"), pick))
       elif opcode == "conditional":
         branches = re.search(r"branch_computations=\{([^}]*)\}", attributes)
         names = (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else
                  [callee("true_computation"), callee("false_computation")])
         total = plus(total, (0, 0, 0, 1, collections.Counter()))
-        total = plus(total, max(launches(branch) for branch in names))
+        total = plus(total, pick(launches(branch, pick) for branch in names))
       elif opcode not in _NO_LAUNCH:
         fused = re.search(r"calls=%([\w.\-]+)", attributes)
         if opcode == "custom-call":
@@ -376,9 +380,15 @@ def program_counts(hlo: str) -> tuple[dict[str, int | float], frozenset[str]]:
   # XLA's TPU compiler estimates most instructions' cycles; its GPU compiler none.
   estimated = ({"estimated_cycles": cycles, "unestimated": dict(sorted(unestimated.items()))}
                if cycles else {})
-  return ({"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
-           "gb_moved": round(moved / 2**30, 3), "conditionals": conditionals, **estimated},
-          frozenset(library_calls))
+  counts = {"launches": total, "kernels": len(kernels), "library_calls": len(library_calls),
+            "gb_moved": round(moved / 2**30, 3), "conditionals": conditionals, **estimated}
+  if conditionals:
+    # Which branch a run takes is known at run time only: the counts above take each
+    # conditional's largest branch, these its smallest (the bounds of a run's counts).
+    low, low_moved, low_cycles, _, _ = launches(entry, min)
+    counts["smallest_branches"] = {"launches": low, "gb_moved": round(low_moved / 2**30, 3),
+                                   **({"estimated_cycles": low_cycles} if cycles else {})}
+  return counts, frozenset(library_calls)
 
 
 def distinct_calls(programs_calls) -> int:
@@ -509,6 +519,18 @@ def measure(args) -> dict:
     row.update({"traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
                 "library_calls": sum(p["library_calls"] for p in programs),
                 "distinct_library_calls": distinct_calls(calls_of)})
+  if any("smallest_branches" in p for p in programs):
+    # The same sums with each conditional's smallest branch (`program_counts`).
+    low = lambda key: sum(p["calls"] * p.get("smallest_branches", p).get(key, 0)
+                          for p in programs)
+    bounds = {"launches": low("launches"), "gb_moved": round(low("gb_moved"), 3)}
+    if not args.tpu:
+      bounds["traffic_ms"] = round(
+          low("gb_moved") * 2**30 / memory_bandwidth(args.target) * 1e3, 2)
+    elif chip.device_kind in CLOCK_GHZ:
+      bounds["estimated_ms"] = round(
+          low("estimated_cycles") / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
+    row["smallest_branches"] = bounds
   return {**row, "kernels": sum(p["kernels"] for p in programs), "programs": programs}
 
 

@@ -564,7 +564,8 @@ backend_config={{"known_trip_count":{{"n":"3"}}}}
 def test_program_counts_counts_the_conditionals_a_run_takes_by_hand():
   """A module written here: a conditional in a loop of 4 iterations, then one whose larger
   branch holds another: 4 + 1 + 1 conditionals a run (each one's predicate is read back to
-  the host on a GPU), none in a module without them."""
+  the host on a GPU), none in a module without them; the counts with each conditional's
+  smallest branch besides, the bounds of what a run launches."""
   hlo = textwrap.dedent("""\
       HloModule gated
 
@@ -620,9 +621,13 @@ backend_config={"known_trip_count":{"n":"4"}}
   counts, _ = bench.program_counts(hlo)
   assert counts["conditionals"] == 4 + 1 + 1
   assert counts["launches"] == 4 * 2 + (1 + 2)
+  # With each conditional's smallest branch: the copies, and %small at the end.
+  assert counts["smallest_branches"].keys() == {"launches", "gb_moved"}
+  assert counts["smallest_branches"]["launches"] == 4 * 1 + 1
   plain = "HloModule plain\n\nENTRY %main (x: f32[8]) -> f32[8] {\n" \
       "  %x = f32[8]{0} parameter(0)\n  ROOT %c = f32[8]{0} copy(%x)\n}\n"
   assert bench.program_counts(plain)[0]["conditionals"] == 0
+  assert "smallest_branches" not in bench.program_counts(plain)[0]
 
 
 def test_the_v5e_clock_is_its_published_peak_over_its_mxus():

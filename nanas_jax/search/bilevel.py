@@ -465,10 +465,10 @@ class BilevelSearch:
       # step as one loop, compiled for an H200").
       logging.warning(
           "config.search.compile = 'loop' with an accelerator's kernels: by XLA's H200 "
-          "program at the reference size, NA-DARTS K=4's step moves 1.4x the bytes of "
-          "'shared''s, launches 3.4x its kernels and waits on the device 755 times a step "
+          "program at the reference size, NA-DARTS K=4's step moves 1.14x the bytes of "
+          "'shared''s, launches 3.1x its kernels and waits on the device 755 times a step "
           "(a conditional's predicate read back to the host for each kernel gradient "
-          "gate), for an XLA compile 26 % shorter than 'shared''s; use 'auto'.")
+          "gate), for an XLA compile 8-26 % shorter; use 'auto'.")
     # A step compiled as a loop (`_loop_step`) is one program too, donated and traced
     # whole (`jit_step`).
     self.looped = mode == "loop"
