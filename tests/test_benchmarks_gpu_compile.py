@@ -15,12 +15,14 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import pytest
 
 from configs import quickstart
 from nanas_jax import spaces
+from nanas_jax.nn import functional as F
 from nanas_jax.nn.supernet import SearchNetwork
 from nanas_jax.search.bilevel import BilevelSearch
 
@@ -141,6 +143,42 @@ def test_compiles_for_an_h200_with_triton_gemms(model):
       """))
   xla_bytes, input_bytes = map(int, stdout.split())
   assert xla_bytes == input_bytes
+
+
+@needs_the_cuda_compiler
+def test_the_loop_step_compiles_for_an_h200_with_a_conditional_a_gate(tmp_path, monkeypatch):
+  """The smallest DARTS step compiled as a loop (``--compile=loop``: C=2, 2 cells, 8x8,
+  batch 2, the inner nodes unrolled) for an H200: XLA's GPU compiler accepts it, and a run
+  takes one conditional for each of the supernet's kernel gradient gates and one for the
+  architecture update, in each of its two iterations (the gates counted here by tracing
+  the same supernet); with each conditional's smallest branch it launches fewer kernels."""
+  output = tmp_path / "rows.jsonl"
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_compile.py"),
+                  "--algorithm=darts", "--compile=loop", "--channels=2", "--layers=2",
+                  "--size=8", "--batch=2", "--inner_impl=unroll", "--no-side_by_side",
+                  f"--output={output}"], check=True, cwd=ROOT, capture_output=True)
+  (row,) = [json.loads(line) for line in output.read_text().splitlines()]
+  assert "error" not in row, row.get("error")
+  assert [p["name"] for p in row["programs"]] == ["step"]
+  gates, gated = [], F.kernel_gated
+
+  def counted(fn, x, kernels, kernel_grads=None):
+    gates.append(kernel_grads)
+    return gated(fn, x, kernels, kernel_grads)
+
+  monkeypatch.setattr(F, "kernel_gated", counted)
+  model = SearchNetwork(num_classes=10, channels=2, layers=2, dw_impl=row["depthwise_impl"],
+                        inner_impl="unroll")
+  images = jnp.zeros((2, 8, 8, 3))
+  weights = jnp.full(spaces.get_space("darts").alpha_shape, 1 / 8)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, weights,
+                                                train=True))
+  gates.clear()
+  jax.eval_shape(lambda v: model.apply(v, images, weights, train=True, mutable=["batch_stats"],
+                                       kernel_grads=jnp.asarray(True)), variables)
+  assert len(gates) > 10 and all(g is not None for g in gates)
+  assert row["conditionals"] == 2 * (len(gates) + 1)
+  assert row["smallest_branches"]["launches"] < row["launches"]
 
 
 @needs_the_cuda_compiler
