@@ -159,9 +159,10 @@ def test_two_processes_agree_to_set_aside_a_damaged_checkpoint(tmp_path):
 
 
 # The bilevel test's toy supernet that can skip its kernel's gradient: the step compiled as
-# a loop (`compile='loop'`: a scan whose iterations reduce the gradients across the hosts
-# inside a `lax.cond`), each process with its half of the global batches, against the
-# shared step on the whole batches in one process.
+# a loop (`compile='loop'`: a scan whose iterations reduce their gradients across the
+# hosts, the architecture update and the kernel gradient under `lax.cond`s), each process
+# with its half of the global batches, against the shared step on the whole batches in
+# one process.
 LOOP = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
