@@ -499,14 +499,20 @@ def measure(args) -> dict:
              for program in search.programs_compiled_ahead()]
     jax.clear_caches()  # Compiled again, from nothing.
     row["side_by_side_s"] = side_by_side_s(lowerings, ahead)
-  moved = sum(p["calls"] * p["gb_moved"] for p in programs)
+
+  def total(key, counts=lambda p: p):
+    """``key`` summed over one step's runs of the programs, from each one's ``counts``."""
+    return sum(p["calls"] * counts(p).get(key, 0) for p in programs)
+
+  traffic_ms = lambda gib: round(gib * 2**30 / memory_bandwidth(args.target) * 1e3, 2)
+  clock_ms = lambda cycles: round(cycles / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
+  moved = total("gb_moved")
   row.update({"compile_s": round(sum(p["compile_s"] for p in programs), 1),
               "largest_program_gb": max(p["gb"] for p in programs),
-              "launches": sum(p["calls"] * p["launches"] for p in programs),
-              "conditionals": sum(p["calls"] * p["conditionals"] for p in programs),
+              "launches": total("launches"), "conditionals": total("conditionals"),
               "gb_moved": round(moved, 3)})
   if args.tpu:
-    cycles = sum(p["calls"] * p.get("estimated_cycles", 0) for p in programs)
+    cycles = total("estimated_cycles")
     row["estimated_cycles"] = cycles
     unestimated = collections.Counter()
     for p in programs:
@@ -514,22 +520,19 @@ def measure(args) -> dict:
         unestimated[opcode] += p["calls"] * count
     row["unestimated"] = dict(sorted(unestimated.items()))
     if chip.device_kind in CLOCK_GHZ:
-      row["estimated_ms"] = round(cycles / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
+      row["estimated_ms"] = clock_ms(cycles)
   else:
-    row.update({"traffic_ms": round(moved * 2**30 / memory_bandwidth(args.target) * 1e3, 2),
-                "library_calls": sum(p["library_calls"] for p in programs),
+    row.update({"traffic_ms": traffic_ms(moved),
+                "library_calls": total("library_calls"),
                 "distinct_library_calls": distinct_calls(calls_of)})
   if any("smallest_branches" in p for p in programs):
     # The same sums with each conditional's smallest branch (`program_counts`).
-    low = lambda key: sum(p["calls"] * p.get("smallest_branches", p).get(key, 0)
-                          for p in programs)
+    low = lambda key: total(key, lambda p: p.get("smallest_branches", p))
     bounds = {"launches": low("launches"), "gb_moved": round(low("gb_moved"), 3)}
     if not args.tpu:
-      bounds["traffic_ms"] = round(
-          low("gb_moved") * 2**30 / memory_bandwidth(args.target) * 1e3, 2)
+      bounds["traffic_ms"] = traffic_ms(low("gb_moved"))
     elif chip.device_kind in CLOCK_GHZ:
-      bounds["estimated_ms"] = round(
-          low("estimated_cycles") / CLOCK_GHZ[chip.device_kind] / 1e6, 2)
+      bounds["estimated_ms"] = clock_ms(low("estimated_cycles"))
     row["smallest_branches"] = bounds
   return {**row, "kernels": sum(p["kernels"] for p in programs), "programs": programs}
 
