@@ -10,9 +10,12 @@ Besides that: the parameter count against a closed form of the reference
 ``model_search.Network``, ``vmap`` over architecture weights, shape errors, and the
 BatchNorm running statistics / evaluation mode.
 
-XLA compiles slowly on the test machines: sizes are tiny, calls eager, and the full
-network is compiled once per mode (module fixture)."""
+XLA compiles slowly on the test machines: sizes are tiny, a cell's or a network's calls
+each compiled as one program (`compiled`; eager, a cell's operations had each run as a
+program of its own, slower still), and the full network compiled once per mode (module
+fixture)."""
 
+import functools
 import itertools
 import math
 
@@ -30,6 +33,13 @@ from supernet_weights import discrete_cell_params, edge_location, pool_batch_nor
 
 EPS = 1e-5
 NUM_OPS = len(get_space("darts").ops)
+
+
+def compiled(apply, **kwargs):
+  """``apply`` (a module's) with ``kwargs`` fixed, as one compiled program. Applied
+  eagerly, a cell runs each of its operations as a program of its own, which had taken
+  most of these tests' time."""
+  return jax.jit(functools.partial(apply, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,8 +205,8 @@ def test_one_hot_search_cell_equals_discrete_cell(name, reduction, reduction_pre
 
   cell = supernet.SearchCell(C, reduction, reduction_prev, dw_impl=impl)
   variables = cell.init(jax.random.key(3), s0, s1, weights, train=True)
-  got, updates = cell.apply(variables, s0, s1, weights, train=True,
-                            mutable=["batch_stats"])
+  train = compiled(cell.apply, train=True, mutable=["batch_stats"])
+  got, updates = train(variables, s0, s1, weights)
 
   pairs = genotype.reduce if reduction else genotype.normal
   params = discrete_cell_params(variables["params"], pairs, reduction)
@@ -207,8 +217,8 @@ def test_one_hot_search_cell_equals_discrete_cell(name, reduction, reduction_pre
   assert (jax.tree.map(lambda a: a.shape, params)
           == jax.tree.map(lambda a: a.shape, expected))
   with nn.intercept_methods(pool_batch_norm):
-    want, discrete_updates = discrete.apply({"params": params}, s0, s1, True,
-                                            mutable=["batch_stats"])
+    want, discrete_updates = compiled(discrete.apply, train=True, mutable=["batch_stats"])(
+        {"params": params}, s0, s1)
 
   assert got.shape == want.shape == (BATCH, 4 if reduction else 8, 4 if reduction else 8,
                                      4 * C)
@@ -221,7 +231,7 @@ def test_one_hot_search_cell_equals_discrete_cell(name, reduction, reduction_pre
     # The comparison discriminates: swapping sep3 <-> sep5 and dil3 <-> dil5 on every
     # edge gives another function.
     swapped = weights[:, np.array([0, 1, 2, 3, 5, 4, 7, 6])]
-    other = cell.apply(variables, s0, s1, swapped, train=True)
+    other = train(variables, s0, s1, swapped)[0]
     assert float(jnp.max(jnp.abs(other - want))) > 1e-2
 
 
@@ -287,7 +297,7 @@ def test_kernel_grads_false_zeroes_the_cells_kernel_gradients_and_nothing_else(n
                             train=True, mutable=["batch_stats"], kernel_grads=kernel_grads)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), labels])
 
-  want = jax.grad(loss, argnums=(0, 1))(v["params"], net["arch"][0])
+  want = jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], net["arch"][0])
   grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
   kernels = ("dw1_", "dw2_", "pw1", "pw2", "fr_a", "fr_b", "conv")
   skipped = []
@@ -438,10 +448,10 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride, sources)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
       jnp.shape, copies.init(jax.random.key(1), distinct[np.array(sources)], weights,
                              train=True))
-  got, got_stats = shared.apply(variables, distinct, weights, train=True,
-                                mutable=["batch_stats"])
-  want, want_stats = copies.apply(variables, distinct[np.array(sources)], weights,
-                                  train=True, mutable=["batch_stats"])
+  got, got_stats = compiled(shared.apply, train=True, mutable=["batch_stats"])(
+      variables, distinct, weights)
+  want, want_stats = compiled(copies.apply, train=True, mutable=["batch_stats"])(
+      variables, distinct[np.array(sources)], weights)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                got_stats, want_stats)
@@ -452,7 +462,7 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride, sources)
       return jnp.sum(cot * module.apply({"params": params, "batch_stats":
                                          variables["batch_stats"]}, read(xs), w,
                                         train=True, mutable=["batch_stats"])[0])
-    return jax.grad(loss, argnums=(0, 1, 2))(variables["params"], distinct, weights)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(variables["params"], distinct, weights)
 
   # The copies' input gradient is the gather's: each input's edges' gradients added.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
@@ -460,9 +470,9 @@ def test_edges_sharing_inputs_equal_edges_with_their_own_copies(stride, sources)
   stats = jax.tree.map(
       lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
       variables["batch_stats"])
-  evaluated = [m.apply({"params": variables["params"], "batch_stats": stats}, x, weights,
-                       train=False)
-               for m, x in ((shared, distinct), (copies, distinct[np.array(sources)]))]
+  evaluated = [compiled(m.apply, train=False)(
+      {"params": variables["params"], "batch_stats": stats}, x, weights)
+      for m, x in ((shared, distinct), (copies, distinct[np.array(sources)]))]
   np.testing.assert_allclose(evaluated[0], evaluated[1], atol=1e-5, rtol=1e-5)
 
 
@@ -535,7 +545,8 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   assert ("_batch_norm_stats_bwd" in program) == F.accelerator_kernels(impl)
   assert ("layout_constraint" in program) == F.tpu_kernels(impl)
   assert ("reduce_window_sum" in program) != F.tpu_kernels(impl)
-  trained = {i: cell.apply(variables, s0, s1, weights, train=True, mutable=["batch_stats"])
+  trained = {i: compiled(cell.apply, train=True, mutable=["batch_stats"])(variables, s0, s1,
+                                                                         weights)
              for i, cell in cells.items()}
   np.testing.assert_allclose(trained[impl][0], trained["scan"][0], atol=1e-4, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
@@ -543,8 +554,9 @@ def test_inner_nodes_scanned_or_unrolled_compute_what_the_scan_cell_computes(imp
   stats = jax.tree.map(
       lambda s: s + jnp.asarray(rng.uniform(0.1, 0.5, size=s.shape), s.dtype),
       variables["batch_stats"])
-  evaluated = {i: cell.apply({"params": variables["params"], "batch_stats": stats}, s0,
-                             s1, weights, train=False) for i, cell in cells.items()}
+  evaluated = {i: compiled(cell.apply, train=False)(
+      {"params": variables["params"], "batch_stats": stats}, s0, s1, weights)
+      for i, cell in cells.items()}
   np.testing.assert_allclose(evaluated[impl], evaluated["scan"], atol=1e-4, rtol=1e-4)
   assert float(jnp.std(evaluated["scan"])) > 0.1
 
