@@ -323,8 +323,8 @@ def test_depthwise_convs_gradients(stride):
       y = F.depthwise_convs(x, kernels, dilations, stride=stride, impl=impl)
       return jnp.sum(y * cot)
 
-    grads = {impl: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, kernels, impl)
-             for impl in IMPLS}
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    grads = {impl: grad(x, kernels, impl) for impl in IMPLS}
     gx_scan, gk_scan = grads["scan"]
     for other in ("taps", "conv", "conv_each", "taps_fused"):
       gx_other, gk_other = grads[other]
