@@ -10,9 +10,8 @@ Besides that: the parameter count against a closed form of the reference
 ``model_search.Network``, ``vmap`` over architecture weights, shape errors, and the
 BatchNorm running statistics / evaluation mode.
 
-XLA compiles slowly on the test machines: sizes are tiny, a cell's or a network's calls
-each compiled as one program (`compiled`; eager, a cell's operations had each run as a
-program of its own, slower still), and the full network compiled once per mode (module
+XLA compiles slowly on the test machines: sizes are tiny, each side of a comparison is
+one compiled program (`compiled`), and the full network is compiled once per mode (module
 fixture)."""
 
 import functools
@@ -250,9 +249,8 @@ def net():
   arch = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 2, 14, NUM_OPS)), jnp.float32), -1)
   variables = model.init(jax.random.key(0), images, arch[0], train=True)
   # Train mode updates the stem's flax BatchNorm, so batch_stats must be mutable.
-  train = jax.jit(lambda v, x, w: model.apply(v, x, w, train=True,
-                                              mutable=["batch_stats"]))
-  evaluate = jax.jit(lambda v, x, w: model.apply(v, x, w, train=False))
+  train = compiled(model.apply, train=True, mutable=["batch_stats"])
+  evaluate = compiled(model.apply, train=False)
   return dict(model=model, images=images, arch=arch, variables=variables, train=train,
               evaluate=evaluate, rng=rng)
 
