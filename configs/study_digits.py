@@ -4,9 +4,10 @@ Launch:
   python -m nanas_jax.main --config=configs/study_digits.py --workdir=/tmp/nanas_study
   python -m nanas_jax.main --config=configs/study_digits.py:gpu --workdir=...   # larger
 
-Cost (measured, the default variant, alone on a 2-core CPU): see STUDY_COST below and the
-README's study section. The ``gpu`` variant (5 seeds, the reference supernet width, longer
-searches and trainings, 8 neighbors retrained per genotype) is sized for one GPU, untimed.
+Cost (measured, the default variant, mostly alone on a 2-core CPU): 57.5 minutes for the
+README's study section (`docs/study_digits/`, before issue 11's speed changes). The
+``gpu`` variant (5 seeds, the reference supernet width, longer searches and trainings, 8
+neighbors retrained per genotype) is sized for one GPU, untimed.
 
 What runs (`nanas_jax.study`): per method (DARTS; NA-DARTS with the swap neighborhood and
 the mean aggregate; add ``na_darts_max`` with
@@ -22,8 +23,6 @@ skips what is finished.
 import ml_collections
 
 from configs import quickstart, train_quickstart
-
-STUDY_COST = "about 90 minutes on a 2-core CPU"
 
 
 def get_config(arg=None):

@@ -95,6 +95,25 @@ def test_figure_labels_every_op_edge_and_draws_every_edge():
     assert len(arrows) == 8 + 4  # Two inputs per node, four concatenated nodes.
 
 
+def test_draw_cell_draws_on_the_callers_axes_what_the_figure_draws():
+  # A caller's own figure (here two cells side by side, the second an NB201 cell): each
+  # axes gets the same text and arrows as the library's own figure of that cell.
+  genotype = get_genotype('PC_DARTS')
+  fig = Figure()
+  left, right = fig.subplots(1, 2)
+  viz.draw_cell(left, viz.cell_graph(genotype, 'reduce'), title='mine')
+  viz.draw_cell(right, viz.nb201_graph(NB201Arch.parse(NB201_TEXT)))
+  reference = viz.genotype_figure(genotype).axes[1]
+  (nb201_reference,) = viz.nb201_figure(NB201_TEXT).axes
+  for ax, ref in ((left, reference), (right, nb201_reference)):
+    assert _texts(ax) == _texts(ref)
+    assert ([(a.get_linestyle(), a.get_connectionstyle().rad) for a in ax.patches
+             if isinstance(a, patches.FancyArrowPatch)]
+            == [(a.get_linestyle(), a.get_connectionstyle().rad) for a in ref.patches
+                if isinstance(a, patches.FancyArrowPatch)])
+  assert left.get_title() == 'mine' and right.get_title() == ''
+
+
 def test_nb201_figure_dashes_exactly_the_none_edges():
   fig = viz.nb201_figure(NB201_TEXT)
   (ax,) = fig.axes
