@@ -42,7 +42,10 @@ host-local batches of an epoch from a given batch on; the loop does the rest:
 - **Metrics**: every ``log_every_steps`` steps the step's metrics go to TensorBoard
   (`nanas_jax.events`, without TensorFlow) and ``metrics.jsonl``, and the console gets
   one line: step, epoch, the run's ``console_keys`` that are known (from the step, else
-  the last epoch record, else what the run keeps), steps/s and the ETA. Epoch records go
+  the last epoch record, else what the run keeps), steps/s and the ETA, both without the
+  time JAX spent compiling since the last line (`CompileClock`: the first architecture
+  step after a warm-up compiles for as long as the first step), which the line names
+  when it was a second or more. Epoch records go
   to the same two places. Rows of ``metrics.jsonl`` (and of the run's other ``step_logs``) past
   the step a run starts from were written by a session whose state was lost: they move to
   ``<name>.superseded.jsonl`` before the run writes them again, so no step appears twice.
@@ -462,16 +465,65 @@ def format_duration(seconds: float) -> str:
 
 
 def console_line(*, step: int, total: int, steps_per_epoch: int, values: dict[str, float],
-                 keys: Sequence[str], steps_per_second: float | None) -> str:
+                 keys: Sequence[str], steps_per_second: float | None,
+                 compiling_seconds: float = 0.0) -> str:
   """One progress line: step, epoch, the ``keys`` found in ``values`` (in that order),
-  steps/s and the ETA."""
+  steps/s and the ETA, and the compile time left out of them when it was a second or
+  more."""
   parts = [f"step {step}/{total}",
            f"epoch {(step - 1) // steps_per_epoch + 1}/{-(-total // steps_per_epoch)}"]
   parts += [f"{key} {values[key]:.4g}" for key in keys if key in values]
   if steps_per_second:
     parts.append(f"{steps_per_second:.3g} steps/s, ETA "
                  f"{format_duration((total - step) / steps_per_second)}")
+  if compiling_seconds >= 1:
+    parts.append(f"({format_duration(compiling_seconds)} compiling left out)")
   return "  ".join(parts)
+
+
+# The names under which JAX reports each stage of a compile with its wall-clock span
+# (`jax.monitoring`): tracing, lowering, and XLA's compile or the persistent cache's load.
+COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+})
+
+
+class CompileClock:
+  """Wall time that JAX spends compiling while the clock is entered, from the spans JAX
+  reports (`COMPILE_EVENTS`). The loop leaves that time out of steps/s and the ETA: a
+  run's later phase compiles its step at its first call (the first architecture step
+  after weight-only warm-up epochs), and a rate that counted it would promise a run of
+  minutes for tens of minutes."""
+
+  def __init__(self):
+    self._spans: list[tuple[float, float]] = []
+    self._lock = threading.Lock()  # spans may come from threads compiling side by side
+
+  def _record(self, event: str, start: float, end: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+      with self._lock:
+        self._spans.append((start, end))
+
+  def __enter__(self) -> CompileClock:
+    jax.monitoring.register_event_time_span_listener(self._record)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_time_span_listener(self._record)
+
+  def take(self) -> float:
+    """Seconds covered by the spans reported since the last call, spans that overlap
+    (nested stages, programs compiled side by side) counted once; forgets them."""
+    with self._lock:
+      spans, self._spans = sorted(self._spans), []
+    covered, reach = 0.0, -np.inf
+    for start, end in spans:
+      if end > reach:
+        covered += end - max(start, reach)
+        reach = end
+    return covered
 
 
 class Progress:
@@ -631,7 +683,9 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         totals[key] = totals.get(key, 0.0) + value
       if at % log_every == 0:
         now = time.monotonic()
-        rate = (at - last_line[0]) / (now - last_line[1]) if at > last_line[0] else None
+        compiling = compile_clock.take()
+        running = now - last_line[1] - compiling
+        rate = (at - last_line[0]) / running if at > last_line[0] and running > 0 else None
         last_line = (at, now)
         write({**metrics, **({"steps_per_sec": rate} if rate else {})},
               {"step": at, **metrics})
@@ -639,10 +693,10 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
           known = {**numeric(extra), **numeric(epoch_record), **metrics}
           logging.info(console_line(step=at, total=total, steps_per_epoch=steps_per_epoch,
                                     values=known, keys=console_keys,
-                                    steps_per_second=rate))
+                                    steps_per_second=rate, compiling_seconds=compiling))
     pending.clear()
   try:
-    with PreemptionWatch() as preemption:
+    with PreemptionWatch() as preemption, CompileClock() as compile_clock:
       while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         batches = parallel.prefetch(
@@ -656,6 +710,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
             jax.block_until_ready(metrics)
             first_step_seconds = time.monotonic() - t
             last_line = (step, time.monotonic())
+            compile_clock.take()
             logging.info("First step (compile + run, mostly compilation): %.1f s",
                          first_step_seconds)
           # The metrics stay on the devices until they are needed (a console line, a
@@ -687,6 +742,7 @@ def run_epochs(*, workdir: str, config: ml_collections.ConfigDict, mesh, state: 
         write(numeric(epoch_record), epoch_record)
         # Steps/s counts training steps: validation (and its first compile) is left out.
         last_line = (step, time.monotonic())
+        compile_clock.take()
         totals = {}
         save(state)
         if preemption.requested(step) and step < total:

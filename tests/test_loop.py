@@ -474,6 +474,51 @@ def test_console_line_and_durations():
                   "ETA 27 s")
 
 
+def test_the_compile_clock_counts_overlapping_spans_once_and_only_compile_events():
+  report = jax.monitoring.record_event_time_span
+  with loop.CompileClock() as clock:
+    report("/jax/core/compile/backend_compile_duration", 10.0, 20.0)
+    report("/jax/core/compile/jaxpr_trace_duration", 15.0, 25.0)  # overlaps the first
+    report("/jax/core/compile/jaxpr_to_mlir_module_duration", 16.0, 18.0)  # inside both
+    report("/jax/some/other/event", 26.0, 90.0)
+    report("/jax/core/compile/backend_compile_duration", 30.0, 31.5)
+    assert clock.take() == 10.0 + 5.0 + 1.5  # [10, 25] and [30, 31.5]
+    assert clock.take() == 0.0  # forgotten once taken
+  report("/jax/core/compile/backend_compile_duration", 0.0, 5.0)  # after the clock closed
+  assert clock.take() == 0.0
+
+
+def test_the_compile_clock_hears_a_real_compile_within_its_wall_time():
+  # The event names are JAX's: a version that renamed them would leave this at 0.
+  with loop.CompileClock() as clock:
+    start = time.time()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + x[::-1])(np.arange(7.0)).block_until_ready()
+    elapsed = time.time() - start
+  assert 0 < clock.take() <= elapsed
+
+
+def test_steps_per_second_leave_out_a_later_compile_and_the_line_names_it(tmp_path, caplog):
+  def step(state, batch):
+    if int(state["step"]) == 5:  # the sixth step "compiles" for 1.5 s, as JAX reports it
+      start = time.time()
+      time.sleep(1.5)
+      jax.monitoring.record_event_time_span(
+          "/jax/core/compile/backend_compile_duration", start, time.time())
+    return toy_step(state, batch)
+
+  with caplog.at_level(logging.INFO):
+    run(tmp_path, step_fn=step, epochs=2)
+  lines = {int(m.group(1)): r.getMessage() for r in caplog.records
+           if (m := re.match(r"step (\d+)/", r.getMessage()))}
+  assert lines[6].endswith("(2 s compiling left out)")
+  assert not any("compiling" in line for at, line in lines.items() if at != 6)
+  rate = float(re.search(r"([\d.e+]+) steps/s", lines[6]).group(1))
+  assert rate > 5  # the toy step takes milliseconds; 1.5 s counted would give < 0.7
+  # TensorBoard's steps/s is the line's (which shows 3 significant digits).
+  assert dict(tensorboard_values(tmp_path, "steps_per_sec"))[6] == pytest.approx(
+      rate, rel=6e-3)
+
+
 def test_progress_lines_give_the_rate_and_the_eta(monkeypatch, caplog):
   now = [100.0]
   monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": lambda self: now[0]})())
