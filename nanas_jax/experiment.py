@@ -362,17 +362,19 @@ def run_random_search(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   train_seconds = time.time() - t0
   search_rng = np.random.default_rng(config.seed + 3)
   if config.search.algorithm == "na_rs":
-    result = na_random_search(
-        space, evaluator, rs.num_candidates, search_rng, radius=rs.radius,
-        num_neighbors=rs.num_neighbors, include_center=rs.include_center,
-        aggregation=rs.aggregation, tau=rs.tau,
-        progress=loop.Progress("NA-RS scoring", "candidates"))
-    baseline = random_search_same_budget(
-        space, evaluator, result, np.random.default_rng(config.seed + 4),
-        progress=loop.Progress("random search with the same budget", "candidates"))
+    with loop.Progress("NA-RS scoring", "candidates") as progress:
+      result = na_random_search(
+          space, evaluator, rs.num_candidates, search_rng, radius=rs.radius,
+          num_neighbors=rs.num_neighbors, include_center=rs.include_center,
+          aggregation=rs.aggregation, tau=rs.tau, progress=progress)
+    with loop.Progress("random search with the same budget", "candidates") as progress:
+      baseline = random_search_same_budget(
+          space, evaluator, result, np.random.default_rng(config.seed + 4),
+          progress=progress)
   else:
-    result = random_search(space, evaluator, rs.num_candidates, search_rng,
-                           progress=loop.Progress("random search scoring", "candidates"))
+    with loop.Progress("random search scoring", "candidates") as progress:
+      result = random_search(space, evaluator, rs.num_candidates, search_rng,
+                             progress=progress)
     baseline = None
   best = space.decode(result.best_codes)
   main = parallel.is_main_process()

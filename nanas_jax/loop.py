@@ -529,26 +529,41 @@ class CompileClock:
 class Progress:
   """Progress of work outside the epoch loop (flatness, candidate scoring) as log lines:
   ``what: done/total unit, rate/s, ETA``, at most every ``every_seconds`` and at the end.
-  Call it with ``(done, total)`` after each piece of work; the rate counts from its
-  creation, so the first pieces' compile time is in it."""
+  Use it as a context manager and call it with ``(done, total)`` after each piece of
+  work; the rate counts from its creation, without the time JAX spent compiling meanwhile
+  (`CompileClock`: the first piece compiles its programs), which the line names."""
 
   def __init__(self, what: str, unit: str, every_seconds: float = 10.0):
     self.what, self.unit, self.every_seconds = what, unit, every_seconds
     self._start = time.monotonic()
     self._last: float | None = None
+    self._clock = CompileClock()
+    self._compiled = 0.0
+
+  def __enter__(self) -> Progress:
+    self._clock.__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._clock.__exit__(*exc)
 
   def __call__(self, done: int, total: int) -> None:
     now = time.monotonic()
+    # Taken at every call, so that the spans do not pile up between lines.
+    self._compiled += self._clock.take()
     if done < total and self._last is not None and now - self._last < self.every_seconds:
       return
     self._last = now
     elapsed = now - self._start
     line = f"{self.what}: {done}/{total} {self.unit}"
+    compiled = format_duration(self._compiled) if self._compiled >= 1 else None
     if done >= total:
       line += f", done in {format_duration(elapsed)}"
-    elif done and elapsed > 0:
-      rate = done / elapsed
+      line += f" ({compiled} of it compiling)" if compiled else ""
+    elif done and elapsed > self._compiled:
+      rate = done / (elapsed - self._compiled)
       line += f", {rate:.3g} {self.unit}/s, ETA {format_duration((total - done) / rate)}"
+      line += f" ({compiled} compiling left out)" if compiled else ""
     logging.info(line)
 
 

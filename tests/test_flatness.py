@@ -43,10 +43,12 @@ def test_profile_nb201_enumerated_counts_distances_and_stats():
   assert [r["count"] for r in profile["radii"]] == [24, math.comb(6, 2) * 16]
   assert [r["size"] for r in profile["radii"]] == [24, 240]
   assert all(r["enumerated"] for r in profile["radii"])
-  # One call for the centre and one per radius.
-  assert len(evaluate.calls) == 3
+  # One call: the centre, then each radius's neighbors in order.
+  (asked,) = evaluate.calls
+  np.testing.assert_array_equal(asked[0], codes)
+  batches = np.split(asked[1:], [24])
   assert profile["center"]["loss"] == pytest.approx(0.01 * codes.sum())
-  for r, batch in zip(profile["radii"], evaluate.calls[1:]):
+  for r, batch in zip(profile["radii"], batches, strict=True):
     d = r["radius"]
     assert [neighborhood.distance(c, codes) for c in batch] == [d] * len(batch)
     assert len({c.tobytes() for c in batch}) == len(batch)
@@ -85,7 +87,11 @@ def test_profile_darts_sampling_exact_distance_distinct(radius, num):
   sizes = [r["size"] for r in profile["radii"]]
   assert sizes[0] == 96  # 16 kept edges x 6 other non-none ops.
   assert sizes[1] == math.comb(16, 2) * 36
-  for r, batch in zip(profile["radii"], evaluate.calls[1:]):
+  (asked,) = evaluate.calls
+  assert len(asked) == 1 + radius * num
+  for i, r in enumerate(profile["radii"]):
+    batch = asked[1 + i * num:1 + (i + 1) * num]
+    np.testing.assert_array_equal(np.asarray(r["codes"]), batch)
     assert r["count"] == num and not r["enumerated"]
     assert len({c.tobytes() for c in batch}) == num
     assert all(neighborhood.distance(c, codes) == r["radius"] for c in batch)
@@ -111,7 +117,7 @@ def test_profile_errors():
     flatness.neighborhood_profile(space, codes, _ops_differ(codes), radius=0)
   with pytest.raises(ValueError, match="num_neighbors"):
     flatness.neighborhood_profile(space, codes, _ops_differ(codes), 1, num_neighbors=0)
-  with pytest.raises(ValueError, match="must return 24 losses"):
+  with pytest.raises(ValueError, match="must return 25 losses"):  # the centre and 24
     flatness.neighborhood_profile(space, codes, lambda c: np.zeros(1), radius=1)
 
 
@@ -230,11 +236,23 @@ def test_radius_beyond_the_farthest_neighbor_is_refused_before_any_data(tmp_path
 
 
 def test_evaluation_in_pieces_reports_progress_and_joins_the_answers():
-  calls = []
-  evaluate = flatness._in_pieces(lambda c: (c.sum((1, 2)) * 1.0, -c.sum((1, 2))), piece=4,
-                                 total=10, progress=lambda done, total: calls.append(done))
+  calls, pieces = [], []
+
+  def answer(c):
+    pieces.append(c.copy())
+    return c.sum((1, 2)) * 1.0, -c.sum((1, 2))
+
+  evaluate = flatness._in_pieces(answer, piece=4, total=11,
+                                 progress=lambda done, total: calls.append(done))
   codes = np.arange(10 * 2 * 3).reshape(10, 2, 3)
   losses, accuracies = evaluate(codes)
   np.testing.assert_array_equal(losses, codes.sum((1, 2)))
   np.testing.assert_array_equal(accuracies, -codes.sum((1, 2)))
   assert calls == [4, 8, 10]
+  # The short last piece was filled with copies of its first architecture: one size.
+  np.testing.assert_array_equal(pieces[2], codes[[8, 9, 8, 8]])
+  # Answers that are losses alone, for a request shorter than a piece.
+  single = flatness._in_pieces(lambda c: c.sum((1, 2)) * 1.0, piece=4, total=11,
+                               progress=lambda done, total: calls.append(done))
+  np.testing.assert_array_equal(single(codes[:1]), codes[:1].sum((1, 2)))
+  assert calls[-1] == 1

@@ -535,6 +535,29 @@ def test_progress_lines_give_the_rate_and_the_eta(monkeypatch, caplog):
       "scoring: 10/10 candidates, done in 40 s"]
 
 
+def test_progress_lines_leave_out_what_jax_compiled_and_name_it(monkeypatch, caplog):
+  now = [100.0]
+  monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": lambda self: now[0]})())
+  with caplog.at_level(logging.INFO):
+    with loop.Progress("scoring", "candidates", every_seconds=10) as progress:
+      for done in range(1, 11):
+        now[0] += 4
+        if done == 1:  # the first piece compiled for 2 of its 4 s, as JAX reports it
+          jax.monitoring.record_event_time_span(
+              "/jax/core/compile/backend_compile_duration", 7.0, 9.0)
+        progress(done, 10)
+    jax.monitoring.record_event_time_span(  # after the block: not heard
+        "/jax/core/compile/backend_compile_duration", 0.0, 50.0)
+    progress(10, 10)
+  # 1 done in 4 - 2 s, 4 in 16 - 2, 7 in 28 - 2.
+  assert [r.getMessage() for r in caplog.records] == [
+      "scoring: 1/10 candidates, 0.5 candidates/s, ETA 18 s (2 s compiling left out)",
+      "scoring: 4/10 candidates, 0.286 candidates/s, ETA 21 s (2 s compiling left out)",
+      "scoring: 7/10 candidates, 0.269 candidates/s, ETA 11 s (2 s compiling left out)",
+      "scoring: 10/10 candidates, done in 40 s (2 s of it compiling)",
+      "scoring: 10/10 candidates, done in 40 s (2 s of it compiling)"]
+
+
 def test_only_the_closed_loop_callbacks_of_a_failed_restore_are_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
