@@ -56,7 +56,7 @@ from nanas_jax import cli
 from nanas_jax import neighborhood
 from nanas_jax import spaces
 from nanas_jax.files import write_atomic
-from nanas_jax.search.evaluators import SupernetEvaluator
+from nanas_jax.search.evaluators import SupernetEvaluator, filled
 
 REPORT_STEM = "flatness"
 
@@ -278,11 +278,10 @@ def _in_pieces(evaluate: Callable[[np.ndarray], Any], piece: int, total: int,
   """``evaluate`` called on ``piece`` architectures at a time, ``progress(done, total)``
   after each; the answers (losses, or losses and accuracies) joined.
 
-  A shorter piece (the centre alone, a distance's last piece) is filled up to ``piece``
-  with copies of its first architecture, whose answers are dropped, so that the vmapped
-  evaluation compiles for one size: a report evaluates a few pieces once, and on a CPU
-  one more size compiled for 16-18 s where the 15 copies took about 1.5 s (the quick
-  start's report: 41 s before, 34 s of it compiling)."""
+  The last piece, when short, is `filled` up to ``piece`` (copies of an architecture,
+  their answers dropped), so that the vmapped evaluation compiles for one size: on a CPU
+  one more size compiled for 16-18 s where the copies take about 1.5 s (the quick start's
+  report: 41-46 s with two sizes, 34 s of it compiling; 27-30 s with one)."""
   done = 0
 
   def evaluate_in_pieces(codes: np.ndarray):
@@ -290,8 +289,7 @@ def _in_pieces(evaluate: Callable[[np.ndarray], Any], piece: int, total: int,
     answers = []
     for i in range(0, len(codes), piece):
       part = codes[i:i + piece]
-      filled = np.concatenate([part, np.repeat(part[:1], piece - len(part), axis=0)])
-      answer = evaluate(filled)
+      answer = evaluate(filled(part, piece))
       answers.append(tuple(a[:len(part)] for a in answer) if isinstance(answer, tuple)
                      else answer[:len(part)])
       done += len(part)

@@ -276,9 +276,10 @@ def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   np.testing.assert_allclose(batched, direct, rtol=2e-5)
   singles = np.concatenate([evaluator(c[None]) for c in codes])
   np.testing.assert_allclose(singles, batched, rtol=1e-6)
-  # Chunks of 4, the rest in powers of two: N = 6 is 4 + 2, N = 1 is 1; one compiled
-  # function per (chunk size, batch shape).
-  compiled = 3 * len({x.shape for x, _ in batches})
+  # Chunks of 4, the rest of a request of 4 or more filled up to a chunk, a smaller
+  # request in powers of two: N = 6 is 4 + 4 (2 copies), N = 1 is 1; one compiled
+  # function per (call size, batch shape).
+  compiled = 2 * len({x.shape for x, _ in batches})
   assert sums._cache_size() == compiled
   # Another evaluator of an equal supernet (a new instance) compiles nothing of its own,
   # and answers the same.
@@ -288,14 +289,21 @@ def test_supernet_evaluator_equals_a_loop_of_single_architectures(train):
   assert sums._cache_size() == compiled
 
 
-def test_chunk_sizes_cover_the_request_without_padding():
-  from nanas_jax.search.evaluators import chunk_sizes  # pylint: disable=g-import-not-at-top
+def test_chunk_sizes_fill_only_the_rest_of_a_request_of_a_chunk_or_more():
+  from nanas_jax.search.evaluators import chunk_sizes, filled  # pylint: disable=g-import-not-at-top
   assert chunk_sizes(9, 16) == [8, 1]
-  assert chunk_sizes(35, 16) == [16, 16, 2, 1]
+  assert chunk_sizes(35, 16) == [16, 16, 16]
   assert chunk_sizes(32, 16) == [16, 16] and chunk_sizes(0, 4) == []
   for n in range(100):
     sizes = chunk_sizes(n, 8)
-    assert sum(sizes) == n and all(s in (1, 2, 4, 8) for s in sizes)
+    if n < 8:  # nothing filled: powers of two, each at most once
+      assert sum(sizes) == n and len(set(sizes)) == len(sizes)
+      assert all(s in (1, 2, 4) for s in sizes)
+    else:  # one size; less than a chunk filled
+      assert set(sizes) == {8} and n <= sum(sizes) < n + 8
+  codes = np.arange(12).reshape(2, 2, 3)
+  np.testing.assert_array_equal(filled(codes, 4), codes[[0, 1, 0, 0]])
+  np.testing.assert_array_equal(filled(codes, 2), codes)
 
 
 def test_supernet_evaluator_on_darts_codes_and_train_mode_matters():

@@ -141,16 +141,17 @@ def test_na_rs_radius_two(evaluator):
 def test_budget_counts(evaluator):
   pool = np.stack([FLAT, SHARP])
   na = na_random_search(NB201, evaluator, None, 0, candidates=pool)
+  # Both neighborhoods in one call (50 architectures, up to 256 a call).
   assert na.budget == {'candidates': 2, 'neighbors_evaluated': 48, 'centers_evaluated': 2,
                        'total_evaluations': 2 * (24 + 1), 'unique_evaluations': 50,
-                       'evaluator_calls': 2}
+                       'evaluator_calls': 1}
   no_center = na_random_search(NB201, evaluator, None, 0, include_center=False,
                                candidates=pool)
   # 2 * 24 neighbors, plus the winner's own loss evaluated once at the end.
   assert no_center.budget['total_evaluations'] == 49
   assert no_center.budget['neighbors_evaluated'] == 48
   assert no_center.budget['centers_evaluated'] == 1
-  assert no_center.budget['evaluator_calls'] == 3
+  assert no_center.budget['evaluator_calls'] == 2
   assert no_center.best_loss == pytest.approx(9.0)
   assert np.isnan(no_center.candidate_losses[1])
   sampled = na_random_search(NB201, evaluator, None, 0, num_neighbors=5, candidates=pool)
@@ -179,8 +180,8 @@ def test_sampled_neighbors_are_aggregated_as_evaluated(evaluator):
 
   pool = _pool(extra=2, seed=7)
   na = na_random_search(NB201, recording, None, np.random.default_rng(3), radius=2,
-                        num_neighbors=6, aggregation='max', candidates=pool)
-  assert len(groups) == len(pool)
+                        num_neighbors=6, aggregation='max', candidates=pool, batch_size=7)
+  assert len(groups) == len(pool)  # 7 architectures a neighborhood, 7 a call
   for codes, group, score in zip(pool, groups, na.candidate_scores):
     np.testing.assert_array_equal(group[0], codes)
     assert len({g.tobytes() for g in group}) == 7
@@ -229,7 +230,7 @@ def test_darts_requires_sampling_for_huge_neighborhoods():
   assert str(MAX_ENUMERATED_NEIGHBORS) in str(info.value)
   assert calls == []
   na = na_random_search(DARTS, evaluate, 3, 0, radius=3, num_neighbors=4)
-  assert calls == [5, 5, 5] and na.budget['total_evaluations'] == 15
+  assert calls == [15] and na.budget['total_evaluations'] == 15
   assert all(DARTS.decode(c) is not None for c in na.candidates)
   assert na.best_arch.startswith('Genotype(')
   rs = random_search(DARTS, evaluate, 5, 0)
@@ -290,6 +291,34 @@ def test_searches_report_their_progress_in_candidates():
                 progress=lambda done, total: calls.append((done, total)))
   assert calls == [(4, 10), (8, 10), (10, 10)]
   calls.clear()
-  na_random_search(NB201, evaluate, 3, 0, num_neighbors=2,
+  na_random_search(NB201, evaluate, 3, 0, num_neighbors=2, batch_size=3,
                    progress=lambda done, total: calls.append((done, total)))
   assert calls == [(1, 3), (2, 3), (3, 3)]
+  calls.clear()
+  na_random_search(NB201, evaluate, 3, 0, num_neighbors=2, batch_size=7,
+                   progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize('batch_size', [1, 10, 25, 49, 50, 256])
+def test_na_rs_calls_hold_whole_neighborhoods_up_to_the_batch_size(evaluator, batch_size):
+  calls = []
+
+  def recording(codes):
+    calls.append(codes.copy())
+    return evaluator(codes)
+
+  pool = _pool(extra=2, seed=1)
+  na = na_random_search(NB201, recording, None, 0, candidates=pool, batch_size=batch_size)
+  # Each neighborhood is 25 architectures (the centre and 24 neighbors); a call holds as
+  # many whole ones as fit, and one alone when it does not fit.
+  per_call = max(1, batch_size // 25)
+  assert [len(c) for c in calls] == [25 * min(per_call, len(pool) - i)
+                                     for i in range(0, len(pool), per_call)]
+  asked = np.concatenate(calls)
+  for i, codes in enumerate(pool):
+    group = neighborhood.enumerate_neighbors(NB201, codes, 1, include_center=True)
+    np.testing.assert_array_equal(asked[25 * i:25 * (i + 1)], group)
+    assert na.candidate_scores[i] == pytest.approx(table_loss(group).mean())
+    assert na.candidate_losses[i] == table_loss(codes[None])[0]
+  assert na.settings['batch_size'] == batch_size

@@ -10,7 +10,9 @@ better (errors for accuracy tables, cross-entropy for a supernet).
   of them drawn uniformly without replacement, plus ``a`` itself if ``include_center``.
   AGG is `neighborhood.aggregate` on the losses: ``mean`` (the paper), ``max`` (the worst
   neighbor) or ``softmax_tau`` (a smooth worst neighbor). A candidate's whole neighborhood
-  goes to the evaluator in one batched call.
+  goes to the evaluator in one batched call, with the next candidates' up to
+  ``batch_size`` architectures: a supernet evaluator runs large calls in full chunks of
+  one compiled size.
 
 Budget. Every architecture handed to the evaluator counts once per request, repeats
 included (neighborhoods of different candidates overlap): ``budget['total_evaluations']``.
@@ -265,17 +267,21 @@ def na_random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray],
                      radius: int = 1, num_neighbors: int | None = None,
                      include_center: bool = True, aggregation: str = 'mean',
                      tau: float = neighborhood.DEFAULT_TAU, *,
-                     candidates: Any = None, progress: Progress | None = None) -> SearchResult:
+                     candidates: Any = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                     progress: Progress | None = None) -> SearchResult:
   """Neighborhood-aware random search: the candidate with the lowest aggregated
   neighborhood loss (see the module docstring).
 
   ``num_neighbors=None`` enumerates the whole neighborhood at distance 1..``radius``
   (refused above ``MAX_ENUMERATED_NEIGHBORS`` neighbors: DARTS at radius 3 has ~125,000);
-  an integer samples that many distinct neighbors per candidate. Every argument and every
-  candidate's neighborhood size is checked before the first evaluation. Ties go to the
-  earlier candidate.
+  an integer samples that many distinct neighbors per candidate. Consecutive candidates'
+  neighborhoods go to the evaluator together, at most ``batch_size`` architectures a call
+  (a neighborhood is never split; one larger than that goes alone). Every argument and
+  every candidate's neighborhood size is checked before the first evaluation. Ties go to
+  the earlier candidate.
   """
   space = _as_space(space)
+  batch_size = _check_count('batch_size', batch_size, 1)
   radius = _check_count('radius', radius, 1)
   if num_neighbors is not None:
     num_neighbors = _check_count('num_neighbors', num_neighbors, 1)
@@ -299,19 +305,31 @@ def na_random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray],
   scores = np.empty(len(pool), np.float64)
   own = np.full(len(pool), np.nan)
   neighbors_evaluated = 0
+  pending: list[np.ndarray] = []  # the neighborhoods of the next evaluator call
+
+  def score_pending(last: int) -> None:
+    """Evaluates the pending neighborhoods, those of the candidates up to ``last``."""
+    losses = np.split(counter(np.concatenate(pending)),
+                      np.cumsum([len(g) for g in pending])[:-1])
+    for i, group_losses in zip(range(last + 1 - len(pending), last + 1), losses):
+      scores[i] = float(neighborhood.aggregate(group_losses, aggregation, tau))
+      if include_center:
+        own[i] = group_losses[0]
+    pending.clear()
+    if progress:
+      progress(last + 1, len(pool))
+
   for i, codes in enumerate(pool):
     if num_neighbors is None:
       group = neighborhood.enumerate_neighbors(space, codes, radius, include_center)
     else:
       group = neighborhood.sample_neighbors(space, codes, radius, num_neighbors, rng,
                                             include_center)
-    losses = counter(group)
+    if pending and sum(map(len, pending)) + len(group) > batch_size:
+      score_pending(i - 1)
+    pending.append(group)
     neighbors_evaluated += len(group) - int(include_center)
-    scores[i] = float(neighborhood.aggregate(losses, aggregation, tau))
-    if include_center:
-      own[i] = losses[0]
-    if progress:
-      progress(i + 1, len(pool))
+  score_pending(len(pool) - 1)
   best = int(np.argmin(scores))
   centers = len(pool) if include_center else 1
   if not include_center:
@@ -324,7 +342,7 @@ def na_random_search(space: SearchSpace | str, evaluator: Callable[[np.ndarray],
       budget=_budget(counter, len(pool), neighbors_evaluated, centers),
       settings={'num_candidates': len(pool), 'radius': radius,
                 'num_neighbors': num_neighbors, 'include_center': bool(include_center),
-                'aggregation': aggregation, 'tau': float(tau)})
+                'aggregation': aggregation, 'tau': float(tau), 'batch_size': batch_size})
 
 
 def random_search_same_budget(space: SearchSpace | str,
