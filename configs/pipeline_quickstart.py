@@ -3,13 +3,14 @@
 Launch:
   python -m nanas_jax.main --config=configs/pipeline_quickstart.py --workdir=/tmp/nanas_pipeline
 
-Cost: 9 min 47 s alone on a 2-core CPU (measured): search 4.5 minutes (the NA-DARTS quick
-start; first step, mostly compilation, 27 s), flatness 38 s, training 4.5 minutes.
-Measured: the search committed (alpha entropy 77 % of uniform, the genotype unchanged over
-its last 5 epochs; supernet validation accuracy 0.988), and the found genotype reached
-0.9925 test top-1 (chance is 0.1) on the 797 held-out digits (DARTS_V2 with
-configs/train_quickstart.py: 0.996). On 8x8 digits both are near the ceiling: this shows
-the pipeline end to end, not that the search beats DARTS_V2.
+Cost: 6 min 19 s alone on a 2-core CPU (measured 2026-12-07 on an AMD EPYC Zen 4, the
+compilation cache cold): search 166 s (the NA-DARTS quick start; first step, mostly
+compilation, 34 s), flatness 28 s (23 s of it compiling), training 178 s (first step 18
+s). Measured: the search committed (alpha entropy 82 % of uniform, the genotype
+unchanged over its last 2 epochs; supernet validation accuracy 0.994), and the found
+genotype reached 0.9937 test top-1 (chance is 0.1) on the 797 held-out digits (DARTS_V2
+with configs/train_quickstart.py: 0.996). On 8x8 digits both are near the ceiling: this
+shows the pipeline end to end, not that the search beats DARTS_V2.
 
 Writes WORKDIR/search (the search), WORKDIR/train (the training from scratch) and
 WORKDIR/report.md (genotype, cell picture, search accuracy, flatness, parameters,
