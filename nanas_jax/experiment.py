@@ -190,6 +190,19 @@ def epoch_picture(workdir: str, epoch: int) -> str:
   return os.path.join(workdir, CELLS_DIR, f"epoch_{epoch:03d}.png")
 
 
+def architecture_summary(algorithm: str, means: dict[str, float]) -> str:
+  """The epoch line's architecture part from the epoch's metric means: the architecture
+  loss and, for NA-DARTS, the spread (std) of its neighbors' losses. DARTS's one
+  architecture has no spread to show (its metric is 0 by construction); a weight-only
+  warm-up epoch has no architecture step."""
+  if "mean_arch_loss" not in means:
+    return "weight-only warm-up"
+  text = f"arch loss {means['mean_arch_loss']:.4f}"
+  if algorithm == "na_darts":
+    text += f"  neighbor spread {means['mean_neighbor_loss_std']:.4f}"
+  return text
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the bilevel (DARTS / NA-DARTS) search of ``config`` into ``workdir``, data
   parallel over every device, resuming from the workdir's checkpoints."""
@@ -242,9 +255,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     if "best_val_accuracy" not in extra or val_acc > extra["best_val_accuracy"]:
       extra.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_genotype=text)
     extra.update(val_accuracy=val_acc, genotype=text, stable_epochs=stable)
-    arch = (f"arch loss {means['mean_arch_loss']:.4f}  neighbor spread "
-            f"{means['mean_neighbor_loss_std']:.4f}" if "mean_arch_loss" in means
-            else "weight-only warm-up")
+    arch = architecture_summary(config.search.algorithm, means)
     logging.info("epoch %d/%d  train loss %.4f acc %.3f  %s  val loss %.4f acc %.3f  alpha "
                  "entropy %.3f (%.0f%% of uniform)  genotype %s\n  genotype: %s", epoch + 1,
                  config.search.epochs, means["mean_train_loss"],

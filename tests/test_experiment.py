@@ -85,3 +85,13 @@ def test_weight_sharing_out_of_memory_names_its_options(tmp_path, monkeypatch):
       r"float32\); or a smaller config\.data\.batch_size \(now "
       rf"{config.data.batch_size}, ")):
     experiment.run(config, str(tmp_path / "w"))
+
+
+def test_the_epoch_line_shows_the_neighbor_spread_for_na_darts_only():
+  means = {"mean_train_loss": 0.2954, "mean_arch_loss": 0.36514, "mean_neighbor_loss_std": 0.0}
+  assert experiment.architecture_summary("darts", means) == "arch loss 0.3651"
+  means["mean_neighbor_loss_std"] = 0.01749
+  assert experiment.architecture_summary("na_darts", means) == (
+      "arch loss 0.3651  neighbor spread 0.0175")
+  assert experiment.architecture_summary("na_darts", {"mean_train_loss": 1.6}) == (
+      "weight-only warm-up")
