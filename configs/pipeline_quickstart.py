@@ -9,7 +9,7 @@ compilation, 34 s), flatness 28 s (23 s of it compiling), training 178 s (first 
 s). Measured: the search committed (alpha entropy 82 % of uniform, the genotype
 unchanged over its last 2 epochs; supernet validation accuracy 0.994), and the found
 genotype reached 0.9937 test top-1 (chance is 0.1) on the 797 held-out digits (DARTS_V2
-with configs/train_quickstart.py: 0.996). On 8x8 digits both are near the ceiling: this
+with configs/train_quickstart.py: 0.9925). On 8x8 digits both are near the ceiling: this
 shows the pipeline end to end, not that the search beats DARTS_V2.
 
 Writes WORKDIR/search (the search), WORKDIR/train (the training from scratch) and

@@ -4,8 +4,9 @@ Launch:
   python -m nanas_jax.main --config=configs/study_digits.py --workdir=/tmp/nanas_study
   python -m nanas_jax.main --config=configs/study_digits.py:gpu --workdir=...   # larger
 
-Cost (measured, the default variant, mostly alone on a 2-core CPU): 57.5 minutes for the
-README's study section (`docs/study_digits/`, before issue 11's speed changes). The
+Cost (measured, the default variant, alone on a 2-core CPU: an AMD EPYC Zen 4, 2026-12-07,
+the compilation cache cold): 32.1 minutes for the README's study section
+(`docs/study_digits/`; 57.5 minutes before issue 11's speed changes). The
 ``gpu`` variant (5 seeds, the reference supernet width, longer searches and trainings, 8
 neighbors retrained per genotype) is sized for one GPU, untimed.
 
