@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nanas_jax import loop, parallel, spaces
+from nanas_jax import loop, neighborhood, parallel, spaces
 from nanas_jax import workdir as workdir_lib
 from nanas_jax.data import loaders
 from nanas_jax.files import write_atomic
@@ -38,8 +38,8 @@ from nanas_jax.nn.supernet import INNER_IMPLS
 from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, dtype_memory_options,
                                       neighbors_per_step, validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
-from nanas_jax.search.random_search import (na_random_search, random_search,
-                                            random_search_same_budget)
+from nanas_jax.search.random_search import (MAX_ENUMERATED_NEIGHBORS, na_random_search,
+                                            random_search, random_search_same_budget)
 from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
                                              validate_rs_config)
 
@@ -50,7 +50,7 @@ CELLS_DIR = "cells"
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks what can be checked before any data is read or anything compiled."""
-  spaces.get_space(config.model.space)
+  space = spaces.get_space(config.model.space)
   parallel.validate_parallel_config(config.get("parallel"))
   loop.validate_checkpoint_config(config)
   if config.search.algorithm in RS_ALGORITHMS:
@@ -61,12 +61,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"--config=configs/{config.search.algorithm}_quickstart.py (or another "
           f"{config.search.algorithm} config).")
     validate_rs_config(config.search)
+    if config.search.algorithm == "na_rs":
+      _validate_na_rs_neighborhood(config.search.rs, space)
     if config.search.rs.evaluator == "table" and config.model.space != "nb201":
       raise ValueError(f"config.search.rs.evaluator = 'table' needs config.model.space = "
                        f"'nb201' (got {config.model.space!r}): only NAS-Bench-201 is "
                        "tabulated.")
   else:
     validate_search_config(config.search)
+    nb = config.search.neighbors
+    if config.search.algorithm == "na_darts" and nb.kind in neighborhood.RADIUS_PERTURBATIONS:
+      # Checked here rather than at the first architecture step, after the warm-up epochs.
+      neighborhood.check_reach(space, nb.radius, "config.search.neighbors.radius")
   for field in ("channels", "layers", "steps", "multiplier", "stem_multiplier"):
     value = config.model[field]
     if not isinstance(value, int) or value < 1:
@@ -87,6 +93,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.model.{field} = {config.model[field]!r} is invalid: use one "
                        f"of {choices}.")
   _validate_batch(config)
+
+
+def _validate_na_rs_neighborhood(rs: ml_collections.ConfigDict, space) -> None:
+  """NA-RS's neighborhoods, checked before the supernet trains (`na_random_search` checks
+  them again per candidate, once it is trained): within a radius every architecture of a
+  space has the same number of neighbors."""
+  radius = neighborhood.check_reach(space, rs.radius, "config.search.rs.radius")
+  size = neighborhood.space_neighborhood_size(space, radius)
+  if rs.num_neighbors is None and size > MAX_ENUMERATED_NEIGHBORS:
+    raise ValueError(
+        f"config.search.rs.num_neighbors = None enumerates each candidate's {size:,} "
+        f"neighbors within radius {radius}, more than the {MAX_ENUMERATED_NEIGHBORS:,} "
+        "NA-RS enumerates; set config.search.rs.num_neighbors=K to sample K of them, or "
+        "lower config.search.rs.radius.")
+  if rs.num_neighbors is not None and rs.num_neighbors > size:
+    raise ValueError(
+        f"config.search.rs.num_neighbors = {rs.num_neighbors} is invalid: a {space.name} "
+        f"architecture has {size:,} neighbors within radius {radius}; lower it, or raise "
+        "config.search.rs.radius.")
 
 
 def _validate_batch(config: ml_collections.ConfigDict) -> None:

@@ -26,6 +26,8 @@ import scipy.special
 from nanas_jax.spaces.base import SearchSpace
 
 PERTURBATIONS = ('swap', 'mix', 'logit_noise', 'identity')
+# The perturbations that move ops on ``radius`` of the kept edges.
+RADIUS_PERTURBATIONS = ('swap', 'mix')
 AGGREGATIONS = ('mean', 'max', 'softmax_tau')
 
 # Ablation knobs without a published value: 'mix' moves half an edge's weight to another
@@ -220,6 +222,28 @@ def max_kept_edges(space: SearchSpace) -> int:
   if space.inputs_per_node is None:
     return num_types * num_edges
   return num_types * space.num_targets * space.inputs_per_node
+
+
+def check_reach(space: SearchSpace, radius: int, field: str) -> int:
+  """``radius``, if a neighbor of ``space``'s architectures can lie that far: none is
+  farther than `max_kept_edges`. For checks before a run starts; ``field`` names the
+  setting in the error."""
+  radius = _check_radius(radius)
+  farthest = max_kept_edges(space)
+  if radius > farthest:
+    raise ValueError(
+        f"{field} = {radius} is invalid: a {space.name} architecture's neighbors are at "
+        f"most {farthest} edges away (the edges it keeps); use a radius <= {farthest}.")
+  return radius
+
+
+def space_neighborhood_size(space: SearchSpace, radius: int) -> int:
+  """Neighbors at distance 1..radius of any architecture of ``space`` (`neighborhood_size`
+  without one): the same number for every architecture, since each keeps `max_kept_edges`
+  edges, each holding a swappable op whose alternatives are the other swappable ops."""
+  alternatives = int(np.count_nonzero(space.swap_ops)) - 1
+  table = _elementary_table([alternatives] * max_kept_edges(space), _check_radius(radius))
+  return sum(table[-1][1:])
 
 
 def _uniform_choice(noise: jax.Array, allowed: jax.Array) -> jax.Array:

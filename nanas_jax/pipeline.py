@@ -105,11 +105,8 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> None:
     if not _is_int(value) or value < least:
       raise ValueError(f"config.pipeline.{field} = {value!r} is invalid: expected an "
                        f"integer >= {least}.")
-  farthest = neighborhood.max_kept_edges(spaces.get_space("darts"))
-  if options.flatness_radius > farthest:
-    raise ValueError(f"config.pipeline.flatness_radius = {options.flatness_radius} is "
-                     f"invalid: a DARTS genotype's neighbors are at most {farthest} edges "
-                     "away (the edges it keeps).")
+  neighborhood.check_reach(spaces.get_space("darts"), options.flatness_radius,
+                           "config.pipeline.flatness_radius")
   neighbors = options.get("flatness_num_neighbors")
   if neighbors is not None and (not _is_int(neighbors) or neighbors < 1):
     raise ValueError(f"config.pipeline.flatness_num_neighbors = {neighbors!r} is invalid: "

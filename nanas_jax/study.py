@@ -98,6 +98,8 @@ def validate_study_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.model.space = {config.search.model.space!r} is "
                      "invalid: expected 'darts' (the genotypes are trained as DARTS "
                      "networks).")
+  neighborhood.check_reach(spaces.get_space("darts"), study.flatness_radius,
+                           "config.study.flatness_radius")
   train_run.validate_run_config(config.train)
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import quickstart, rs_quickstart
+from configs import na_rs_quickstart, quickstart, rs_quickstart
 from nanas_jax import experiment
 from nanas_jax.search.bilevel import BilevelSearch
 from nanas_jax.search.weight_sharing import WeightSharingTrainer
@@ -18,6 +18,9 @@ from nanas_jax.search.weight_sharing import WeightSharingTrainer
     ("model.channels", 0, "config.model.channels"),
     ("data.batch_size", 30, "divisible"),
     ("search.neighbors.num", 0, "config.search.neighbors.num"),
+    # Caught before the warm-up epochs, not at the first architecture step after them.
+    ("search.neighbors.radius", 17, r"^config\.search\.neighbors\.radius = 17 is invalid: a "
+     "darts architecture's neighbors are at most 16 edges away"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, set_field, field, value, message):
   config = quickstart.get_config()
@@ -95,3 +98,33 @@ def test_the_epoch_line_shows_the_neighbor_spread_for_na_darts_only():
       "arch loss 0.3651  neighbor spread 0.0175")
   assert experiment.architecture_summary("na_darts", {"mean_train_loss": 1.6}) == (
       "weight-only warm-up")
+
+
+@pytest.mark.parametrize("radius,num_neighbors,message", [
+    (17, 8, r"^config\.search\.rs\.radius = 17 is invalid: a darts architecture's neighbors "
+     r"are at most 16 edges away"),
+    # 16 x 6 = 96 neighbors at distance 1 (the closed form; test_neighborhood.py).
+    (1, 97, r"^config\.search\.rs\.num_neighbors = 97 is invalid: a darts architecture has "
+     r"96 neighbors within radius 1; lower it, or raise config\.search\.rs\.radius\.$"),
+    # 96 + C(16, 2) 6^2 + C(16, 3) 6^3 = 125,376.
+    (3, None, r"^config\.search\.rs\.num_neighbors = None enumerates each candidate's "
+     r"125,376 neighbors within radius 3, more than the 5,000 NA-RS enumerates"),
+])
+def test_na_rs_neighborhoods_are_checked_before_the_supernet_trains(tmp_path, radius,
+                                                                    num_neighbors, message):
+  config = na_rs_quickstart.get_config()
+  config.search.rs.radius = radius
+  config.search.rs.num_neighbors = num_neighbors
+  with pytest.raises(ValueError, match=message):
+    experiment.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_na_rs_accepts_the_whole_neighborhood_where_it_is_small_enough():
+  """4,416 neighbors within radius 2 (under the 5,000 NA-RS enumerates); NAS-Bench-201's
+  1,544 within radius 3 (24 + 15 x 16 + 20 x 64)."""
+  config = na_rs_quickstart.get_config()
+  config.search.rs.radius, config.search.rs.num_neighbors = 2, None
+  experiment.validate_config(config)
+  config.model.space, config.model.layers, config.search.rs.radius = "nb201", 1, 3
+  experiment.validate_config(config)

@@ -84,6 +84,30 @@ def test_neighborhood_size_closed_form(radius):
   assert nbh.neighborhood_size(NB201_SPACE, NB201_CODES, radius) == _closed_form(6, 4, radius)
 
 
+@pytest.mark.parametrize('radius', [1, 2, 3, 6])
+def test_every_architecture_of_a_space_has_the_space_wide_neighborhood_size(radius):
+  """`space_neighborhood_size` (no architecture) against each of 50 random architectures'
+  own count per space, and the closed form."""
+  rng = np.random.default_rng(radius)
+  for space, closed in ((DARTS_SPACE, _closed_form(16, 6, radius)),
+                        (NB201_SPACE, _closed_form(6, 4, radius))):
+    assert nbh.space_neighborhood_size(space, radius) == closed
+    for _ in range(50):
+      codes = space.encode(space.random(rng))
+      assert nbh.neighborhood_size(space, codes, radius) == closed
+
+
+def test_check_reach_names_the_field_and_the_farthest_neighbor():
+  assert nbh.check_reach(DARTS_SPACE, 16, 'config.x') == 16
+  assert nbh.check_reach(NB201_SPACE, 6, 'config.x') == 6
+  with pytest.raises(ValueError, match=r"^config\.x = 7 is invalid: a nb201 architecture's "
+                     r'neighbors are at most 6 edges away \(the edges it keeps\); use a '
+                     r'radius <= 6\.$'):
+    nbh.check_reach(NB201_SPACE, 7, 'config.x')
+  with pytest.raises(ValueError, match='radius must be an integer >= 1, got 0'):
+    nbh.check_reach(DARTS_SPACE, 0, 'config.x')
+
+
 def test_sample_large_neighborhood_without_enumerating():
   # 125,376 neighbors at radius 3: above the enumeration limit, so drawn one by one.
   size = nbh.neighborhood_size(DARTS_SPACE, DARTS_CODES, 3)

@@ -142,8 +142,8 @@ def test_pipeline_searches_retrains_reports_and_skips_finished_stages(tmp_path, 
     ("pipeline.flatness", "yes", r"config\.pipeline\.flatness = 'yes' is invalid"),
     ("pipeline.flatness_radius", 0, r"config\.pipeline\.flatness_radius = 0 is invalid"),
     ("pipeline.flatness_radius", 17,
-     r"config\.pipeline\.flatness_radius = 17 is invalid: a DARTS genotype's neighbors are at "
-     "most 16 edges away"),
+     r"config\.pipeline\.flatness_radius = 17 is invalid: a darts architecture's neighbors are "
+     "at most 16 edges away"),
     ("pipeline.flatness_num_neighbors", 0,
      r"config\.pipeline\.flatness_num_neighbors = 0 is invalid"),
 ])

@@ -50,6 +50,8 @@ def test_method_config_and_parameter_free_ops():
     ("study.seeds", (1, -1), "config.study.seeds"),
     ("study.neighbors", -1, "config.study.neighbors"),
     ("study.flatness_radius", 0, "config.study.flatness_radius"),
+    ("study.flatness_radius", 17, r"config\.study\.flatness_radius = 17 is invalid: a darts "
+     "architecture's neighbors are at most 16 edges away"),
     ("search.model.space", "nb201", "config.search.model.space"),
     ("search.model.layers", 2, "config.model.layers"),
 ])
