@@ -98,8 +98,12 @@ def validate_study_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.model.space = {config.search.model.space!r} is "
                      "invalid: expected 'darts' (the genotypes are trained as DARTS "
                      "networks).")
-  neighborhood.check_reach(spaces.get_space("darts"), study.flatness_radius,
-                           "config.study.flatness_radius")
+  space = spaces.get_space("darts")
+  neighborhood.check_reach(space, study.flatness_radius, "config.study.flatness_radius")
+  nearest = neighborhood.space_neighborhood_size(space, 1)
+  if study.neighbors > nearest:
+    raise ValueError(f"config.study.neighbors = {study.neighbors} is invalid: a genotype has "
+                     f"{nearest} neighbors at distance 1 to retrain; use at most {nearest}.")
   train_run.validate_run_config(config.train)
 
 

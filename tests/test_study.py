@@ -49,6 +49,9 @@ def test_method_config_and_parameter_free_ops():
     ("study.methods", ("darts", "darts"), "config.study.methods"),
     ("study.seeds", (1, -1), "config.study.seeds"),
     ("study.neighbors", -1, "config.study.neighbors"),
+    # 16 kept edges x 6 other operations: checked before the first search, not after it.
+    ("study.neighbors", 97, r"config\.study\.neighbors = 97 is invalid: a genotype has 96 "
+     "neighbors at distance 1"),
     ("study.flatness_radius", 0, "config.study.flatness_radius"),
     ("study.flatness_radius", 17, r"config\.study\.flatness_radius = 17 is invalid: a darts "
      "architecture's neighbors are at most 16 edges away"),
