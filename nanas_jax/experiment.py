@@ -39,7 +39,8 @@ from nanas_jax.search.bilevel import (BilevelSearch, alpha_entropy, dtype_memory
                                       neighbors_per_step, validate_search_config)
 from nanas_jax.search.evaluators import SupernetEvaluator, TabularEvaluator
 from nanas_jax.search.random_search import (MAX_ENUMERATED_NEIGHBORS, na_random_search,
-                                            random_search, random_search_same_budget)
+                                            random_search, random_search_same_budget,
+                                            space_size)
 from nanas_jax.search.weight_sharing import (RS_ALGORITHMS, WeightSharingTrainer,
                                              validate_rs_config)
 
@@ -61,6 +62,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"--config=configs/{config.search.algorithm}_quickstart.py (or another "
           f"{config.search.algorithm} config).")
     validate_rs_config(config.search)
+    size = space_size(space)
+    if size is not None and config.search.rs.num_candidates > size:
+      raise ValueError(f"config.search.rs.num_candidates = {config.search.rs.num_candidates} "
+                       f"is invalid: the {space.name} space has {size:,} architectures; use "
+                       f"at most {size:,}.")
     if config.search.algorithm == "na_rs":
       _validate_na_rs_neighborhood(config.search.rs, space)
     if config.search.rs.evaluator == "table" and config.model.space != "nb201":

@@ -128,3 +128,15 @@ def test_na_rs_accepts_the_whole_neighborhood_where_it_is_small_enough():
   experiment.validate_config(config)
   config.model.space, config.model.layers, config.search.rs.radius = "nb201", 1, 3
   experiment.validate_config(config)
+
+
+def test_more_random_search_candidates_than_nb201_has_fail_before_the_supernet_trains(tmp_path):
+  """15,625 = 5^6 cells (NAS-Bench-201's published count)."""
+  config = rs_quickstart.get_config()
+  config.model.space, config.model.layers, config.search.rs.num_candidates = "nb201", 1, 15626
+  with pytest.raises(ValueError, match=r"^config\.search\.rs\.num_candidates = 15626 is "
+                     r"invalid: the nb201 space has 15,625 architectures; use at most 15,625\.$"):
+    experiment.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  config.search.rs.num_candidates = 15625
+  experiment.validate_config(config)
