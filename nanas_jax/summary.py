@@ -162,6 +162,8 @@ def _module_costs(module: nn.Module, x: Any, y: Any) -> tuple[str, int] | None:
   if isinstance(module, nn.Conv):
     kernel = _numel(module.kernel_size) * x.shape[-1] // module.feature_group_count
     return 'conv', kernel * _numel(y.shape)
+  if isinstance(module, ops.TapsDepthwiseConv):  # The depthwise nn.Conv it replaces.
+    return 'conv', module.kernel_size**2 * _numel(y.shape)
   if isinstance(module, nn.Dense):
     return 'dense', x.shape[-1] * _numel(y.shape)
   if isinstance(module, ops.BatchNorm):

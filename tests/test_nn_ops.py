@@ -1,6 +1,8 @@
 """Tests of nanas_jax.nn.ops against PyTorch's size formulas, float64 numpy oracles and
 Flax's Dense."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -180,6 +182,7 @@ def np_conv_7x1_1x7(x, p, stride):
 ORACLES = {
     "sep_conv_3x3": lambda x, p, s: np_sep_conv(x, p, s, 1),
     "sep_conv_5x5": lambda x, p, s: np_sep_conv(x, p, s, 2),
+    "sep_conv_7x7": lambda x, p, s: np_sep_conv(x, p, s, 3),
     "dil_conv_3x3": lambda x, p, s: np_dil_conv(x, p, s, 2, 2),
     "dil_conv_5x5": lambda x, p, s: np_dil_conv(x, p, s, 4, 2),
     "conv_7x1_1x7": np_conv_7x1_1x7,
@@ -196,6 +199,52 @@ def test_conv_ops_against_float64_numpy(name, stride, size):
   y, _ = module.apply(variables, jnp.asarray(x, jnp.float32), True, mutable=["batch_stats"])
   expected = ORACLES[name](x, variables["params"], stride)
   np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("name, stride, size", [
+    ("sep_conv_3x3", 1, 8), ("sep_conv_3x3", 2, 7), ("sep_conv_5x5", 2, 8),
+    ("sep_conv_7x7", 1, 6), ("dil_conv_3x3", 2, 7), ("dil_conv_5x5", 1, 8),
+    ("dil_conv_5x5", 2, 4)])
+def test_taps_depthwise_ops_equal_the_float64_oracle_and_the_grouped_conv(name, stride, size):
+  """'taps' holds the grouped convolution's parameters (the same tree, the same
+  initialisation) and computes the float64 oracle; its hand-written gradient equals the
+  grouped convolution's, for the input and every parameter."""
+  x = np.random.default_rng(5).normal(size=(3, size, size, C))
+  xj = jnp.asarray(x, jnp.float32)
+  grouped, taps = (ops.make_op(name, C, stride, depthwise_impl=impl) for impl in ("conv", "taps"))
+  variables = init_random(grouped, xj)
+  shapes = lambda v: jax.tree.map(lambda a: a.shape, v)
+  assert shapes(jax.eval_shape(lambda: taps.init(jax.random.key(0), xj, True))) == shapes(
+      variables)
+  for a, b in zip(jax.tree.leaves(grouped.init(jax.random.key(1), xj, True)),
+                  jax.tree.leaves(taps.init(jax.random.key(1), xj, True))):
+    np.testing.assert_array_equal(a, b)
+  y, _ = taps.apply(variables, xj, True, mutable=["batch_stats"])
+  np.testing.assert_allclose(y, ORACLES[name](x, variables["params"], stride),
+                             rtol=2e-4, atol=2e-4)
+
+  def loss(module, params, inputs):
+    out, _ = module.apply({**variables, "params": params}, inputs, True,
+                          mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(out))
+
+  expected = jax.grad(functools.partial(loss, grouped), argnums=(0, 1))(
+      variables["params"], xj)
+  got = jax.grad(functools.partial(loss, taps), argnums=(0, 1))(variables["params"], xj)
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_impls_resolve_and_bad_ones_fail():
+  assert ops.resolve_depthwise_impl("auto") == "taps"  # The suite runs on a CPU.
+  assert ops.resolve_depthwise_impl("conv") == "conv"
+  with pytest.raises(ValueError, match="Unknown depthwise implementation 'cudnn'"):
+    ops.resolve_depthwise_impl("cudnn")
+  with pytest.raises(ValueError, match="expected 'conv' or 'taps'"):
+    ops.depthwise_conv(C, 3, "d", 1, 1, 1, "auto")
+  with pytest.raises(ValueError, match=r"'taps' computes 'same' padding \(2 for a 5x5 kernel "
+                     r"at dilation 1\), not 1"):
+    ops.depthwise_conv(C, 5, "d", 1, 1, 1, "taps")
 
 
 def test_relu_conv_bn_eval_uses_running_statistics():

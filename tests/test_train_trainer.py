@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from nanas_jax import parallel
+from nanas_jax import parallel, summary
 from nanas_jax.nn import networks
 from nanas_jax.spaces import get_genotype
 from nanas_jax.train import trainer as trainer_lib
@@ -161,6 +161,29 @@ def test_validate_names_missing_fields_and_imagenet_channel_parity():
 
 
 # ------------------------------------------------------------------------------ network
+
+def test_the_cpus_taps_network_equals_the_grouped_conv_network_and_counts_the_same():
+  """'auto' builds the 'taps' depthwise convolutions on this CPU: the same parameter tree,
+  logits within float32 rounding of the grouped convolutions' network (NASNet: every
+  depthwise op at strides 1 and 2), and the same multiply-adds (`summary`)."""
+  config = tiny_config()
+  genotype = get_genotype("NASNet")
+  taps = trainer_lib.build_network(config.model, genotype, NUM_CLASSES, (8, 8, 3))
+  config.model.depthwise_impl = "conv"
+  grouped = trainer_lib.build_network(config.model, genotype, NUM_CLASSES, (8, 8, 3))
+  assert (taps.depthwise_impl, grouped.depthwise_impl) == ("taps", "conv")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+  variables = grouped.init(jax.random.key(0), x, False)
+  leaves = lambda v: [(p, a.shape) for p, a in jax.tree_util.tree_leaves_with_path(v)]
+  assert leaves(taps.init(jax.random.key(0), x, False)) == leaves(variables)
+  np.testing.assert_allclose(taps.apply(variables, x, False)[0],
+                             grouped.apply(variables, x, False)[0], rtol=1e-5, atol=1e-5)
+  assert summary.count_mult_adds(taps, variables, (8, 8, 3)) == summary.count_mult_adds(
+      grouped, variables, (8, 8, 3))
+  config.model.depthwise_impl = "cudnn"
+  with pytest.raises(ValueError, match=r"config\.model\.depthwise_impl = 'cudnn' is invalid"):
+    trainer_lib.validate_train_config(config)
+
 
 def test_build_network_picks_the_network_and_checks_the_image_size():
   config = tiny_config()

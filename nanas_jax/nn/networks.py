@@ -83,6 +83,7 @@ class Cell(nn.Module):
   C: int
   reduction: bool
   reduction_prev: bool
+  depthwise_impl: str = "conv"
 
   def setup(self):
     names, self.indices, self.concat = cell_spec(self.genotype, self.reduction)
@@ -91,7 +92,8 @@ class Cell(nn.Module):
     else:
       self.preprocess0 = ReLUConvBN(self.C_prev_prev, self.C, 1, 1, 0)
     self.preprocess1 = ReLUConvBN(self.C_prev, self.C, 1, 1, 0)
-    self.ops = [make_op(name, self.C, 2 if self.reduction and index < 2 else 1)
+    self.ops = [make_op(name, self.C, 2 if self.reduction and index < 2 else 1,
+                        depthwise_impl=self.depthwise_impl)
                 for name, index in zip(names, self.indices)]
 
   def __call__(self, s0: jax.Array, s1: jax.Array, train: bool,
@@ -178,7 +180,7 @@ def _run_cells(module: nn.Module, s0: jax.Array, s1: jax.Array, train: bool,
     if reduction:
       C_curr *= 2
     cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
-                name=f"cells_{i}")
+                module.depthwise_impl, name=f"cells_{i}")
     s0, s1 = s1, cell(s0, s1, train, drop_path_prob)
     reduction_prev = reduction
     C_prev_prev, C_prev = C_prev, len(cell_spec(genotype, reduction)[2]) * C_curr
@@ -204,6 +206,8 @@ class NetworkCIFAR(nn.Module):
   layers: int
   auxiliary: bool
   drop_path_prob: float = 0.0
+  # The cells' depthwise convolutions (`ops.DEPTHWISE_IMPLS`, resolved): 'conv' or 'taps'.
+  depthwise_impl: str = "conv"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, drop_path_prob=None):
@@ -229,6 +233,8 @@ class NetworkImageNet(nn.Module):
   layers: int
   auxiliary: bool
   drop_path_prob: float = 0.0
+  # The cells' depthwise convolutions (`ops.DEPTHWISE_IMPLS`, resolved): 'conv' or 'taps'.
+  depthwise_impl: str = "conv"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, drop_path_prob=None):
