@@ -3,13 +3,15 @@
 Launch:
   python -m nanas_jax.main --config=configs/pipeline_quickstart.py --workdir=/tmp/nanas_pipeline
 
-Cost: 6 min 19 s alone on a 2-core CPU (measured 2026-12-07 on an AMD EPYC Zen 4, the
-compilation cache cold): search 166 s (the NA-DARTS quick start; first step, mostly
-compilation, 34 s), flatness 28 s (23 s of it compiling), training 178 s (first step 18
-s). Measured: the search committed (alpha entropy 82 % of uniform, the genotype
-unchanged over its last 2 epochs; supernet validation accuracy 0.994), and the found
-genotype reached 0.9937 test top-1 (chance is 0.1) on the 797 held-out digits (DARTS_V2
-with configs/train_quickstart.py: 0.9925). On 8x8 digits both are near the ceiling: this
+Cost: 5 min 8 s alone on a 2-core CPU (measured 2026-12-07 on an AMD EPYC Zen 4, the
+compilation cache cold): search 192 s (the NA-DARTS quick start; first step, mostly
+compilation, 39 s), flatness 33 s (28 s of it compiling), training 76 s (first step 30
+s; 178 s with XLA's grouped depthwise convolutions, before the CPU's tap sums). Measured:
+the search committed (alpha entropy 82 % of uniform, the genotype unchanged over its last
+2 epochs; supernet validation accuracy 0.994), and the found genotype reached 0.9875 test
+top-1 (chance is 0.1) on the 797 held-out digits (0.9937 with the grouped convolutions,
+whose float32 rounding differs; DARTS_V2 with configs/train_quickstart.py: 0.9925). On
+8x8 digits both are near the ceiling: this
 shows the pipeline end to end, not that the search beats DARTS_V2.
 
 Writes WORKDIR/search (the search), WORKDIR/train (the training from scratch) and
