@@ -9,8 +9,9 @@ Cost, measured alone on a 2-core CPU (2026-12-07, an AMD EPYC Zen 4, the compila
 cache cold): NA-DARTS 3 min 7 s (first step, mostly compilation, 34.5 s); DARTS 2 min 27 s
 (36.1 s); NAS-Bench-201 with one cell a stage 41-44 s (first step 8-9 s). Measured:
 alpha's mean entropy 82 % (DARTS 79 %, NAS-Bench-201 62 %) of uniform, the genotype
-unchanged over the last 2 (DARTS 5) epochs, supernet validation accuracy 0.99 (NAS-Bench-201 0.96, and its genotype does not settle:
-skip_connect and avg_pool_3x3 stay tied on 5 of its 6 edges, see the README).
+unchanged over the last 2 (DARTS 5) epochs, supernet validation accuracy 0.99
+(NAS-Bench-201 0.96, and its genotype does not settle: skip_connect and avg_pool_3x3 stay
+tied on 5 of its 6 edges, see the README).
 
 Sizes, reduced from the paper's (8 cells, C=16, 32x32 CIFAR, 50 epochs of 390 steps) so
 that the search runs on a laptop: 8x8x1 digits, 5 cells, C=4, batch 32, the first 1000
