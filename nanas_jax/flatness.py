@@ -84,15 +84,6 @@ def _check_radius(radius) -> int:
   return int(radius)
 
 
-def _check_reach(space, codes: np.ndarray, radius: int) -> None:
-  """No neighbor is farther than the number of edges the architecture keeps."""
-  farthest = int(np.count_nonzero(space.editable_edges(codes)))
-  if radius > farthest:
-    raise ValueError(f"radius = {radius} exceeds {farthest}, the distance of the farthest "
-                     f"neighbor of this {space.name} genotype (the edges it keeps); use a "
-                     f"radius <= {farthest}.")
-
-
 def _check_num_neighbors(num_neighbors):
   if num_neighbors is None:
     return None
@@ -154,7 +145,7 @@ def neighborhood_profile(space, codes, evaluate: Callable[[np.ndarray], Any], ra
   rng = np.random.default_rng(0) if rng is None else rng
   codes = space.check_codes(codes)
   space.decode(codes)
-  _check_reach(space, codes, radius)
+  neighborhood.check_reach(space, radius, "radius")
   radii = []  # (distance, its size, enumerated, its neighbors)
   for d in range(1, radius + 1):
     size = count_at_distance(space, codes, d)
@@ -340,7 +331,7 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
       genotype = f.read()
   arch = parse_genotype(space, genotype)
   codes = space.encode(arch)
-  _check_reach(space, codes, radius)
+  neighborhood.check_reach(space, radius, "radius")
 
   dataset = data_lib.load_search_data(
       config.data.name, train_portion=config.data.train_portion, seed=config.seed,

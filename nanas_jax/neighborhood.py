@@ -291,11 +291,7 @@ def perturb_weights(space: SearchSpace, key: jax.Array, alpha, kind: str = 'swap
   weights = jax.nn.softmax(alpha, axis=-1)
   if kind == 'identity':
     return weights
-  radius = _check_radius(radius)
-  if radius > max_kept_edges(space):
-    raise ValueError(
-        f'radius {radius} exceeds the {max_kept_edges(space)} edges a {space.name} '
-        'architecture keeps; lower the radius.')
+  radius = check_reach(space, radius, 'radius')
   num_ops = space.num_ops
   # One draw for the edges and the ops: each random draw is a threefry kernel that XLA
   # compiles separately, and on a CPU those compiles dominate this function's cost.

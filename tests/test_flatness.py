@@ -220,18 +220,20 @@ def test_radius_beyond_the_farthest_neighbor_is_refused_before_any_data(tmp_path
   space = spaces.get_space("darts")
   codes = space.encode(spaces.get_genotype("DARTS_V2"))
   # The profile refuses before the first evaluation, the report before reading data.
-  with pytest.raises(ValueError, match="radius = 17 exceeds 16"):
+  with pytest.raises(ValueError, match=r"^radius = 17 is invalid: a darts architecture's "
+                     r"neighbors are at most 16 edges away \(the edges it keeps\); use a "
+                     r"radius <= 16\.$"):
     flatness.neighborhood_profile(space, codes, lambda c: 1 / 0, radius=17)
   flatness.neighborhood_profile(space, codes, lambda c: np.zeros(len(c)), radius=16,
                                 num_neighbors=1)
   nb201 = spaces.get_space("nb201")
-  with pytest.raises(ValueError, match="radius = 7 exceeds 6"):
+  with pytest.raises(ValueError, match="radius = 7 is invalid: a nb201 architecture's neighbors are at most 6"):
     flatness.neighborhood_profile(nb201, nb201.encode(nb201.parse(NB201_TEXT)),
                                   lambda c: 1 / 0, radius=7)
   (tmp_path / "config.json").write_text(json.dumps(
       {"seed": 0, "model": {"space": "darts"}, "data": {"name": "cifar10"}}))
   (tmp_path / "supernet.msgpack").write_bytes(b"")
-  with pytest.raises(ValueError, match="radius = 100 exceeds 16"):
+  with pytest.raises(ValueError, match="radius = 100 is invalid: a darts architecture's neighbors are at most 16"):
     flatness.report(str(tmp_path), genotype="DARTS_V2", radius=100)
 
 

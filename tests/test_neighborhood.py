@@ -330,9 +330,9 @@ def test_perturbation_errors():
   with pytest.raises(ValueError, match=(r"unknown perturbation 'flip'; "
                                         r"valid: \('swap', 'mix', 'logit_noise', 'identity'\)")):
     nbh.perturb_weights(DARTS_SPACE, key, alpha, 'flip')
-  with pytest.raises(ValueError, match='radius 17 exceeds the 16 edges'):
+  with pytest.raises(ValueError, match="radius = 17 is invalid: a darts architecture's neighbors are at most 16"):
     nbh.perturb_weights(DARTS_SPACE, key, jnp.zeros((1, 14, 8)).repeat(2, 0), 'swap', 17)
-  with pytest.raises(ValueError, match='radius 7 exceeds the 6 edges'):
+  with pytest.raises(ValueError, match="radius = 7 is invalid: a nb201 architecture's neighbors are at most 6"):
     nbh.perturb_weights(NB201_SPACE, key, jnp.zeros(NB201_SPACE.alpha_shape), 'swap', 7)
   with pytest.raises(ValueError, match=r'shape \(14, 8\); expected \(2, 14, 8\)'):
     nbh.perturb_weights(DARTS_SPACE, key, alpha[0])
