@@ -78,12 +78,6 @@ def sample_at_distance(space, codes, d: int, k: int, rng: np.random.Generator) -
 
 
 # ------------------------------------------------------------------------------- profile
-def _check_radius(radius) -> int:
-  if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
-    raise ValueError(f"radius must be an integer >= 1, got {radius!r}.")
-  return int(radius)
-
-
 def _check_num_neighbors(num_neighbors):
   if num_neighbors is None:
     return None
@@ -140,7 +134,7 @@ def neighborhood_profile(space, codes, evaluate: Callable[[np.ndarray], Any], ra
     std; for accuracy "worst" is the minimum.
   """
   space = spaces.get_space(space) if isinstance(space, str) else space
-  radius = _check_radius(radius)
+  radius = neighborhood.check_radius(radius)
   num_neighbors = _check_num_neighbors(num_neighbors)
   rng = np.random.default_rng(0) if rng is None else rng
   codes = space.check_codes(codes)
@@ -303,7 +297,7 @@ def report(workdir: str, genotype: str | None = None, radius: int = 2,
   evaluation batch's own statistics). Writes ``flatness[-n].json`` and ``.png`` (see the
   module docstring) and returns the JSON payload (with ``files``).
   """
-  radius = _check_radius(radius)
+  radius = neighborhood.check_radius(radius)
   num_neighbors = _check_num_neighbors(num_neighbors)
   if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:
     raise ValueError(f"eval_batches must be an integer >= 1, got {eval_batches!r}.")

@@ -41,7 +41,8 @@ DEFAULT_TAU = 1.0
 _ENUMERATE_LIMIT = 50_000
 
 
-def _check_radius(radius: int) -> int:
+def check_radius(radius: int) -> int:
+  """``radius`` as an int, or a ValueError unless it is an integer >= 1."""
   if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
     raise ValueError(f'radius must be an integer >= 1, got {radius!r}.')
   return int(radius)
@@ -95,7 +96,7 @@ def neighborhood_size(space: SearchSpace, codes: np.ndarray, radius: int,
                       exact: bool = False) -> int:
   """Number of neighbors at distance 1..radius (exactly ``radius`` with ``exact``; the
   centre not counted)."""
-  radius = _check_radius(radius)
+  radius = check_radius(radius)
   _, _, alternatives = _moves(space, codes)
   table = _elementary_table([len(a) for a in alternatives], radius)
   return sum(table[-1][d] for d in _distances(radius, exact))
@@ -109,7 +110,7 @@ def enumerate_neighbors(space: SearchSpace, codes: np.ndarray, radius: int,
   Order: the centre first if included, then by distance, then by the changed positions
   (lexicographic over flat (cell type, edge) indices), then by the new op ids.
   """
-  radius = _check_radius(radius)
+  radius = check_radius(radius)
   codes, positions, alternatives = _moves(space, codes)
   flat = codes.ravel()
   blocks = [flat[None]] if include_center else []
@@ -155,7 +156,7 @@ def sample_neighbors(space: SearchSpace, codes: np.ndarray, radius: int, k: int,
 
   With ``include_center`` the centre comes first, followed by the k neighbors.
   """
-  radius = _check_radius(radius)
+  radius = check_radius(radius)
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
     raise ValueError(f'k must be an integer >= 0, got {k!r}.')
   codes, positions, alternatives = _moves(space, codes)
@@ -228,7 +229,7 @@ def check_reach(space: SearchSpace, radius: int, field: str) -> int:
   """``radius``, if a neighbor of ``space``'s architectures can lie that far: none is
   farther than `max_kept_edges`. For checks before a run starts; ``field`` names the
   setting in the error."""
-  radius = _check_radius(radius)
+  radius = check_radius(radius)
   farthest = max_kept_edges(space)
   if radius > farthest:
     raise ValueError(
@@ -242,7 +243,7 @@ def space_neighborhood_size(space: SearchSpace, radius: int) -> int:
   without one): the same number for every architecture, since each keeps `max_kept_edges`
   edges, each holding a swappable op whose alternatives are the other swappable ops."""
   alternatives = int(np.count_nonzero(space.swap_ops)) - 1
-  table = _elementary_table([alternatives] * max_kept_edges(space), _check_radius(radius))
+  table = _elementary_table([alternatives] * max_kept_edges(space), check_radius(radius))
   return sum(table[-1][1:])
 
 
